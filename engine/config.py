@@ -1,0 +1,185 @@
+"""Typed configuration for every stage, loadable from TOML.
+
+Each stage has its own dataclass; `RunConfig` groups them so one TOML file describes a
+whole run. Unknown keys are rejected with the list of valid ones, so a typo never turns
+silently into a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from engine.crosscoder.partition import Architecture, Partition
+
+
+class ConfigError(ValueError):
+    """A configuration value a user supplied is invalid."""
+
+
+@dataclass
+class CrosscoderConfig:
+    """Shape of a crosscoder: widths, dictionary size, architecture and partition."""
+
+    d_a: int
+    d_b: int
+    n_features: int = 16_384
+    architecture: str = "dfc"
+    a_exclusive: float | int = 0.05
+    b_exclusive: float | int = 0.05
+    designated: float | int = 0.10
+    decoder_init_norm: float = 0.4
+
+    def __post_init__(self) -> None:
+        for name in ("d_a", "d_b", "n_features"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        try:
+            Architecture(self.architecture)
+        except ValueError:
+            valid = ", ".join(a.value for a in Architecture)
+            raise ConfigError(
+                f"unknown architecture {self.architecture!r}; choose one of: {valid}"
+            ) from None
+        if self.architecture == Architecture.DSF and self.d_a != self.d_b:
+            raise ConfigError(
+                f"a DSF crosscoder ties decoder vectors across models, which needs equal "
+                f"hidden sizes, but d_a={self.d_a} and d_b={self.d_b}; use 'dfc' or 'standard'"
+            )
+        if not self.decoder_init_norm > 0:
+            raise ConfigError(f"decoder_init_norm must be > 0, got {self.decoder_init_norm}")
+        try:
+            self.partition()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def partition(self) -> Partition:
+        """The feature partition these settings describe."""
+        return Partition.build(
+            self.architecture, self.n_features, self.a_exclusive, self.b_exclusive, self.designated
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, sparsity and bookkeeping settings of crosscoder training."""
+
+    steps: int = 100_000
+    batch_size: int = 2048
+    lr: float = 1e-4
+    warmup_steps: int = 1000
+    decay_start: float | None = None  # fraction of steps after which lr decays linearly to 0
+    grad_clip: float = 1.0
+    k: int = 200
+    k_initial: int | None = 1000  # None: no annealing
+    anneal_steps: int = 5000
+    designated_k_multiplier: float = 2.0  # DSF only: denser designated-shared block
+    aux_alpha: float = 0.03
+    k_aux: int = 512
+    dead_window_tokens: int = 10_000_000
+    threshold_ema: float = 0.99
+    outlier_factor: float | None = 2.0  # mask rows whose norm > factor x batch median
+    seed: int = 0
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    autocast_bf16: bool = True  # only used on CUDA
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "k", "log_every", "checkpoint_every", "keep_checkpoints")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "anneal_steps", "k_aux", "dead_window_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.k_initial is not None and self.k_initial < self.k:
+            raise ConfigError(f"k_initial ({self.k_initial}) must be >= k ({self.k})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.decay_start is not None and not 0 <= self.decay_start < 1:
+            raise ConfigError(f"decay_start must be a fraction in [0, 1), got {self.decay_start}")
+        if not 0 <= self.threshold_ema < 1:
+            raise ConfigError(f"threshold_ema must be in [0, 1), got {self.threshold_ema}")
+        if self.outlier_factor is not None and self.outlier_factor <= 1:
+            raise ConfigError(f"outlier_factor must be > 1 or None, got {self.outlier_factor}")
+        if self.designated_k_multiplier <= 0:
+            raise ConfigError("designated_k_multiplier must be > 0")
+
+    def k_at(self, step: int) -> int:
+        """BatchTopK k per token at `step` (linear anneal from k_initial to k)."""
+        if self.k_initial is None or self.anneal_steps == 0 or step >= self.anneal_steps:
+            return self.k
+        frac = step / self.anneal_steps
+        return round(self.k_initial + (self.k - self.k_initial) * frac)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate at `step`: linear warm-up, then constant, then optional linear decay."""
+        scale = 1.0
+        if self.warmup_steps and step < self.warmup_steps:
+            scale = (step + 1) / self.warmup_steps
+        if self.decay_start is not None:
+            start = int(self.decay_start * self.steps)
+            if step >= start:
+                scale *= max(0.0, (self.steps - step) / max(1, self.steps - start))
+        return self.lr * scale
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; sections map to TOML tables."""
+
+    crosscoder: CrosscoderConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T:
+    """Build dataclass `cls` from a dict, rejecting unknown keys with the valid ones."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f" in [{section}]" if section else ""
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(unknown)}{where}; valid: {', '.join(sorted(names))}"
+        )
+    try:
+        return cls(**data)
+    except TypeError as err:  # a required setting is missing
+        raise ConfigError(f"[{section or cls.__name__}] {err}") from None
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read a RunConfig from a TOML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    unknown = sorted(set(data) - {"crosscoder", "train"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)} in {path}")
+    if "crosscoder" not in data:
+        raise ConfigError(f"{path} has no [crosscoder] section")
+    return RunConfig(
+        crosscoder=from_dict(CrosscoderConfig, data["crosscoder"], "crosscoder"),
+        train=from_dict(TrainConfig, data.get("train", {}), "train"),
+    )
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain dict of a config dataclass (for JSON provenance)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,269 @@
+"""Crosscoder files on disk: safetensors weights plus a JSON description, written atomically.
+
+A training run directory looks like::
+
+    run/
+      crosscoder.safetensors   final weights (what analysis and steering load)
+      crosscoder.json          config, partition, normalisation factors, metrics
+      feature_stats.safetensors relative decoder norm, per-model decoder norms, firing stats
+      checkpoints/
+        latest                 name of the newest complete checkpoint
+        step-00001000/         model.safetensors, optimizer.safetensors, state.safetensors,
+                               checkpoint.json
+
+Every file is written to a temporary name and renamed into place, and a checkpoint
+directory is complete before `latest` points to it, so a crash at any moment leaves the
+previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from engine.crosscoder.model import Crosscoder
+from engine.crosscoder.normalize import Normalizer
+from engine.crosscoder.partition import Partition
+
+FORMAT = "modeldiff.crosscoder"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not match what was asked for."""
+
+
+# -- atomic file helpers --------------------------------------------------------------
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to `path` so readers see either the old or the new content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """save_file to a temporary name, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"missing file {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is corrupt or not a safetensors file ({err}); delete it and retrain, "
+            f"or resume from an earlier checkpoint"
+        ) from None
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"missing file {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+
+
+# -- crosscoder description ------------------------------------------------------------
+
+
+def describe(crosscoder: Crosscoder, normalizer: Normalizer, **extra: Any) -> dict[str, Any]:
+    """JSON-able header that identifies a crosscoder's architecture and scaling."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": crosscoder.partition.architecture.value,
+        "d_a": crosscoder.d_a,
+        "d_b": crosscoder.d_b,
+        "partition": crosscoder.partition.to_dict(),
+        "normalizer": normalizer.to_dict(),
+        **extra,
+    }
+
+
+def check_header(header: dict[str, Any], source: Path) -> None:
+    """Refuse files of another format or a newer version."""
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{source} is not a modeldiff crosscoder file")
+    version = header.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source} was written by a newer modeldiff (format {version}, this version reads "
+            f"up to {FORMAT_VERSION}); upgrade modeldiff"
+        )
+
+
+def crosscoder_from_header(header: dict[str, Any]) -> Crosscoder:
+    """An (untrained) crosscoder with the shape a header describes."""
+    return Crosscoder(header["d_a"], header["d_b"], Partition(**header["partition"]))
+
+
+def save_crosscoder(
+    directory: Path, crosscoder: Crosscoder, normalizer: Normalizer, **extra: Any
+) -> None:
+    """Write the final crosscoder.safetensors + crosscoder.json + feature_stats.safetensors."""
+    directory = Path(directory)
+    atomic_save_tensors(directory / "crosscoder.safetensors", crosscoder.state_dict())
+    norm_a, norm_b = crosscoder.decoder_norms()
+    stats = {
+        "relative_decoder_norm": crosscoder.relative_decoder_norm(),
+        "decoder_norm_a": norm_a.detach(),
+        "decoder_norm_b": norm_b.detach(),
+    }
+    stats.update(extra.pop("feature_stats", {}))
+    atomic_save_tensors(directory / "feature_stats.safetensors", stats)
+    header = describe(crosscoder, normalizer, **extra)
+    atomic_write_text(directory / "crosscoder.json", json.dumps(header, indent=2))
+
+
+def load_crosscoder(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Crosscoder, Normalizer, dict[str, Any]]:
+    """Load a trained crosscoder; returns (model, normalizer, header)."""
+    directory = Path(directory)
+    if not (directory / "crosscoder.json").is_file():
+        raise CheckpointError(
+            f"no trained crosscoder in {directory} (crosscoder.json missing); run "
+            f"`modeldiff train` first or point to the run directory"
+        )
+    header = _load_json(directory / "crosscoder.json")
+    check_header(header, directory / "crosscoder.json")
+    model = crosscoder_from_header(header)
+    _load_state(model, _load_tensors(directory / "crosscoder.safetensors"), directory)
+    return model.to(device), Normalizer(**header["normalizer"]), header
+
+
+def _load_state(model: Crosscoder, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"weights in {source} do not match the architecture in its JSON ({err})"
+        ) from None
+
+
+# -- training checkpoints --------------------------------------------------------------
+
+
+def save_training_checkpoint(
+    run_dir: Path,
+    step: int,
+    crosscoder: Crosscoder,
+    normalizer: Normalizer,
+    optimizer: torch.optim.Optimizer,
+    state_tensors: dict[str, torch.Tensor],
+    state_json: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, prune old ones."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    try:
+        save_file(_cpu(crosscoder.state_dict()), str(tmp / "model.safetensors"))
+        save_file(
+            _cpu(_optimizer_tensors(crosscoder, optimizer)), str(tmp / "optimizer.safetensors")
+        )
+        save_file(_cpu(state_tensors), str(tmp / "state.safetensors"))
+        header = describe(crosscoder, normalizer, step=step, **state_json)
+        (tmp / "checkpoint.json").write_text(json.dumps(header, indent=2))
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / "latest", name + "\n")
+    _prune(root, keep)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """Directory of the newest complete checkpoint, or None if there is none."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{pointer} names {path.name}, which does not exist; delete {pointer.parent} to "
+            f"start over"
+        )
+    return path
+
+
+def load_training_checkpoint(
+    path: Path, crosscoder: Crosscoder, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore weights and optimiser state in place; returns (header, state tensors)."""
+    header = _load_json(path / "checkpoint.json")
+    check_header(header, path / "checkpoint.json")
+    device = next(crosscoder.parameters()).device
+    _load_state(crosscoder, _load_tensors(path / "model.safetensors"), path)
+    _restore_optimizer(crosscoder, optimizer, _load_tensors(path / "optimizer.safetensors"), device)
+    state = {k: v.to(device) for k, v in _load_tensors(path / "state.safetensors").items()}
+    return header, state
+
+
+def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Adam moments and step counts keyed by parameter name."""
+    out = {}
+    for name, param in model.named_parameters():
+        for key, value in optimizer.state.get(param, {}).items():
+            out[f"{name}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def _restore_optimizer(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, device
+) -> None:
+    for name, param in model.named_parameters():
+        keys = [k for k in tensors if k.rsplit(".", 1)[0] == name]
+        if keys:
+            optimizer.state[param] = {
+                k.rsplit(".", 1)[1]: _state_to(tensors[k], device, k.endswith(".step"))
+                for k in keys
+            }
+
+
+def _state_to(t: torch.Tensor, device, is_step: bool) -> torch.Tensor:
+    # Adam keeps `step` on the CPU unless it runs fused/capturable on a GPU.
+    return t if is_step and device.type == "cpu" else t.to(device)
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*"):  # temp dirs of a crashed save
+        shutil.rmtree(stale, ignore_errors=True)

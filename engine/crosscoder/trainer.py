@@ -1,0 +1,544 @@
+"""Crosscoder training: BatchTopK + AuxK, outlier masking, checkpoints and exact resume.
+
+One step (paper eq. 2 plus B.1.3-B.1.5):
+
+1. drop rows with non-finite values (counted), scale each model to its median norm, drop
+   rows where either model's norm exceeds `outlier_factor` x the batch median (counted);
+2. dense pre-activations (bf16 on CUDA), BatchTopK over relu(pre) * (|d_A| + |d_B|)
+   keeping k x n entries per batch (DSF: the designated block gets its own, denser budget);
+3. sparse decode of each model from its own features; loss = sum of squared errors;
+4. AuxK: the top-k_aux dead features of each row model the detached residual without
+   decoder bias, normalised by the residual's variance; alpha-weighted; a NaN is zeroed;
+5. Adam with warm-up, gradient clipping; update dead counters and the EMA threshold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import CrosscoderConfig, TrainConfig, to_dict
+from engine.crosscoder import checkpoint as ckpt
+from engine.crosscoder.data import as_source, check_pair_shapes, finite_rows
+from engine.crosscoder.model import Crosscoder
+from engine.crosscoder.normalize import Normalizer, outlier_mask
+from engine.crosscoder.partition import Role
+from engine.crosscoder.sparse import Entries, batch_topk
+
+# Settings that may change between a run and its resumption without changing the result.
+_RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "device"}
+_NORMALIZER_FIT_ROWS = 8192
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or continue as asked."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or resumed-and-finished) training run produced."""
+
+    crosscoder: Crosscoder
+    normalizer: Normalizer
+    history: list[dict[str, float]]
+    final: dict[str, Any]
+    out_dir: Path | None = None
+
+
+@dataclass
+class _Counters:
+    """Running totals kept in checkpoints."""
+
+    step: int = 0
+    tokens: int = 0
+    masked_outliers: int = 0
+    nonfinite_rows: int = 0
+    aux_nan_steps: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; a clear error for unavailable CUDA."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {name!r} requested but no CUDA GPU is available; use 'cpu'")
+    return device
+
+
+class Trainer:
+    """Holds a crosscoder, its optimiser and training state; `step` trains on one batch."""
+
+    def __init__(
+        self,
+        model_cfg: CrosscoderConfig,
+        train_cfg: TrainConfig,
+        normalizer: Normalizer | None = None,
+    ) -> None:
+        partition = model_cfg.partition()
+        if train_cfg.k > partition.n_features:
+            raise TrainingError(
+                f"k={train_cfg.k} active features per token exceeds the dictionary size "
+                f"{partition.n_features}"
+            )
+        if train_cfg.k_initial is not None and train_cfg.k_initial > partition.n_features:
+            raise TrainingError(
+                f"k_initial={train_cfg.k_initial} exceeds the dictionary size "
+                f"{partition.n_features}"
+            )
+        self.model_cfg, self.cfg = model_cfg, train_cfg
+        self.device = resolve_device(train_cfg.device)
+        gen = torch.Generator().manual_seed(train_cfg.seed)
+        self.model = Crosscoder(
+            model_cfg.d_a, model_cfg.d_b, partition, model_cfg.decoder_init_norm, gen
+        ).to(self.device)
+        self.normalizer = normalizer or Normalizer.identity()
+        cuda = self.device.type == "cuda"
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=train_cfg.lr, betas=(0.9, 0.999), fused=cuda or None
+        )
+        self.counters = _Counters()
+        self.since_fired = torch.zeros(partition.n_features, dtype=torch.long, device=self.device)
+        self.threshold_ready = torch.zeros(2, dtype=torch.bool, device=self.device)
+        self._encode = self.model.pre_activations
+        if train_cfg.compile:
+            self._encode = torch.compile(self.model.pre_activations, dynamic=True)
+        self._groups = self._selection_groups()
+
+    # -- one optimisation step -------------------------------------------------------
+
+    def step(self, x_a: torch.Tensor, x_b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Train on one raw paired batch; returns this step's statistics as 0-d tensors."""
+        cfg, model = self.cfg, self.model
+        x_a, x_b = self._prepare(x_a, x_b)
+        n = x_a.shape[0]
+        step = self.counters.step
+        k = cfg.k_at(step)
+
+        with torch.no_grad():
+            with self._autocast():
+                pre = self._encode(x_a, x_b)
+            scores = model.selection_scores(pre)
+            main, group_minima = self._select(scores, k, n)
+            dead = self.since_fired >= cfg.dead_window_tokens if cfg.k_aux else None
+            aux = self._select_aux(pre, dead) if dead is not None and dead.any() else None
+            entries = main if aux is None else Entries.cat([main, aux])
+            pre_values = pre[entries.rows, entries.features]
+            del pre, scores
+
+        values = model.entry_values(pre_values, entries, x_a, x_b)
+        main_values = values[: main.nnz]
+        recon_a = model.decode_entries("a", main, main_values)
+        recon_b = model.decode_entries("b", main, main_values)
+        err_a, err_b = x_a - recon_a, x_b - recon_b
+        sse_a, sse_b = err_a.pow(2).sum(), err_b.pow(2).sum()
+        loss = (sse_a + sse_b) / n
+        aux_loss = torch.zeros((), device=self.device)
+        if aux is not None:
+            aux_loss = self._aux_loss(aux, values[main.nnz :], err_a.detach(), err_b.detach())
+            if torch.isfinite(aux_loss):
+                loss = loss + cfg.aux_alpha * aux_loss
+            else:
+                self.counters.aux_nan_steps += 1
+                aux_loss = torch.zeros((), device=self.device)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        self.optimizer.step()
+
+        with torch.no_grad():
+            self._update_state(main, n, group_minima)
+            var_a = (x_a - x_a.mean(0)).pow(2).sum()
+            var_b = (x_b - x_b.mean(0)).pow(2).sum()
+        return {
+            "loss": loss.detach(),
+            "recon_a": sse_a.detach() / n,
+            "recon_b": sse_b.detach() / n,
+            "aux": aux_loss.detach(),
+            "fve_a": 1 - sse_a.detach() / var_a,
+            "fve_b": 1 - sse_b.detach() / var_b,
+            "fve": 1 - (sse_a + sse_b).detach() / (var_a + var_b),
+            "l0": torch.tensor(main.nnz / max(n, 1)),
+            "grad_norm": grad_norm.detach(),
+            "rows": torch.tensor(n),
+        }
+
+    def _prepare(self, x_a: torch.Tensor, x_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate, drop non-finite and outlier rows, normalise; counts what was dropped."""
+        check_pair_shapes(x_a, x_b, self.model_cfg.d_a, self.model_cfg.d_b)
+        x_a = x_a.to(self.device, torch.float32, non_blocking=True)
+        x_b = x_b.to(self.device, torch.float32, non_blocking=True)
+        finite = finite_rows(x_a, x_b)
+        n_bad = int((~finite).sum())
+        if n_bad:
+            self.counters.nonfinite_rows += n_bad
+            x_a, x_b = x_a[finite], x_b[finite]
+        if x_a.shape[0] == 0:
+            raise TrainingError("a batch contained no finite rows; check the activation source")
+        x_a, x_b = self.normalizer.apply(x_a, x_b)
+        keep = outlier_mask(x_a, x_b, self.cfg.outlier_factor)
+        n_masked = x_a.shape[0] - int(keep.sum())
+        if n_masked:
+            self.counters.masked_outliers += n_masked
+            x_a, x_b = x_a[keep], x_b[keep]
+        return x_a, x_b
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.cfg.autocast_bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _selection_groups(self) -> list[tuple[slice, float]]:
+        """Feature blocks that get separate BatchTopK budgets, with their share of k."""
+        p = self.model.partition
+        if not p.n_designated:
+            return [(slice(0, p.n_features), 1.0)]
+        frac = p.n_designated / p.n_features
+        designated = p.block(Role.DESIGNATED)
+        return [
+            (slice(0, designated.start), 1.0 - frac),
+            (designated, frac * self.cfg.designated_k_multiplier),
+        ]
+
+    def _select(
+        self, scores: torch.Tensor, k: int, n: int
+    ) -> tuple[Entries, list[torch.Tensor | None]]:
+        """BatchTopK entries (row-sorted) and the smallest selected score of each group."""
+        rows, feats, minima = [], [], []
+        for block, share in self._groups:
+            sub = scores[:, block]
+            budget = min(round(k * share) * n, sub.numel())
+            r, c = batch_topk(sub, budget)
+            selected = sub[r, c]
+            positive = selected > 0  # a zero score is not an activation
+            r, c, selected = r[positive], c[positive], selected[positive]
+            rows.append(r)
+            feats.append(c + block.start)
+            minima.append(selected.min() if selected.numel() else None)
+        if len(rows) == 1:
+            return Entries(rows[0], feats[0], n), minima
+        r, f = torch.cat(rows), torch.cat(feats)
+        order = (r * scores.shape[1] + f).argsort()
+        return Entries(r[order], f[order], n), minima
+
+    def _select_aux(self, pre: torch.Tensor, dead: torch.Tensor) -> Entries | None:
+        """Per row, the top-k_aux dead features by pre-activation (positive ones only)."""
+        dead_ids = torch.nonzero(dead).squeeze(1)
+        k_aux = min(self.cfg.k_aux, dead_ids.numel())
+        values, idx = pre[:, dead_ids].topk(k_aux, dim=1, sorted=False)
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k_aux)
+        feats = dead_ids[idx.reshape(-1)]
+        positive = values.reshape(-1) > 0
+        if not positive.any():
+            return None
+        return Entries(rows[positive], feats[positive], pre.shape[0])
+
+    def _aux_loss(
+        self, aux: Entries, values: torch.Tensor, resid_a: torch.Tensor, resid_b: torch.Tensor
+    ) -> torch.Tensor:
+        """Variance-normalised error of modelling each residual with dead features."""
+        total = torch.zeros((), device=self.device)
+        for model_name, resid in (("a", resid_a), ("b", resid_b)):
+            approx = self.model.decode_entries(model_name, aux, values, bias=False)
+            variance = (resid - resid.mean(0)).pow(2).sum().clamp_min(1e-12)
+            total = total + (resid - approx).pow(2).sum() / variance
+        return total
+
+    def _update_state(self, main: Entries, n: int, minima: list[torch.Tensor | None]) -> None:
+        """Dead-feature counters, EMA inference threshold, token and step counts."""
+        fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
+        fired[main.features] = True
+        self.since_fired += n
+        self.since_fired[fired] = 0
+        ema = self.cfg.threshold_ema
+        for i, ((block, _), minimum) in enumerate(zip(self._groups, minima, strict=True)):
+            if minimum is None:
+                continue
+            current = self.model.threshold[block.start]
+            minimum = minimum.float()
+            new = torch.where(self.threshold_ready[i], ema * current + (1 - ema) * minimum, minimum)
+            self.model.threshold[block] = new
+            self.threshold_ready[i] = True
+        self.counters.step += 1
+        self.counters.tokens += n
+
+    # -- state for logs and checkpoints ---------------------------------------------
+
+    def dead_mask(self) -> torch.Tensor:
+        """Features that have not fired in the last dead_window_tokens tokens."""
+        return self.since_fired >= self.cfg.dead_window_tokens
+
+    def dead_fractions(self) -> dict[str, float]:
+        """Dead fraction overall and per partition block."""
+        dead = self.dead_mask()
+        out = {"dead_frac": dead.float().mean().item()}
+        p = self.model.partition
+        for role in Role:
+            block = p.block(role)
+            if block.stop > block.start:
+                out[f"dead_frac_{role.value}"] = dead[block].float().mean().item()
+        return out
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "since_fired": self.since_fired,
+            "threshold_ready": self.threshold_ready,
+            "rng_cpu": torch.get_rng_state(),
+        }
+
+    def state_json(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "crosscoder_config": to_dict(self.model_cfg),
+            "train_config": to_dict(self.cfg),
+            "tokens": c.tokens,
+            "masked_outliers": c.masked_outliers,
+            "nonfinite_rows": c.nonfinite_rows,
+            "aux_nan_steps": c.aux_nan_steps,
+            "history": c.history,
+        }
+
+    def save_checkpoint(self, run_dir: Path) -> Path:
+        return ckpt.save_training_checkpoint(
+            run_dir,
+            self.counters.step,
+            self.model,
+            self.normalizer,
+            self.optimizer,
+            self.state_tensors(),
+            self.state_json(),
+            self.cfg.keep_checkpoints,
+        )
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore everything `save_checkpoint` wrote, refusing a different configuration."""
+        header, state = ckpt.load_training_checkpoint(path, self.model, self.optimizer)
+        _check_same_run(header, self.model_cfg, self.cfg, path)
+        self.normalizer = Normalizer(**header["normalizer"])
+        self.since_fired.copy_(state["since_fired"])
+        self.threshold_ready.copy_(state["threshold_ready"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        self.counters = _Counters(
+            step=header["step"],
+            tokens=header["tokens"],
+            masked_outliers=header["masked_outliers"],
+            nonfinite_rows=header["nonfinite_rows"],
+            aux_nan_steps=header["aux_nan_steps"],
+            history=header["history"],
+        )
+
+
+def _check_same_run(
+    header: dict[str, Any], model_cfg: CrosscoderConfig, train_cfg: TrainConfig, path: Path
+) -> None:
+    """Raise if a checkpoint was made with settings that would change the result."""
+    saved_model = header.get("crosscoder_config", {})
+    saved_train = header.get("train_config", {})
+    diffs = [k for k, v in to_dict(model_cfg).items() if saved_model.get(k) != v]
+    diffs += [
+        k
+        for k, v in to_dict(train_cfg).items()
+        if k not in _RESUMABLE_CHANGES and saved_train.get(k) != v
+    ]
+    if diffs:
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} was made with different settings ({', '.join(sorted(diffs))}); "
+            f"use a new output directory, or pass resume=False / --fresh to start over"
+        )
+
+
+# -- the training loop ----------------------------------------------------------------
+
+
+def fit_normalizer(
+    source, batch_size: int, seed: int
+) -> tuple[Normalizer, torch.Tensor, torch.Tensor]:
+    """Fit normalisation on the first rows of a source; also returns those rows."""
+    parts_a, parts_b, rows = [], [], 0
+    for x_a, x_b in source.batches(batch_size, 0, seed):
+        check_pair_shapes(x_a, x_b)
+        keep = finite_rows(x_a, x_b)
+        parts_a.append(x_a[keep].float().cpu())
+        parts_b.append(x_b[keep].float().cpu())
+        rows += int(keep.sum())
+        if rows >= _NORMALIZER_FIT_ROWS:
+            break
+    if rows == 0:
+        raise TrainingError("the activation source yielded no finite rows to fit normalisation")
+    x_a, x_b = torch.cat(parts_a), torch.cat(parts_b)
+    return Normalizer.fit(x_a, x_b), x_a, x_b
+
+
+def train(
+    model_cfg: CrosscoderConfig,
+    train_cfg: TrainConfig,
+    source,
+    out_dir: str | Path | None = None,
+    resume: bool = True,
+    normalizer: Normalizer | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a crosscoder on paired batches; with `out_dir`, checkpoint and resume there."""
+    source = as_source(source)
+    out = Path(out_dir) if out_dir is not None else None
+    trainer = Trainer(model_cfg, train_cfg, normalizer)
+    latest = ckpt.latest_checkpoint(out) if out is not None and resume else None
+    if latest is not None:
+        trainer.load_checkpoint(latest)
+    else:
+        _initialise(trainer, source, normalizer)
+    try:
+        _loop(trainer, source, out, progress)
+    except KeyboardInterrupt:
+        if out is not None:
+            trainer.save_checkpoint(out)
+        raise
+    final = {**trainer.dead_fractions(), **_last(trainer.counters.history)}
+    final.update(
+        steps=trainer.counters.step,
+        tokens=trainer.counters.tokens,
+        masked_outliers=trainer.counters.masked_outliers,
+        nonfinite_rows=trainer.counters.nonfinite_rows,
+        aux_nan_steps=trainer.counters.aux_nan_steps,
+    )
+    if out is not None:
+        if latest is None or trainer.counters.step != latest_step(latest):
+            trainer.save_checkpoint(out)
+        ckpt.save_crosscoder(
+            out,
+            trainer.model,
+            trainer.normalizer,
+            crosscoder_config=to_dict(model_cfg),
+            train_config=to_dict(train_cfg),
+            metrics=final,
+            history=trainer.counters.history,
+            feature_stats={"tokens_since_fired": trainer.since_fired},
+        )
+    return TrainResult(trainer.model, trainer.normalizer, trainer.counters.history, final, out)
+
+
+def latest_step(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def _initialise(trainer: Trainer, source, normalizer: Normalizer | None) -> None:
+    """Fit normalisation (unless given) and start decoder biases at the data mean."""
+    cfg = trainer.cfg
+    fitted, x_a, x_b = fit_normalizer(source, cfg.batch_size, cfg.seed)
+    trainer.normalizer = normalizer or fitted
+    x_a, x_b = trainer.normalizer.apply(x_a, x_b)
+    check_pair_shapes(x_a, x_b, trainer.model_cfg.d_a, trainer.model_cfg.d_b)
+    with torch.no_grad():
+        # Starting at the mean spares the features from spending capacity on it.
+        trainer.model.b_dec_a.copy_(x_a.mean(0))
+        trainer.model.b_dec_b.copy_(x_b.mean(0))
+
+
+def _loop(trainer: Trainer, source, out: Path | None, progress: bool) -> None:
+    cfg = trainer.cfg
+    start = trainer.counters.step
+    if start >= cfg.steps:
+        return
+    batches = source.batches(cfg.batch_size, start, cfg.seed)
+    window_start, window_tokens = time.perf_counter(), 0
+    with _progress(progress, cfg.steps, start) as bar:
+        for step in range(start, cfg.steps):
+            try:
+                x_a, x_b = next(batches)
+            except StopIteration:
+                raise TrainingError(
+                    f"the activation source ran out after {step} of {cfg.steps} steps; lower "
+                    f"`steps` or provide more data"
+                ) from None
+            stats = trainer.step(x_a, x_b)
+            window_tokens += int(stats["rows"])
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                elapsed = time.perf_counter() - window_start
+                record = _record(trainer, stats, done, window_tokens / max(elapsed, 1e-9))
+                trainer.counters.history.append(record)
+                window_start, window_tokens = time.perf_counter(), 0
+                bar.update(done, record)
+            else:
+                bar.update(done, None)
+            if out is not None and done % cfg.checkpoint_every == 0 and done != cfg.steps:
+                trainer.save_checkpoint(out)
+
+
+def _record(trainer: Trainer, stats: dict[str, torch.Tensor], step: int, rate: float) -> dict:
+    record = {k: float(v) for k, v in stats.items() if k != "rows"}
+    record.update(
+        step=step,
+        k=trainer.cfg.k_at(step - 1),
+        lr=trainer.cfg.lr_at(step - 1),
+        tokens_per_s=rate,
+        masked_outliers=trainer.counters.masked_outliers,
+        nonfinite_rows=trainer.counters.nonfinite_rows,
+        aux_nan_steps=trainer.counters.aux_nan_steps,
+        **trainer.dead_fractions(),
+    )
+    return {k: (v if isinstance(v, int) or math.isfinite(v) else None) for k, v in record.items()}
+
+
+def _last(history: list[dict]) -> dict:
+    keys = ("loss", "fve_a", "fve_b", "fve", "l0")
+    return {k: history[-1][k] for k in keys if history and k in history[-1]}
+
+
+class _progress:
+    """A rich progress bar with rate, ETA and the latest metrics, or nothing."""
+
+    def __init__(self, enabled: bool, total: int, start: int) -> None:
+        self.enabled, self.total, self.start = enabled, total, start
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[metrics]}"),
+            )
+            self.bar.__enter__()
+            self.task = self.bar.add_task(
+                "train", total=self.total, completed=self.start, rate="", metrics=""
+            )
+        return self
+
+    def update(self, done: int, record: dict | None) -> None:
+        if not self.enabled:
+            return
+        fields = {}
+        if record is not None:
+            fields["rate"] = f"{record['tokens_per_s']:,.0f} tok/s"
+            fields["metrics"] = (
+                f"loss {record['loss']:.3g} FVE {record['fve_a']:.3f}/{record['fve_b']:.3f} "
+                f"L0 {record['l0']:.0f} dead {record['dead_frac']:.1%}"
+            )
+        self.bar.update(self.task, completed=done, **fields)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
