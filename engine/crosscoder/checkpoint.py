@@ -218,17 +218,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
-def load_training_checkpoint(
-    path: Path, crosscoder: Crosscoder, optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Restore weights and optimiser state in place; returns (header, state tensors)."""
+def read_checkpoint_header(path: Path) -> dict[str, Any]:
+    """The JSON description of a training checkpoint, format-checked."""
     header = _load_json(path / "checkpoint.json")
     check_header(header, path / "checkpoint.json")
+    return header
+
+
+def load_training_checkpoint(
+    path: Path, crosscoder: Crosscoder, optimizer: torch.optim.Optimizer
+) -> dict[str, torch.Tensor]:
+    """Restore weights and optimiser state in place; returns the state tensors."""
     device = next(crosscoder.parameters()).device
     _load_state(crosscoder, _load_tensors(path / "model.safetensors"), path)
     _restore_optimizer(crosscoder, optimizer, _load_tensors(path / "optimizer.safetensors"), device)
-    state = {k: v.to(device) for k, v in _load_tensors(path / "state.safetensors").items()}
-    return header, state
+    return {k: v.to(device) for k, v in _load_tensors(path / "state.safetensors").items()}
 
 
 def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -116,18 +116,57 @@ class Trainer:
 
     def step(self, x_a: torch.Tensor, x_b: torch.Tensor) -> dict[str, torch.Tensor]:
         """Train on one raw paired batch; returns this step's statistics as 0-d tensors."""
-        cfg, model = self.cfg, self.model
-        x_a, x_b = self._prepare(x_a, x_b)
-        n = x_a.shape[0]
-        step = self.counters.step
-        k = cfg.k_at(step)
+        cfg = self.cfg
+        x_a, x_b = self.prepare(x_a, x_b)
+        out = self.losses(x_a, x_b)
+        loss = out["recon_a"] + out["recon_b"]
+        aux_loss = out["aux_a"] + out["aux_b"]
+        if not torch.isfinite(aux_loss):
+            self.counters.aux_nan_steps += 1
+            aux_loss = torch.zeros_like(aux_loss)
+        loss = loss + cfg.aux_alpha * aux_loss
 
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr_at(self.counters.step)
+        self.optimizer.step()
+
+        n = x_a.shape[0]
+        with torch.no_grad():
+            self._update_state(out["entries"], n, out["group_minima"])
+            sse_a, sse_b = out["recon_a"].detach() * n, out["recon_b"].detach() * n
+            var_a = (x_a - x_a.mean(0)).pow(2).sum()
+            var_b = (x_b - x_b.mean(0)).pow(2).sum()
+        return {
+            "loss": loss.detach(),
+            "recon_a": out["recon_a"].detach(),
+            "recon_b": out["recon_b"].detach(),
+            "aux": aux_loss.detach(),
+            "fve_a": 1 - sse_a / var_a,
+            "fve_b": 1 - sse_b / var_b,
+            "fve": 1 - (sse_a + sse_b) / (var_a + var_b),
+            "l0": torch.tensor(out["entries"].nnz / max(n, 1)),
+            "grad_norm": grad_norm.detach(),
+            "rows": torch.tensor(n),
+        }
+
+    def losses(self, x_a: torch.Tensor, x_b: torch.Tensor) -> dict:
+        """Per-model loss terms on a prepared batch (no parameter update).
+
+        Returns recon_a / recon_b (squared error summed over dims, mean over rows),
+        aux_a / aux_b (variance-normalised AuxK terms, 0 with no dead features), the
+        selected entries and each selection group's smallest selected score.
+        """
+        model, n = self.model, x_a.shape[0]
+        k = self.cfg.k_at(self.counters.step)
         with torch.no_grad():
             with self._autocast():
                 pre = self._encode(x_a, x_b)
             scores = model.selection_scores(pre)
             main, group_minima = self._select(scores, k, n)
-            dead = self.since_fired >= cfg.dead_window_tokens if cfg.k_aux else None
+            dead = self.dead_mask() if self.cfg.k_aux else None
             aux = self._select_aux(pre, dead) if dead is not None and dead.any() else None
             entries = main if aux is None else Entries.cat([main, aux])
             pre_values = pre[entries.rows, entries.features]
@@ -135,45 +174,24 @@ class Trainer:
 
         values = model.entry_values(pre_values, entries, x_a, x_b)
         main_values = values[: main.nnz]
-        recon_a = model.decode_entries("a", main, main_values)
-        recon_b = model.decode_entries("b", main, main_values)
-        err_a, err_b = x_a - recon_a, x_b - recon_b
-        sse_a, sse_b = err_a.pow(2).sum(), err_b.pow(2).sum()
-        loss = (sse_a + sse_b) / n
-        aux_loss = torch.zeros((), device=self.device)
-        if aux is not None:
-            aux_loss = self._aux_loss(aux, values[main.nnz :], err_a.detach(), err_b.detach())
-            if torch.isfinite(aux_loss):
-                loss = loss + cfg.aux_alpha * aux_loss
-            else:
-                self.counters.aux_nan_steps += 1
-                aux_loss = torch.zeros((), device=self.device)
-
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr_at(step)
-        self.optimizer.step()
-
-        with torch.no_grad():
-            self._update_state(main, n, group_minima)
-            var_a = (x_a - x_a.mean(0)).pow(2).sum()
-            var_b = (x_b - x_b.mean(0)).pow(2).sum()
-        return {
-            "loss": loss.detach(),
-            "recon_a": sse_a.detach() / n,
-            "recon_b": sse_b.detach() / n,
-            "aux": aux_loss.detach(),
-            "fve_a": 1 - sse_a.detach() / var_a,
-            "fve_b": 1 - sse_b.detach() / var_b,
-            "fve": 1 - (sse_a + sse_b).detach() / (var_a + var_b),
-            "l0": torch.tensor(main.nnz / max(n, 1)),
-            "grad_norm": grad_norm.detach(),
-            "rows": torch.tensor(n),
+        err_a = x_a - model.decode_entries("a", main, main_values)
+        err_b = x_b - model.decode_entries("b", main, main_values)
+        zero = torch.zeros((), device=self.device)
+        out = {
+            "recon_a": err_a.pow(2).sum() / n,
+            "recon_b": err_b.pow(2).sum() / n,
+            "aux_a": zero,
+            "aux_b": zero,
+            "entries": main,
+            "group_minima": group_minima,
         }
+        if aux is not None:
+            aux_values = values[main.nnz :]
+            out["aux_a"] = self._aux_term("a", aux, aux_values, err_a.detach())
+            out["aux_b"] = self._aux_term("b", aux, aux_values, err_b.detach())
+        return out
 
-    def _prepare(self, x_a: torch.Tensor, x_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, x_a: torch.Tensor, x_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate, drop non-finite and outlier rows, normalise; counts what was dropped."""
         check_pair_shapes(x_a, x_b, self.model_cfg.d_a, self.model_cfg.d_b)
         x_a = x_a.to(self.device, torch.float32, non_blocking=True)
@@ -243,16 +261,13 @@ class Trainer:
             return None
         return Entries(rows[positive], feats[positive], pre.shape[0])
 
-    def _aux_loss(
-        self, aux: Entries, values: torch.Tensor, resid_a: torch.Tensor, resid_b: torch.Tensor
+    def _aux_term(
+        self, model_name: str, aux: Entries, values: torch.Tensor, residual: torch.Tensor
     ) -> torch.Tensor:
-        """Variance-normalised error of modelling each residual with dead features."""
-        total = torch.zeros((), device=self.device)
-        for model_name, resid in (("a", resid_a), ("b", resid_b)):
-            approx = self.model.decode_entries(model_name, aux, values, bias=False)
-            variance = (resid - resid.mean(0)).pow(2).sum().clamp_min(1e-12)
-            total = total + (resid - approx).pow(2).sum() / variance
-        return total
+        """Variance-normalised error of modelling one model's residual with dead features."""
+        approx = self.model.decode_entries(model_name, aux, values, bias=False)
+        variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return (residual - approx).pow(2).sum() / variance
 
     def _update_state(self, main: Entries, n: int, minima: list[torch.Tensor | None]) -> None:
         """Dead-feature counters, EMA inference threshold, token and step counts."""
@@ -322,8 +337,9 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything `save_checkpoint` wrote, refusing a different configuration."""
-        header, state = ckpt.load_training_checkpoint(path, self.model, self.optimizer)
+        header = ckpt.read_checkpoint_header(path)
         _check_same_run(header, self.model_cfg, self.cfg, path)
+        state = ckpt.load_training_checkpoint(path, self.model, self.optimizer)
         self.normalizer = Normalizer(**header["normalizer"])
         self.since_fired.copy_(state["since_fired"])
         self.threshold_ready.copy_(state["threshold_ready"])
