@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.crosscoder.partition import Partition, Role
-from engine.crosscoder.sparse import Entries, SelectedEncoding, weighted_gather_sum
+from engine.crosscoder.sparse import (
+    BlockEncoding,
+    Entries,
+    SelectedEncoding,
+    weighted_gather_sum,
+)
 
 
 class Crosscoder(nn.Module):
@@ -171,6 +176,28 @@ class Crosscoder(nn.Module):
         if bias:
             out = out + (self.b_dec_a if model == "a" else self.b_dec_b)
         return out
+
+    def block_values(
+        self, pre_block: torch.Tensor, features: torch.Tensor, x_a: torch.Tensor, x_b: torch.Tensor
+    ) -> torch.Tensor:
+        """Differentiable pre-activations [n, m] of the features `features` for every row."""
+        return BlockEncoding.apply(
+            pre_block.float(),
+            self.w_enc_a,
+            self.w_enc_b,
+            self.b_enc,
+            x_a,
+            x_b,
+            features,
+            self.rows_in_a[features],
+            self.rows_in_b[features],
+        )
+
+    def decode_block(self, model: str, z: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """One model's reconstruction (no bias) from dense activations [n, m] of `features`."""
+        rows = self._rows(model)[features]
+        owned = rows >= 0
+        return z[:, owned] @ self._decoder_table(model)[rows[owned]]
 
     # -- helpers ----------------------------------------------------------------------
 

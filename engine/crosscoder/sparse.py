@@ -152,3 +152,32 @@ class SelectedEncoding(torch.autograd.Function):
                 weighted_gather_sum(x.float(), rows[keep], param_rows[keep], grad[keep], n)
             )
         return None, grad_w[0], grad_w[1], grad_bias, None, None, None, None, None, None
+
+
+class BlockEncoding(torch.autograd.Function):
+    """Pre-activations of a block of features for every row, with a GEMM backward.
+
+    Used for AuxK, where each row activates k_aux of the (few) dead features: dense over
+    the dead block is cheaper than a gather per entry.
+    """
+
+    @staticmethod
+    def forward(ctx, block, w_enc_a, w_enc_b, b_enc, x_a, x_b, features, rows_in_a, rows_in_b):
+        ctx.save_for_backward(x_a, x_b, features, rows_in_a, rows_in_b)
+        ctx.shapes = (w_enc_a.shape, w_enc_b.shape, b_enc.shape[0])
+        return block.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_a, x_b, features, rows_in_a, rows_in_b = ctx.saved_tensors
+        shape_a, shape_b, n_features = ctx.shapes
+        grad = grad.float()
+        grad_bias = torch.zeros(n_features, dtype=grad.dtype, device=grad.device)
+        grad_bias.index_add_(0, features, grad.sum(0))
+        grad_w = []
+        for x, param_rows, shape in ((x_a, rows_in_a, shape_a), (x_b, rows_in_b, shape_b)):
+            keep = param_rows >= 0
+            g = torch.zeros(shape, dtype=grad.dtype, device=grad.device)
+            g.index_add_(0, param_rows[keep], grad[:, keep].T @ x.float())
+            grad_w.append(g)
+        return None, grad_w[0], grad_w[1], grad_bias, None, None, None, None, None

@@ -100,9 +100,9 @@ class Trainer:
             model_cfg.d_a, model_cfg.d_b, partition, model_cfg.decoder_init_norm, gen
         ).to(self.device)
         self.normalizer = normalizer or Normalizer.identity()
-        cuda = self.device.type == "cuda"
+        # Fused Adam is one pass over each tensor: ~10x faster than the default on CPU.
         self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=train_cfg.lr, betas=(0.9, 0.999), fused=cuda or None
+            self.model.parameters(), lr=train_cfg.lr, betas=(0.9, 0.999), fused=True
         )
         self.counters = _Counters()
         self.since_fired = torch.zeros(partition.n_features, dtype=torch.long, device=self.device)
@@ -168,14 +168,12 @@ class Trainer:
             main, group_minima = self._select(scores, k, n)
             dead = self.dead_mask() if self.cfg.k_aux else None
             aux = self._select_aux(pre, dead) if dead is not None and dead.any() else None
-            entries = main if aux is None else Entries.cat([main, aux])
-            pre_values = pre[entries.rows, entries.features]
+            pre_values = pre[main.rows, main.features]
             del pre, scores
 
-        values = model.entry_values(pre_values, entries, x_a, x_b)
-        main_values = values[: main.nnz]
-        err_a = x_a - model.decode_entries("a", main, main_values)
-        err_b = x_b - model.decode_entries("b", main, main_values)
+        values = model.entry_values(pre_values, main, x_a, x_b)
+        err_a = x_a - model.decode_entries("a", main, values)
+        err_b = x_b - model.decode_entries("b", main, values)
         zero = torch.zeros((), device=self.device)
         out = {
             "recon_a": err_a.pow(2).sum() / n,
@@ -186,9 +184,10 @@ class Trainer:
             "group_minima": group_minima,
         }
         if aux is not None:
-            aux_values = values[main.nnz :]
-            out["aux_a"] = self._aux_term("a", aux, aux_values, err_a.detach())
-            out["aux_b"] = self._aux_term("b", aux, aux_values, err_b.detach())
+            dead_ids, pre_dead, keep = aux
+            z = model.block_values(pre_dead, dead_ids, x_a, x_b).relu() * keep
+            out["aux_a"] = self._aux_term("a", z, dead_ids, err_a.detach())
+            out["aux_b"] = self._aux_term("b", z, dead_ids, err_b.detach())
         return out
 
     def prepare(self, x_a: torch.Tensor, x_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,23 +248,26 @@ class Trainer:
         order = (r * scores.shape[1] + f).argsort()
         return Entries(r[order], f[order], n), minima
 
-    def _select_aux(self, pre: torch.Tensor, dead: torch.Tensor) -> Entries | None:
-        """Per row, the top-k_aux dead features by pre-activation (positive ones only)."""
+    def _select_aux(
+        self, pre: torch.Tensor, dead: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Dead feature ids, their pre-activations [n, n_dead], and a mask of each row's
+        top-k_aux positive ones (None if no dead feature is positive anywhere)."""
         dead_ids = torch.nonzero(dead).squeeze(1)
+        pre_dead = pre[:, dead_ids]
         k_aux = min(self.cfg.k_aux, dead_ids.numel())
-        values, idx = pre[:, dead_ids].topk(k_aux, dim=1, sorted=False)
-        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k_aux)
-        feats = dead_ids[idx.reshape(-1)]
-        positive = values.reshape(-1) > 0
-        if not positive.any():
+        values, idx = pre_dead.topk(k_aux, dim=1, sorted=False)
+        keep = torch.zeros(pre_dead.shape, dtype=torch.bool, device=pre.device)
+        keep.scatter_(1, idx, values > 0)
+        if not keep.any():
             return None
-        return Entries(rows[positive], feats[positive], pre.shape[0])
+        return dead_ids, pre_dead, keep
 
     def _aux_term(
-        self, model_name: str, aux: Entries, values: torch.Tensor, residual: torch.Tensor
+        self, model_name: str, z: torch.Tensor, dead_ids: torch.Tensor, residual: torch.Tensor
     ) -> torch.Tensor:
         """Variance-normalised error of modelling one model's residual with dead features."""
-        approx = self.model.decode_entries(model_name, aux, values, bias=False)
+        approx = self.model.decode_block(model_name, z, dead_ids)
         variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
         return (residual - approx).pow(2).sum() / variance
 
