@@ -17,6 +17,10 @@ import torch
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+class DataError(ValueError):
+    """Paired activations have the wrong shape or content."""
+
+
 class PairedSource(Protocol):
     """Anything the trainer can draw paired batches from."""
 
@@ -36,7 +40,7 @@ class TensorPairs:
     def batches(self, batch_size: int, start_step: int = 0, seed: int = 0) -> Iterator[Batch]:
         n = len(self)
         if batch_size > n:
-            raise ValueError(f"batch_size {batch_size} exceeds the {n} pairs available")
+            raise DataError(f"batch_size {batch_size} exceeds the {n} pairs available")
         per_epoch = n // batch_size
         step = start_step
         while True:
@@ -75,17 +79,17 @@ def check_pair_shapes(
 ) -> None:
     """Raise a clear error for mismatched row counts or unexpected widths."""
     if x_a.ndim != 2 or x_b.ndim != 2:
-        raise ValueError(
+        raise DataError(
             f"activations must be 2-D [n, d]; got shapes {tuple(x_a.shape)} and {tuple(x_b.shape)}"
         )
     if x_a.shape[0] != x_b.shape[0]:
-        raise ValueError(
+        raise DataError(
             f"paired batches need the same number of rows: model A has {x_a.shape[0]}, "
             f"model B has {x_b.shape[0]}"
         )
     for name, x, d in (("A", x_a, d_a), ("B", x_b, d_b)):
         if d is not None and x.shape[1] != d:
-            raise ValueError(f"model {name} activations have width {x.shape[1]}, expected {d}")
+            raise DataError(f"model {name} activations have width {x.shape[1]}, expected {d}")
 
 
 def finite_rows(x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:

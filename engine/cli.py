@@ -1,0 +1,119 @@
+"""`modeldiff` command line: one sub-command per stage of the data flow.
+
+Errors a user can cause are printed as one line starting with ``error:`` (no traceback)
+and exit with status 2; an interrupted run exits with 130 and resumes when rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine.config import ConfigError, RunConfig, load_run_config
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from engine.crosscoder.checkpoint import CheckpointError
+    from engine.crosscoder.data import DataError
+    from engine.crosscoder.trainer import TrainingError
+
+    return (*USER_ERRORS, CheckpointError, DataError, TrainingError)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train a crosscoder on paired activations from a safetensors file."""
+    from engine.crosscoder.pairs import load_pairs
+    from engine.crosscoder.trainer import train
+
+    cfg: RunConfig = load_run_config(args.config)
+    for name in ("steps", "batch_size", "device"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg.train, name, value)
+    cfg.train.__post_init__()  # re-validate overrides
+    x_a, x_b = load_pairs(args.pairs)
+    result = train(
+        cfg.crosscoder,
+        cfg.train,
+        (x_a, x_b),
+        out_dir=args.out,
+        resume=not args.fresh,
+        progress=not args.quiet,
+    )
+    f = result.final
+    print(
+        f"trained {result.crosscoder.partition.architecture.value} crosscoder: "
+        f"{f['steps']} steps, FVE A {f.get('fve_a', float('nan')):.3f} / "
+        f"B {f.get('fve_b', float('nan')):.3f}, L0 {f.get('l0', float('nan')):.1f}, "
+        f"dead {f['dead_frac']:.1%} -> {args.out}"
+    )
+
+
+def cmd_toy(args: argparse.Namespace) -> None:
+    """Synthetic ground-truth comparison of standard, DFC and DSF crosscoders."""
+    from engine.toy.sweep import main as toy_main
+
+    toy_main(args.toy_args)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The built-in demonstration: a quick toy-model comparison of the architectures."""
+    from engine.toy.sweep import main as toy_main
+
+    out = Path(args.out)
+    print(f"modeldiff demo: toy-model comparison of standard, DFC and DSF crosscoders -> {out}")
+    toy_main(["--quick", "--out", str(out)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modeldiff",
+        description="Cross-architecture model diffing with Dedicated Feature Crosscoders.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    p.add_argument("--config", required=True, type=Path, help="run TOML ([crosscoder], [train])")
+    p.add_argument(
+        "--pairs",
+        required=True,
+        type=Path,
+        help="safetensors file with tensors 'a' [n, d_a] and 'b' [n, d_b]",
+    )
+    p.add_argument("--out", required=True, type=Path, help="run directory (resumed if present)")
+    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in --out")
+    p.add_argument("--steps", type=int, default=None, help="override [train] steps")
+    p.add_argument("--batch-size", type=int, default=None, help="override [train] batch_size")
+    p.add_argument("--device", default=None, help="override [train] device (auto|cpu|cuda)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("toy", help=cmd_toy.__doc__, description=cmd_toy.__doc__, add_help=False)
+    p.add_argument("toy_args", nargs=argparse.REMAINDER, help="see `modeldiff toy --help`")
+    p.set_defaults(func=cmd_toy)
+
+    p = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `modeldiff` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

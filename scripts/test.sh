@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Quick start, step 2: run the test suite (installs what it needs first).
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh >/dev/null
+ruff check engine dashboard tests benchmarks scripts
+python -m pytest "$@"

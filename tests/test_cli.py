@@ -1,0 +1,111 @@
+"""The `modeldiff` command line: training from files, resuming, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from engine.crosscoder.checkpoint import load_crosscoder
+from engine.crosscoder.pairs import save_pairs
+from tests.test_crosscoder import D_A, D_B, paired_data
+
+CONFIG = f"""
+[crosscoder]
+d_a = {D_A}
+d_b = {D_B}
+n_features = 64
+architecture = "dfc"
+
+[train]
+steps = 20
+batch_size = 128
+k = 4
+k_initial = 8
+anneal_steps = 5
+lr = 3e-3
+warmup_steps = 5
+k_aux = 16
+dead_window_tokens = 640
+log_every = 10
+checkpoint_every = 10
+device = "cpu"
+"""
+
+
+def modeldiff(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture()
+def files(tmp_path):
+    (tmp_path / "run.toml").write_text(CONFIG)
+    save_pairs(tmp_path / "pairs.safetensors", *paired_data())
+    return tmp_path
+
+
+def test_train_writes_a_loadable_crosscoder_and_reruns_are_cached(files):
+    args = [
+        "train",
+        "--config",
+        str(files / "run.toml"),
+        "--pairs",
+        str(files / "pairs.safetensors"),
+        "--out",
+        str(files / "run"),
+        "--quiet",
+    ]
+    first = modeldiff(*args)
+    assert first.returncode == 0, first.stderr
+    assert "trained dfc crosscoder: 20 steps" in first.stdout
+    cc, _, header = load_crosscoder(files / "run")
+    assert header["metrics"]["steps"] == 20 and cc.partition.n_a_exclusive == 3
+    again = modeldiff(*args, "--steps", "30")
+    assert again.returncode == 0 and "30 steps" in again.stdout
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda f: (f / "run.toml").write_text(CONFIG.replace("k = 4", "k = 4\nkk = 1")),
+            "unknown setting(s) kk in [train]",
+        ),
+        (
+            lambda f: (f / "run.toml").write_text(CONFIG.replace("d_b = 20", "d_b = 21")),
+            "model B activations have width 20, expected 21",
+        ),
+        (
+            lambda f: (f / "pairs.safetensors").write_bytes(b"garbage"),
+            "is not a readable safetensors file",
+        ),
+        (
+            lambda f: (f / "run.toml").write_text(CONFIG.replace('"dfc"', '"dsf"')),
+            "needs equal hidden sizes",
+        ),
+        (lambda f: (f / "run.toml").write_text(CONFIG.replace("k = 4", "k = 400")), "must be >= k"),
+    ],
+)
+def test_user_errors_are_one_line_with_nonzero_exit(files, mutate, message):
+    mutate(files)
+    result = modeldiff(
+        "train",
+        "--config",
+        str(files / "run.toml"),
+        "--pairs",
+        str(files / "pairs.safetensors"),
+        "--out",
+        str(files / "run"),
+        "--quiet",
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_files_are_named(files):
+    result = modeldiff("train", "--config", str(files / "nope.toml"), "--pairs", "x", "--out", "y")
+    assert result.returncode == 2 and "config file not found" in result.stderr
