@@ -410,3 +410,11 @@ def test_corrupt_and_foreign_checkpoints_are_named(tmp_path):
         load_crosscoder(tmp_path)
     with pytest.raises(CheckpointError, match="no trained crosscoder"):
         load_crosscoder(tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+def test_compiled_encoder_gives_the_same_training_result():
+    data = paired_data()
+    plain = train(model_cfg(), train_cfg(steps=10), data, progress=False)
+    compiled = train(model_cfg(), train_cfg(steps=10, compile=True), data, progress=False)
+    assert compiled.final["fve"] == pytest.approx(plain.final["fve"], rel=1e-5)
