@@ -36,6 +36,9 @@ class RecoveryReport:
     a_exclusive_recall: float  # recovered in A by an A-exclusive-labelled feature
     b_exclusive_recall: float
     exclusive_recall: float  # pooled over both models' exclusive concepts
+    # Same, labelling every non-designated feature by relative decoder norm: for a DFC this
+    # also credits shared-partition features that became exclusive in all but name.
+    exclusive_recall_relnorm: float
     a_exclusive_recovered_any: float  # recovered in A by any feature, whatever its label
     b_exclusive_recovered_any: float
     n_labelled_a: int
@@ -96,10 +99,13 @@ def evaluate_recovery(
     shared, a_ex, b_ex = toy.shared_idx, toy.a_exclusive_idx, toy.b_exclusive_idx
 
     found_a, found_b = rec_a.any(dim=1), rec_b.any(dim=1)
-    hit_a = (rec_a[a_ex] & label_a[None, :]).any(dim=1)
-    hit_b = (rec_b[b_ex] & label_b[None, :]).any(dim=1)
+    hit_a, hit_b = _exclusive_hits(rec_a, rec_b, label_a, label_b, a_ex, b_ex)
     recovered = (found_a & toy.visible_a) | (found_b & toy.visible_b)
     fp = _false_positives(rec_a, rec_b, label_a, label_b, shared, a_ex, b_ex)
+    # Relabel by relative norm alone (designated features stay excluded) for comparison.
+    plain = [r if r == Role.DESIGNATED else Role.SHARED for r in roles]
+    rel_a, rel_b, _ = label_features(decoder_a, decoder_b, plain, low, high)
+    rel_hit_a, rel_hit_b = _exclusive_hits(rec_a, rec_b, rel_a, rel_b, a_ex, b_ex)
 
     n_exclusive = a_ex.numel() + b_ex.numel()
     return RecoveryReport(
@@ -116,12 +122,22 @@ def evaluate_recovery(
         a_exclusive_recall=_mean(hit_a),
         b_exclusive_recall=_mean(hit_b),
         exclusive_recall=(int(hit_a.sum()) + int(hit_b.sum())) / n_exclusive,
+        exclusive_recall_relnorm=(int(rel_hit_a.sum()) + int(rel_hit_b.sum())) / n_exclusive,
         a_exclusive_recovered_any=_mean(found_a[a_ex]),
         b_exclusive_recovered_any=_mean(found_b[b_ex]),
         n_labelled_a=int(label_a.sum()),
         n_labelled_b=int(label_b.sum()),
         **fp,
     )
+
+
+def _exclusive_hits(
+    rec_a: Tensor, rec_b: Tensor, label_a: Tensor, label_b: Tensor, a_ex: Tensor, b_ex: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per exclusive concept: recovered in its model by a feature labelled exclusive to it."""
+    hit_a = (rec_a[a_ex] & label_a[None, :]).any(dim=1)
+    hit_b = (rec_b[b_ex] & label_b[None, :]).any(dim=1)
+    return hit_a, hit_b
 
 
 def _false_positives(
