@@ -52,20 +52,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_toy(args: argparse.Namespace) -> None:
+def cmd_toy(args: argparse.Namespace) -> int:
     """Synthetic ground-truth comparison of standard, DFC and DSF crosscoders."""
     from engine.toy.sweep import main as toy_main
 
-    toy_main(args.toy_args)
+    return toy_main(args.toy_args)
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+def cmd_demo(args: argparse.Namespace) -> int:
     """The built-in demonstration: a quick toy-model comparison of the architectures."""
     from engine.toy.sweep import main as toy_main
 
     out = Path(args.out)
     print(f"modeldiff demo: toy-model comparison of standard, DFC and DSF crosscoders -> {out}")
-    toy_main(["--quick", "--out", str(out)])
+    return toy_main(["--quick", "--out", str(out)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,14 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `modeldiff` console script."""
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

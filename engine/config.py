@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 from engine.crosscoder.partition import Architecture, Partition
 
+SCORE_WEIGHTINGS = ("sum", "mean")
+
 
 class ConfigError(ValueError):
     """A configuration value a user supplied is invalid."""
@@ -33,6 +35,10 @@ class CrosscoderConfig:
     b_exclusive: float | int = 0.05
     designated: float | int = 0.10
     decoder_init_norm: float = 0.4
+    # BatchTopK ranks relu(pre) x decoder norm. "sum" (the paper): sum of the feature's
+    # decoder norms over models. "mean": their mean over the models the feature exists in,
+    # so exclusive features are not ranked at half the weight of shared ones.
+    score_weighting: str = "sum"
 
     def __post_init__(self) -> None:
         for name in ("d_a", "d_b", "n_features"):
@@ -50,6 +56,11 @@ class CrosscoderConfig:
             raise ConfigError(
                 f"a DSF crosscoder ties decoder vectors across models, which needs equal "
                 f"hidden sizes, but d_a={self.d_a} and d_b={self.d_b}; use 'dfc' or 'standard'"
+            )
+        if self.score_weighting not in SCORE_WEIGHTINGS:
+            raise ConfigError(
+                f"unknown score_weighting {self.score_weighting!r}; choose one of: "
+                f"{', '.join(SCORE_WEIGHTINGS)}"
             )
         if not self.decoder_init_norm > 0:
             raise ConfigError(f"decoder_init_norm must be > 0, got {self.decoder_init_norm}")

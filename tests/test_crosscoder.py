@@ -418,3 +418,19 @@ def test_compiled_encoder_gives_the_same_training_result():
     plain = train(model_cfg(), train_cfg(steps=10), data, progress=False)
     compiled = train(model_cfg(), train_cfg(steps=10, compile=True), data, progress=False)
     assert compiled.final["fve"] == pytest.approx(plain.final["fve"], rel=1e-5)
+
+
+def test_mean_score_weighting_ranks_exclusive_features_like_shared_ones(tmp_path):
+    p = Partition.build("dfc", 64, 6, 10)
+    summed = Crosscoder(D_A, D_B, p)
+    averaged = Crosscoder(D_A, D_B, p, score_weighting="mean")
+    # At initialisation every decoder row has norm 0.4 in each model it exists in.
+    assert torch.allclose(summed.score_weights()[:6], torch.full((6,), 0.4))
+    assert torch.allclose(summed.score_weights()[16:], torch.full((48,), 0.8))
+    assert torch.allclose(averaged.score_weights(), torch.full((64,), 0.4))
+    data = paired_data()
+    cfg = model_cfg(score_weighting="mean")
+    train(cfg, train_cfg(steps=5), data, out_dir=tmp_path, progress=False)
+    assert load_crosscoder(tmp_path)[0].score_weighting == "mean"
+    with pytest.raises(ConfigError, match="unknown score_weighting"):
+        model_cfg(score_weighting="median")

@@ -100,6 +100,7 @@ def describe(crosscoder: Crosscoder, normalizer: Normalizer, **extra: Any) -> di
         "d_a": crosscoder.d_a,
         "d_b": crosscoder.d_b,
         "partition": crosscoder.partition.to_dict(),
+        "score_weighting": crosscoder.score_weighting,
         "normalizer": normalizer.to_dict(),
         **extra,
     }
@@ -119,7 +120,12 @@ def check_header(header: dict[str, Any], source: Path) -> None:
 
 def crosscoder_from_header(header: dict[str, Any]) -> Crosscoder:
     """An (untrained) crosscoder with the shape a header describes."""
-    return Crosscoder(header["d_a"], header["d_b"], Partition(**header["partition"]))
+    return Crosscoder(
+        header["d_a"],
+        header["d_b"],
+        Partition(**header["partition"]),
+        score_weighting=header.get("score_weighting", "sum"),
+    )
 
 
 def save_crosscoder(

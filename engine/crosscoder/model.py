@@ -41,6 +41,7 @@ class Crosscoder(nn.Module):
         partition: Partition,
         decoder_init_norm: float = 0.4,
         generator: torch.Generator | None = None,
+        score_weighting: str = "sum",
     ) -> None:
         super().__init__()
         if partition.n_designated and d_a != d_b:
@@ -48,7 +49,10 @@ class Crosscoder(nn.Module):
                 f"designated-shared features tie decoders across models and need d_a == d_b "
                 f"(got {d_a} and {d_b})"
             )
+        if score_weighting not in ("sum", "mean"):
+            raise ValueError(f"score_weighting must be 'sum' or 'mean', got {score_weighting!r}")
         self.d_a, self.d_b, self.partition = d_a, d_b, partition
+        self.score_weighting = score_weighting
         p = partition
         self.w_dec_a = nn.Parameter(_random_rows(p.n_a_features, d_a, decoder_init_norm, generator))
         n_b_own = p.n_b_exclusive + p.n_shared
@@ -115,9 +119,19 @@ class Crosscoder(nn.Module):
         return pre.add_(self.b_enc)
 
     def selection_scores(self, pre: torch.Tensor) -> torch.Tensor:
-        """BatchTopK ranking score relu(pre) * (|d_A| + |d_B|)."""
+        """BatchTopK ranking score: relu(pre) x the feature's decoder-norm weight."""
+        return pre.relu() * self.score_weights().to(pre.dtype)
+
+    def score_weights(self) -> torch.Tensor:
+        """|d_A| + |d_B| ("sum"), or that over the number of models owning it ("mean")."""
         norm_a, norm_b = self.decoder_norms()
-        return pre.relu() * (norm_a + norm_b).to(pre.dtype)
+        weights = norm_a + norm_b
+        if self.score_weighting == "mean":
+            owners = (self.rows_in_a >= 0).to(weights.dtype) + (self.rows_in_b >= 0).to(
+                weights.dtype
+            )
+            weights = weights / owners
+        return weights
 
     def encode(self, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
         """Feature activations [n, n_features] using the learned inference threshold."""

@@ -97,7 +97,12 @@ class Trainer:
         self.device = resolve_device(train_cfg.device)
         gen = torch.Generator().manual_seed(train_cfg.seed)
         self.model = Crosscoder(
-            model_cfg.d_a, model_cfg.d_b, partition, model_cfg.decoder_init_norm, gen
+            model_cfg.d_a,
+            model_cfg.d_b,
+            partition,
+            model_cfg.decoder_init_norm,
+            gen,
+            model_cfg.score_weighting,
         ).to(self.device)
         self.normalizer = normalizer or Normalizer.identity()
         # Fused Adam is one pass over each tensor: ~10x faster than the default on CPU.

@@ -66,6 +66,7 @@ class SweepConfig:
     designated_k_multiplier: float = 2.0
     exclusive_fraction: float = 0.05  # DFC: share of features exclusive to each model
     designated_fraction: float = 0.10  # DSF: share of designated-shared features
+    score_weighting: str = "sum"  # BatchTopK decoder-norm weight: "sum" (paper) or "mean"
     # None: 5% of the training tokens, scaled to these short runs as 10M is to 800M pairs
     # in the paper (but coarser, so AuxK gets a chance to act).
     dead_window_tokens: int | None = None
@@ -136,6 +137,7 @@ class SweepConfig:
             a_exclusive=self.exclusive_fraction,
             b_exclusive=self.exclusive_fraction,
             designated=self.designated_fraction,
+            score_weighting=self.score_weighting,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -499,6 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-concepts", type=int, help="ground-truth concepts in the toy model")
     p.add_argument("--d", type=int, help="activation width of both toy models")
     p.add_argument("--device", help="cpu (default), auto, cuda or cuda:N")
+    p.add_argument(
+        "--score-weighting",
+        choices=["sum", "mean"],
+        help="BatchTopK decoder-norm weight: sum (the paper, default) or mean over models",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke-test sweep (about a minute)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -522,6 +529,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "device": args.device,
+        "score_weighting": args.score_weighting,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return SweepConfig(**settings)
