@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.crosscoder.partition import Partition
+from engine.files import atomic_save_tensors, atomic_write_text
 
 FORMAT = "modeldiff.crosscoder"
 FORMAT_VERSION = 1
@@ -39,32 +40,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or does not match what was asked for."""
-
-
-# -- atomic file helpers --------------------------------------------------------------
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to `path` so readers see either the old or the new content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """save_file to a temporary name, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer, outlier_mask
 from engine.crosscoder.partition import Role
 from engine.crosscoder.sparse import Entries, batch_topk
+from engine.progress import ProgressBar
 
 # Settings that may change between a run and its resumption without changing the result.
 _RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "device"}
@@ -474,7 +475,7 @@ def _loop(trainer: Trainer, source, out: Path | None, progress: bool) -> None:
         return
     batches = source.batches(cfg.batch_size, start, cfg.seed)
     window_start, window_tokens = time.perf_counter(), 0
-    with _progress(progress, cfg.steps, start) as bar:
+    with ProgressBar("train", cfg.steps, progress, completed=start) as bar:
         for step in range(start, cfg.steps):
             try:
                 x_a, x_b = next(batches)
@@ -491,9 +492,9 @@ def _loop(trainer: Trainer, source, out: Path | None, progress: bool) -> None:
                 record = _record(trainer, stats, done, window_tokens / max(elapsed, 1e-9))
                 trainer.counters.history.append(record)
                 window_start, window_tokens = time.perf_counter(), 0
-                bar.update(done, record)
+                bar.update(completed=done, status=_status(record))
             else:
-                bar.update(done, None)
+                bar.update(completed=done)
             if out is not None and done % cfg.checkpoint_every == 0 and done != cfg.steps:
                 trainer.save_checkpoint(out)
 
@@ -518,50 +519,10 @@ def _last(history: list[dict]) -> dict:
     return {k: history[-1][k] for k in keys if history and k in history[-1]}
 
 
-class _progress:
-    """A rich progress bar with rate, ETA and the latest metrics, or nothing."""
-
-    def __init__(self, enabled: bool, total: int, start: int) -> None:
-        self.enabled, self.total, self.start = enabled, total, start
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[metrics]}"),
-            )
-            self.bar.__enter__()
-            self.task = self.bar.add_task(
-                "train", total=self.total, completed=self.start, rate="", metrics=""
-            )
-        return self
-
-    def update(self, done: int, record: dict | None) -> None:
-        if not self.enabled:
-            return
-        fields = {}
-        if record is not None:
-            fields["rate"] = f"{record['tokens_per_s']:,.0f} tok/s"
-            fields["metrics"] = (
-                f"loss {record['loss']:.3g} FVE {record['fve_a']:.3f}/{record['fve_b']:.3f} "
-                f"L0 {record['l0']:.0f} dead {record['dead_frac']:.1%}"
-            )
-        self.bar.update(self.task, completed=done, **fields)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
+def _status(record: dict) -> str:
+    """One-line summary of a logged record for the progress bar."""
+    return (
+        f"{record['tokens_per_s']:,.0f} tok/s  loss {record['loss']:.3g}  "
+        f"FVE {record['fve_a']:.3f}/{record['fve_b']:.3f}  L0 {record['l0']:.0f}  "
+        f"dead {record['dead_frac']:.1%}"
+    )

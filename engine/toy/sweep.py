@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +23,8 @@ from typing import Any
 import pandas as pd
 
 from engine.config import CrosscoderConfig, TrainConfig
+from engine.files import atomic_write_text
+from engine.progress import ProgressBar
 from engine.toy.evaluate import evaluate_recovery
 from engine.toy.model import ToyConfig, ToyModel
 
@@ -194,10 +195,10 @@ def run_sweep(
         for arch in cfg.architectures
         if (arch, size, seed) not in done
     ]
-    with _Progress(progress, len(todo)) as bar:
+    with ProgressBar("toy sweep", len(todo), progress) as bar:
         toys: dict[int, ToyModel] = {}
         for arch, size, seed in todo:
-            bar.describe(f"{arch} F={size} seed={seed}")
+            bar.update(status=f"{arch} F={size} seed={seed}")
             if seed not in toys:  # each seed is its own toy model; toy.seed is not used
                 toys[seed] = ToyModel(dataclasses.replace(cfg.toy, seed=seed))
             toy = toys[seed]
@@ -208,7 +209,7 @@ def run_sweep(
             results = _append(results, row)
             # Written after every run so an interruption loses at most the current one.
             _write_csv(results, out / "results.csv")
-            bar.advance()
+            bar.update(advance=1)
     selected = _select(results, cfg)
     write_outputs(selected, cfg, out)
     return selected
@@ -239,7 +240,7 @@ def _check_same_sweep(out: Path, cfg: SweepConfig) -> None:
                 f"use another --out directory or delete it to start over"
             )
     else:
-        _atomic_write(path, json.dumps(current, indent=2))
+        atomic_write_text(path, json.dumps(current, indent=2))
 
 
 def _append(results: pd.DataFrame, row: dict[str, Any]) -> pd.DataFrame:
@@ -276,7 +277,7 @@ def write_outputs(results: pd.DataFrame, cfg: SweepConfig, out: Path) -> None:
     summary = summarize(results)
     _write_csv(summary, out / "summary.csv")
     payload = {"config": cfg.to_dict(), "results": _records(results), "summary": _records(summary)}
-    _atomic_write(out / "results.json", json.dumps(payload, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(payload, indent=2))
     figure(summary, cfg).write_html(out / "figure.html", include_plotlyjs=True)
 
 
@@ -401,56 +402,7 @@ def _json_value(value: Any) -> Any:
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    _atomic_write(path, frame.to_csv(index=False))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-class _Progress:
-    """Rich progress over runs with rate and ETA, or nothing."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total = enabled and total > 0, total
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("toy sweep"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.description}"),
-            )
-            self.bar.__enter__()
-            self.task = self.bar.add_task("", total=self.total)
-        return self
-
-    def describe(self, text: str) -> None:
-        if self.enabled:
-            self.bar.update(self.task, description=text)
-
-    def advance(self) -> None:
-        if self.enabled:
-            self.bar.advance(self.task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
+    atomic_write_text(path, frame.to_csv(index=False))
 
 
 # -- command line -----------------------------------------------------------------------
