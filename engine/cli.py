@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("toy", help=cmd_toy.__doc__, description=cmd_toy.__doc__, add_help=False)
-    p.add_argument("toy_args", nargs=argparse.REMAINDER, help="see `modeldiff toy --help`")
+    # Its options belong to the sweep's own parser (see `modeldiff toy --help`).
+    p = sub.add_parser("toy", help=cmd_toy.__doc__, add_help=False)
     p.set_defaults(func=cmd_toy)
 
     p = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
@@ -103,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `modeldiff` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "toy":
+        args.toy_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         status = args.func(args)
     except _user_errors() as err:

@@ -109,3 +109,37 @@ def test_user_errors_are_one_line_with_nonzero_exit(files, mutate, message):
 def test_missing_files_are_named(files):
     result = modeldiff("train", "--config", str(files / "nope.toml"), "--pairs", "x", "--out", "y")
     assert result.returncode == 2 and "config file not found" in result.stderr
+
+
+def test_toy_sweep_runs_from_the_command_line(tmp_path):
+    out = tmp_path / "toy"
+    args = [
+        "toy",
+        "--out",
+        str(out),
+        "--sizes",
+        "32",
+        "--seeds",
+        "0",
+        "--architectures",
+        "standard,dfc",
+        "--steps",
+        "20",
+        "--batch-size",
+        "128",
+        "--n-concepts",
+        "64",
+        "--d",
+        "16",
+        "--no-progress",
+    ]
+    result = modeldiff(*args)
+    assert result.returncode == 0, result.stderr
+    assert "dfc" in result.stdout and "standard" in result.stdout
+    assert {"results.csv", "summary.csv", "results.json", "figure.html"} <= {
+        p.name for p in out.iterdir()
+    }
+    changed = modeldiff(*[a if a != "20" else "30" for a in args])
+    assert changed.returncode == 2 and "different settings (steps)" in changed.stderr
+    assert modeldiff("toy", "--help").returncode == 0
+    assert modeldiff("train", "--bogus").returncode == 2
