@@ -127,9 +127,7 @@ class Crosscoder(nn.Module):
         norm_a, norm_b = self.decoder_norms()
         weights = norm_a + norm_b
         if self.score_weighting == "mean":
-            owners = (self.rows_in_a >= 0).to(weights.dtype) + (self.rows_in_b >= 0).to(
-                weights.dtype
-            )
+            owners = (self.rows_in_a >= 0).float() + (self.rows_in_b >= 0).float()
             weights = weights / owners
         return weights
 

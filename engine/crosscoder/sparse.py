@@ -37,19 +37,6 @@ class Entries:
     def nnz(self) -> int:
         return self.rows.numel()
 
-    def subset(self, mask: torch.Tensor) -> Entries:
-        """Entries where `mask` is true (row order preserved)."""
-        return Entries(self.rows[mask], self.features[mask], self.n_rows)
-
-    @staticmethod
-    def cat(parts: list[Entries]) -> Entries:
-        """Concatenate entry lists of the same matrix (no longer globally row-sorted)."""
-        return Entries(
-            torch.cat([p.rows for p in parts]),
-            torch.cat([p.features for p in parts]),
-            parts[0].n_rows,
-        )
-
 
 def batch_topk(scores: torch.Tensor, k_total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of the k_total largest entries of a 2-D score matrix, row-major order.
