@@ -7,6 +7,7 @@ and exit with status 2; an interrupted run exits with 130 and resumes when rerun
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -106,10 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `modeldiff` console script."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    # Schedulers stop jobs with SIGTERM: treat it like Ctrl-C, which saves a checkpoint.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     if args.command == "toy":
         args.toy_args = extra
     elif extra:

@@ -143,3 +143,40 @@ def test_toy_sweep_runs_from_the_command_line(tmp_path):
     assert changed.returncode == 2 and "different settings (steps)" in changed.stderr
     assert modeldiff("toy", "--help").returncode == 0
     assert modeldiff("train", "--bogus").returncode == 2
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_rerun_matches_an_uninterrupted_run(files):
+    import signal
+    import time
+
+    import torch
+
+    steps = 3000
+    config = CONFIG.replace("steps = 20", f"steps = {steps}")
+    config = config.replace("checkpoint_every = 10", "checkpoint_every = 100000")
+    (files / "run.toml").write_text(config)
+    base = [
+        "train",
+        "--config",
+        str(files / "run.toml"),
+        "--pairs",
+        str(files / "pairs.safetensors"),
+        "--quiet",
+    ]
+    cmd = [sys.executable, "-m", "engine.cli", *base, "--out", str(files / "cut")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)  # imports and normalisation take ~3 s; then it is mid-training
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "run the same command again to resume" in err
+    # No periodic checkpoint is due, so this one was written on the way out.
+    step = int((files / "cut" / "checkpoints" / "latest").read_text().split("-")[1])
+    assert 0 < step < steps
+
+    assert modeldiff(*base, "--out", str(files / "cut")).returncode == 0
+    assert modeldiff(*base, "--out", str(files / "full")).returncode == 0
+    resumed, full = load_crosscoder(files / "cut")[0], load_crosscoder(files / "full")[0]
+    for name, tensor in full.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
