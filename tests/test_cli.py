@@ -40,6 +40,20 @@ def modeldiff(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def train_args(files, out: str) -> list[str]:
+    """`modeldiff train` arguments for the fixture's config and pairs, into files/out."""
+    return [
+        "train",
+        "--config",
+        str(files / "run.toml"),
+        "--pairs",
+        str(files / "pairs.safetensors"),
+        "--out",
+        str(files / out),
+        "--quiet",
+    ]
+
+
 @pytest.fixture()
 def files(tmp_path):
     (tmp_path / "run.toml").write_text(CONFIG)
@@ -48,16 +62,7 @@ def files(tmp_path):
 
 
 def test_train_writes_a_loadable_crosscoder_and_reruns_are_cached(files):
-    args = [
-        "train",
-        "--config",
-        str(files / "run.toml"),
-        "--pairs",
-        str(files / "pairs.safetensors"),
-        "--out",
-        str(files / "run"),
-        "--quiet",
-    ]
+    args = train_args(files, "run")
     first = modeldiff(*args)
     assert first.returncode == 0, first.stderr
     assert "trained dfc crosscoder: 20 steps" in first.stdout
@@ -91,16 +96,7 @@ def test_train_writes_a_loadable_crosscoder_and_reruns_are_cached(files):
 )
 def test_user_errors_are_one_line_with_nonzero_exit(files, mutate, message):
     mutate(files)
-    result = modeldiff(
-        "train",
-        "--config",
-        str(files / "run.toml"),
-        "--pairs",
-        str(files / "pairs.safetensors"),
-        "--out",
-        str(files / "run"),
-        "--quiet",
-    )
+    result = modeldiff(*train_args(files, "run"))
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert "Traceback" not in result.stderr
@@ -156,15 +152,7 @@ def test_sigterm_saves_a_checkpoint_and_rerun_matches_an_uninterrupted_run(files
     config = CONFIG.replace("steps = 20", f"steps = {steps}")
     config = config.replace("checkpoint_every = 10", "checkpoint_every = 100000")
     (files / "run.toml").write_text(config)
-    base = [
-        "train",
-        "--config",
-        str(files / "run.toml"),
-        "--pairs",
-        str(files / "pairs.safetensors"),
-        "--quiet",
-    ]
-    cmd = [sys.executable, "-m", "engine.cli", *base, "--out", str(files / "cut")]
+    cmd = [sys.executable, "-m", "engine.cli", *train_args(files, "cut")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(6)  # imports and normalisation take ~3 s; then it is mid-training
     proc.send_signal(signal.SIGTERM)
@@ -175,8 +163,8 @@ def test_sigterm_saves_a_checkpoint_and_rerun_matches_an_uninterrupted_run(files
     step = int((files / "cut" / "checkpoints" / "latest").read_text().split("-")[1])
     assert 0 < step < steps
 
-    assert modeldiff(*base, "--out", str(files / "cut")).returncode == 0
-    assert modeldiff(*base, "--out", str(files / "full")).returncode == 0
+    assert modeldiff(*train_args(files, "cut")).returncode == 0
+    assert modeldiff(*train_args(files, "full")).returncode == 0
     resumed, full = load_crosscoder(files / "cut")[0], load_crosscoder(files / "full")[0]
     for name, tensor in full.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
