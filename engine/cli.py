@@ -61,7 +61,7 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The built-in demonstration: toy-model comparison of the architectures (~3 min)."""
+    """The built-in demonstration: toy-model comparison of the architectures (~4 min)."""
     from engine.toy.sweep import main as toy_main
 
     out = Path(args.out)
