@@ -115,6 +115,19 @@ def test_batch_topk_is_exact(shape, k):
     assert torch.equal(rows * shape[1] + cols, expected)
 
 
+def sparse_reconstruction_loss(cc: Crosscoder, x_a, x_b, k: int):
+    """Squared error of the training path (BatchTopK, sparse encode/decode) and its entries."""
+    n = x_a.shape[0]
+    with torch.no_grad():
+        pre = cc.pre_activations(x_a, x_b)
+        rows, feats = batch_topk(cc.selection_scores(pre), k * n)
+    entries = Entries(rows, feats, n)
+    values = cc.entry_values(pre[rows, feats], entries, x_a, x_b)
+    loss = (x_a - cc.decode_entries("a", entries, values)).pow(2).sum()
+    loss = loss + (x_b - cc.decode_entries("b", entries, values)).pow(2).sum()
+    return loss, entries
+
+
 def test_sparse_path_matches_dense_autograd():
     """Selected-entry forward and the custom sparse backward equal a dense reference."""
     torch.manual_seed(0)
@@ -123,14 +136,8 @@ def test_sparse_path_matches_dense_autograd():
         for p in cc.parameters():
             p.add_(0.05 * torch.randn_like(p))
     x_a, x_b = torch.randn(32, D_A), torch.randn(32, D_B)
-    with torch.no_grad():
-        pre = cc.pre_activations(x_a, x_b)
-        rows, feats = batch_topk(cc.selection_scores(pre), 5 * 32)
-    entries = Entries(rows, feats, 32)
-    values = cc.entry_values(pre[rows, feats], entries, x_a, x_b)
-    sparse_loss = (x_a - cc.decode_entries("a", entries, values)).pow(2).sum() + (
-        x_b - cc.decode_entries("b", entries, values)
-    ).pow(2).sum()
+    sparse_loss, entries = sparse_reconstruction_loss(cc, x_a, x_b, k=5)
+    rows, feats = entries.rows, entries.features
     sparse_grads = torch.autograd.grad(sparse_loss, list(cc.parameters()))
 
     mask = torch.zeros(32, 64, dtype=torch.bool)

@@ -7,9 +7,15 @@ import torch
 
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.partition import Partition
-from engine.crosscoder.sparse import Entries, batch_topk
 from engine.crosscoder.trainer import train
-from tests.test_crosscoder import D_A, D_B, model_cfg, paired_data, train_cfg
+from tests.test_crosscoder import (
+    D_A,
+    D_B,
+    model_cfg,
+    paired_data,
+    sparse_reconstruction_loss,
+    train_cfg,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -22,15 +28,7 @@ def test_sparse_gradients_on_cuda_match_cpu():
     x_a, x_b = torch.randn(64, D_A), torch.randn(64, D_B)
     grads = []
     for cc, dev in ((cpu, "cpu"), (gpu, "cuda")):
-        xa, xb = x_a.to(dev), x_b.to(dev)
-        with torch.no_grad():
-            pre = cc.pre_activations(xa, xb)
-            rows, feats = batch_topk(cc.selection_scores(pre), 6 * 64)
-        entries = Entries(rows, feats, 64)
-        vals = cc.entry_values(pre[rows, feats], entries, xa, xb)
-        loss = (xa - cc.decode_entries("a", entries, vals)).pow(2).sum() + (
-            xb - cc.decode_entries("b", entries, vals)
-        ).pow(2).sum()
+        loss, _ = sparse_reconstruction_loss(cc, x_a.to(dev), x_b.to(dev), k=6)
         grads.append([g.cpu() for g in torch.autograd.grad(loss, list(cc.parameters()))])
     for g_cpu, g_gpu in zip(*grads, strict=True):
         assert torch.allclose(g_cpu, g_gpu, rtol=1e-3, atol=1e-4)
