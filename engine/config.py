@@ -145,12 +145,62 @@ class TrainConfig:
         return self.lr * scale
 
 
+ALIGNMENTS = ("offsets", "windows")
+
+
+@dataclass
+class HarvestConfig:
+    """Which models, layers and texts to harvest paired activations from, and how."""
+
+    model_a: str = "smollm2"  # demo name, hub id, local directory or .gguf file
+    model_b: str = "gemma3"
+    layer_a: int | str = "middle"  # index, negative index, or "middle"
+    layer_b: int | str = "middle"
+    # Text sources ("demo:chitchat", "demo:pydoc", "demo:kjv", "fineweb", "lmsys", a path,
+    # or a table) and their shares of the text, by characters (paper: 50/50 web and chat).
+    sources: list[Any] = field(default_factory=lambda: ["demo:chitchat", "demo:pydoc"])
+    weights: list[float] | None = None  # None: equal shares
+    context_length: int = 256  # tokens per window, per model, including the BOS
+    max_pairs: int = 200_000
+    batch_tokens: int = 4096  # padded tokens per forward pass
+    shard_pairs: int = 16_384
+    store_dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    model_dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"
+    alignment: str = "offsets"  # offsets | windows (the paper's Algorithm 1)
+    dedupe: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("context_length", "max_pairs", "batch_tokens", "shard_pairs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.context_length < 8:
+            raise ConfigError(f"context_length must be >= 8 tokens, got {self.context_length}")
+        if self.batch_tokens < self.context_length:
+            raise ConfigError(
+                f"batch_tokens ({self.batch_tokens}) must be >= context_length "
+                f"({self.context_length})"
+            )
+        if self.alignment not in ALIGNMENTS:
+            raise ConfigError(
+                f"unknown alignment {self.alignment!r}; choose one of: {', '.join(ALIGNMENTS)}"
+            )
+        if not self.sources:
+            raise ConfigError("sources is empty; name at least one text source")
+        if self.weights is not None and len(self.weights) != len(self.sources):
+            raise ConfigError(
+                f"{len(self.weights)} weights for {len(self.sources)} sources; give one each"
+            )
+
+
 @dataclass
 class RunConfig:
     """Everything one run needs; sections map to TOML tables."""
 
-    crosscoder: CrosscoderConfig
+    crosscoder: CrosscoderConfig | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
 
 
 T = TypeVar("T")
@@ -171,8 +221,12 @@ def from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T:
         raise ConfigError(f"[{section or cls.__name__}] {err}") from None
 
 
-def load_run_config(path: str | Path) -> RunConfig:
-    """Read a RunConfig from a TOML file."""
+def load_run_config(path: str | Path, dims: tuple[int, int] | None = None) -> RunConfig:
+    """Read a RunConfig from a TOML file.
+
+    `dims` (d_a, d_b), e.g. from an activation store, fill in the crosscoder widths when the
+    file leaves them out, and must agree with them when it does not.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -180,14 +234,25 @@ def load_run_config(path: str | Path) -> RunConfig:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
-    unknown = sorted(set(data) - {"crosscoder", "train"})
+    unknown = sorted(set(data) - {"crosscoder", "train", "harvest"})
     if unknown:
-        raise ConfigError(f"unknown section(s) {', '.join(unknown)} in {path}")
-    if "crosscoder" not in data:
-        raise ConfigError(f"{path} has no [crosscoder] section")
+        raise ConfigError(
+            f"unknown section(s) {', '.join(unknown)} in {path}; valid: crosscoder, harvest, train"
+        )
+    crosscoder = None
+    if "crosscoder" in data or dims is not None:
+        section = dict(data.get("crosscoder", {}))
+        for name, value in zip(("d_a", "d_b"), dims or (), strict=False):
+            if section.setdefault(name, value) != value:
+                raise ConfigError(
+                    f"[crosscoder] {name} = {section[name]} in {path}, but the activations "
+                    f"have width {value}; remove {name} from the file or fix it"
+                )
+        crosscoder = from_dict(CrosscoderConfig, section, "crosscoder")
     return RunConfig(
-        crosscoder=from_dict(CrosscoderConfig, data["crosscoder"], "crosscoder"),
+        crosscoder=crosscoder,
         train=from_dict(TrainConfig, data.get("train", {}), "train"),
+        harvest=from_dict(HarvestConfig, data.get("harvest", {}), "harvest"),
     )
 
 
