@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from engine.config import ConfigError, RunConfig, load_run_config
+from engine.config import ConfigError, HarvestConfig, RunConfig, load_run_config
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
 
@@ -20,28 +20,64 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from engine.crosscoder.checkpoint import CheckpointError
     from engine.crosscoder.data import DataError
     from engine.crosscoder.trainer import TrainingError
+    from engine.harvest.align import AlignmentError
+    from engine.harvest.store import StoreError
 
-    return (*USER_ERRORS, CheckpointError, DataError, TrainingError)
+    return (*USER_ERRORS, CheckpointError, DataError, TrainingError, StoreError, AlignmentError)
+
+
+def cmd_harvest(args: argparse.Namespace) -> None:
+    """Harvest aligned activation pairs of two models into an activation store."""
+    from engine.harvest.pipeline import harvest, summary
+
+    cfg = load_run_config(args.config).harvest if args.config else HarvestConfig()
+    overrides = {
+        "model_a": args.model_a,
+        "model_b": args.model_b,
+        "layer_a": args.layer_a,
+        "layer_b": args.layer_b,
+        "sources": args.sources,
+        "weights": args.weights,
+        "max_pairs": args.max_pairs,
+        "context_length": args.context_length,
+        "batch_tokens": args.batch_tokens,
+        "store_dtype": args.store_dtype,
+        "device": args.device,
+        "alignment": args.alignment,
+    }
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(cfg, name, value)
+    cfg.__post_init__()  # re-validate overrides
+    result = harvest(cfg, args.out, fresh=args.fresh, progress=not args.quiet)
+    print(summary(result))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Train a crosscoder on paired activations from a safetensors file."""
-    from engine.crosscoder.pairs import load_pairs
+    """Train a crosscoder on paired activations (an activation store or a pairs file)."""
+    from engine.crosscoder.normalize import Normalizer
     from engine.crosscoder.trainer import train
 
-    cfg: RunConfig = load_run_config(args.config)
+    if not args.config.is_file():
+        raise ConfigError(f"config file not found: {args.config}")
+    source, dims, normalizer = _training_data(args)
+    cfg: RunConfig = load_run_config(args.config, dims)
+    if cfg.crosscoder is None:
+        raise ConfigError(f"{args.config} has no [crosscoder] section")
     for name in ("steps", "batch_size", "device"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg.train, name, value)
     cfg.train.__post_init__()  # re-validate overrides
-    x_a, x_b = load_pairs(args.pairs)
+    if normalizer is not None:
+        normalizer = Normalizer.from_median_norms(*normalizer, *dims)
     result = train(
         cfg.crosscoder,
         cfg.train,
-        (x_a, x_b),
+        source,
         out_dir=args.out,
         resume=not args.fresh,
+        normalizer=normalizer,
         progress=not args.quiet,
     )
     f = result.final
@@ -51,6 +87,22 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"B {f.get('fve_b', float('nan')):.3f}, L0 {f.get('l0', float('nan')):.1f}, "
         f"dead {f['dead_frac']:.1%} -> {args.out}"
     )
+
+
+def _training_data(args: argparse.Namespace):
+    """(source, (d_a, d_b), median norms or None) from --store or --pairs."""
+    if (args.store is None) == (args.pairs is None):
+        raise ConfigError("give exactly one of --store (activation store) or --pairs (file)")
+    if args.store is not None:
+        from engine.harvest.store import ActivationStore
+
+        store = ActivationStore(args.store)
+        # The store's statistics cover every pair, not just the first batches.
+        return store, (store.d_a, store.d_b), store.median_norms()
+    from engine.crosscoder.pairs import load_pairs
+
+    x_a, x_b = load_pairs(args.pairs)
+    return (x_a, x_b), (x_a.shape[1], x_b.shape[1]), None
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
@@ -81,13 +133,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("harvest", help=cmd_harvest.__doc__, description=cmd_harvest.__doc__)
+    p.add_argument("--out", required=True, type=Path, help="store directory (resumed if present)")
+    p.add_argument("--config", type=Path, default=None, help="run TOML with a [harvest] table")
+    p.add_argument("--model-a", help="demo name (smollm2, gemma3), hub id, directory or .gguf")
+    p.add_argument("--model-b", help="as --model-a")
+    p.add_argument("--layer-a", help="layer index, negative index, or 'middle'")
+    p.add_argument("--layer-b", help="as --layer-a")
+    p.add_argument(
+        "--sources",
+        nargs="+",
+        help="text sources: demo:chitchat demo:pydoc demo:kjv fineweb lmsys or file paths",
+    )
+    p.add_argument("--weights", nargs="+", type=float, help="share of each source (characters)")
+    p.add_argument("--max-pairs", type=int, help="stop after this many aligned pairs")
+    p.add_argument("--context-length", type=int, help="tokens per window per model")
+    p.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass")
+    p.add_argument("--store-dtype", help="float32 | bfloat16 | float16")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--alignment", help="offsets (default) | windows (the paper's Algorithm 1)")
+    p.add_argument("--fresh", action="store_true", help="discard an existing store in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_harvest)
+
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     p.add_argument("--config", required=True, type=Path, help="run TOML ([crosscoder], [train])")
-    p.add_argument(
-        "--pairs",
-        required=True,
-        type=Path,
-        help="safetensors file with tensors 'a' [n, d_a] and 'b' [n, d_b]",
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--store", type=Path, help="activation store from modeldiff harvest")
+    data.add_argument(
+        "--pairs", type=Path, help="safetensors file with tensors 'a' [n, d_a] and 'b' [n, d_b]"
     )
     p.add_argument("--out", required=True, type=Path, help="run directory (resumed if present)")
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in --out")

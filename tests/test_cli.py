@@ -81,7 +81,7 @@ def test_train_writes_a_loadable_crosscoder_and_reruns_are_cached(files):
         ),
         (
             lambda f: (f / "run.toml").write_text(CONFIG.replace("d_b = 20", "d_b = 21")),
-            "model B activations have width 20, expected 21",
+            "d_b = 21 in",
         ),
         (
             lambda f: (f / "pairs.safetensors").write_bytes(b"garbage"),
