@@ -18,6 +18,7 @@ from engine.harvest.store import (
     median_norms,
     read_manifest,
     remove_interval,
+    store_dtype,
 )
 
 D_A, D_B = 6, 4
@@ -114,7 +115,7 @@ def test_resume_after_a_lost_buffer_neither_duplicates_nor_loses(tmp_path):
 def test_resume_refuses_other_settings_and_fresh_starts_over(tmp_path):
     fill(tmp_path, range(5)).close()
     other = {**HEADER, "data": {"ctx": 16}}
-    with pytest.raises(StoreError, match="different 'data'.*--fresh"):
+    with pytest.raises(StoreError, match=r"different 'data'.*--fresh"):
         StoreWriter(tmp_path, other, dtype="float32")
     with pytest.raises(StoreError, match="dtype"):
         StoreWriter(tmp_path, HEADER, dtype="bfloat16")
@@ -161,7 +162,7 @@ def test_batches_cover_each_pair_once_per_epoch_in_a_seeded_order(tmp_path, dtyp
     assert len(store._groups(0, 3)) > 3
     batches = _epoch(store, 7)
     ids = torch.cat([row_ids(a) for a, _ in batches])
-    assert ids.dtype == torch.float32 and len(ids) == (len(store) // 7) * 7
+    assert batches[0][0].dtype == store_dtype(dtype) and len(ids) == (len(store) // 7) * 7
     assert len(set(ids.tolist())) == len(ids)  # no pair twice in an epoch
     for a, b in batches:
         assert torch.equal(row_ids(a), row_ids(b))  # rows stay paired

@@ -466,10 +466,10 @@ class ActivationStore:
     """Reads a store: shuffled training batches, whole shards, and window contexts.
 
     `batches` implements the trainer's PairedSource: each epoch visits the shards in a
-    seeded order, a group at a time (at most `buffer_bytes` of activations in memory),
-    shuffles the rows of the group, and cuts batches from them; the next group is loaded
-    and verified in a background thread meanwhile. A shard whose SHA256 does not match the
-    manifest is reported (logged, listed in `bad_shards`) and left out.
+    seeded order, a group at a time (two groups, at most `buffer_bytes` of activations, in
+    memory), shuffles the rows of the group, and cuts batches from them; the next group is
+    read, verified and shuffled in a background thread meanwhile. A shard whose SHA256 does
+    not match the manifest is reported (logged, listed in `bad_shards`) and left out.
     """
 
     def __init__(self, path: str | Path, buffer_bytes: int = 1 << 30) -> None:
@@ -548,7 +548,9 @@ class ActivationStore:
     def batches(
         self, batch_size: int, start_step: int = 0, seed: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Shuffled float32 batches; batch s is the same whether iteration starts at 0 or s."""
+        """Shuffled batches in the store's dtype (the trainer converts on its device, which
+        halves host-to-GPU traffic for bf16 stores); batch s is the same whether iteration
+        starts at 0 or at s."""
         n = len(self)
         if batch_size > n:
             raise StoreError(f"batch_size {batch_size} exceeds the {n} pairs in the store")
@@ -577,7 +579,7 @@ class ActivationStore:
             # partial batch is dropped.
             usable = (x_a.shape[0] // batch_size) * batch_size
             for lo in range(0, usable, batch_size):
-                yield x_a[lo : lo + batch_size].float(), x_b[lo : lo + batch_size].float()
+                yield x_a[lo : lo + batch_size], x_b[lo : lo + batch_size]
             carry_a, carry_b = x_a[usable:], x_b[usable:]
 
     def _groups(self, epoch: int, seed: int) -> list[list[int]]:
