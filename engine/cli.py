@@ -49,8 +49,19 @@ def cmd_harvest(args: argparse.Namespace) -> None:
         if value is not None:
             setattr(cfg, name, value)
     cfg.__post_init__()  # re-validate overrides
+    if args.quiet:
+        _quiet_transformers()
     result = harvest(cfg, args.out, fresh=args.fresh, progress=not args.quiet)
     print(summary(result))
+
+
+def _quiet_transformers() -> None:
+    """No weight-loading progress bars from transformers."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -158,7 +158,7 @@ class HarvestConfig:
     layer_b: int | str = "middle"
     # Text sources ("demo:chitchat", "demo:pydoc", "demo:kjv", "fineweb", "lmsys", a path,
     # or a table) and their shares of the text, by characters (paper: 50/50 web and chat).
-    sources: list[Any] = field(default_factory=lambda: ["demo:chitchat", "demo:pydoc"])
+    sources: list[Any] = field(default_factory=lambda: ["demo:chitchat", "demo:prose"])
     weights: list[float] | None = None  # None: equal shares
     context_length: int = 256  # tokens per window, per model, including the BOS
     max_pairs: int = 200_000

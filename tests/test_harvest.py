@@ -1,0 +1,255 @@
+"""End-to-end harvests: tiny random models built in code with the real demo tokenizers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import HarvestConfig
+from engine.harvest.pipeline import harvest, summary
+from engine.harvest.store import ActivationStore, read_manifest
+from engine.harvest.windows import side
+from engine.models.capture import capture_residual
+from engine.models.loading import LoadedModel, load_model
+from engine.models.tokenizers import load_tokenizer
+
+CHATS = [
+    {"messages": [{"role": "user", "content": "Hi! How’s the “new” café? ☕"},
+                  {"role": "assistant", "content": "Great — they serve 1989 kinds of tea 🍵."}]},
+    {"messages": [{"role": "user", "content": "안녕하세요? Что нового?"},
+                  {"role": "assistant", "content": "┌─┐ nothing much, 中文 too."}]},
+    {"text": "def f(x):\n    return x ** 2  # square\n\nprint(f(12345))"},
+]
+
+
+def tiny_llama(tokenizer) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                      max_position_embeddings=512)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gemma(tokenizer) -> torch.nn.Module:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(1)
+    cfg = Gemma3TextConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=3,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=12,
+                           vocab_size=len(tokenizer), max_position_embeddings=512,
+                           sliding_window=16)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def wrap(model, tokenizer, name: str) -> LoadedModel:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, name, {"kind": "test", "name": name},
+                       torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def models():
+    tok_a, tok_b = load_tokenizer("smollm2"), load_tokenizer("gemma3")
+    a = wrap(tiny_llama(tok_a), tok_a, "tiny-llama")
+    return a, wrap(tiny_gemma(tok_b), tok_b, "tiny-gemma")
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.jsonl"
+    rows = CHATS + CHATS[:1]  # one duplicate document
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    return path
+
+
+def config(sources, **kw) -> HarvestConfig:
+    kw = {"max_pairs": 10**6, "context_length": 24, "store_dtype": "float32",
+          "shard_pairs": 40, **kw}
+    return HarvestConfig(sources=[str(s) for s in sources], **kw)
+
+
+def test_harvest_stores_the_activations_of_aligned_tokens(tmp_path, models, corpus):
+    result = harvest(config([corpus], layer_a=1, layer_b=-1), tmp_path / "store",
+                     models=models, progress=False)
+    store = ActivationStore(tmp_path / "store")
+    manifest = read_manifest(tmp_path / "store")
+    assert len(store) == result.pairs > 20 and len(store.shards) >= 2
+    al = manifest["alignment"]
+    assert al["documents"] == 4 and al["duplicate_windows"] >= 1 and al["failed_documents"] == 0
+    assert manifest["models"]["a"]["layer"] == 1 and manifest["models"]["b"]["layer"] == 2
+    assert manifest["models"]["a"]["chat_template"] is True
+    a, b = models
+    n_windows = 0
+    for i in range(len(store.shards)):
+        shard = store.load_shard(i)
+        for w in store.windows(i):
+            n_windows += 1
+            assert len(w["ids_a"]) <= 24 and len(w["ids_b"]) <= 24
+            rows = w["rows"]
+            pos = shard["pair_pos"][rows]
+            assert (pos > 0).all()  # never position 0
+            # The stored vectors are the models' residual stream on the window's tokens.
+            ref_a = capture_residual(a.model, 1, w["ids_a"][None].long())[0]
+            ref_b = capture_residual(b.model, 2, w["ids_b"][None].long())[0]
+            assert torch.allclose(shard["a"][rows], ref_a[pos[:, 0].long()], atol=1e-4)
+            assert torch.allclose(shard["b"][rows], ref_b[pos[:, 1].long()], atol=1e-4)
+            # Each pair's tokens end where its span ends, in both tokenizations.
+            spans = shard["pair_span"][rows]
+            for key, col in (("a", 0), ("b", 1)):
+                ends = w[f"offsets_{key}"][pos[:, col].long(), 1]
+                assert torch.equal(ends, spans[:, 1])
+            # Template tokens are never paired: each span covers message text only.
+            for s, e in spans.tolist():
+                assert w["text"][s:e].strip() or e > s
+    assert n_windows == al["windows"] - al["duplicate_windows"]
+    assert "aligned pairs" in summary(result)
+
+
+def test_windows_split_long_documents_and_cover_the_text(tmp_path, models):
+    text = tmp_path / "long.txt"
+    body = " ".join(f"word{i} “quoted” — 1989;" for i in range(120))
+    text.write_text(body)
+    harvest(config([text], context_length=16), tmp_path / "store", models=models, progress=False)
+    store = ActivationStore(tmp_path / "store")
+    windows = [w for i in range(len(store.shards)) for w in store.windows(i)]
+    assert len(windows) > 10
+    # Consecutive windows tile the document: each starts where the previous one ended.
+    windows.sort(key=lambda w: w["index"])
+    joined = "".join(w["text"] for w in windows)
+    assert body.startswith(joined) and len(joined) > 0.9 * len(body)
+    # Later windows start with the BOS where the tokenizer adds one (Gemma), and a model
+    # without one (SmolLM2) gets no pair at position 0.
+    prefix_a, prefix_b = (side(m.tokenizer).prefix for m in models)
+    assert prefix_a == () and prefix_b == (models[1].tokenizer.bos_token_id,)
+    for w in windows[1:]:
+        assert w["ids_b"][0] == prefix_b[0]
+
+
+def test_rerun_of_a_complete_harvest_does_nothing_and_more_pairs_extend_it(
+    tmp_path, models, corpus
+):
+    out = tmp_path / "store"
+    first = harvest(config([corpus], max_pairs=30), out, models=models, progress=False)
+    assert first.pairs >= 30
+    again = harvest(config([corpus], max_pairs=30), out, models=models, progress=False)
+    assert again.new_pairs == 0 and again.pairs == first.pairs
+    more = harvest(config([corpus]), out, models=models, progress=False)
+    assert more.pairs > first.pairs and more.manifest["progress"]["exhausted"]
+    full = harvest(config([corpus]), tmp_path / "full", models=models, progress=False)
+    assert full.pairs == more.pairs
+
+
+def test_alignment_reference_method_also_harvests(tmp_path, models, corpus):
+    result = harvest(config([corpus], alignment="windows"), tmp_path / "s", models=models,
+                     progress=False)
+    assert result.pairs > 0
+    assert read_manifest(tmp_path / "s")["data"]["alignment"] == "windows"
+
+
+# -- the command line, killed and resumed --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, models):
+    root = tmp_path_factory.mktemp("models")
+    dirs = []
+    for m, name in zip(models, ("llama", "gemma"), strict=True):
+        m.model.save_pretrained(root / name)
+        m.tokenizer.save_pretrained(root / name)
+        dirs.append(root / name)
+    return dirs
+
+
+def harvest_cmd(model_dirs, out: Path, toml: Path) -> list[str]:
+    return [sys.executable, "-m", "engine.cli", "harvest", "--config", str(toml), "--out",
+            str(out), "--model-a", str(model_dirs[0]), "--model-b", str(model_dirs[1]),
+            "--quiet"]
+
+
+def pairs_of(path: Path) -> dict[tuple[int, int, int], torch.Tensor]:
+    store = ActivationStore(path)
+    out = {}
+    for i in range(len(store.shards)):
+        t = store.load_shard(i)
+        for w, (p_a, p_b), x in zip(t["pair_window"].tolist(), t["pair_pos"].tolist(), t["a"],
+                                    strict=True):
+            assert (w, p_a, p_b) not in out  # no duplicate pair
+            out[(w, p_a, p_b)] = x
+    return out
+
+
+def test_killed_harvest_resumes_without_duplicates_or_losses(tmp_path, model_dirs):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[harvest]\nsources = ["demo:pydoc"]\nmax_pairs = 4000\n'
+                    'shard_pairs = 250\ncontext_length = 64\nstore_dtype = "float32"\n')
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(harvest_cmd(model_dirs, out, toml), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        manifest = out / "manifest.json"
+        if manifest.is_file() and len(json.loads(manifest.read_text())["shards"]) >= 3:
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = read_manifest(out)
+    assert not partial["progress"]["complete"] and partial["stats"]["count"] < 4000
+    resumed = subprocess.run(harvest_cmd(model_dirs, out, toml), env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    whole = subprocess.run(harvest_cmd(model_dirs, tmp_path / "whole", toml), env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    got, want = pairs_of(out), pairs_of(tmp_path / "whole")
+    # Both stop at the first window reaching max_pairs, so they hold the same pairs.
+    assert got.keys() == want.keys()
+    for key in list(want)[::97]:
+        assert torch.allclose(got[key], want[key], atol=1e-4)
+
+
+def test_cli_errors_are_one_line(tmp_path, model_dirs):
+    bad = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "harvest", "--out", str(tmp_path / "s"),
+         "--model-a", str(model_dirs[0]), "--model-b", str(model_dirs[1]), "--layer-a", "9"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode == 2 and bad.stderr.splitlines()[-1].startswith("error: ")
+    assert "out of range" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# -- the real demo models ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_demo_models_harvest_a_few_thousand_pairs(tmp_path):
+    a, b = load_model("smollm2"), load_model("gemma3")
+    cfg = HarvestConfig(max_pairs=3000, context_length=128)
+    result = harvest(cfg, tmp_path / "demo", models=(a, b), progress=False)
+    manifest = result.manifest
+    assert result.pairs >= 3000
+    assert manifest["models"]["a"]["d_model"] == 576 and manifest["models"]["b"]["d_model"] == 640
+    assert manifest["models"]["a"]["layer"] == 15 and manifest["models"]["b"]["layer"] == 9
+    assert manifest["alignment"]["failed_documents"] == 0
+    store = ActivationStore(tmp_path / "demo")
+    norm_a, norm_b = store.median_norms()
+    assert np.isfinite(norm_a) and np.isfinite(norm_b) and norm_a > 0 and norm_b > 0
+    x_a, x_b = next(store.batches(512, 0, 0))
+    assert x_a.shape == (512, 576) and x_b.shape == (512, 640)
+    assert torch.isfinite(x_a.float()).all() and torch.isfinite(x_b.float()).all()
+    # No attention-sink outliers slipped in: the largest norm is within 20x the median.
+    assert x_a.float().norm(dim=1).max() < 20 * norm_a
