@@ -114,6 +114,12 @@ def test_harvest_stores_the_activations_of_aligned_tokens(tmp_path, models, corp
             for s, e in spans.tolist():
                 assert w["text"][s:e].strip() or e > s
     assert n_windows == al["windows"] - al["duplicate_windows"]
+    # Per document: tokens of each model, pairs kept, and why tokens were dropped.
+    docs = sorted(store.documents(), key=lambda d: d["first_window"])
+    assert [d["doc_id"] for d in docs] == [f"corpus.jsonl:{i}" for i in range(1, 5)]
+    assert sum(d["pairs_kept"] for d in docs) == len(store)
+    assert docs[3]["pairs_kept"] == 0 and docs[3]["duplicate_windows"] == 1
+    assert docs[0]["tokens_a"] > 0 and docs[0]["dropped_a"]["special/template token"] > 0
     assert "aligned pairs" in summary(result)
 
 

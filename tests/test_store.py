@@ -58,7 +58,7 @@ def fill(path, windows: range, k: int = 5, dtype: str = "float32", shard_pairs: 
         if writer.is_done(i):
             continue
         if i % 7 == 3:
-            writer.skip(i, {"windows": 1, "duplicate_windows": 1})
+            writer.skip(window(i, 0), {"windows": 1, "duplicate_windows": 1})
         else:
             writer.add(window(i, k), *acts(i, k), {"windows": 1, "dropped_a": {"x": 1}})
     return writer

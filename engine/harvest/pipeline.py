@@ -163,21 +163,23 @@ class _Meter:
 def _run(cfg: HarvestConfig, stream, writer: StoreWriter, a: _Model, b: _Model, meter) -> bool:
     """Consume the window stream into the writer; True once max_pairs is reached."""
     chunk: list[tuple[WindowRecord, dict[str, Any]]] = []
-    chunk_tokens = 0
-    # A chunk spans a few batches per model, so sorting by length saves padding.
-    budget = 8 * cfg.batch_tokens
+    chunk_tokens = chunk_pairs = 0
+    # A chunk spans about two batches per model, so sorting by length saves padding, and
+    # holds no more pairs than are still wanted, so no forward pass is wasted at the end.
+    budget = 4 * cfg.batch_tokens
     for window, counts, duplicate in stream:
         if writer.is_done(window.index):
             continue
         if duplicate or not len(window):
-            writer.skip(window.index, counts)
+            writer.skip(window, counts)
             continue
         chunk.append((window, counts))
         chunk_tokens += len(window.ids_a) + len(window.ids_b)
-        if chunk_tokens >= budget:
+        chunk_pairs += len(window)
+        if chunk_tokens >= budget or chunk_pairs >= cfg.max_pairs - writer.pairs:
             if _flush_chunk(cfg, chunk, writer, a, b, meter):
                 return True
-            chunk, chunk_tokens = [], 0
+            chunk, chunk_tokens, chunk_pairs = [], 0, 0
     return _flush_chunk(cfg, chunk, writer, a, b, meter)
 
 

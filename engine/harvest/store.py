@@ -142,6 +142,7 @@ class _Pending:
     x_b: list[torch.Tensor] = field(default_factory=list)
     consumed: list[list[int]] = field(default_factory=list)  # window intervals consumed
     counts: dict[str, Any] = field(default_factory=dict)
+    documents: list[dict[str, Any]] = field(default_factory=list)  # per-document records
     pairs: int = 0
 
 
@@ -206,7 +207,7 @@ class StoreWriter:
                 f"window {window.index}: {len(window)} aligned pairs but activations of "
                 f"{x_a.shape[0]} and {x_b.shape[0]} rows"
             )
-        self._consume(window.index, counts)
+        self._consume(window, counts)
         if len(window):
             self.pending.windows.append(window)
             self.pending.x_a.append(x_a.detach().float().cpu())
@@ -215,17 +216,23 @@ class StoreWriter:
         if self.pending.pairs >= self.shard_pairs:
             self.flush()
 
-    def skip(self, index: int, counts: dict[str, Any] | None = None) -> None:
+    def skip(self, window: WindowRecord, counts: dict[str, Any] | None = None) -> None:
         """Record a window that yields no pairs (duplicate, nothing aligned)."""
-        self._consume(index, counts)
+        self._consume(window, counts)
 
-    def _consume(self, index: int, counts: dict[str, Any] | None) -> None:
-        """Mark window `index` consumed; its counters (numbers or {reason: n} dicts) are
-        committed with it."""
+    def _consume(self, window: WindowRecord, counts: dict[str, Any] | None) -> None:
+        """Mark a window consumed; its counters (numbers or {reason: n} dicts) are committed
+        with it, and a document's own record with its first window."""
+        index = window.index
         if self.is_done(index):
             raise StoreError(f"window {index} is already in the store")
         self.pending.consumed = add_interval(self.pending.consumed, index, index + 1)
-        _merge_counts(self.pending.counts, counts or {})
+        counts = counts or {}
+        _merge_counts(self.pending.counts, counts)
+        if counts.get("documents"):
+            doc = {k: v for k, v in counts.items() if k not in ("documents", "windows")}
+            self.pending.documents.append({"doc_id": window.doc_id, "source": window.source,
+                                           "first_window": index, **doc})
 
     def flush(self) -> None:
         """Write queued windows as one shard and record it in the manifest."""
@@ -239,6 +246,8 @@ class StoreWriter:
             self.manifest["next_shard"] = number + 1
             self.manifest["shards"].append(record)
             _update_stats(self.manifest["stats"], record, pend)
+        if pend.documents:
+            self._write_document_log(pend.documents)
         for s, e in pend.consumed:
             self.manifest["progress"]["done_windows"] = add_interval(self.done, s, e)
         _merge_counts(self.manifest["alignment"], pend.counts)
@@ -274,6 +283,14 @@ class StoreWriter:
             "median_norm_a": float(tensors["norm_a"].median()),
             "median_norm_b": float(tensors["norm_b"].median()),
         }
+
+    def _write_document_log(self, documents: list[dict[str, Any]]) -> None:
+        """Per-document records (tokens, pairs, drops by reason) as one JSONL part file."""
+        logs = self.manifest.setdefault("document_logs", [])
+        name = f"documents/part-{len(logs):06d}.jsonl"
+        text = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in documents)
+        atomic_write_text(self.path / name, text)
+        logs.append(name)
 
     def _drop_bad_shards(self) -> list[str]:
         """Verify recorded shards; forget bad ones so their windows are harvested again."""
@@ -332,10 +349,11 @@ def _check_compatible(manifest: dict, header: dict, dtype: str, path: Path) -> N
 
 
 def _clear(path: Path) -> None:
-    """Remove a store's manifest and shards (for a fresh start)."""
+    """Remove a store's manifest, shards and document logs (for a fresh start)."""
     (path / MANIFEST).unlink(missing_ok=True)
-    for shard in (path / "shards").glob("*"):
-        shard.unlink()
+    for sub in ("shards", "documents"):
+        for file in (path / sub).glob("*"):
+            file.unlink()
 
 
 def _shard_tensors(
@@ -495,6 +513,13 @@ class ActivationStore:
     def median_norms(self) -> tuple[float, float]:
         """Median L2 norm of each model's activations."""
         return median_norms(self.manifest)
+
+    def documents(self) -> Iterator[dict[str, Any]]:
+        """Per-document records: id, source, tokens per model, pairs, drops by reason."""
+        for name in self.manifest.get("document_logs", []):
+            with (self.path / name).open() as fh:
+                for line in fh:
+                    yield json.loads(line)
 
     def verify(self) -> list[str]:
         """Check every shard against the manifest; the problems found, one line each."""

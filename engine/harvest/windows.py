@@ -171,14 +171,17 @@ def numbered_windows(
         windows, counts = document_windows(doc, a, b, context_length, method)
         if not windows:
             windows = [_empty(doc)]
-        for w, window in enumerate(windows):
+        duplicates = []
+        for window in windows:
             window.index = index
             index += 1
-            duplicate = False
-            if dedupe and len(window):
-                key = window_key(window)
-                duplicate = key in seen
+            key = window_key(window) if dedupe and len(window) else None
+            duplicates.append(key in seen)
+            if key is not None:
                 seen.add(key)
+        kept = [len(w) for w, dup in zip(windows, duplicates, strict=True) if not dup]
+        counts["pairs_kept"] = sum(kept)
+        for w, (window, duplicate) in enumerate(zip(windows, duplicates, strict=True)):
             record = dict(counts) if w == 0 else {}
             record["windows"] = 1
             record["duplicate_windows"] = int(duplicate)
