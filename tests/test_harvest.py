@@ -259,3 +259,26 @@ def test_demo_models_harvest_a_few_thousand_pairs(tmp_path):
     assert torch.isfinite(x_a.float()).all() and torch.isfinite(x_b.float()).all()
     # No attention-sink outliers slipped in: the largest norm is within 20x the median.
     assert x_a.float().norm(dim=1).max() < 20 * norm_a
+
+
+def test_train_reads_a_store_with_widths_and_norms_from_it(tmp_path, models, corpus):
+    harvest(config([corpus]), tmp_path / "store", models=models, progress=False)
+    toml = tmp_path / "run.toml"
+    toml.write_text('[crosscoder]\nn_features = 64\n\n[train]\nsteps = 6\nbatch_size = 16\n'
+                    "k = 4\nk_initial = 8\nanneal_steps = 3\nwarmup_steps = 2\nlog_every = 2\n"
+                    "checkpoint_every = 3\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "train", "--config", str(toml), "--store",
+         str(tmp_path / "store"), "--out", str(tmp_path / "run"), "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "6 steps" in run.stdout
+    from engine.crosscoder.checkpoint import load_crosscoder
+
+    cc, normalizer, _ = load_crosscoder(tmp_path / "run")
+    assert (cc.d_a, cc.d_b) == (32, 24)
+    norm_a, norm_b = ActivationStore(tmp_path / "store").median_norms()
+    target = (32 + 24) ** 0.5 / 2
+    assert normalizer.scale_a == pytest.approx(target / norm_a)
+    assert normalizer.scale_b == pytest.approx(target / norm_b)
