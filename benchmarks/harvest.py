@@ -28,8 +28,12 @@ from engine.models.loading import load_model
 def full_forward(model, layer: int, input_ids, attention_mask=None) -> torch.Tensor:
     """hidden_states[layer + 1] of a complete forward pass (logits included)."""
     with torch.inference_mode():
-        out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    output_hidden_states=True, use_cache=False)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            use_cache=False,
+        )
     return out.hidden_states[layer + 1]
 
 
@@ -51,18 +55,22 @@ def main() -> None:
     args = parser.parse_args()
     t = time.perf_counter()
     models = (load_model("smollm2"), load_model("gemma3"))
-    print(f"models loaded in {time.perf_counter() - t:.1f} s; torch threads "
-          f"{torch.get_num_threads()}")
-    cfg = HarvestConfig(max_pairs=args.pairs, context_length=args.context_length,
-                        store_dtype=args.store_dtype)
+    print(
+        f"models loaded in {time.perf_counter() - t:.1f} s; torch threads {torch.get_num_threads()}"
+    )
+    cfg = HarvestConfig(
+        max_pairs=args.pairs, context_length=args.context_length, store_dtype=args.store_dtype
+    )
     run(HarvestConfig(max_pairs=200, context_length=args.context_length), models)  # warm-up
     engine_rate, n, per_pair = run(cfg, models)
     base_rate, n_base, _ = run(cfg, models, capture=full_forward)
     print(f"{'method':<34}{'pairs':>8}{'pairs/s':>10}")
     print(f"{'engine (stop at layer)':<34}{n:>8}{engine_rate:>10.1f}")
     print(f"{'baseline (output_hidden_states)':<34}{n_base:>8}{base_rate:>10.1f}")
-    print(f"speed-up: {engine_rate / base_rate:.2f}x; disk: {per_pair:,.0f} bytes/pair "
-          f"({args.store_dtype}); 200k pairs would take {200_000 / engine_rate / 60:.1f} min")
+    print(
+        f"speed-up: {engine_rate / base_rate:.2f}x; disk: {per_pair:,.0f} bytes/pair "
+        f"({args.store_dtype}); 200k pairs would take {200_000 / engine_rate / 60:.1f} min"
+    )
 
 
 if __name__ == "__main__":

@@ -34,10 +34,23 @@ def write_store(path: str, pairs: int, window: int = 200) -> None:
     offsets = np.stack([ids, ids + 1], 1)
     spans = offsets[:window]
     for i in range(pairs // window):
-        rec = WindowRecord(i, f"d{i}", "bench", 0, "x" * (window + 1), ids, offsets, ids,
-                           offsets, ids[1:], ids[1:], spans)
-        writer.add(rec, torch.randn(window, D_A, generator=gen),
-                   torch.randn(window, D_B, generator=gen))
+        rec = WindowRecord(
+            i,
+            f"d{i}",
+            "bench",
+            0,
+            "x" * (window + 1),
+            ids,
+            offsets,
+            ids,
+            offsets,
+            ids[1:],
+            ids[1:],
+            spans,
+        )
+        writer.add(
+            rec, torch.randn(window, D_A, generator=gen), torch.randn(window, D_B, generator=gen)
+        )
     writer.close(complete=True)
 
 
@@ -83,21 +96,32 @@ def main() -> None:
         read_s = time.perf_counter() - t
         rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         read_rate = n_batches * args.batch / read_s
-        print(f"reader: {read_rate:,.0f} pairs/s over one epoch "
-              f"({n_batches} batches of {args.batch}; buffer {args.buffer_mib} MiB, "
-              f"peak RSS +{rss1 - rss0:.2f} GiB)")
+        print(
+            f"reader: {read_rate:,.0f} pairs/s over one epoch "
+            f"({n_batches} batches of {args.batch}; buffer {args.buffer_mib} MiB, "
+            f"peak RSS +{rss1 - rss0:.2f} GiB)"
+        )
         timed = TimedSource(ActivationStore(tmp, buffer_bytes=args.buffer_mib << 20))
         cc = CrosscoderConfig(d_a=D_A, d_b=D_B, n_features=16_384)
-        tc = TrainConfig(steps=args.steps, batch_size=args.batch, k=64, k_initial=None,
-                         warmup_steps=2, log_every=10, checkpoint_every=10_000)
+        tc = TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch,
+            k=64,
+            k_initial=None,
+            warmup_steps=2,
+            log_every=10,
+            checkpoint_every=10_000,
+        )
         t = time.perf_counter()
         train(cc, tc, timed, progress=False)
         total = time.perf_counter() - t
         compute = total - timed.wait - timed.first
         step_rate = args.steps * args.batch / compute
-        print(f"training: {args.steps} steps in {total:.1f} s; first-batch fill "
-              f"{timed.first:.2f} s; steady-state wait on the store {timed.wait:.3f} s "
-              f"({timed.wait / compute:.2%} of compute); trainer consumes {step_rate:,.0f} pairs/s")
+        print(
+            f"training: {args.steps} steps in {total:.1f} s; first-batch fill "
+            f"{timed.first:.2f} s; steady-state wait on the store {timed.wait:.3f} s "
+            f"({timed.wait / compute:.2%} of compute); trainer consumes {step_rate:,.0f} pairs/s"
+        )
         print(f"reader / trainer throughput ratio: {read_rate / step_rate:.1f}x")
 
 

@@ -23,10 +23,18 @@ from engine.models.loading import LoadedModel, load_model
 from engine.models.tokenizers import load_tokenizer
 
 CHATS = [
-    {"messages": [{"role": "user", "content": "Hi! How’s the “new” café? ☕"},
-                  {"role": "assistant", "content": "Great — they serve 1989 kinds of tea 🍵."}]},
-    {"messages": [{"role": "user", "content": "안녕하세요? Что нового?"},
-                  {"role": "assistant", "content": "┌─┐ nothing much, 中文 too."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Hi! How’s the “new” café? ☕"},
+            {"role": "assistant", "content": "Great — they serve 1989 kinds of tea 🍵."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "안녕하세요? Что нового?"},
+            {"role": "assistant", "content": "┌─┐ nothing much, 中文 too."},
+        ]
+    },
     {"text": "def f(x):\n    return x ** 2  # square\n\nprint(f(12345))"},
 ]
 
@@ -35,9 +43,15 @@ def tiny_llama(tokenizer) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                      max_position_embeddings=512)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -45,18 +59,26 @@ def tiny_gemma(tokenizer) -> torch.nn.Module:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(1)
-    cfg = Gemma3TextConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=3,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=12,
-                           vocab_size=len(tokenizer), max_position_embeddings=512,
-                           sliding_window=16)
+    cfg = Gemma3TextConfig(
+        hidden_size=24,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=12,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        sliding_window=16,
+    )
     return Gemma3ForCausalLM(cfg).eval()
 
 
 def wrap(model, tokenizer, name: str) -> LoadedModel:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, name, {"kind": "test", "name": name},
-                       torch.device("cpu"), torch.float32)
+    return LoadedModel(
+        model, tokenizer, name, {"kind": "test", "name": name}, torch.device("cpu"), torch.float32
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +97,20 @@ def corpus(tmp_path) -> Path:
 
 
 def config(sources, **kw) -> HarvestConfig:
-    kw = {"max_pairs": 10**6, "context_length": 24, "store_dtype": "float32",
-          "shard_pairs": 40, **kw}
+    kw = {
+        "max_pairs": 10**6,
+        "context_length": 24,
+        "store_dtype": "float32",
+        "shard_pairs": 40,
+        **kw,
+    }
     return HarvestConfig(sources=[str(s) for s in sources], **kw)
 
 
 def test_harvest_stores_the_activations_of_aligned_tokens(tmp_path, models, corpus):
-    result = harvest(config([corpus], layer_a=1, layer_b=-1), tmp_path / "store",
-                     models=models, progress=False)
+    result = harvest(
+        config([corpus], layer_a=1, layer_b=-1), tmp_path / "store", models=models, progress=False
+    )
     store = ActivationStore(tmp_path / "store")
     manifest = read_manifest(tmp_path / "store")
     assert len(store) == result.pairs > 20 and len(store.shards) >= 2
@@ -158,8 +186,9 @@ def test_rerun_of_a_complete_harvest_does_nothing_and_more_pairs_extend_it(
 
 
 def test_alignment_reference_method_also_harvests(tmp_path, models, corpus):
-    result = harvest(config([corpus], alignment="windows"), tmp_path / "s", models=models,
-                     progress=False)
+    result = harvest(
+        config([corpus], alignment="windows"), tmp_path / "s", models=models, progress=False
+    )
     assert result.pairs > 0
     assert read_manifest(tmp_path / "s")["data"]["alignment"] == "windows"
 
@@ -179,9 +208,21 @@ def model_dirs(tmp_path_factory, models):
 
 
 def harvest_cmd(model_dirs, out: Path, toml: Path) -> list[str]:
-    return [sys.executable, "-m", "engine.cli", "harvest", "--config", str(toml), "--out",
-            str(out), "--model-a", str(model_dirs[0]), "--model-b", str(model_dirs[1]),
-            "--quiet"]
+    return [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "harvest",
+        "--config",
+        str(toml),
+        "--out",
+        str(out),
+        "--model-a",
+        str(model_dirs[0]),
+        "--model-b",
+        str(model_dirs[1]),
+        "--quiet",
+    ]
 
 
 def pairs_of(path: Path) -> dict[tuple[int, int, int], torch.Tensor]:
@@ -189,8 +230,9 @@ def pairs_of(path: Path) -> dict[tuple[int, int, int], torch.Tensor]:
     out = {}
     for i in range(len(store.shards)):
         t = store.load_shard(i)
-        for w, (p_a, p_b), x in zip(t["pair_window"].tolist(), t["pair_pos"].tolist(), t["a"],
-                                    strict=True):
+        for w, (p_a, p_b), x in zip(
+            t["pair_window"].tolist(), t["pair_pos"].tolist(), t["a"], strict=True
+        ):
             assert (w, p_a, p_b) not in out  # no duplicate pair
             out[(w, p_a, p_b)] = x
     return out
@@ -198,12 +240,15 @@ def pairs_of(path: Path) -> dict[tuple[int, int, int], torch.Tensor]:
 
 def test_killed_harvest_resumes_without_duplicates_or_losses(tmp_path, model_dirs):
     toml = tmp_path / "run.toml"
-    toml.write_text('[harvest]\nsources = ["demo:pydoc"]\nmax_pairs = 4000\n'
-                    'shard_pairs = 250\ncontext_length = 64\nstore_dtype = "float32"\n')
+    toml.write_text(
+        '[harvest]\nsources = ["demo:pydoc"]\nmax_pairs = 4000\n'
+        'shard_pairs = 250\ncontext_length = 64\nstore_dtype = "float32"\n'
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "killed"
-    proc = subprocess.Popen(harvest_cmd(model_dirs, out, toml), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        harvest_cmd(model_dirs, out, toml), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 240
     while time.time() < deadline:
         manifest = out / "manifest.json"
@@ -215,11 +260,17 @@ def test_killed_harvest_resumes_without_duplicates_or_losses(tmp_path, model_dir
     proc.wait()
     partial = read_manifest(out)
     assert not partial["progress"]["complete"] and partial["stats"]["count"] < 4000
-    resumed = subprocess.run(harvest_cmd(model_dirs, out, toml), env=env, capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(
+        harvest_cmd(model_dirs, out, toml), env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr
-    whole = subprocess.run(harvest_cmd(model_dirs, tmp_path / "whole", toml), env=env,
-                           capture_output=True, text=True, timeout=600)
+    whole = subprocess.run(
+        harvest_cmd(model_dirs, tmp_path / "whole", toml),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert whole.returncode == 0, whole.stderr
     got, want = pairs_of(out), pairs_of(tmp_path / "whole")
     # Both stop at the first window reaching max_pairs, so they hold the same pairs.
@@ -230,9 +281,23 @@ def test_killed_harvest_resumes_without_duplicates_or_losses(tmp_path, model_dir
 
 def test_cli_errors_are_one_line(tmp_path, model_dirs):
     bad = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "harvest", "--out", str(tmp_path / "s"),
-         "--model-a", str(model_dirs[0]), "--model-b", str(model_dirs[1]), "--layer-a", "9"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "harvest",
+            "--out",
+            str(tmp_path / "s"),
+            "--model-a",
+            str(model_dirs[0]),
+            "--model-b",
+            str(model_dirs[1]),
+            "--layer-a",
+            "9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert bad.returncode == 2 and bad.stderr.splitlines()[-1].startswith("error: ")
     assert "out of range" in bad.stderr and "Traceback" not in bad.stderr
@@ -264,13 +329,28 @@ def test_demo_models_harvest_a_few_thousand_pairs(tmp_path):
 def test_train_reads_a_store_with_widths_and_norms_from_it(tmp_path, models, corpus):
     harvest(config([corpus]), tmp_path / "store", models=models, progress=False)
     toml = tmp_path / "run.toml"
-    toml.write_text('[crosscoder]\nn_features = 64\n\n[train]\nsteps = 6\nbatch_size = 16\n'
-                    "k = 4\nk_initial = 8\nanneal_steps = 3\nwarmup_steps = 2\nlog_every = 2\n"
-                    "checkpoint_every = 3\n")
+    toml.write_text(
+        "[crosscoder]\nn_features = 64\n\n[train]\nsteps = 6\nbatch_size = 16\n"
+        "k = 4\nk_initial = 8\nanneal_steps = 3\nwarmup_steps = 2\nlog_every = 2\n"
+        "checkpoint_every = 3\n"
+    )
     run = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "train", "--config", str(toml), "--store",
-         str(tmp_path / "store"), "--out", str(tmp_path / "run"), "--quiet"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "train",
+            "--config",
+            str(toml),
+            "--store",
+            str(tmp_path / "store"),
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     assert "6 steps" in run.stdout

@@ -32,8 +32,20 @@ def window(index: int, k: int) -> WindowRecord:
     offsets = np.stack([np.arange(k + 1), np.arange(k + 1) + 1], 1)
     pos = np.arange(1, k + 1)
     spans = np.stack([np.arange(k), np.arange(k) + 1], 1)
-    return WindowRecord(index, f"doc{index}", "unit", 3 * index, text, ids, offsets,
-                        ids[::-1].copy(), offsets, pos, pos, spans)
+    return WindowRecord(
+        index,
+        f"doc{index}",
+        "unit",
+        3 * index,
+        text,
+        ids,
+        offsets,
+        ids[::-1].copy(),
+        offsets,
+        pos,
+        pos,
+        spans,
+    )
 
 
 def acts(index: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -521,9 +521,14 @@ def test_render_with_template(toks):
 
 def test_render_errors(toks):
     tok_a, _ = toks
-    # "s" also occurs in the label "Assistant" before its real place.
-    with pytest.raises(RenderError, match="template text before it"):
-        render(chat("amb", ("user", "Hello"), ("assistant", "s")), None)
+    # "s" also occurs in the label "Assistant" before its real place: the renderer knows
+    # where it put it, so the shared text maps onto the right characters.
+    r = render(chat("amb", ("user", "Hello"), ("assistant", "s")), None)
+    assert r.text == "User: Hello\n\nAssistant: s\n\n" and r.starts == [6, 24]
+    counts = align.shared_char_counts(r.text, r.contents, r.starts)
+    assert counts[25] - counts[24] == 1 and counts[24] == 5  # "s" after "Hello"
+    with pytest.raises(align.AlignmentError, match="not at position"):
+        align.shared_char_counts(r.text, r.contents, [6, 20])
 
     class Shouting:
         chat_template = "fake"
@@ -556,8 +561,8 @@ def test_render_aligns_across_tokenizers(toks):
     for doc in docs:
         r_a, r_b = render(doc, tok_a), render(doc, tok_b)
         assert r_a.text != r_b.text and r_a.contents == r_b.contents
-        a = align.tokenize(tok_a, r_a.text, r_a.contents)
-        b = align.tokenize(tok_b, r_b.text, r_b.contents)
+        a = align.tokenize(tok_a, r_a.text, r_a.contents, starts=r_a.starts)
+        b = align.tokenize(tok_b, r_b.text, r_b.contents, starts=r_b.starts)
         assert a.text == b.text == "".join(m.content for m in doc.messages)
         al = align.align(a, b)
         assert len(al) > 0
@@ -577,7 +582,8 @@ def test_render_transcript_for_template_tokenizer(toks):
     r_a, r_b = render(doc, plain), render(doc, tok_b)
     assert r_a == r_b and r_a.text.startswith("User: ")
     al = align.align(
-        align.tokenize(plain, r_a.text, r_a.contents), align.tokenize(tok_b, r_b.text, r_b.contents)
+        align.tokenize(plain, r_a.text, r_a.contents, starts=r_a.starts),
+        align.tokenize(tok_b, r_b.text, r_b.contents, starts=r_b.starts),
     )
     assert len(al) > 0
 
@@ -586,6 +592,6 @@ def test_render_prose_mixture_end_to_end(toks):
     tok_a, tok_b = toks
     for doc in itertools.islice(demo_mixture().documents(), 6):
         r_a, r_b = render(doc, tok_a), render(doc, tok_b)
-        a = align.tokenize(tok_a, r_a.text, r_a.contents)
-        b = align.tokenize(tok_b, r_b.text, r_b.contents)
+        a = align.tokenize(tok_a, r_a.text, r_a.contents, starts=r_a.starts)
+        b = align.tokenize(tok_b, r_b.text, r_b.contents, starts=r_b.starts)
         assert len(align.align(a, b)) > 0

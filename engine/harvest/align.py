@@ -88,29 +88,49 @@ def ignore_from_special(
     return ignore
 
 
-def shared_char_counts(rendered: str, contents: Sequence[str]) -> np.ndarray:
+def shared_char_counts(
+    rendered: str, contents: Sequence[str], starts: Sequence[int] | None = None
+) -> np.ndarray:
     """Shared-text characters before each position of `rendered` (int64 [len + 1]).
 
-    The shared text is ``"".join(contents)``; each content must appear in `rendered`, in order
-    (stripped of surrounding whitespace where a template trims it). Everything else in
-    `rendered` is template text, which advances no count.
+    The shared text is ``"".join(contents)``; each content appears in `rendered`, in order.
+    With `starts` (where the renderer put each content) the positions are taken as given;
+    without, each content is searched for after the previous one (stripped of surrounding
+    whitespace where a template trims it), which can misplace a short content that also
+    occurs in the template text before it. Everything else in `rendered` is template text,
+    which advances no count.
     """
+    if starts is not None and len(starts) != len(contents):
+        raise AlignmentError(f"{len(starts)} content positions for {len(contents)} contents")
     is_content = np.zeros(len(rendered), dtype=np.int64)
     pos = 0
-    for content in contents:
-        at = rendered.find(content, pos)
-        part = content
-        if at < 0:
-            part = content.strip()
-            at = rendered.find(part, pos)
-            if at < 0 or part != content:
+    for i, content in enumerate(contents):
+        if starts is not None:
+            at, part = starts[i], content
+            if at < pos or rendered[at : at + len(part)] != part:
                 raise AlignmentError(
-                    f"message content {content[:40]!r} does not appear verbatim in the rendered "
-                    "text; render the template without altering message contents"
+                    f"message content {content[:40]!r} is not at position {at} of the rendered text"
                 )
+        else:
+            at, part = _find_content(rendered, content, pos)
         is_content[at : at + len(part)] = 1
         pos = at + len(part)
     return np.concatenate([[0], np.cumsum(is_content)])
+
+
+def _find_content(rendered: str, content: str, pos: int) -> tuple[int, str]:
+    """First position at or after `pos` where `content` (or its stripped form) occurs."""
+    at = rendered.find(content, pos)
+    if at >= 0:
+        return at, content
+    part = content.strip()
+    at = rendered.find(part, pos)
+    if at < 0 or part != content:
+        raise AlignmentError(
+            f"message content {content[:40]!r} does not appear verbatim in the rendered "
+            "text; render the template without altering message contents"
+        )
+    return at, part
 
 
 def tokenize(
@@ -118,12 +138,14 @@ def tokenize(
     rendered: str,
     contents: Sequence[str] | None = None,
     add_special_tokens: bool = True,
+    starts: Sequence[int] | None = None,
 ) -> Tokenized:
     """Tokenize `rendered` with a fast tokenizer, in the coordinates of the shared text.
 
     Without `contents` the rendered text is the shared text. With `contents` (the message
     texts a chat template embedded), offsets map onto ``"".join(contents)`` and tokens that end
-    in template text are ignored.
+    in template text are ignored; `starts` gives each content's position in `rendered`
+    where the renderer knows it (engine.harvest.text.render does).
     """
     if not getattr(tokenizer, "is_fast", False):
         raise AlignmentError(
@@ -143,7 +165,7 @@ def tokenize(
     ignore = ignore_from_special(enc["special_tokens_mask"], offsets) | special
     if contents is None:
         return Tokenized(ids, offsets, ignore, rendered)
-    counts = shared_char_counts(rendered, contents)
+    counts = shared_char_counts(rendered, contents, starts)
     start, end = counts[offsets[:, 0]], counts[offsets[:, 1]]
     # A token belongs to the template when its last character does.
     last = np.maximum(offsets[:, 1] - 1, 0)

@@ -245,4 +245,3 @@ def summary(result: HarvestResult) -> str:
     if m["progress"].get("exhausted"):
         lines.append("the text sources ran out before max_pairs")
     return "\n".join(lines)
-

@@ -47,6 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
+from engine.dtypes import DTYPES
 from engine.files import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,6 @@ log = logging.getLogger(__name__)
 FORMAT = "modeldiff-activations"
 VERSION = 1
 MANIFEST = "manifest.json"
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 ACTIVATION_KEYS = ("a", "b")
 
 
@@ -231,8 +224,9 @@ class StoreWriter:
         _merge_counts(self.pending.counts, counts)
         if counts.get("documents"):
             doc = {k: v for k, v in counts.items() if k not in ("documents", "windows")}
-            self.pending.documents.append({"doc_id": window.doc_id, "source": window.source,
-                                           "first_window": index, **doc})
+            self.pending.documents.append(
+                {"doc_id": window.doc_id, "source": window.source, "first_window": index, **doc}
+            )
 
     def flush(self) -> None:
         """Write queued windows as one shard and record it in the manifest."""
@@ -299,8 +293,9 @@ class StoreWriter:
             problem = shard_problem(self.path, record)
             if problem is None:
                 continue
-            log.warning("shard %s is %s; its windows will be harvested again", record["file"],
-                        problem)
+            log.warning(
+                "shard %s is %s; its windows will be harvested again", record["file"], problem
+            )
             bad.append(f"{record['file']}: {problem}")
             (self.path / record["file"]).replace(self.path / f"{record['file']}.bad")
             self.manifest["shards"].remove(record)

@@ -27,10 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-import numpy as np
-
 from engine.config import ConfigError
-from engine.harvest.align import AlignmentError, shared_char_counts
 
 CHAT_FIELDS = ("messages", "conversation")
 # ShareGPT-style records name roles and contents differently.
@@ -99,6 +96,7 @@ class Rendered:
 
     text: str
     contents: list[str] | None  # chat: contents in order, for align.tokenize; prose: None
+    starts: list[int] | None = None  # chat: where each content starts in `text`
 
 
 class TextSource(Protocol):
@@ -198,8 +196,8 @@ def _text_document(file: Path, doc_id: str, source: str) -> Iterator[Document]:
         yield Document(doc_id, source, text=text)
 
 
-class JsonlFile:
-    """JSON lines: one Document per line, from a text field or a chat (list of messages) field."""
+class _RecordFile:
+    """A file of records, each holding a text field or a chat (list of messages) field."""
 
     def __init__(
         self,
@@ -212,6 +210,10 @@ class JsonlFile:
         self.text_field = text_field
         self.chat_fields = _chat_fields(messages_field)
         self.name = name or self.path.name
+
+
+class JsonlFile(_RecordFile):
+    """JSON lines: one Document per line, from a text field or a chat (list of messages) field."""
 
     def documents(self) -> Iterator[Document]:
         """Documents line by line (ids "<file>:<line number>"); blank lines are skipped."""
@@ -246,20 +248,8 @@ def _open_text(path: Path) -> IO[str]:
     return path.open(encoding="utf-8")
 
 
-class ParquetFile:
+class ParquetFile(_RecordFile):
     """Parquet: one Document per row, read in batches (text field, or chat field)."""
-
-    def __init__(
-        self,
-        path: str | Path,
-        text_field: str | None = "text",
-        messages_field: str | None = None,
-        name: str | None = None,
-    ) -> None:
-        self.path = _existing(path)
-        self.text_field = text_field
-        self.chat_fields = _chat_fields(messages_field)
-        self.name = name or self.path.name
 
     def documents(self) -> Iterator[Document]:
         """Documents row by row (ids "<file>:<row index from 0>")."""
@@ -747,8 +737,7 @@ def render(doc: Document, tokenizer: Any = None, use_template: bool = True) -> R
     else:
         pieces = _transcript_pieces(doc.messages)
         text = _interleave(pieces, contents)
-    _check_recoverable(doc.id, text, contents, pieces)
-    return Rendered(text, contents)
+    return Rendered(text, contents, _content_starts(pieces, contents))
 
 
 def _transcript_pieces(messages: Sequence[Message]) -> list[str]:
@@ -790,24 +779,11 @@ def _interleave(pieces: Sequence[str], contents: Sequence[str]) -> str:
     return "".join(p + c for p, c in zip(pieces, contents, strict=False)) + pieces[-1]
 
 
-def _check_recoverable(
-    doc_id: str, text: str, contents: Sequence[str], pieces: Sequence[str]
-) -> None:
-    """Check align.shared_char_counts finds each content where it was put, not earlier."""
-    # shared_char_counts takes the first occurrence after the previous content; a content that
-    # also occurs in the template text before it (a short message such as "a") is misplaced.
-    expected = np.zeros(len(text), dtype=np.int64)
-    pos = 0
+def _content_starts(pieces: Sequence[str], contents: Sequence[str]) -> list[int]:
+    """Where each content starts in _interleave(pieces, contents)."""
+    starts, pos = [], 0
     for piece, content in zip(pieces, contents, strict=False):
         pos += len(piece)
-        expected[pos : pos + len(content)] = 1
+        starts.append(pos)
         pos += len(content)
-    try:
-        counts = shared_char_counts(text, contents)
-    except AlignmentError as err:
-        raise RenderError(f"{doc_id}: {err}") from None
-    if not np.array_equal(np.diff(counts), expected):
-        raise RenderError(
-            f"{doc_id}: a message content also occurs in the template text before it, so "
-            "its position in the rendering is ambiguous; skip the document"
-        )
+    return starts

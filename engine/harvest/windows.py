@@ -51,8 +51,8 @@ def document_windows(
         # A chat template that alters or hides message text (rare): nothing can be aligned
         # safely, so the document is skipped and counted.
         return [], {"documents": 1, "unrenderable_documents": 1}
-    t_a = tokenize(a.tokenizer, r_a.text, r_a.contents)
-    t_b = tokenize(b.tokenizer, r_b.text, r_b.contents)
+    t_a = tokenize(a.tokenizer, r_a.text, r_a.contents, starts=r_a.starts)
+    t_b = tokenize(b.tokenizer, r_b.text, r_b.contents, starts=r_b.starts)
     if method == "windows":
         al = align_windows(t_a, t_b, a.tokenizer, b.tokenizer)
     else:

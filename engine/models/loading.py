@@ -21,20 +21,13 @@ import torch
 from torch import nn
 
 from engine.config import ConfigError
+from engine.dtypes import DTYPES
 from engine.models.layers import decoder_layers, hidden_size
-from engine.models.tokenizers import DEMO, _sha256, cache_root, demo_gguf, load_tokenizer
+from engine.models.tokenizers import DEMO, cache_root, demo_gguf, load_tokenizer, sha256_file
 
 # "name" or "org/name": anything else (absolute, relative with ./, deeper) is taken as a path.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 INSTALL = 'run: pip install -e ".[models]"'
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 @dataclass
@@ -138,7 +131,7 @@ def _resolve_spec(
     if path.is_dir():
         return path, {"kind": "dir", "path": str(path.resolve())}
     if path.is_file() and path.suffix == ".gguf":
-        sha = _sha256(path)
+        sha = sha256_file(path)
         target = models / f"{path.stem}-{sha[:12]}"
         if not _is_converted(target):
             _convert_gguf(path, target)

