@@ -49,14 +49,14 @@ def cmd_harvest(args: argparse.Namespace) -> None:
         if value is not None:
             setattr(cfg, name, value)
     cfg.__post_init__()  # re-validate overrides
-    if args.quiet:
-        _quiet_transformers()
+    _quiet_transformers()  # harvest prints one line per loaded model instead
     result = harvest(cfg, args.out, fresh=args.fresh, progress=not args.quiet)
     print(summary(result))
 
 
 def _quiet_transformers() -> None:
-    """No weight-loading progress bars from transformers."""
+    """No per-tensor weight-loading progress bars from transformers (hub downloads keep
+    theirs)."""
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:

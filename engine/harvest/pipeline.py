@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,12 +70,9 @@ def harvest(
     `capture(model, layer, input_ids, attention_mask)` returns the residual stream (the
     benchmark swaps in a full forward pass).
     """
-    started = time.perf_counter()
     if models is None:
-        models = tuple(
-            load_model(spec, device=cfg.device, dtype=cfg.model_dtype)
-            for spec in (cfg.model_a, cfg.model_b)
-        )
+        models = (_load(cfg.model_a, cfg, progress), _load(cfg.model_b, cfg, progress))
+    started = time.perf_counter()
     a, b = _prepare(models[0], cfg.layer_a, capture), _prepare(models[1], cfg.layer_b, capture)
     writer = StoreWriter(out, _header(cfg, a, b), cfg.store_dtype, cfg.shard_pairs, fresh=fresh)
     before = writer.pairs
@@ -97,6 +95,19 @@ def harvest(
     return HarvestResult(
         Path(out), writer.pairs, time.perf_counter() - started, writer.pairs - before, manifest
     )
+
+
+def _load(spec: str, cfg: HarvestConfig, progress: bool) -> LoadedModel:
+    """Load one model, saying what was loaded when progress is shown."""
+    loaded = load_model(spec, device=cfg.device, dtype=cfg.model_dtype)
+    if progress:
+        print(
+            f"loaded {spec}: {type(loaded.model).__name__}, {loaded.n_layers} layers, "
+            f"d {loaded.d_model}, {loaded.dtype} on {loaded.device} "
+            f"({loaded.load_seconds:.1f} s)",
+            file=sys.stderr,
+        )
+    return loaded
 
 
 def _prepare(loaded: LoadedModel, layer: int | str, capture: Callable) -> _Model:
@@ -154,7 +165,7 @@ class _Meter:
         self.tokens += tokens
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         self.bar.update(
-            completed=pairs,
+            completed=min(pairs, self.bar.total),
             status=f"{self.tokens / elapsed:,.0f} tok/s  {(pairs - self.before) / elapsed:,.0f} "
             "pairs/s",
         )
@@ -235,7 +246,7 @@ def summary(result: HarvestResult) -> str:
     lines = [
         f"{result.pairs:,} aligned pairs in {len(m['shards'])} shards at {result.path} "
         f"({bytes_per_pair(m):,.0f} bytes/pair, {m['dtype']})",
-        f"this run: {result.new_pairs:,} pairs in {result.seconds:,.1f} s "
+        f"this run: {result.new_pairs:,} pairs in {result.seconds:,.1f} s after loading "
         f"({result.pairs_per_second:,.0f} pairs/s)",
         f"documents {al.get('documents', 0):,}, windows {al.get('windows', 0):,} "
         f"(duplicates {al.get('duplicate_windows', 0):,}), tokens A {al.get('tokens_a', 0):,} "
