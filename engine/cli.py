@@ -42,6 +42,7 @@ def cmd_harvest(args: argparse.Namespace) -> None:
         "context_length": args.context_length,
         "batch_tokens": args.batch_tokens,
         "store_dtype": args.store_dtype,
+        "model_dtype": args.model_dtype,
         "device": args.device,
         "alignment": args.alignment,
     }
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, help="tokens per window per model")
     p.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass")
     p.add_argument("--store-dtype", help="float32 | bfloat16 | float16")
+    p.add_argument("--model-dtype", help="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--alignment", help="offsets (default) | windows (the paper's Algorithm 1)")
     p.add_argument("--fresh", action="store_true", help="discard an existing store in --out")

@@ -182,6 +182,13 @@ class HarvestConfig:
                 f"batch_tokens ({self.batch_tokens}) must be >= context_length "
                 f"({self.context_length})"
             )
+        from engine.dtypes import DTYPES
+
+        for name, valid in (("store_dtype", DTYPES), ("model_dtype", ("auto", *DTYPES))):
+            if getattr(self, name) not in valid:
+                raise ConfigError(
+                    f"unknown {name} {getattr(self, name)!r}; choose one of: {', '.join(valid)}"
+                )
         if self.alignment not in ALIGNMENTS:
             raise ConfigError(
                 f"unknown alignment {self.alignment!r}; choose one of: {', '.join(ALIGNMENTS)}"
