@@ -1,0 +1,1 @@
+"""Feature analysis: statistics, max-activating contexts, neighbours and run matching."""

@@ -1,0 +1,1 @@
+"""Feature explanations and detection judging: Anthropic models or offline statistics."""

@@ -1,0 +1,1072 @@
+"""The results database: every read and write of the DuckDB file, in parameterised SQL.
+
+One `Database` holds one DuckDB connection and is safe to share between threads (a
+Streamlit app caches one per process): each call runs on its own cursor, and writes take a
+lock and run in one transaction, so a reader never sees half of a replacement.
+
+Values reach SQL only as `?` parameters; table and column names only from the allow-list in
+`engine.store.schema`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from engine.analysis.context import Context
+from engine.store import schema
+
+Cursor = duckdb.DuckDBPyConnection
+
+# Auto-numbered key of each table written one row at a time.
+ROW_IDS = {
+    "explanations": "explanation_id",
+    "scores": "score_id",
+    "steering_samples": "sample_id",
+    "evaluations": "eval_id",
+    "triage_history": "history_id",
+}
+EXPORT_FORMATS = {".parquet": "FORMAT parquet", ".csv": "FORMAT csv, HEADER true"}
+FEATURE_TABLE_FILTERS = (
+    "partition", "harmful", "status", "min_score", "search", "explainer", "dead", "order_by",
+    "descending", "limit",
+)  # fmt: skip
+DETECTION = "detection"
+
+
+class StoreDBError(ValueError):
+    """The results database is missing, incompatible, or was asked for what it lacks."""
+
+
+# -- values ------------------------------------------------------------------------------
+
+
+def _now() -> datetime:
+    """The current time as a naive UTC timestamp (the database's convention)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _json_default(value: Any) -> Any:
+    """JSON for the non-standard values configs and metrics carry (numpy, paths, times)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path | datetime):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _dumps(value: Any, what: str) -> str | None:
+    """JSON text of a value for a JSON column (None stays NULL)."""
+    if value is None:
+        return None
+    try:
+        return json.dumps(value, default=_json_default)
+    except (TypeError, ValueError) as err:
+        raise StoreDBError(f"{what} cannot be stored as JSON: {err}") from None
+
+
+def _loads(text: Any) -> Any:
+    """A decoded JSON column value; NULL (None or pandas' NaN) becomes None."""
+    return json.loads(text) if isinstance(text, str) else None
+
+
+def _missing(value: Any) -> bool:
+    """Whether a cell of a frame is missing (None, NaN or pd.NA)."""
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def _choices(value: str | Iterable[str], valid: Sequence[str], what: str) -> list[str]:
+    """A value or list of values, each checked against the valid ones."""
+    values = [value] if isinstance(value, str) else list(value)
+    bad = [v for v in values if v not in valid]
+    if bad:
+        raise StoreDBError(f"unknown {what} {', '.join(map(repr, bad))}; valid: {', '.join(valid)}")
+    return values
+
+
+def _ident(table: str, column: str | None = None) -> str:
+    """A quoted table or column name, refused unless it is in the schema's allow-list."""
+    if table not in schema.COLUMNS or (column is not None and column not in schema.COLUMNS[table]):
+        raise StoreDBError(f"no column {column!r} in table {table!r}" if column else table)
+    return f'"{column or table}"'
+
+
+def _order(column: str, valid: Sequence[str], descending: bool) -> str:
+    """An ORDER BY clause for an allow-listed column, ties broken by feature id."""
+    if column not in valid:
+        raise StoreDBError(f"cannot order by {column!r}; choose one of: {', '.join(valid)}")
+    direction = "DESC" if descending else "ASC"
+    return f'"{column}" {direction} NULLS LAST, "feature_id"'
+
+
+def _count(limit: Any) -> int:
+    """A row limit, checked."""
+    if not isinstance(limit, int | np.integer) or isinstance(limit, bool) or limit < 0:
+        raise StoreDBError(f"limit must be a non-negative integer or None, got {limit!r}")
+    return int(limit)
+
+
+def _limit(limit: int | None, params: list[Any]) -> str:
+    """A LIMIT clause (empty for None), its value added to the parameters."""
+    if limit is None:
+        return ""
+    params.append(_count(limit))
+    return " LIMIT ?"
+
+
+def _array(value: Any, dtype: type, width: int | None = None) -> np.ndarray:
+    """A list column value as a numpy array ([n] or [n, width]); NULL becomes empty."""
+    out = np.asarray([] if value is None else value, dtype=dtype)
+    return out.reshape(-1, width) if width else out
+
+
+def _decode(df: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
+    """The frame with its JSON columns decoded to Python values."""
+    for column in columns:
+        if column in df.columns:
+            df[column] = pd.Series([_loads(v) for v in df[column]], index=df.index, dtype=object)
+    return df
+
+
+def _records(cur: Cursor) -> list[dict[str, Any]]:
+    """The rows of the last query as dicts."""
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+# -- frames to Arrow ---------------------------------------------------------------------
+
+
+def _list_array(values: list[Any], depth: int, column: str) -> pa.Array:
+    """An Arrow list column nested `depth` deep from per-row arrays, lists or missing cells.
+
+    Built from one flat buffer: DuckDB scans nested numpy cells of a pandas frame about ten
+    times slower, and cannot read a 2-D array in a cell at all.
+    """
+    rows, valid = [], []
+    for value in values:
+        row = np.asarray([] if _missing(value) else value)
+        if row.size == 0 and row.ndim != depth:
+            row = row.reshape((0,) * depth)
+        if row.ndim != depth:
+            shape = "a 1-D array" if depth == 1 else f"a {depth}-D array such as [n, 2]"
+            raise StoreDBError(f"column {column!r} needs {shape} per row, got shape {row.shape}")
+        rows.append(row)
+        valid.append(not _missing(value))
+    flat = np.concatenate([r.reshape(-1) for r in rows]) if rows else np.empty(0)
+    items: pa.Array = pa.array(flat)
+    if depth == 2:
+        widths = np.concatenate([np.full(len(r), r.shape[1]) for r in rows]) if rows else []
+        items = pa.LargeListArray.from_arrays(_offsets(widths), items)
+    mask = None if all(valid) else pa.array(~np.asarray(valid))
+    return pa.LargeListArray.from_arrays(_offsets([len(r) for r in rows]), items, mask=mask)
+
+
+def _offsets(lengths: Sequence[int] | np.ndarray) -> pa.Array:
+    """Arrow list offsets for rows of the given lengths."""
+    return pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64))
+
+
+def _to_arrow(df: pd.DataFrame, columns: list[str], lists: dict[str, int]) -> pa.Table:
+    """The frame's columns as an Arrow table, list columns built flat, NaN as NULL."""
+    arrays = {}
+    for column in columns:
+        depth = lists.get(column)
+        if depth:
+            arrays[column] = _list_array(df[column].tolist(), depth, column)
+        else:
+            arrays[column] = pa.array(df[column], from_pandas=True)
+    return pa.table(arrays)
+
+
+def _frame_columns(table: str, keys: dict[str, Any], df: pd.DataFrame) -> list[str]:
+    """The frame's columns to insert into `table`, checked against the schema."""
+    if not isinstance(df, pd.DataFrame):
+        raise StoreDBError(f"{table} must be written from a pandas DataFrame, got {type(df)}")
+    valid = schema.COLUMNS[table]
+    unknown = [str(c) for c in df.columns if c not in valid]
+    if unknown:
+        raise StoreDBError(
+            f"unknown column(s) {', '.join(unknown)} for table {table}; valid: {', '.join(valid)}"
+        )
+    missing = [c for c in schema.BULK_REQUIRED[table] if c not in df.columns]
+    if missing:
+        raise StoreDBError(f"the {table} frame lacks column(s) {', '.join(missing)}")
+    for key, value in keys.items():
+        if key in df.columns and not (df[key] == value).all():
+            raise StoreDBError(f"the {table} frame has rows whose {key} is not {value!r}")
+    for column, allowed in schema.BULK_CHOICES.get(table, {}).items():
+        if column in df.columns:
+            _choices([v for v in df[column].unique() if not _missing(v)], allowed, column)
+    return [c for c in valid if c in df.columns and c not in keys]
+
+
+# -- the database ------------------------------------------------------------------------
+
+
+class Database:
+    """The results database in one DuckDB file; safe to share between threads."""
+
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+        self._lock = threading.Lock()  # serialises writes (DuckDB allows one writer at a time)
+        self._conn: duckdb.DuckDBPyConnection | None = _connect(str(path), read_only)
+        try:
+            self._version = self._prepare()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = ", read_only=True" if self.read_only else ""
+        return f"Database({str(self.path)!r}{mode})"
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @property
+    def schema_version(self) -> int:
+        """The file's schema version (always the current one once opened)."""
+        return self._version
+
+    # connection plumbing ----------------------------------------------------------------
+
+    @contextmanager
+    def _cursor(self) -> Iterator[Cursor]:
+        """A fresh cursor of the shared connection, closed afterwards."""
+        if self._conn is None:
+            raise StoreDBError(f"the database {self.path} is closed; open a new Database")
+        cur = self._conn.cursor()
+        try:
+            yield cur
+        finally:
+            cur.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[Cursor]:
+        """A cursor in one transaction under the write lock, rolled back on any error."""
+        if self.read_only:
+            raise StoreDBError(
+                f"{self.path} was opened read-only; open Database(path, read_only=False) to write"
+            )
+        with self._lock, self._cursor() as cur:
+            cur.execute("BEGIN TRANSACTION")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    def _prepare(self) -> int:
+        """Check the file's schema version, upgrading an older file; return the version."""
+        target = len(schema.MIGRATIONS)
+        with self._cursor() as cur:
+            version = _file_version(cur, self.path)
+        if version > target:
+            raise StoreDBError(
+                f"{self.path} was written by a newer modeldiff (schema {version}, this reads "
+                f"{target}); upgrade modeldiff"
+            )
+        if version < target:
+            if self.read_only:
+                raise StoreDBError(
+                    f"{self.path} has schema {version} and this modeldiff reads {target}; open "
+                    "it once with read_only=False to upgrade it"
+                )
+            self._migrate(version, target)
+        return target
+
+    def _migrate(self, version: int, target: int) -> None:
+        """Apply the migrations from `version` to `target` in one transaction."""
+        try:
+            with self._write() as cur:
+                for script in schema.MIGRATIONS[version:target]:
+                    cur.execute(script)
+                cur.execute(
+                    "INSERT INTO meta VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    ["schema_version", str(target)],
+                )
+        except duckdb.Error as err:
+            raise StoreDBError(
+                f"upgrading {self.path} from schema {version} to {target} failed, and the file "
+                f"was left unchanged: {_first_line(err)}"
+            ) from err
+
+    def _require_run(self, cur: Cursor, run_id: str) -> None:
+        """Raise, listing the known runs, unless `run_id` is one."""
+        if cur.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone():
+            return
+        rows = cur.execute("SELECT run_id FROM runs ORDER BY created_at").fetchall()
+        known = [r[0] for r in rows]
+        listing = ", ".join(map(repr, known[:20])) + (", ..." if len(known) > 20 else "")
+        raise StoreDBError(
+            f"unknown run {run_id!r}; known runs: "
+            + (listing or "none yet (run `modeldiff analyze` first)")
+        )
+
+    def _require_feature(self, cur: Cursor, run_id: str, feature_id: int) -> None:
+        """Raise unless the run has the feature."""
+        sql = "SELECT 1 FROM features WHERE run_id = ? AND feature_id = ?"
+        if cur.execute(sql, [run_id, int(feature_id)]).fetchone():
+            return
+        self._require_run(cur, run_id)
+        row = cur.execute("SELECT count(*) FROM features WHERE run_id = ?", [run_id]).fetchone()
+        raise StoreDBError(f"run {run_id!r} has no feature {feature_id} ({row[0]} features)")
+
+    def _frame(self, sql: str, params: list[Any], run_id: str, table: str) -> pd.DataFrame:
+        """A query's rows as a frame with JSON decoded; an unknown run raises."""
+        with self._cursor() as cur:
+            df = cur.execute(sql, params).df()
+            if df.empty:
+                self._require_run(cur, run_id)
+        return _decode(df, schema.JSON_COLUMNS.get(table, ()))
+
+    def _insert_row(self, table: str, row: dict[str, Any]) -> int:
+        """Insert one row of an auto-numbered table (its run must exist); return its id."""
+        names = ", ".join(_ident(table, c) for c in row)
+        marks = ", ".join("?" for _ in row)
+        sql = f"INSERT INTO {_ident(table)} ({names}) VALUES ({marks}) RETURNING {ROW_IDS[table]}"
+        with self._write() as cur:
+            self._require_run(cur, row["run_id"])
+            return int(cur.execute(sql, list(row.values())).fetchone()[0])
+
+    def _replace(
+        self,
+        table: str,
+        keys: dict[str, Any],
+        df: pd.DataFrame,
+        order: str,
+        check: Callable[[Cursor], None] | None = None,
+    ) -> int:
+        """Replace the rows of `table` matching `keys` with the frame's, in one transaction."""
+        columns = _frame_columns(table, keys, df)
+        data = _to_arrow(df, columns, schema.LIST_COLUMNS.get(table, {}))
+        where = " AND ".join(f"{_ident(table, k)} = ?" for k in keys)
+        names = ", ".join(_ident(table, c) for c in [*keys, *columns])
+        select = ", ".join(["?"] * len(keys) + [_ident(table, c) for c in columns])
+        with self._write() as cur:
+            for key in keys:
+                if key.endswith("run_id"):
+                    self._require_run(cur, keys[key])
+            cur.execute(f"DELETE FROM {_ident(table)} WHERE {where}", list(keys.values()))
+            # A view private to this cursor (its own connection); closing the cursor drops it.
+            cur.register("_frame", data)
+            try:
+                cur.execute(
+                    f"INSERT INTO {_ident(table)} ({names}) SELECT {select} FROM _frame "
+                    f"ORDER BY {order}",
+                    list(keys.values()),
+                )
+            except (duckdb.ConstraintException, duckdb.ConversionException) as err:
+                raise StoreDBError(f"cannot write {table}: {_first_line(err)}") from err
+            if check is not None:
+                check(cur)
+        return len(df)
+
+    # runs -------------------------------------------------------------------------------
+
+    def add_run(
+        self,
+        run_id: str,
+        *,
+        name: str = "",
+        model_a: dict[str, Any],
+        model_b: dict[str, Any],
+        architecture: str,
+        n_features: int,
+        partition: dict[str, Any],
+        config: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+        checkpoint_path: str | Path | None = None,
+        store_path: str | Path | None = None,
+        provenance: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a run, or update it (keeping its creation time) if the id exists."""
+        if not isinstance(run_id, str) or not run_id:
+            raise StoreDBError(f"run_id must be a non-empty string, got {run_id!r}")
+        row = {
+            "run_id": run_id,
+            "name": name or run_id,
+            "created_at": _now(),
+            "model_a": _dumps(model_a, "model_a"),
+            "model_b": _dumps(model_b, "model_b"),
+            "architecture": architecture,
+            "n_features": int(n_features),
+            "partition": _dumps(partition, "partition"),
+            "config": _dumps(config or {}, "config"),
+            "metrics": _dumps(metrics or {}, "metrics"),
+            "checkpoint_path": None if checkpoint_path is None else str(checkpoint_path),
+            "store_path": None if store_path is None else str(store_path),
+            "provenance": _dumps(provenance or {}, "provenance"),
+        }
+        update = ", ".join(
+            f"{_ident('runs', c)} = excluded.{_ident('runs', c)}"
+            for c in row
+            if c not in ("run_id", "created_at")
+        )
+        sql = (
+            f"INSERT INTO runs ({', '.join(_ident('runs', c) for c in row)}) "
+            f"VALUES ({', '.join('?' for _ in row)}) ON CONFLICT (run_id) DO UPDATE SET {update}"
+        )
+        with self._write() as cur:
+            cur.execute(sql, list(row.values()))
+
+    def runs(self) -> pd.DataFrame:
+        """All runs, oldest first, JSON columns decoded."""
+        with self._cursor() as cur:
+            df = cur.execute("SELECT * FROM runs ORDER BY created_at, run_id").df()
+        return _decode(df, schema.JSON_COLUMNS["runs"])
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        """One run as a dict, JSON columns decoded."""
+        with self._cursor() as cur:
+            self._require_run(cur, run_id)
+            (row,) = _records(cur.execute("SELECT * FROM runs WHERE run_id = ?", [run_id]))
+        for column in schema.JSON_COLUMNS["runs"]:
+            row[column] = _loads(row[column])
+        return row
+
+    # features ---------------------------------------------------------------------------
+
+    def write_features(self, run_id: str, df: pd.DataFrame) -> int:
+        """Replace the run's feature statistics with the frame's rows; return the count."""
+        return self._replace("features", {"run_id": run_id}, df, '"feature_id"')
+
+    def features(
+        self,
+        run_id: str,
+        partition: str | Sequence[str] | None = None,
+        dead: bool | None = None,
+        order_by: str = "feature_id",
+        descending: bool = False,
+        limit: int | None = None,
+        feature_ids: Iterable[int] | None = None,
+    ) -> pd.DataFrame:
+        """The run's features, filtered and ordered (list columns hold numpy arrays)."""
+        where, params = ["run_id = ?"], [run_id]
+        if partition is not None:
+            where.append('list_contains(?::VARCHAR[], "partition")')
+            params.append(_choices(partition, schema.PARTITIONS, "partition"))
+        if dead is not None:
+            where.append("dead = ?")
+            params.append(bool(dead))
+        if feature_ids is not None:
+            where.append("list_contains(?::INTEGER[], feature_id)")
+            params.append([int(i) for i in feature_ids])
+        order = _order(order_by, schema.FEATURE_ORDER, descending)
+        sql = f"SELECT * FROM features WHERE {' AND '.join(where)} ORDER BY {order}"
+        sql += _limit(limit, params)
+        return self._frame(sql, params, run_id, "features")
+
+    def feature(self, run_id: str, feature_id: int) -> dict[str, Any]:
+        """One feature's statistics as a dict (histogram as numpy arrays)."""
+        sql = "SELECT * FROM features WHERE run_id = ? AND feature_id = ?"
+        with self._cursor() as cur:
+            self._require_feature(cur, run_id, feature_id)
+            (row,) = _records(cur.execute(sql, [run_id, int(feature_id)]))
+        row["hist_counts"] = _array(row["hist_counts"], np.int64)
+        row["hist_edges"] = _array(row["hist_edges"], np.float64)
+        return row
+
+    # windows and contexts ---------------------------------------------------------------
+
+    def write_windows(self, run_id: str, df: pd.DataFrame) -> int:
+        """Replace the run's context windows with the frame's rows; return the count."""
+        return self._replace("windows", {"run_id": run_id}, df, '"window_id"')
+
+    def write_contexts(self, run_id: str, df: pd.DataFrame) -> int:
+        """Replace the run's feature contexts with the frame's rows; return the count.
+
+        Write the windows first: every context must name a window of the run with one
+        activation per aligned span. A missing `max_act` is filled with the largest one.
+        """
+
+        def check(cur: Cursor) -> None:
+            cur.execute(
+                "UPDATE contexts SET max_act = list_max(acts) WHERE run_id = ? AND max_act IS NULL",
+                [run_id],
+            )
+            _check_contexts(cur, run_id)
+
+        return self._replace("contexts", {"run_id": run_id}, df, '"feature_id"', check)
+
+    def contexts(
+        self, run_id: str, feature_id: int, kind: str | Sequence[str] | None = None
+    ) -> list[Context]:
+        """A feature's contexts with their window texts, by kind (top, quantile, random),
+        then quantile bin, then rank."""
+        where, params = ["c.run_id = ?", "c.feature_id = ?"], [run_id, int(feature_id)]
+        if kind is not None:
+            where.append("list_contains(?::VARCHAR[], c.kind)")
+            params.append(_choices(kind, schema.CONTEXT_KINDS, "context kind"))
+        sql = (
+            "SELECT c.kind, c.rank, c.quantile, c.window_id, c.span_start, c.span_end, c.acts, "
+            "w.text, w.spans, w.doc_id "
+            "FROM contexts c JOIN windows w ON w.run_id = c.run_id AND w.window_id = c.window_id "
+            f"WHERE {' AND '.join(where)} "
+            "ORDER BY list_position(?::VARCHAR[], c.kind), c.quantile NULLS FIRST, c.rank"
+        )
+        with self._cursor() as cur:
+            rows = _records(cur.execute(sql, [*params, list(schema.CONTEXT_KINDS)]))
+            if not rows:
+                self._require_run(cur, run_id)
+        return [
+            Context(
+                text=r["text"],
+                spans=_array(r["spans"], np.int64, 2)[_span_range(r)],
+                acts=_array(r["acts"], np.float32),
+                window_id=int(r["window_id"]),
+                doc_id=r["doc_id"] or "",
+                kind=r["kind"],
+                rank=int(r["rank"]),
+                quantile=r["quantile"],
+            )
+            for r in rows
+        ]
+
+    def window(self, run_id: str, window_id: int) -> dict[str, Any]:
+        """One window: text, aligned spans [k, 2], and each model's token ids and offsets."""
+        sql = "SELECT * FROM windows WHERE run_id = ? AND window_id = ?"
+        with self._cursor() as cur:
+            rows = _records(cur.execute(sql, [run_id, int(window_id)]))
+            if not rows:
+                self._require_run(cur, run_id)
+                raise StoreDBError(f"run {run_id!r} has no window {window_id}")
+        row = rows[0]
+        for column, depth in schema.LIST_COLUMNS["windows"].items():
+            row[column] = _array(row[column], np.int64, 2 if depth == 2 else None)
+        return row
+
+    # neighbours and matches -------------------------------------------------------------
+
+    def write_neighbors(self, run_id: str, df: pd.DataFrame) -> int:
+        """Replace the run's decoder-cosine neighbours with the frame's rows."""
+        return self._replace("neighbors", {"run_id": run_id}, df, '"feature_id", "space", "rank"')
+
+    def neighbors(
+        self, run_id: str, feature_id: int, space: str | None = None, limit: int | None = 10
+    ) -> pd.DataFrame:
+        """A feature's nearest features by decoder cosine: up to `limit` per decoder space."""
+        where, params = ["run_id = ?", "feature_id = ?"], [run_id, int(feature_id)]
+        if space is not None:
+            where.append("space = ?")
+            params.append(_choices(space, schema.SPACES, "space")[0])
+        sql = f"SELECT * FROM neighbors WHERE {' AND '.join(where)}"
+        if limit is not None:
+            params.append(_count(limit))
+            sql += " QUALIFY row_number() OVER (PARTITION BY space ORDER BY rank) <= ?"
+        return self._frame(sql + " ORDER BY space, rank", params, run_id, "neighbors")
+
+    def write_matches(self, run_id: str, other_run_id: str, df: pd.DataFrame) -> int:
+        """Replace the feature matches from one run to another with the frame's rows."""
+        keys = {"run_id": run_id, "other_run_id": other_run_id}
+        return self._replace("matches", keys, df, '"feature_id", "cosine" DESC')
+
+    def matches(self, run_id: str, other_run_id: str) -> pd.DataFrame:
+        """Feature matches from one run to another, best first for each feature."""
+        sql = (
+            "SELECT * FROM matches WHERE run_id = ? AND other_run_id = ? "
+            "ORDER BY feature_id, cosine DESC"
+        )
+        return self._frame(sql, [run_id, other_run_id], run_id, "matches")
+
+    # explanations and scores ------------------------------------------------------------
+
+    def add_explanation(
+        self,
+        run_id: str,
+        feature_id: int,
+        *,
+        explainer: str,
+        prompt_version: str,
+        explanation: str,
+        harmful: bool | None = None,
+        harmful_reason: str | None = None,
+        raw: str | None = None,
+        parsed: bool = True,
+    ) -> int:
+        """Record an explanation of a feature; return its id."""
+        return self._insert_row(
+            "explanations",
+            {
+                "run_id": run_id,
+                "feature_id": int(feature_id),
+                "explainer": explainer,
+                "prompt_version": prompt_version,
+                "explanation": explanation,
+                "harmful": None if harmful is None else bool(harmful),
+                "harmful_reason": harmful_reason,
+                "raw": raw,
+                "parsed": bool(parsed),
+                "created_at": _now(),
+            },
+        )
+
+    def explanations(
+        self,
+        run_id: str,
+        feature_id: int | None = None,
+        explainer: str | None = None,
+        latest: bool = True,
+    ) -> pd.DataFrame:
+        """Explanations of the run's features; with `latest`, only the newest per feature
+        and explainer."""
+        where, params = ["run_id = ?"], [run_id]
+        if feature_id is not None:
+            where.append("feature_id = ?")
+            params.append(int(feature_id))
+        if explainer is not None:
+            where.append("explainer = ?")
+            params.append(explainer)
+        sql = f"SELECT * FROM explanations WHERE {' AND '.join(where)}"
+        if latest:
+            sql += (
+                " QUALIFY row_number() OVER "
+                "(PARTITION BY feature_id, explainer ORDER BY explanation_id DESC) = 1"
+            )
+        sql += " ORDER BY feature_id, explanation_id"
+        return self._frame(sql, params, run_id, "explanations")
+
+    def explained_features(
+        self, run_id: str, explainer: str, prompt_version: str, parsed_only: bool = False
+    ) -> set[int]:
+        """Features that already have an explanation from this explainer and prompt."""
+        sql = (
+            "SELECT DISTINCT feature_id FROM explanations WHERE run_id = ? AND explainer = ? "
+            "AND prompt_version IS NOT DISTINCT FROM ? AND (parsed OR NOT ?)"
+        )
+        with self._cursor() as cur:
+            rows = cur.execute(sql, [run_id, explainer, prompt_version, parsed_only]).fetchall()
+        return {int(r[0]) for r in rows}
+
+    def add_score(
+        self,
+        run_id: str,
+        feature_id: int,
+        *,
+        explanation_id: int | None,
+        judge: str,
+        prompt_version: str,
+        metric: str = DETECTION,
+        value: float,
+        n_examples: int,
+        details: dict[str, Any] | None = None,
+    ) -> int:
+        """Record a judge's score of an explanation; return its id."""
+        return self._insert_row(
+            "scores",
+            {
+                "run_id": run_id,
+                "feature_id": int(feature_id),
+                "explanation_id": None if explanation_id is None else int(explanation_id),
+                "judge": judge,
+                "prompt_version": prompt_version,
+                "metric": metric,
+                "value": None if value is None else float(value),
+                "n_examples": int(n_examples),
+                "details": _dumps(details, "details"),
+                "created_at": _now(),
+            },
+        )
+
+    def scores(
+        self,
+        run_id: str,
+        feature_id: int | None = None,
+        judge: str | None = None,
+        metric: str | None = None,
+    ) -> pd.DataFrame:
+        """Scores of the run's explanations, oldest first, details decoded."""
+        where, params = ["run_id = ?"], [run_id]
+        feature = None if feature_id is None else int(feature_id)
+        for column, value in (("feature_id", feature), ("judge", judge), ("metric", metric)):
+            if value is not None:
+                where.append(f"{_ident('scores', column)} = ?")
+                params.append(value)
+        sql = f"SELECT * FROM scores WHERE {' AND '.join(where)} ORDER BY feature_id, score_id"
+        return self._frame(sql, params, run_id, "scores")
+
+    def scored_explanations(
+        self, run_id: str, judge: str, prompt_version: str, metric: str = DETECTION
+    ) -> set[int]:
+        """Explanations already scored by this judge and prompt (for resumable scoring)."""
+        sql = (
+            "SELECT DISTINCT explanation_id FROM scores WHERE run_id = ? AND judge = ? "
+            "AND prompt_version IS NOT DISTINCT FROM ? AND metric = ? "
+            "AND explanation_id IS NOT NULL"
+        )
+        with self._cursor() as cur:
+            rows = cur.execute(sql, [run_id, judge, prompt_version, metric]).fetchall()
+        return {int(r[0]) for r in rows}
+
+    # steering and evaluations -----------------------------------------------------------
+
+    def add_steering_sample(
+        self,
+        run_id: str,
+        feature_id: int,
+        *,
+        model: str,
+        prompt: str,
+        alpha: float,
+        s_max: float | None,
+        seed: int | None,
+        temperature: float,
+        max_new_tokens: int,
+        baseline: str,
+        steered: str,
+        transfer: dict[str, Any] | None = None,
+        author: str = "",
+    ) -> int:
+        """Record one baseline-versus-steered generation; return its id."""
+        return self._insert_row(
+            "steering_samples",
+            {
+                "run_id": run_id,
+                "feature_id": int(feature_id),
+                "model": _choices(model, schema.MODELS, "model")[0],
+                "prompt": prompt,
+                "alpha": float(alpha),
+                "s_max": None if s_max is None else float(s_max),
+                "seed": None if seed is None else int(seed),
+                "temperature": float(temperature),
+                "max_new_tokens": int(max_new_tokens),
+                "baseline": baseline,
+                "steered": steered,
+                "transfer": _dumps(transfer, "transfer"),
+                "created_at": _now(),
+                "author": author,
+            },
+        )
+
+    def steering_samples(self, run_id: str, feature_id: int | None = None) -> pd.DataFrame:
+        """Saved steering samples, oldest first, transfer decoded."""
+        where, params = ["run_id = ?"], [run_id]
+        if feature_id is not None:
+            where.append("feature_id = ?")
+            params.append(int(feature_id))
+        sql = f"SELECT * FROM steering_samples WHERE {' AND '.join(where)} ORDER BY sample_id"
+        return self._frame(sql, params, run_id, "steering_samples")
+
+    def add_evaluation(
+        self,
+        run_id: str,
+        *,
+        kind: str,
+        config: dict[str, Any],
+        result: dict[str, Any],
+        feature_id: int | None = None,
+    ) -> int:
+        """Record an evaluation (of the run, or of one feature); return its id."""
+        return self._insert_row(
+            "evaluations",
+            {
+                "run_id": run_id,
+                "feature_id": None if feature_id is None else int(feature_id),
+                "kind": kind,
+                "config": _dumps(config, "config"),
+                "result": _dumps(result, "result"),
+                "created_at": _now(),
+            },
+        )
+
+    def evaluations(
+        self, run_id: str, kind: str | None = None, feature_id: int | None = None
+    ) -> pd.DataFrame:
+        """Evaluations of the run, oldest first, config and result decoded."""
+        where, params = ["run_id = ?"], [run_id]
+        feature = None if feature_id is None else int(feature_id)
+        for column, value in (("kind", kind), ("feature_id", feature)):
+            if value is not None:
+                where.append(f"{_ident('evaluations', column)} = ?")
+                params.append(value)
+        sql = f"SELECT * FROM evaluations WHERE {' AND '.join(where)} ORDER BY eval_id"
+        return self._frame(sql, params, run_id, "evaluations")
+
+    # triage -----------------------------------------------------------------------------
+
+    def set_triage(
+        self, run_id: str, feature_id: int, status: str, notes: str = "", reviewer: str = ""
+    ) -> None:
+        """Set a feature's triage status, keeping every change in the history."""
+        _choices(status, schema.TRIAGE_STATUSES, "triage status")
+        values = [run_id, int(feature_id), status, notes or "", reviewer or "", _now()]
+        with self._write() as cur:
+            self._require_feature(cur, run_id, feature_id)
+            cur.execute(
+                "INSERT INTO triage VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, feature_id) "
+                "DO UPDATE SET status = excluded.status, notes = excluded.notes, "
+                "reviewer = excluded.reviewer, updated_at = excluded.updated_at",
+                values,
+            )
+            cur.execute(
+                "INSERT INTO triage_history (run_id, feature_id, status, notes, reviewer, "
+                "changed_at) VALUES (?, ?, ?, ?, ?, ?)",
+                values,
+            )
+
+    def triage(self, run_id: str) -> pd.DataFrame:
+        """The current triage status of the run's reviewed features."""
+        sql = "SELECT * FROM triage WHERE run_id = ? ORDER BY feature_id"
+        return self._frame(sql, [run_id], run_id, "triage")
+
+    def triage_history(self, run_id: str, feature_id: int | None = None) -> pd.DataFrame:
+        """Every triage change of the run (or one feature), oldest first."""
+        where, params = ["run_id = ?"], [run_id]
+        if feature_id is not None:
+            where.append("feature_id = ?")
+            params.append(int(feature_id))
+        sql = f"SELECT * FROM triage_history WHERE {' AND '.join(where)} ORDER BY history_id"
+        return self._frame(sql, params, run_id, "triage_history")
+
+    # the dashboard's table and exports --------------------------------------------------
+
+    def feature_table(
+        self,
+        run_id: str,
+        partition: str | Sequence[str] | None = None,
+        harmful: bool | None = None,
+        status: str | Sequence[str] | None = None,
+        min_score: float | None = None,
+        search: str | None = None,
+        explainer: str | None = None,
+        dead: bool | None = None,
+        order_by: str = "feature_id",
+        descending: bool = False,
+        limit: int | None = None,
+    ) -> pd.DataFrame:
+        """One row per feature: statistics, latest explanation, its detection score, triage.
+
+        The explanation is the newest (of `explainer`, if given); the score is the newest
+        detection score of that explanation; a feature never triaged is 'unreviewed'.
+        `search` matches explanation text, case-insensitively, as a plain substring.
+        """
+        sql, params = _feature_table_query(
+            run_id, partition, harmful, status, min_score, search, explainer, dead, order_by,
+            descending, limit,
+        )  # fmt: skip
+        return self._frame(sql, params, run_id, "features")
+
+    def export(
+        self, what: str, path: str | Path, *, run_id: str | None = None, **filters: Any
+    ) -> Path:
+        """Write a table (rows of `run_id`, equal to `filters`) or the feature table (with
+        `feature_table`'s filters) to a .parquet or .csv file; return its path."""
+        path = Path(path)
+        options = EXPORT_FORMATS.get(path.suffix.lower())
+        if options is None:
+            raise StoreDBError(
+                f"cannot export to {path}: name a file ending in {' or '.join(EXPORT_FORMATS)}"
+            )
+        if what == "feature_table":
+            if run_id is None:
+                raise StoreDBError("exporting the feature table needs run_id=...")
+            unknown = sorted(set(filters) - set(FEATURE_TABLE_FILTERS))
+            if unknown:
+                raise StoreDBError(
+                    f"unknown feature_table filter(s) {', '.join(unknown)}; "
+                    f"valid: {', '.join(FEATURE_TABLE_FILTERS)}"
+                )
+            sql, params = _feature_table_query(run_id, **filters)
+        else:
+            if run_id is not None:
+                filters = {"run_id": run_id, **filters}
+            sql, params = _table_query(what, filters)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._cursor() as cur:
+            cur.execute(f"COPY ({sql}) TO ? ({options})", [*params, str(path)])
+        return path
+
+
+# -- helpers that need no instance -------------------------------------------------------
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _connect(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
+    """Open the DuckDB file, with clear errors for the usual mistakes."""
+    if path == ":memory:":
+        if read_only:
+            raise StoreDBError("an in-memory database cannot be read-only")
+        return duckdb.connect(path)
+    file = Path(path)
+    if read_only and not file.is_file():
+        raise StoreDBError(
+            f"no results database at {file}; run `modeldiff analyze` to create one, "
+            "or check the path"
+        )
+    if not read_only:
+        file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return duckdb.connect(path, read_only=read_only)
+    except duckdb.IOException as err:
+        raise StoreDBError(
+            f"cannot open {file}: {_first_line(err)}. DuckDB lets one process write a file, or "
+            "several only read it: stop the other process (an analysis or the dashboard) or open "
+            "both read-only"
+        ) from None
+    except duckdb.ConnectionException as err:
+        raise StoreDBError(
+            f"cannot open {file}: {_first_line(err)}. This process already has it open with "
+            "read_only set differently; share one Database per file"
+        ) from None
+
+
+def _file_version(cur: Cursor, path: Path) -> int:
+    """The schema version a file records; 0 for an empty file."""
+    tables = {
+        r[0]
+        for r in cur.execute(
+            "SELECT table_name FROM duckdb_tables() "
+            "WHERE database_name = current_database() AND schema_name = 'main'"
+        ).fetchall()
+    }
+    if "meta" not in tables:
+        if tables:
+            raise StoreDBError(
+                f"{path} is a DuckDB file but not a modeldiff results database (it has tables "
+                f"{', '.join(sorted(tables)[:5])} and no meta table); choose another path"
+            )
+        return 0
+    row = cur.execute("SELECT value FROM meta WHERE key = ?", ["schema_version"]).fetchone()
+    if row is None:
+        raise StoreDBError(f"{path} has no schema version in its meta table; it is damaged")
+    return int(row[0])
+
+
+def _span_range(row: dict[str, Any]) -> slice:
+    """The window spans a context row covers."""
+    end = row["span_end"]
+    return slice(int(row["span_start"]), None if end is None or end != end else int(end))
+
+
+def _check_contexts(cur: Cursor, run_id: str) -> None:
+    """Raise unless every context of the run names a window of it and has one activation per
+    aligned span of that window."""
+    orphan, mismatch = cur.execute(
+        "SELECT count(*) FILTER (WHERE w.window_id IS NULL), "
+        "count(*) FILTER (WHERE c.span_start < 0 OR coalesce(c.span_end, len(w.spans)) > "
+        "len(w.spans) OR len(c.acts) != coalesce(c.span_end, len(w.spans)) - c.span_start) "
+        "FROM contexts c LEFT JOIN windows w ON w.run_id = c.run_id AND w.window_id = c.window_id "
+        "WHERE c.run_id = ?",
+        [run_id],
+    ).fetchone()
+    if orphan:
+        raise StoreDBError(
+            f"{orphan} contexts of run {run_id!r} name windows that are not in the database; "
+            "write the windows (write_windows) before the contexts"
+        )
+    if mismatch:
+        raise StoreDBError(
+            f"{mismatch} contexts of run {run_id!r} have a span range outside their window or a "
+            "number of activations different from the spans they cover; give one activation "
+            "per span in [span_start, span_end)"
+        )
+
+
+def _table_query(table: str, filters: dict[str, Any]) -> tuple[str, list[Any]]:
+    """A SELECT of a whole table with equality filters on allow-listed columns."""
+    if table not in schema.COLUMNS:
+        valid = ", ".join(["feature_table", *schema.COLUMNS])
+        raise StoreDBError(f"cannot export {table!r}; choose one of: {valid}")
+    unknown = sorted(set(filters) - set(schema.COLUMNS[table]))
+    if unknown:
+        raise StoreDBError(
+            f"table {table} has no column(s) {', '.join(unknown)} to filter on; "
+            f"valid: {', '.join(schema.COLUMNS[table])}"
+        )
+    where = [f"{_ident(table, c)} = ?" for c in filters]
+    sql = f"SELECT * FROM {_ident(table)}" + (f" WHERE {' AND '.join(where)}" if where else "")
+    return sql, list(filters.values())
+
+
+def _feature_table_query(
+    run_id: str,
+    partition: str | Sequence[str] | None = None,
+    harmful: bool | None = None,
+    status: str | Sequence[str] | None = None,
+    min_score: float | None = None,
+    search: str | None = None,
+    explainer: str | None = None,
+    dead: bool | None = None,
+    order_by: str = "feature_id",
+    descending: bool = False,
+    limit: int | None = None,
+) -> tuple[str, list[Any]]:
+    """The feature table's query and parameters (see `Database.feature_table`)."""
+    params: list[Any] = [run_id, explainer, explainer, run_id, DETECTION, run_id]
+    where = ["f.run_id = ?"]
+    params.append(run_id)
+    if partition is not None:
+        where.append('list_contains(?::VARCHAR[], f."partition")')
+        params.append(_choices(partition, schema.PARTITIONS, "partition"))
+    if dead is not None:
+        where.append("f.dead = ?")
+        params.append(bool(dead))
+    if harmful is not None:
+        where.append("e.harmful IS NOT DISTINCT FROM ?")
+        params.append(bool(harmful))
+    if status is not None:
+        where.append("list_contains(?::VARCHAR[], COALESCE(t.status, 'unreviewed'))")
+        params.append(_choices(status, schema.TRIAGE_STATUSES, "triage status"))
+    if min_score is not None:
+        where.append("s.score >= ?")
+        params.append(float(min_score))
+    if search:
+        # Escape LIKE wildcards so the search is a plain substring.
+        pattern = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        where.append("e.explanation ILIKE ? ESCAPE '\\'")
+        params.append(f"%{pattern}%")
+    order = _order(order_by, schema.FEATURE_TABLE_ORDER, descending)
+    sql = f"""
+        WITH e AS (
+            SELECT feature_id, explanation_id, explainer, prompt_version, explanation, harmful,
+                   harmful_reason, parsed, created_at AS explained_at
+            FROM explanations WHERE run_id = ? AND (?::VARCHAR IS NULL OR explainer = ?)
+            QUALIFY row_number() OVER (PARTITION BY feature_id ORDER BY explanation_id DESC) = 1
+        ), s AS (
+            SELECT explanation_id, value AS score, judge, n_examples
+            FROM scores WHERE run_id = ? AND metric = ?
+            QUALIFY row_number() OVER (PARTITION BY explanation_id ORDER BY score_id DESC) = 1
+        ), t AS (
+            SELECT feature_id, status, notes, reviewer, updated_at FROM triage WHERE run_id = ?
+        ), joined AS (
+            SELECT f.* EXCLUDE (run_id, hist_counts, hist_edges),
+                   e.* EXCLUDE (feature_id), s.* EXCLUDE (explanation_id),
+                   COALESCE(t.status, 'unreviewed') AS status, t.notes, t.reviewer, t.updated_at
+            FROM features f
+            LEFT JOIN e ON e.feature_id = f.feature_id
+            LEFT JOIN s ON s.explanation_id = e.explanation_id
+            LEFT JOIN t ON t.feature_id = f.feature_id
+            WHERE {" AND ".join(where)}
+        )
+        SELECT * FROM joined ORDER BY {order}"""
+    return sql + _limit(limit, params), params

@@ -1,0 +1,271 @@
+"""The database schema: one SQL script per version, and the allow-list of tables and columns.
+
+`MIGRATIONS[i]` upgrades a file from schema version i to i + 1 (version 0 is an empty file),
+so the current version is `len(MIGRATIONS)`. A script, once released, never changes: a new
+schema is a new script appended to the list, together with updates to `COLUMNS` (and the
+other maps below), which always describe the newest version.
+
+Times are naive UTC timestamps. JSON columns hold `json.dumps` text; the store decodes them.
+"""
+
+from __future__ import annotations
+
+from engine.analysis.context import KINDS
+from engine.crosscoder.partition import Role
+
+V1 = """
+CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+
+CREATE TABLE runs (
+    run_id VARCHAR PRIMARY KEY,
+    name VARCHAR,
+    created_at TIMESTAMP NOT NULL,
+    model_a JSON,
+    model_b JSON,
+    architecture VARCHAR,
+    n_features INTEGER,
+    partition JSON,
+    config JSON,
+    metrics JSON,
+    checkpoint_path VARCHAR,
+    store_path VARCHAR,
+    provenance JSON
+);
+
+CREATE TABLE features (
+    run_id VARCHAR NOT NULL,
+    feature_id INTEGER NOT NULL,
+    partition VARCHAR NOT NULL,
+    density DOUBLE,
+    n_active BIGINT,
+    max_act DOUBLE,
+    mean_act DOUBLE,
+    hist_counts BIGINT[],
+    hist_edges DOUBLE[],
+    dec_norm_a DOUBLE,
+    dec_norm_b DOUBLE,
+    rel_norm DOUBLE,
+    dec_cos DOUBLE,
+    dead BOOLEAN,
+    s_max DOUBLE,
+    PRIMARY KEY (run_id, feature_id)
+);
+
+CREATE TABLE windows (
+    run_id VARCHAR NOT NULL,
+    window_id BIGINT NOT NULL,
+    doc_id VARCHAR,
+    source VARCHAR,
+    text VARCHAR NOT NULL,
+    spans INTEGER[][] NOT NULL,
+    ids_a INTEGER[],
+    offsets_a INTEGER[][],
+    ids_b INTEGER[],
+    offsets_b INTEGER[][],
+    PRIMARY KEY (run_id, window_id)
+);
+
+-- No key: quantile is NULL outside kind 'quantile'. Rows are written sorted by feature_id,
+-- so DuckDB's zone maps keep per-feature look-ups fast without an index.
+CREATE TABLE contexts (
+    run_id VARCHAR NOT NULL,
+    feature_id INTEGER NOT NULL,
+    kind VARCHAR NOT NULL,
+    rank INTEGER NOT NULL,
+    quantile INTEGER,
+    window_id BIGINT NOT NULL,
+    span_start INTEGER NOT NULL DEFAULT 0,  -- first aligned span of the window it covers
+    span_end INTEGER,                       -- one past the last; NULL: to the window's end
+    acts FLOAT[] NOT NULL,                  -- one activation per covered span
+    max_act DOUBLE
+);
+
+CREATE TABLE neighbors (
+    run_id VARCHAR NOT NULL,
+    feature_id INTEGER NOT NULL,
+    neighbor_id INTEGER NOT NULL,
+    cosine DOUBLE,
+    rank INTEGER NOT NULL,
+    space VARCHAR NOT NULL
+);
+
+CREATE TABLE matches (
+    run_id VARCHAR NOT NULL,
+    other_run_id VARCHAR NOT NULL,
+    feature_id INTEGER NOT NULL,
+    other_feature_id INTEGER NOT NULL,
+    cosine DOUBLE,
+    partition VARCHAR,
+    other_partition VARCHAR
+);
+
+CREATE SEQUENCE explanation_ids START 1;
+CREATE TABLE explanations (
+    explanation_id BIGINT PRIMARY KEY DEFAULT nextval('explanation_ids'),
+    run_id VARCHAR NOT NULL,
+    feature_id INTEGER NOT NULL,
+    explainer VARCHAR NOT NULL,
+    prompt_version VARCHAR,
+    explanation VARCHAR,
+    harmful BOOLEAN,
+    harmful_reason VARCHAR,
+    raw VARCHAR,
+    parsed BOOLEAN,
+    created_at TIMESTAMP NOT NULL
+);
+
+CREATE SEQUENCE score_ids START 1;
+CREATE TABLE scores (
+    score_id BIGINT PRIMARY KEY DEFAULT nextval('score_ids'),
+    run_id VARCHAR NOT NULL,
+    feature_id INTEGER NOT NULL,
+    explanation_id BIGINT,
+    judge VARCHAR NOT NULL,
+    prompt_version VARCHAR,
+    metric VARCHAR NOT NULL,
+    value DOUBLE,
+    n_examples INTEGER,
+    details JSON,
+    created_at TIMESTAMP NOT NULL
+);
+
+CREATE SEQUENCE sample_ids START 1;
+CREATE TABLE steering_samples (
+    sample_id BIGINT PRIMARY KEY DEFAULT nextval('sample_ids'),
+    run_id VARCHAR NOT NULL,
+    feature_id INTEGER NOT NULL,
+    model VARCHAR NOT NULL,
+    prompt VARCHAR,
+    alpha DOUBLE,
+    s_max DOUBLE,
+    seed BIGINT,
+    temperature DOUBLE,
+    max_new_tokens INTEGER,
+    baseline VARCHAR,
+    steered VARCHAR,
+    transfer JSON,
+    created_at TIMESTAMP NOT NULL,
+    author VARCHAR
+);
+
+CREATE SEQUENCE eval_ids START 1;
+CREATE TABLE evaluations (
+    eval_id BIGINT PRIMARY KEY DEFAULT nextval('eval_ids'),
+    run_id VARCHAR NOT NULL,
+    feature_id INTEGER,
+    kind VARCHAR NOT NULL,
+    config JSON,
+    result JSON,
+    created_at TIMESTAMP NOT NULL
+);
+
+CREATE TABLE triage (
+    run_id VARCHAR NOT NULL,
+    feature_id INTEGER NOT NULL,
+    status VARCHAR NOT NULL,
+    notes VARCHAR,
+    reviewer VARCHAR,
+    updated_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (run_id, feature_id)
+);
+
+-- Append-only: the store only ever inserts here.
+CREATE SEQUENCE triage_history_ids START 1;
+CREATE TABLE triage_history (
+    history_id BIGINT PRIMARY KEY DEFAULT nextval('triage_history_ids'),
+    run_id VARCHAR NOT NULL,
+    feature_id INTEGER NOT NULL,
+    status VARCHAR NOT NULL,
+    notes VARCHAR,
+    reviewer VARCHAR,
+    changed_at TIMESTAMP NOT NULL
+);
+"""
+
+MIGRATIONS: list[str] = [V1]
+
+# The allow-list: the only table and column names that ever reach an SQL string.
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "runs": (
+        "run_id", "name", "created_at", "model_a", "model_b", "architecture", "n_features",
+        "partition", "config", "metrics", "checkpoint_path", "store_path", "provenance",
+    ),
+    "features": (
+        "run_id", "feature_id", "partition", "density", "n_active", "max_act", "mean_act",
+        "hist_counts", "hist_edges", "dec_norm_a", "dec_norm_b", "rel_norm", "dec_cos", "dead",
+        "s_max",
+    ),
+    "windows": (
+        "run_id", "window_id", "doc_id", "source", "text", "spans", "ids_a", "offsets_a",
+        "ids_b", "offsets_b",
+    ),
+    "contexts": (
+        "run_id", "feature_id", "kind", "rank", "quantile", "window_id", "span_start",
+        "span_end", "acts", "max_act",
+    ),
+    "neighbors": ("run_id", "feature_id", "neighbor_id", "cosine", "rank", "space"),
+    "matches": (
+        "run_id", "other_run_id", "feature_id", "other_feature_id", "cosine", "partition",
+        "other_partition",
+    ),
+    "explanations": (
+        "explanation_id", "run_id", "feature_id", "explainer", "prompt_version", "explanation",
+        "harmful", "harmful_reason", "raw", "parsed", "created_at",
+    ),
+    "scores": (
+        "score_id", "run_id", "feature_id", "explanation_id", "judge", "prompt_version",
+        "metric", "value", "n_examples", "details", "created_at",
+    ),
+    "steering_samples": (
+        "sample_id", "run_id", "feature_id", "model", "prompt", "alpha", "s_max", "seed",
+        "temperature", "max_new_tokens", "baseline", "steered", "transfer", "created_at",
+        "author",
+    ),
+    "evaluations": (
+        "eval_id", "run_id", "feature_id", "kind", "config", "result", "created_at",
+    ),
+    "triage": ("run_id", "feature_id", "status", "notes", "reviewer", "updated_at"),
+    "triage_history": (
+        "history_id", "run_id", "feature_id", "status", "notes", "reviewer", "changed_at",
+    ),
+}  # fmt: skip
+
+JSON_COLUMNS: dict[str, tuple[str, ...]] = {
+    "runs": ("model_a", "model_b", "partition", "config", "metrics", "provenance"),
+    "scores": ("details",),
+    "steering_samples": ("transfer",),
+    "evaluations": ("config", "result"),
+}
+
+# List columns and how deeply they nest (2: one [n, 2] array per row).
+LIST_COLUMNS: dict[str, dict[str, int]] = {
+    "features": {"hist_counts": 1, "hist_edges": 1},
+    "windows": {"spans": 2, "ids_a": 1, "offsets_a": 2, "ids_b": 1, "offsets_b": 2},
+    "contexts": {"acts": 1},
+}
+
+# Tables written in bulk from a DataFrame, the columns a frame must have, and the columns
+# whose values are restricted to a fixed set.
+BULK_REQUIRED: dict[str, tuple[str, ...]] = {
+    "features": ("feature_id", "partition"),
+    "windows": ("window_id", "text", "spans"),
+    "contexts": ("feature_id", "kind", "rank", "window_id", "acts"),
+    "neighbors": ("feature_id", "neighbor_id", "cosine", "rank", "space"),
+    "matches": ("feature_id", "other_feature_id", "cosine"),
+}
+
+PARTITIONS = tuple(role.value for role in Role)  # a_exclusive ... designated_shared
+CONTEXT_KINDS = KINDS
+SPACES = ("a", "b")
+MODELS = ("a", "b")
+TRIAGE_STATUSES = ("unreviewed", "flagged", "verified", "dismissed", "needs-steering")
+
+BULK_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "features": {"partition": PARTITIONS},
+    "contexts": {"kind": CONTEXT_KINDS},
+    "neighbors": {"space": SPACES},
+    "matches": {"partition": PARTITIONS, "other_partition": PARTITIONS},
+}
+
+FEATURE_ORDER = ("feature_id", "max_act", "density", "rel_norm", "n_active", "s_max", "dec_cos")
+FEATURE_TABLE_ORDER = (*FEATURE_ORDER, "score", "updated_at")
