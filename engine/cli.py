@@ -22,8 +22,17 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from engine.crosscoder.trainer import TrainingError
     from engine.harvest.align import AlignmentError
     from engine.harvest.store import StoreError
+    from engine.store import StoreDBError
 
-    return (*USER_ERRORS, CheckpointError, DataError, TrainingError, StoreError, AlignmentError)
+    return (
+        *USER_ERRORS,
+        CheckpointError,
+        DataError,
+        TrainingError,
+        StoreError,
+        AlignmentError,
+        StoreDBError,
+    )
 
 
 def cmd_harvest(args: argparse.Namespace) -> None:
@@ -117,6 +126,109 @@ def _training_data(args: argparse.Namespace):
     return (x_a, x_b), (x_a.shape[1], x_b.shape[1]), None
 
 
+def cmd_analyze(args: argparse.Namespace) -> None:
+    """Analyse every feature of a trained crosscoder into the results database."""
+    from engine.analysis.analyze import analyze
+    from engine.analysis.examples import ExampleConfig
+    from engine.analysis.scan import ScanConfig
+
+    result = analyze(
+        args.run,
+        args.store,
+        args.db,
+        run_id=args.run_id,
+        scan_cfg=ScanConfig(top_k=args.top_k, segment_pairs=args.context_pairs),
+        example_cfg=ExampleConfig(n_random=args.random),
+        progress=not args.quiet,
+    )
+    print(result.summary())
+    if args.match:
+        _match(args.db, result.run_id, args.match)
+
+
+def cmd_match(args: argparse.Namespace) -> None:
+    """Match the features of two runs on the same model pair by decoder cosine."""
+    _match(args.db, args.run_id, args.other)
+
+
+def _match(db_path: Path, run_id: str, other: str, threshold: float = 0.7) -> None:
+    from engine.analysis.geometry import match_runs
+    from engine.crosscoder.checkpoint import load_crosscoder
+    from engine.store import Database
+
+    with Database(db_path) as db:
+        ours = load_crosscoder(db.run(run_id)["checkpoint_path"])[0]
+        theirs = load_crosscoder(db.run(other)["checkpoint_path"])[0]
+        table = match_runs(ours, theirs)
+        db.write_matches(run_id, other, table)
+    excl = table[table["partition"].isin(["a_exclusive", "b_exclusive"])]
+    found = excl[excl["cosine"] >= threshold]
+    print(
+        f"matched {len(table):,} features of {run_id!r} against {other!r}: "
+        f"{len(found):,} of {len(excl):,} exclusive features have a match with decoder "
+        f"cosine >= {threshold} (median best cosine {table['cosine'].median():.2f})"
+    )
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    """Explain features (exclusive partitions first) and flag potentially harmful ones."""
+    from engine.interp.run import explain_run, ordered_features
+    from engine.store import Database
+
+    with Database(args.db) as db:
+        db.run(args.run_id)  # a clear error for an unknown run
+        if args.explainer == "anthropic":
+            from engine.interp.anthropic import AnthropicExplainer, describe_cost, estimate_cost
+
+            explainer = AnthropicExplainer(model=args.model, batch=args.batch)
+            n = len(ordered_features(db, args.run_id, args.partitions, args.limit))
+            print(describe_cost(estimate_cost(n, args.model, batch=args.batch)))
+            if not args.yes and input("proceed? [y/N] ").strip().lower() != "y":
+                print("nothing sent")
+                return
+        else:
+            from engine.interp.offline import OfflineExplainer, background_from
+
+            explainer = OfflineExplainer(background_from(db.window_texts(args.run_id)))
+        ledger = Path(f"{args.db}.{args.run_id}.batches.json") if args.batch else None
+        run = explain_run(
+            db,
+            args.run_id,
+            explainer,
+            partitions=args.partitions,
+            limit=args.limit,
+            ledger=ledger,
+            progress=not args.quiet,
+        )
+    print(f"{explainer.name}: {run.summary()}")
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    """Detection-score the latest explanations (10 top vs 10 random examples per feature)."""
+    from engine.interp.run import score_run
+    from engine.store import Database
+
+    if args.judge == "anthropic":
+        from engine.interp.anthropic import AnthropicJudge
+
+        judge = AnthropicJudge(model=args.model)
+    else:
+        from engine.interp.offline import OfflineJudge
+
+        judge = OfflineJudge()
+    with Database(args.db) as db:
+        db.run(args.run_id)
+        run = score_run(
+            db,
+            args.run_id,
+            judge,
+            explainer=args.explainer,
+            limit=args.limit,
+            progress=not args.quiet,
+        )
+    print(f"{judge.name}: {run.summary()}")
+
+
 def cmd_toy(args: argparse.Namespace) -> int:
     """Synthetic ground-truth comparison of standard, DFC and DSF crosscoders."""
     from engine.toy.sweep import main as toy_main
@@ -183,6 +295,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="override [train] device (auto|cpu|cuda)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("analyze", help=cmd_analyze.__doc__, description=cmd_analyze.__doc__)
+    p.add_argument("--run", required=True, type=Path, help="run directory of modeldiff train")
+    p.add_argument("--store", required=True, type=Path, help="the activation store it used")
+    p.add_argument("--db", required=True, type=Path, help="DuckDB results file (created)")
+    p.add_argument("--run-id", help="name of the run in the database (default: the run dir)")
+    p.add_argument("--top-k", type=int, default=20, help="max-activating contexts per feature")
+    p.add_argument("--random", type=int, default=10, help="non-activating contexts per feature")
+    p.add_argument(
+        "--context-pairs", type=int, default=32, help="aligned tokens per context (default 32)"
+    )
+    p.add_argument("--match", metavar="RUN_ID", help="also match features against this run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("match", help=cmd_match.__doc__, description=cmd_match.__doc__)
+    p.add_argument("--db", required=True, type=Path)
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--other", required=True, help="run id of the other run")
+    p.set_defaults(func=cmd_match)
+
+    for name, func in (("explain", cmd_explain), ("score", cmd_score)):
+        p = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
+        p.add_argument("--db", required=True, type=Path)
+        p.add_argument("--run-id", required=True)
+        who = "explainer" if name == "explain" else "judge"
+        p.add_argument(
+            f"--{who}",
+            choices=("offline", "anthropic"),
+            default="offline",
+            help="offline (no key, deterministic) or anthropic (needs ANTHROPIC_API_KEY)",
+        )
+        p.add_argument("--model", default="claude-opus-4-1-20250805", help="Claude model")
+        p.add_argument("--limit", type=int, help="at most this many features")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        if name == "explain":
+            p.add_argument("--partitions", nargs="+", help="only these partitions")
+            p.add_argument("--batch", action="store_true", help="Message Batches API (50%% off)")
+            p.add_argument("--yes", action="store_true", help="do not ask before paid calls")
+        else:
+            p.add_argument(
+                "--explainer",
+                dest="explainer",
+                default=None,
+                help="score explanations of this explainer (default: the latest)",
+            )
+        p.set_defaults(func=func)
 
     # Its options belong to the sweep's own parser (see `modeldiff toy --help`).
     p = sub.add_parser("toy", help=cmd_toy.__doc__, add_help=False)

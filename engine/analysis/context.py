@@ -7,7 +7,7 @@ can be shown on top from the window's token offsets, kept in the database.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -31,6 +31,13 @@ class Context:
     def max_act(self) -> float:
         """The largest activation in the window (0 for an empty one)."""
         return float(self.acts.max()) if len(self.acts) else 0.0
+
+    def segment(self) -> Context:
+        """The same context cut to the text its spans cover (for prompts and compact views)."""
+        if not len(self.spans):
+            return self
+        lo, hi = int(self.spans[0, 0]), int(self.spans[-1, 1])
+        return replace(self, text=self.text[lo:hi], spans=self.spans - lo)
 
     def pieces(self) -> list[tuple[str, float]]:
         """The text cut at span boundaries as (piece, activation) pairs covering all of it;

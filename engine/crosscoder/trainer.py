@@ -30,6 +30,7 @@ from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer, outlier_mask
 from engine.crosscoder.partition import Role
 from engine.crosscoder.sparse import Entries, batch_topk
+from engine.interrupts import deferred_interrupts
 from engine.progress import ProgressBar
 
 # Settings that may change between a run and its resumption without changing the result.
@@ -484,19 +485,22 @@ def _loop(trainer: Trainer, source, out: Path | None, progress: bool) -> None:
                     f"the activation source ran out after {step} of {cfg.steps} steps; lower "
                     f"`steps` or provide more data"
                 ) from None
-            stats = trainer.step(x_a, x_b)
-            window_tokens += int(stats["rows"])
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                elapsed = time.perf_counter() - window_start
-                record = _record(trainer, stats, done, window_tokens / max(elapsed, 1e-9))
-                trainer.counters.history.append(record)
-                window_start, window_tokens = time.perf_counter(), 0
-                bar.update(completed=done, status=_status(record))
-            else:
-                bar.update(completed=done)
-            if out is not None and done % cfg.checkpoint_every == 0 and done != cfg.steps:
-                trainer.save_checkpoint(out)
+            # A step and its bookkeeping are one unit: an interrupt waits for its end, so a
+            # checkpoint saved on Ctrl-C/SIGTERM is always consistent.
+            with deferred_interrupts():
+                stats = trainer.step(x_a, x_b)
+                window_tokens += int(stats["rows"])
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = _record(trainer, stats, done, window_tokens / max(elapsed, 1e-9))
+                    trainer.counters.history.append(record)
+                    window_start, window_tokens = time.perf_counter(), 0
+                    bar.update(completed=done, status=_status(record))
+                else:
+                    bar.update(completed=done)
+                if out is not None and done % cfg.checkpoint_every == 0 and done != cfg.steps:
+                    trainer.save_checkpoint(out)
 
 
 def _record(trainer: Trainer, stats: dict[str, torch.Tensor], step: int, rate: float) -> dict:

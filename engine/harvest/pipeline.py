@@ -24,6 +24,7 @@ from engine.config import HarvestConfig, to_dict
 from engine.harvest.store import StoreWriter, WindowRecord, bytes_per_pair, median_norms
 from engine.harvest.text import Mixture, source_from_spec
 from engine.harvest.windows import Side, numbered_windows, side
+from engine.interrupts import deferred_interrupts
 from engine.models.capture import capture_residual
 from engine.models.layers import resolve_layer
 from engine.models.loading import LoadedModel, load_model
@@ -182,7 +183,8 @@ def _run(cfg: HarvestConfig, stream, writer: StoreWriter, a: _Model, b: _Model, 
         if writer.is_done(window.index):
             continue
         if duplicate or not len(window):
-            writer.skip(window, counts)
+            with deferred_interrupts():  # the writer's queue must never be half-updated
+                writer.skip(window, counts)
             continue
         chunk.append((window, counts))
         chunk_tokens += len(window.ids_a) + len(window.ids_b)
@@ -203,7 +205,8 @@ def _flush_chunk(cfg, chunk, writer: StoreWriter, a: _Model, b: _Model, meter) -
     acts_b = _activations(b, [w.ids_b for w in windows], [w.pos_b for w in windows], cfg)
     tokens = sum(len(w.ids_a) + len(w.ids_b) for w in windows)
     for (window, counts), x_a, x_b in zip(chunk, acts_a, acts_b, strict=True):
-        writer.add(window, x_a, x_b, counts)
+        with deferred_interrupts():  # the writer's queue must never be half-updated
+            writer.add(window, x_a, x_b, counts)
         if writer.pairs >= cfg.max_pairs:
             meter.update(writer.pairs, tokens)
             return True

@@ -549,6 +549,16 @@ class Database:
             for r in rows
         ]
 
+    def window_texts(self, run_id: str, limit: int | None = None) -> list[str]:
+        """Texts of the run's windows in id order (background text for explainers)."""
+        sql = "SELECT text FROM windows WHERE run_id = ? ORDER BY window_id"
+        params: list[Any] = [run_id]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        with self._cursor() as cur:
+            return [r[0] for r in cur.execute(sql, params).fetchall()]
+
     def window(self, run_id: str, window_id: int) -> dict[str, Any]:
         """One window: text, aligned spans [k, 2], and each model's token ids and offsets."""
         sql = "SELECT * FROM windows WHERE run_id = ? AND window_id = ?"

@@ -1,0 +1,148 @@
+"""`analyze`: a trained crosscoder and its activation store into the results database.
+
+One pass over the store gives every feature's statistics and example candidates
+(scan.py); a second, smaller pass reads the chosen examples' activations (examples.py); the
+decoder gives norms, cosines and nearest features (geometry.py). Everything is written to
+DuckDB under one run id, replacing an earlier analysis of the same run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from engine.analysis.examples import ExampleConfig, choose, read_examples
+from engine.analysis.geometry import decoder_stats, neighbors
+from engine.analysis.scan import ScanConfig, ScanResult, scan
+from engine.crosscoder.checkpoint import CheckpointError, load_crosscoder
+from engine.harvest.store import ActivationStore
+from engine.store import Database
+
+
+@dataclass(frozen=True)
+class AnalyzeResult:
+    """What an analysis wrote and how long its parts took."""
+
+    run_id: str
+    n_pairs: int
+    n_features: int
+    n_dead: int
+    n_contexts: int
+    seconds: dict[str, float]
+
+    def summary(self) -> str:
+        """A few lines for the command line."""
+        s = self.seconds
+        rate = self.n_pairs / s["scan"] if s["scan"] else float("nan")
+        return (
+            f"analysed run {self.run_id!r}: {self.n_pairs:,} pairs through {self.n_features:,} "
+            f"features ({rate:,.0f} tokens/s), {self.n_dead:,} never active, "
+            f"{self.n_contexts:,} contexts\n" + ", ".join(f"{k} {v:.1f} s" for k, v in s.items())
+        )
+
+
+def analyze(
+    run_dir: str | Path,
+    store_path: str | Path,
+    db_path: str | Path,
+    *,
+    run_id: str | None = None,
+    scan_cfg: ScanConfig | None = None,
+    example_cfg: ExampleConfig | None = None,
+    neighbors_k: int = 10,
+    progress: bool = True,
+) -> AnalyzeResult:
+    """Analyse every feature of the crosscoder in `run_dir` on the store at `store_path`."""
+    run_dir, store_path = Path(run_dir), Path(store_path)
+    run_id = run_id or run_dir.resolve().name
+    cc, normalizer, header = load_crosscoder(run_dir)
+    store = ActivationStore(store_path)
+    if (store.d_a, store.d_b) != (cc.d_a, cc.d_b):
+        raise CheckpointError(
+            f"the crosscoder in {run_dir} has widths {cc.d_a}/{cc.d_b} but the store at "
+            f"{store_path} holds {store.d_a}/{store.d_b}; analyse it on the store it was "
+            "trained on"
+        )
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    result = scan(cc, normalizer, store, scan_cfg, progress)
+    seconds["scan"] = time.perf_counter() - t
+    t = time.perf_counter()
+    choices = choose(result, example_cfg)
+    contexts, windows = read_examples(cc, normalizer, store, result, choices, progress)
+    seconds["examples"] = time.perf_counter() - t
+    t = time.perf_counter()
+    features = feature_table(result, decoder_stats(cc))
+    near = neighbors(cc, neighbors_k)
+    seconds["geometry"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with Database(db_path) as db:
+        db.add_run(run_id, **_run_record(run_dir, store_path, store, header, result, scan_cfg))
+        db.write_features(run_id, features)
+        db.write_windows(run_id, windows)
+        db.write_contexts(run_id, contexts)
+        db.write_neighbors(run_id, near)
+    seconds["write"] = time.perf_counter() - t
+    return AnalyzeResult(
+        run_id,
+        result.n_pairs,
+        len(features),
+        int(features["dead"].sum()),
+        len(contexts),
+        seconds,
+    )
+
+
+def feature_table(result: ScanResult, geometry: pd.DataFrame) -> pd.DataFrame:
+    """Per-feature statistics of the scan joined with the decoder geometry."""
+    n_active = result.n_active.numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n_active > 0, result.sum_act.numpy() / n_active, 0.0)
+    edges = ScanResult.hist_edges().tolist()
+    stats = pd.DataFrame(
+        {
+            "density": n_active / max(result.n_pairs, 1),
+            "n_active": n_active,
+            "max_act": result.max_act.numpy().astype(np.float64),
+            "mean_act": mean,
+            "hist_counts": list(result.hist.numpy()),
+            "hist_edges": [edges] * len(n_active),
+            "dead": n_active == 0,
+            # Steering adds alpha * s_max * decoder (paper B.4.3): s_max is the largest
+            # activation seen, in crosscoder units (the steering code converts to raw units).
+            "s_max": result.max_act.numpy().astype(np.float64),
+        }
+    )
+    return pd.concat([geometry.reset_index(drop=True), stats], axis=1)
+
+
+def _run_record(run_dir, store_path, store, header, result, scan_cfg) -> dict[str, Any]:
+    """The runs-table row: models, partition, config, metrics, paths and provenance."""
+    models = store.manifest["models"]
+    return {
+        "name": run_dir.name,
+        "model_a": models["a"],
+        "model_b": models["b"],
+        "architecture": header["architecture"],
+        "n_features": sum(header["partition"].values()),
+        "partition": header["partition"],
+        "config": {
+            "crosscoder": header.get("crosscoder_config", {}),
+            "train": header.get("train_config", {}),
+            "scan": asdict(scan_cfg or ScanConfig()),
+            "normalizer": header["normalizer"],
+        },
+        "metrics": header.get("metrics", {}),
+        "checkpoint_path": str(run_dir.resolve()),
+        "store_path": str(Path(store_path).resolve()),
+        "provenance": {
+            "store": store.manifest.get("provenance", {}),
+            "store_data": store.manifest.get("data", {}),
+            "analysed_pairs": result.n_pairs,
+        },
+    }
