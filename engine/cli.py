@@ -229,6 +229,21 @@ def cmd_score(args: argparse.Namespace) -> None:
     print(f"{judge.name}: {run.summary()}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """Export a results table (or the feature table) to Parquet or CSV."""
+    from engine.store import Database
+
+    filters = {}
+    for item in args.where or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--where takes column=value, got {item!r}")
+        filters[key] = value
+    with Database(args.db, read_only=True) as db:
+        path = db.export(args.what, args.out, run_id=args.run_id, **filters)
+    print(f"wrote {path}")
+
+
 def cmd_toy(args: argparse.Namespace) -> int:
     """Synthetic ground-truth comparison of standard, DFC and DSF crosscoders."""
     from engine.toy.sweep import main as toy_main
@@ -342,6 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
                 help="score explanations of this explainer (default: the latest)",
             )
         p.set_defaults(func=func)
+
+    p = sub.add_parser("export", help=cmd_export.__doc__, description=cmd_export.__doc__)
+    p.add_argument("--db", required=True, type=Path)
+    p.add_argument("--what", required=True, help="a table name, or feature_table")
+    p.add_argument("--out", required=True, type=Path, help="a .parquet or .csv path")
+    p.add_argument("--run-id", help="only this run's rows")
+    p.add_argument("--where", nargs="+", metavar="COLUMN=VALUE", help="equality filters")
+    p.set_defaults(func=cmd_export)
 
     # Its options belong to the sweep's own parser (see `modeldiff toy --help`).
     p = sub.add_parser("toy", help=cmd_toy.__doc__, add_help=False)
