@@ -3,6 +3,7 @@ analyze -> explain -> score into a real DuckDB file."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import torch
 from engine.analysis.analyze import analyze
 from engine.analysis.examples import ExampleConfig, choose, read_examples
 from engine.analysis.geometry import match_runs, neighbors
-from engine.analysis.scan import ScanConfig, scan
+from engine.analysis.scan import EntryCache, ScanConfig, scan
 from engine.crosscoder.checkpoint import save_crosscoder
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
@@ -182,6 +183,28 @@ def test_examples_quantiles_and_random_contexts(planted):
             if f == 4
         )
     assert set(contexts.window_id) <= set(windows.window_id)
+    # Reading the examples from the scan's on-disk entries gives the same table.
+    cache = EntryCache(tmp_path / "cache")
+    again = scan(
+        cc,
+        Normalizer.identity(),
+        store,
+        ScanConfig(top_k=3, segment_pairs=8, sample_active=1000),
+        progress=False,
+        cache=cache,
+    )
+    assert cache.shards == set(range(len(store.shards)))
+    cached, _ = read_examples(
+        cc,
+        Normalizer.identity(),
+        store,
+        again,
+        choose(again, ExampleConfig(n_quantiles=4, per_quantile=2, n_random=5)),
+        progress=False,
+        cache=cache,
+    )
+    assert cached.drop(columns="acts").equals(contexts.drop(columns="acts"))
+    assert all(np.allclose(x, y) for x, y in zip(cached.acts, contexts.acts, strict=True))
 
 
 def test_analyze_writes_everything_to_duckdb(planted):
@@ -270,6 +293,26 @@ def test_cli_analyze_explain_score_chain(planted):
         assert "tea" in tea.explanation or "coffee" in tea.explanation
         bomb = table[table.feature_id == 4].iloc[0]
         assert bool(bomb.harmful) and bomb.score >= 0.8
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    keyless = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "explain",
+            "--db",
+            str(db),
+            "--run-id",
+            "p",
+            "--explainer",
+            "anthropic",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert keyless.returncode == 2 and "ANTHROPIC_API_KEY" in keyless.stderr
     bad = subprocess.run(
         [sys.executable, "-m", "engine.cli", "explain", "--db", str(db), "--run-id", "nope"],
         capture_output=True,

@@ -8,6 +8,7 @@ DuckDB under one run id, replacing an earlier analysis of the same run.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import pandas as pd
 
 from engine.analysis.examples import ExampleConfig, choose, read_examples
 from engine.analysis.geometry import decoder_stats, neighbors
-from engine.analysis.scan import ScanConfig, ScanResult, scan
+from engine.analysis.scan import EntryCache, ScanConfig, ScanResult, scan
 from engine.crosscoder.checkpoint import CheckpointError, load_crosscoder
 from engine.harvest.store import ActivationStore
 from engine.store import Database
@@ -56,6 +57,7 @@ def analyze(
     example_cfg: ExampleConfig | None = None,
     neighbors_k: int = 10,
     progress: bool = True,
+    cache_bytes: int = 2 << 30,
 ) -> AnalyzeResult:
     """Analyse every feature of the crosscoder in `run_dir` on the store at `store_path`."""
     run_dir, store_path = Path(run_dir), Path(store_path)
@@ -69,13 +71,17 @@ def analyze(
             "trained on"
         )
     seconds: dict[str, float] = {}
-    t = time.perf_counter()
-    result = scan(cc, normalizer, store, scan_cfg, progress)
-    seconds["scan"] = time.perf_counter() - t
-    t = time.perf_counter()
-    choices = choose(result, example_cfg)
-    contexts, windows = read_examples(cc, normalizer, store, result, choices, progress)
-    seconds["examples"] = time.perf_counter() - t
+    with tempfile.TemporaryDirectory(prefix="modeldiff-analyze-") as tmp:
+        # The scan keeps its non-zero activations on disk (bounded), so the examples are
+        # read back instead of encoding the store a second time.
+        cache = EntryCache(tmp, cache_bytes)
+        t = time.perf_counter()
+        result = scan(cc, normalizer, store, scan_cfg, progress, cache)
+        seconds["scan"] = time.perf_counter() - t
+        t = time.perf_counter()
+        choices = choose(result, example_cfg)
+        contexts, windows = read_examples(cc, normalizer, store, result, choices, progress, cache)
+        seconds["examples"] = time.perf_counter() - t
     t = time.perf_counter()
     features = feature_table(result, decoder_stats(cc))
     near = neighbors(cc, neighbors_k)

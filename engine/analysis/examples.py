@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from engine.analysis.scan import ScanResult
+from engine.analysis.scan import EntryCache, ScanResult
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.harvest.store import ActivationStore
@@ -89,8 +89,10 @@ def read_examples(
     result: ScanResult,
     choices: list[Choice],
     progress: bool = True,
+    cache: EntryCache | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(contexts, windows) tables for the chosen examples."""
+    """(contexts, windows) tables for the chosen examples; shards whose activations the scan
+    cached are read from `cache` instead of being encoded again."""
     segs = result.segments
     wanted: dict[int, set[int]] = defaultdict(set)  # segment -> features needing its acts
     for c in choices:
@@ -103,9 +105,13 @@ def read_examples(
     windows = []
     with ProgressBar("examples", len(by_shard), progress) as bar:
         for shard in sorted(by_shard):
-            acts.update(
-                _shard_acts(crosscoder, normalizer, store, shard, by_shard[shard], wanted, segs)
-            )
+            if cache is not None and shard in cache.shards:
+                n_features = crosscoder.partition.n_features
+                acts.update(_cached_acts(cache, shard, by_shard[shard], wanted, segs, n_features))
+            else:
+                acts.update(
+                    _shard_acts(crosscoder, normalizer, store, shard, by_shard[shard], wanted, segs)
+                )
             windows += _shard_windows(store, shard, {segs.window[s] for s in by_shard[shard]})
             bar.update(advance=1)
     rows = []
@@ -126,6 +132,26 @@ def read_examples(
             }
         )
     return pd.DataFrame(rows), pd.DataFrame(windows)
+
+
+def _cached_acts(cache: EntryCache, shard: int, seg_ids, wanted, segs, n_features: int):
+    """The wanted (segment, feature) activation vectors of a shard, from cached entries."""
+    pairs = [(s, f) for s in sorted(seg_ids) for f in sorted(wanted.get(s, ()))]
+    if not pairs:
+        return {}
+    p_seg = np.array([s for s, _ in pairs], dtype=np.int64)
+    p_feat = np.array([f for _, f in pairs], dtype=np.int64)
+    keys = p_seg * n_features + p_feat  # ascending by construction
+    lengths = np.array([segs.end[s] - segs.start[s] for s in p_seg])
+    offsets = np.r_[0, np.cumsum(lengths)[:-1]]
+    flat = np.zeros(int(lengths.sum()), dtype=np.float32)
+    e = cache.load(shard)
+    entry_keys = e["seg"].numpy() * n_features + e["feat"].numpy()
+    at = np.minimum(np.searchsorted(keys, entry_keys), len(keys) - 1)
+    hit = keys[at] == entry_keys
+    flat[offsets[at[hit]] + e["pos"].numpy()[hit]] = e["val"].numpy()[hit]
+    parts = np.split(flat, offsets[1:])
+    return dict(zip(zip(p_seg.tolist(), p_feat.tolist(), strict=True), parts, strict=True))
 
 
 def _shard_acts(crosscoder, normalizer, store, shard: int, seg_ids, wanted, segs, chunk=2048):

@@ -18,9 +18,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
@@ -105,10 +107,8 @@ class _Scan:
         self.off_seg = torch.full((f, cfg.sample_inactive), -1, dtype=torch.int64)
         self.segments = Segments()
 
-    def entries(self, acts: torch.Tensor) -> None:
-        """Fold the non-zero activations of a dense chunk [rows, F] into the counts."""
-        rows, feats = acts.nonzero(as_tuple=True)
-        vals = acts[rows, feats]
+    def entries(self, feats: torch.Tensor, vals: torch.Tensor) -> None:
+        """Fold non-zero activations (feature ids and values) into the counts."""
         self.n_active.index_add_(0, feats, torch.ones_like(feats))
         self.sum_act.index_add_(0, feats, vals.double())
         self.max_act.scatter_reduce_(0, feats, vals, "amax")
@@ -171,8 +171,13 @@ def scan(
     store: ActivationStore,
     cfg: ScanConfig | None = None,
     progress: bool = True,
+    cache: EntryCache | None = None,
 ) -> ScanResult:
-    """Stream every shard of `store` through `crosscoder` once (see the module docstring)."""
+    """Stream every shard of `store` through `crosscoder` once (see the module docstring).
+
+    With `cache`, the non-zero activations are also kept on disk (up to its byte limit) so
+    that reading the examples afterwards needs no second encoding pass.
+    """
     cfg = cfg or ScanConfig()
     started = time.perf_counter()
     state = _Scan(crosscoder.partition.n_features, cfg)
@@ -181,27 +186,62 @@ def scan(
         for i in range(len(store.shards)):
             shard = store.load_shard(i, ("a", "b", "pair_window"))
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
-            _scan_shard(crosscoder, normalizer, shard, i, state, gen)
+            _scan_shard(crosscoder, normalizer, shard, i, state, gen, cache)
             bar.update(advance=int(shard["a"].shape[0]))
     return state.result(time.perf_counter() - started)
 
 
-def _scan_shard(crosscoder, normalizer, shard, number: int, state: _Scan, gen) -> None:
+class EntryCache:
+    """Non-zero activations of scanned shards on disk: (segment, position, feature, value)."""
+
+    def __init__(self, directory: str | Path, limit_bytes: int = 2 << 30) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.limit, self.used = limit_bytes, 0
+        self.shards: set[int] = set()
+
+    def save(self, shard: int, parts: list[tuple[torch.Tensor, ...]]) -> None:
+        """Keep one shard's entries, unless the cache is full (that shard is re-encoded)."""
+        seg, pos, feat, val = (torch.cat(p) for p in zip(*parts, strict=True))
+        size = 16 * len(seg)
+        if self.used + size > self.limit:
+            return
+        save_file(
+            {"seg": seg, "pos": pos.int(), "feat": feat.int(), "val": val},
+            str(self.directory / f"entries-{shard:06d}.safetensors"),
+        )
+        self.used += size
+        self.shards.add(shard)
+
+    def load(self, shard: int) -> dict[str, torch.Tensor]:
+        """The cached entries of a shard (see `shards` for which are cached)."""
+        return load_file(str(self.directory / f"entries-{shard:06d}.safetensors"))
+
+
+def _scan_shard(crosscoder, normalizer, shard, number: int, state: _Scan, gen, cache) -> None:
     """Encode one shard in chunks; fold counts; merge its segments' maxima."""
     first_seg = len(state.segments)
-    seg_local = segment_rows(shard["pair_window"], state.cfg.segment_pairs, state.segments, number)
+    seg_local, pos = segment_rows(
+        shard["pair_window"], state.cfg.segment_pairs, state.segments, number
+    )
     n_seg = len(state.segments) - first_seg
     seg_max = torch.zeros(n_seg * state.f)
     x_a, x_b = shard["a"], shard["b"]
+    parts = []
     with torch.inference_mode():
         for lo in range(0, x_a.shape[0], state.cfg.chunk_rows):
             hi = lo + state.cfg.chunk_rows
             a, b = normalizer.apply(x_a[lo:hi].float(), x_b[lo:hi].float())
             acts = crosscoder.encode(a, b)
-            state.entries(acts)
             rows, feats = acts.nonzero(as_tuple=True)
-            key = seg_local[lo:hi][rows] * state.f + feats
-            seg_max.scatter_reduce_(0, key, acts[rows, feats], "amax")
+            vals = acts[rows, feats]
+            state.entries(feats, vals)
+            seg = seg_local[lo:hi][rows]
+            seg_max.scatter_reduce_(0, seg * state.f + feats, vals, "amax")
+            if cache is not None:
+                parts.append((seg + first_seg, pos[lo:hi][rows], feats, vals))
+    if cache is not None and parts:
+        cache.save(number, parts)
     state.n_pairs += x_a.shape[0]
     ids = torch.arange(first_seg, first_seg + n_seg, dtype=torch.int64)[None]
     state.segments_done(seg_max.view(n_seg, state.f), ids, gen)
@@ -209,10 +249,12 @@ def _scan_shard(crosscoder, normalizer, shard, number: int, state: _Scan, gen) -
 
 def segment_rows(
     pair_window: torch.Tensor, size: int, segments: Segments, shard: int
-) -> torch.Tensor:
-    """Shard-local segment index of every row; appends the shard's segments to `segments`."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shard-local segment index and position within the segment of every row; appends the
+    shard's segments to `segments`."""
     windows = pair_window.numpy()
     seg = np.empty(len(windows), dtype=np.int64)
+    pos = np.empty(len(windows), dtype=np.int64)
     n = 0
     # Rows of a window are contiguous and in pair order (the writer stores whole windows).
     bounds = np.flatnonzero(np.diff(windows)) + 1
@@ -221,5 +263,6 @@ def segment_rows(
             e = min(s + size, end)
             segments.add(int(windows[start]), int(s - start), int(e - start), shard)
             seg[s:e] = n
+            pos[s:e] = np.arange(e - s)
             n += 1
-    return torch.from_numpy(seg)
+    return torch.from_numpy(seg), torch.from_numpy(pos)
