@@ -38,12 +38,23 @@ def ordered_features(
 
 def examples(db: Database, run_id: str, feature_id: int) -> FeatureExamples:
     """A feature's top and random contexts, cut to the spans they cover."""
-    contexts = db.contexts(run_id, feature_id, ["top", "random"])
-    return FeatureExamples(
-        feature_id,
-        top=[c.segment() for c in contexts if c.kind == "top"],
-        random=[c.segment() for c in contexts if c.kind == "random"],
-    )
+    return next(iter(examples_of(db, run_id, [feature_id])))
+
+
+def examples_of(
+    db: Database, run_id: str, feature_ids: list[int], block: int = 256
+) -> Iterator[FeatureExamples]:
+    """`examples` of many features, in order, fetched from the database a block at a time."""
+    for lo in range(0, len(feature_ids), block):
+        ids = feature_ids[lo : lo + block]
+        found = db.contexts_of(run_id, ids, ["top", "random"])
+        for f in ids:
+            contexts = found.get(f, [])
+            yield FeatureExamples(
+                f,
+                top=[c.segment() for c in contexts if c.kind == "top"],
+                random=[c.segment() for c in contexts if c.kind == "random"],
+            )
 
 
 def explain_run(
@@ -76,7 +87,7 @@ def explain_run(
             )
             bar.update(advance=1)
 
-        items = (examples(db, run_id, f) for f in ids)
+        items = examples_of(db, run_id, ids)
         kwargs = {"ledger": ledger} if ledger is not None else {}
         run = explainer.explain_many(items, done=done, on_result=record, **kwargs)
     return run
@@ -115,10 +126,10 @@ def score_run(
     done = db.scored_explanations(run_id, judge.name, judge.prompt_version)
     todo = list(_to_score(db, run_id, explainer, done, limit))
     out = ScoreRun(skipped_done=len(done))
+    all_examples = examples_of(db, run_id, [int(r.feature_id) for r in todo])
     with ProgressBar(f"score ({judge.name})", len(todo), progress) as bar:
-        for row in todo:
+        for row, ex in zip(todo, all_examples, strict=True):
             fid = int(row.feature_id)
-            ex = examples(db, run_id, fid)
             try:
                 result = detection_score(judge, row.explanation or "", ex.top, ex.random, seed=seed)
             except ParseError as err:

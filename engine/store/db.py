@@ -520,34 +520,45 @@ class Database:
     ) -> list[Context]:
         """A feature's contexts with their window texts, by kind (top, quantile, random),
         then quantile bin, then rank."""
-        where, params = ["c.run_id = ?", "c.feature_id = ?"], [run_id, int(feature_id)]
+        return self.contexts_of(run_id, [feature_id], kind).get(int(feature_id), [])
+
+    def contexts_of(
+        self, run_id: str, feature_ids: Sequence[int], kind: str | Sequence[str] | None = None
+    ) -> dict[int, list[Context]]:
+        """`contexts` for many features in one query: {feature_id: contexts}."""
+        ids = [int(f) for f in feature_ids]
+        where = ["c.run_id = ?", "list_contains(?::INTEGER[], c.feature_id)"]
+        params: list[Any] = [run_id, ids]
         if kind is not None:
             where.append("list_contains(?::VARCHAR[], c.kind)")
             params.append(_choices(kind, schema.CONTEXT_KINDS, "context kind"))
         sql = (
-            "SELECT c.kind, c.rank, c.quantile, c.window_id, c.span_start, c.span_end, c.acts, "
-            "w.text, w.spans, w.doc_id "
+            "SELECT c.feature_id, c.kind, c.rank, c.quantile, c.window_id, c.span_start, "
+            "c.span_end, c.acts, w.text, w.spans, w.doc_id "
             "FROM contexts c JOIN windows w ON w.run_id = c.run_id AND w.window_id = c.window_id "
             f"WHERE {' AND '.join(where)} "
-            "ORDER BY list_position(?::VARCHAR[], c.kind), c.quantile NULLS FIRST, c.rank"
+            "ORDER BY c.feature_id, list_position(?::VARCHAR[], c.kind), "
+            "c.quantile NULLS FIRST, c.rank"
         )
         with self._cursor() as cur:
             rows = _records(cur.execute(sql, [*params, list(schema.CONTEXT_KINDS)]))
             if not rows:
                 self._require_run(cur, run_id)
-        return [
-            Context(
-                text=r["text"],
-                spans=_array(r["spans"], np.int64, 2)[_span_range(r)],
-                acts=_array(r["acts"], np.float32),
-                window_id=int(r["window_id"]),
-                doc_id=r["doc_id"] or "",
-                kind=r["kind"],
-                rank=int(r["rank"]),
-                quantile=r["quantile"],
+        out: dict[int, list[Context]] = {f: [] for f in ids}
+        for r in rows:
+            out[int(r["feature_id"])].append(
+                Context(
+                    text=r["text"],
+                    spans=_array(r["spans"], np.int64, 2)[_span_range(r)],
+                    acts=_array(r["acts"], np.float32),
+                    window_id=int(r["window_id"]),
+                    doc_id=r["doc_id"] or "",
+                    kind=r["kind"],
+                    rank=int(r["rank"]),
+                    quantile=r["quantile"],
+                )
             )
-            for r in rows
-        ]
+        return out
 
     def window_texts(self, run_id: str, limit: int | None = None) -> list[str]:
         """Texts of the run's windows in id order (background text for explainers)."""
