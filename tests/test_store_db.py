@@ -398,24 +398,24 @@ def test_explanations_scores_steering_evaluations(db):
 
 def test_triage_history_is_append_only(db):
     assert db.triage(RUN).empty
-    db.set_triage(RUN, 1, "flagged", notes="looks like refusals", reviewer="ana")
-    db.set_triage(RUN, 1, "needs-steering", reviewer="ben")
+    db.set_triage(RUN, 1, "screening", notes="looks like refusals", reviewer="ana")
+    db.set_triage(RUN, 1, "needs steering", reviewer="ben")
     db.set_triage(RUN, 1, "verified", notes="confirmed", reviewer="ana")
-    db.set_triage(RUN, 2, "dismissed")
+    db.set_triage(RUN, 2, "false positive")
     current = db.triage(RUN)
     assert list(zip(current.feature_id, current.status, strict=True)) == [
         (1, "verified"),
-        (2, "dismissed"),
+        (2, "false positive"),
     ]
     history = db.triage_history(RUN, feature_id=1)
-    assert list(history.status) == ["flagged", "needs-steering", "verified"]
+    assert list(history.status) == ["screening", "needs steering", "verified"]
     assert list(history.reviewer) == ["ana", "ben", "ana"]
     assert history.changed_at.is_monotonic_increasing
     assert len(db.triage_history(RUN)) == 4
-    with pytest.raises(StoreDBError, match="valid: unreviewed, flagged, verified, dismissed"):
+    with pytest.raises(StoreDBError, match="valid: unreviewed, screening, verified, false positive"):
         db.set_triage(RUN, 1, "approved")
     with pytest.raises(StoreDBError, match="no feature 99"):
-        db.set_triage(RUN, 99, "flagged")
+        db.set_triage(RUN, 99, "screening")
     assert len(db.triage_history(RUN)) == 4
 
 
@@ -438,20 +438,20 @@ def test_feature_table_joins_and_filters(db):
         value=1.0,
         n_examples=10,
     )
-    db.set_triage(RUN, 2, "flagged")
+    db.set_triage(RUN, 2, "screening")
 
     table = db.feature_table(RUN).set_index("feature_id")
     assert len(table) == N and "hist_counts" not in table.columns
     assert table.loc[0, "explanation"] == "Refusals of harmful requests"
     assert table.loc[0, "score"] == 0.9  # newest detection score of the newest explanation
     assert table.loc[2, "score"] == 0.6 and pd.isna(table.loc[6, "score"])
-    assert table.loc[2, "status"] == "flagged" and table.loc[5, "status"] == "unreviewed"
+    assert table.loc[2, "status"] == "screening" and table.loc[5, "status"] == "unreviewed"
 
     def ids(**filters) -> list[int]:
         return db.feature_table(RUN, **filters).feature_id.tolist()
 
     assert ids(harmful=True) == [0] and ids(harmful=False) == [2]
-    assert ids(status="flagged") == [2] and len(ids(status=["unreviewed"])) == N - 1
+    assert ids(status="screening") == [2] and len(ids(status=["unreviewed"])) == N - 1
     assert ids(min_score=0.5) == [0, 2] and ids(min_score=0.5, partition="b_exclusive") == [2]
     assert ids(search="refusal") == [0] and ids(search="o'brien") == [2]
     assert ids(search="100%") == [2] and ids(search="0%_") == []  # wildcards are literal
@@ -471,7 +471,7 @@ def test_values_with_quotes_and_sql_are_harmless(tmp_path):
     with Database(tmp_path / "nasty.duckdb") as db:
         add_run(db, NASTY, name=NASTY)
         db.write_features(NASTY, features_frame())
-        db.set_triage(NASTY, 0, "flagged", notes=NASTY, reviewer="o'neil")
+        db.set_triage(NASTY, 0, "screening", notes=NASTY, reviewer="o'neil")
         db.add_explanation(NASTY, 0, explainer=NASTY, prompt_version=NASTY, explanation=NASTY)
         assert db.run(NASTY)["name"] == NASTY
         assert len(db.features(NASTY)) == N
@@ -562,9 +562,9 @@ def test_reopen_read_only_and_close(tmp_path):
     with Database(path) as db:
         add_run(db)
         db.write_features(RUN, features_frame())
-        db.set_triage(RUN, 3, "flagged")
+        db.set_triage(RUN, 3, "screening")
     with Database(path, read_only=True) as db:
-        assert len(db.features(RUN)) == N and db.triage(RUN).status.tolist() == ["flagged"]
+        assert len(db.features(RUN)) == N and db.triage(RUN).status.tolist() == ["screening"]
         with pytest.raises(StoreDBError, match="opened read-only"):
             db.set_triage(RUN, 3, "verified")
     db.close()
@@ -591,7 +591,7 @@ def test_readers_run_while_a_writer_writes(db):
         try:
             for i in range(15):
                 db.write_features(RUN, features_frame(scale=i + 1.0))
-                db.set_triage(RUN, i % N, "flagged")
+                db.set_triage(RUN, i % N, "screening")
         except BaseException as err:
             errors.append(err)
 

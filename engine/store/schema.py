@@ -258,7 +258,7 @@ PARTITIONS = tuple(role.value for role in Role)  # a_exclusive ... designated_sh
 CONTEXT_KINDS = KINDS
 SPACES = ("a", "b")
 MODELS = ("a", "b")
-TRIAGE_STATUSES = ("unreviewed", "flagged", "verified", "dismissed", "needs-steering")
+TRIAGE_STATUSES = ("unreviewed", "screening", "verified", "false positive", "needs steering")
 
 BULK_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     "features": {"partition": PARTITIONS},
