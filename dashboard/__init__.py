@@ -1,0 +1,1 @@
+"""modeldiff's Streamlit dashboard: thin views over the results database (`engine.store`)."""

@@ -244,6 +244,49 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Open the dashboard on a results database (Streamlit, on this machine by default)."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise ConfigError('the dashboard needs Streamlit: pip install -e ".[app]"')
+    db = args.db if args.db is not None else _env_db()
+    if db is None:
+        raise ConfigError("name the results database: modeldiff dashboard --db results.duckdb")
+    if not db.is_file():
+        raise ConfigError(
+            f"no results database at {db}; create one with `modeldiff analyze --run RUN "
+            f"--store STORE --db {db}` (see docs/analysis.md)"
+        )
+    command = dashboard_command(db.resolve(), args.host, args.port)
+    print(f"modeldiff dashboard on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _env_db() -> Path | None:
+    import os
+
+    value = os.environ.get("MODELDIFF_DB")
+    return Path(value) if value else None
+
+
+def dashboard_command(db: Path, host: str = "127.0.0.1", port: int = 8501) -> list[str]:
+    """The `streamlit run` command line that serves the dashboard on `db`."""
+    import dashboard
+
+    app = Path(dashboard.__file__).resolve().parent / "app.py"
+    return [
+        sys.executable, "-m", "streamlit", "run", str(app),
+        "--server.address", host, "--server.port", str(port),
+        "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
+        "--", "--db", str(db),
+    ]  # fmt: skip
+
+
 def cmd_toy(args: argparse.Namespace) -> int:
     """Synthetic ground-truth comparison of standard, DFC and DSF crosscoders."""
     from engine.toy.sweep import main as toy_main
@@ -365,6 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="only this run's rows")
     p.add_argument("--where", nargs="+", metavar="COLUMN=VALUE", help="equality filters")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("dashboard", help=cmd_dashboard.__doc__, description=cmd_dashboard.__doc__)
+    p.add_argument("--db", type=Path, help="DuckDB results file (default: $MODELDIFF_DB)")
+    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.set_defaults(func=cmd_dashboard)
 
     # Its options belong to the sweep's own parser (see `modeldiff toy --help`).
     p = sub.add_parser("toy", help=cmd_toy.__doc__, add_help=False)

@@ -412,7 +412,7 @@ def test_triage_history_is_append_only(db):
     assert list(history.reviewer) == ["ana", "ben", "ana"]
     assert history.changed_at.is_monotonic_increasing
     assert len(db.triage_history(RUN)) == 4
-    with pytest.raises(StoreDBError, match="valid: unreviewed, screening, verified, false positive"):
+    with pytest.raises(StoreDBError, match="valid: unreviewed, screening, verified"):
         db.set_triage(RUN, 1, "approved")
     with pytest.raises(StoreDBError, match="no feature 99"):
         db.set_triage(RUN, 99, "screening")

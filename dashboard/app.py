@@ -1,0 +1,45 @@
+"""modeldiff dashboard: browse, read and triage the features of analysed crosscoder runs.
+
+Run with `modeldiff dashboard --db results.duckdb`, or
+`streamlit run dashboard/app.py -- --db results.duckdb` (or set MODELDIFF_DB).
+The chosen run and feature are in the URL (`?run=..&feature=..`), so a link restores a view.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `streamlit run dashboard/app.py` puts dashboard/ on sys.path, not the repository root.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import streamlit as st  # noqa: E402
+
+from dashboard import data  # noqa: E402
+
+st.set_page_config(layout="wide", page_title="modeldiff", page_icon="🔬")
+
+VIEWS = Path(__file__).parent / "views"
+PAGES = {
+    "runs": st.Page(str(VIEWS / "runs.py"), title="Runs", icon="🗂️", default=True),
+    "features": st.Page(str(VIEWS / "features.py"), title="Features", icon="🔎"),
+    "feature": st.Page(str(VIEWS / "feature.py"), title="Feature", icon="🧩"),
+    "triage": st.Page(str(VIEWS / "triage.py"), title="Triage", icon="✅"),
+    "compare": st.Page(str(VIEWS / "compare.py"), title="Compare runs", icon="⚖️"),
+}
+page = st.navigation(list(PAGES.values()))
+data.keep_widget_state()
+
+db_path = data.require_db()
+st.sidebar.caption(f"Database: `{db_path}`")
+data.select_run(db_path)
+
+# A shared link to the landing page with `?feature=` opens that feature (first load only).
+first = not st.session_state.get("_landed")
+st.session_state["_landed"] = True
+if first and page is PAGES["runs"] and data.param_int("feature") is not None:
+    st.switch_page(PAGES["feature"], query_params=dict(st.query_params))
+
+page.run()

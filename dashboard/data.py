@@ -1,0 +1,303 @@
+"""The dashboard's access to the results database: one cached connection, cached reads.
+
+Every read goes through a `Database` method (the dashboard writes no SQL); query results are
+cached per (database, arguments) with `st.cache_data`, and a triage write clears the caches
+that show triage. The chosen run and feature live in `st.query_params` (so a URL restores
+the view) and in session state (Streamlit clears query parameters on page changes).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pandas as pd
+import streamlit as st
+
+from engine.analysis.context import Context
+from engine.store import Database, StoreDBError
+from engine.store.schema import PARTITIONS, TRIAGE_STATUSES
+
+ENV_DB = "MODELDIFF_DB"
+PARTITION_LABELS = {
+    "a_exclusive": "A-exclusive",
+    "b_exclusive": "B-exclusive",
+    "shared": "shared",
+    "designated_shared": "designated shared",
+}
+LABEL_PARTITIONS = {label: key for key, label in PARTITION_LABELS.items()}
+EXCLUSIVE = ("a_exclusive", "b_exclusive")
+INTERPRETABLE = 0.8  # detection score at which a feature counts as interpretable
+RECUR = 0.7  # decoder cosine at which a feature recurs in another run
+STATUSES = TRIAGE_STATUSES
+PARTITION_ORDER = PARTITIONS
+_WRITE_LOCK = threading.Lock()  # one triage write at a time across sessions
+_OPENED: list[Database] = []  # every connection the resource cache opened (see close_all)
+
+CREATE_HELP = """\
+modeldiff harvest --out stores/demo --model-a smollm2 --model-b gemma3 --sources demo:chitchat
+modeldiff train   --config configs/demo.toml --store stores/demo --out runs/demo
+modeldiff analyze --run runs/demo --store stores/demo --db results.duckdb
+modeldiff explain --db results.duckdb --run-id demo
+modeldiff score   --db results.duckdb --run-id demo
+modeldiff dashboard --db results.duckdb"""
+
+
+def label(partition: Any) -> str:
+    """The partition's display label ("A-exclusive", ...)."""
+    return PARTITION_LABELS.get(str(partition), str(partition))
+
+
+# -- the database ------------------------------------------------------------------------
+
+
+def db_path_from_args(argv: list[str] | None = None) -> str | None:
+    """The database path from `--db PATH` after `streamlit run app.py --`, else $MODELDIFF_DB."""
+    argv = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(argv):
+        if arg == "--db" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--db="):
+            return arg.split("=", 1)[1]
+    return os.environ.get(ENV_DB) or None
+
+
+@st.cache_resource(show_spinner=False)
+def _open(path: str) -> Database:
+    """The one shared connection to the file (writable, so triage can be saved)."""
+    db = Database(path, read_only=False)
+    _OPENED.append(db)
+    return db
+
+
+def close_all() -> None:
+    """Close the cached connections and forget every cached read (tests, shutdown)."""
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    while _OPENED:
+        _OPENED.pop().close()
+
+
+def database(path: str) -> Database:
+    """The shared `Database` of the file at `path`."""
+    return _open(str(Path(path).resolve()))
+
+
+def require_db() -> str:
+    """The resolved database path of this session; stops the page with set-up help if the file
+    is missing, unreadable or holds no run."""
+    path = st.session_state.get("db_path") or db_path_from_args()
+    if not path:
+        _stop("No results database given.")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        _stop(f"No results database at `{file}`.")
+    resolved = str(file.resolve())
+    try:
+        ids = run_ids(resolved)
+    except StoreDBError as err:
+        _stop(f"Cannot open `{file}`: {err}")
+    if not ids:
+        _stop(f"`{file}` holds no analysed run yet.")
+    st.session_state["db_path"] = resolved
+    return resolved
+
+
+def _stop(problem: str) -> None:
+    """Show what is wrong and how to create a database, then stop the script run."""
+    st.error(problem)
+    st.markdown(
+        "Start the dashboard with `modeldiff dashboard --db PATH` (or set `MODELDIFF_DB`). "
+        "A results database is created by the pipeline:"
+    )
+    st.code(CREATE_HELP, language="bash")
+    st.stop()
+
+
+# -- cached reads (keyed by the database path) -------------------------------------------
+
+
+@st.cache_data(show_spinner=False)
+def run_ids(path: str) -> list[str]:
+    """Ids of the runs in the database, oldest first."""
+    return [str(r) for r in database(path).runs()["run_id"]]
+
+
+@st.cache_data(show_spinner=False)
+def runs(path: str) -> pd.DataFrame:
+    """All runs (JSON columns decoded)."""
+    return database(path).runs()
+
+
+@st.cache_data(show_spinner=False)
+def run(path: str, run_id: str) -> dict[str, Any]:
+    """One run as a dict."""
+    return database(path).run(run_id)
+
+
+@st.cache_data(show_spinner=False)
+def features(path: str, run_id: str) -> pd.DataFrame:
+    """Per-feature statistics of the run (with histograms)."""
+    return database(path).features(run_id)
+
+
+@st.cache_data(show_spinner=False)
+def feature_table(path: str, run_id: str, **filters: Any) -> pd.DataFrame:
+    """`Database.feature_table` with the given filters."""
+    return database(path).feature_table(run_id, **filters)
+
+
+@st.cache_data(show_spinner=False)
+def feature(path: str, run_id: str, feature_id: int) -> dict[str, Any]:
+    """One feature's statistics."""
+    return database(path).feature(run_id, feature_id)
+
+
+def feature_row(path: str, run_id: str, feature_id: int) -> dict[str, Any] | None:
+    """The feature-table row of one feature (explanation, score, triage), or None."""
+    table = feature_table(path, run_id)
+    rows = table[table["feature_id"] == int(feature_id)]
+    return None if rows.empty else rows.iloc[0].to_dict()
+
+
+@st.cache_data(show_spinner=False)
+def contexts(path: str, run_id: str, feature_id: int) -> list[Context]:
+    """All contexts of a feature (top, quantile, random)."""
+    return database(path).contexts(run_id, feature_id)
+
+
+@st.cache_data(show_spinner=False)
+def contexts_of(path: str, run_id: str, feature_ids: tuple[int, ...], kind: str) -> dict:
+    """Contexts of several features of one kind: {feature_id: [Context]}."""
+    return database(path).contexts_of(run_id, list(feature_ids), kind)
+
+
+@st.cache_data(show_spinner=False)
+def window(path: str, run_id: str, window_id: int) -> dict[str, Any]:
+    """One window with both models' token ids and offsets."""
+    return database(path).window(run_id, window_id)
+
+
+@st.cache_data(show_spinner=False)
+def neighbors(path: str, run_id: str, feature_id: int) -> pd.DataFrame:
+    """A feature's nearest features in both decoder spaces."""
+    return database(path).neighbors(run_id, feature_id)
+
+
+@st.cache_data(show_spinner=False)
+def explanations(path: str, run_id: str, feature_id: int) -> pd.DataFrame:
+    """Every explanation of a feature (all explainers, all versions)."""
+    return database(path).explanations(run_id, feature_id, latest=False)
+
+
+@st.cache_data(show_spinner=False)
+def matches(path: str, run_id: str, other: str) -> pd.DataFrame:
+    """Feature matches from one run to another."""
+    return database(path).matches(run_id, other)
+
+
+@st.cache_data(show_spinner=False)
+def triage(path: str, run_id: str) -> pd.DataFrame:
+    """Current triage rows of the run."""
+    return database(path).triage(run_id)
+
+
+@st.cache_data(show_spinner=False)
+def triage_history(path: str, run_id: str, feature_id: int | None = None) -> pd.DataFrame:
+    """Triage changes of the run (or of one feature), oldest first."""
+    return database(path).triage_history(run_id, feature_id)
+
+
+def save_triage(
+    path: str, run_id: str, feature_id: int, status: str, notes: str, reviewer: str
+) -> None:
+    """Record a triage decision and drop the cached reads that show triage."""
+    with _WRITE_LOCK:
+        database(path).set_triage(run_id, int(feature_id), status, notes, reviewer)
+    for cached in (feature_table, triage, triage_history):
+        cached.clear()
+
+
+# Widget values that outlive a page change (Streamlit drops the state of widgets a run did not
+# draw, unless the value is written back in every run: `keep_widget_state`).
+KEPT_KEYS = (
+    "f_partitions", "f_status", "f_min_score", "f_search", "f_harmful", "f_dead", "f_order",
+    "f_desc", "f_page", "ctx_whole", "ctx_tokens", "t_mode", "reviewer",
+)  # fmt: skip
+
+
+def keep_widget_state() -> None:
+    """Write the kept widget values back, so they survive visits to other pages."""
+    for key in KEPT_KEYS:
+        if key in st.session_state:
+            st.session_state[key] = st.session_state[key]
+
+
+# -- the shared selection: run and feature -----------------------------------------------
+
+
+def param_int(name: str) -> int | None:
+    """An integer query parameter, or None when absent or malformed."""
+    try:
+        return int(st.query_params[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def _run_changed() -> None:
+    st.query_params["run"] = st.session_state["run_choice"]
+    st.session_state.pop("feature_id", None)
+    st.query_params.pop("feature", None)
+
+
+def select_run(path: str) -> str:
+    """The sidebar run selector; the URL's `?run=` wins on arrival."""
+    ids = run_ids(path)
+    wanted = st.query_params.get("run")
+    if wanted in ids and wanted != st.session_state.get("run_choice"):
+        st.session_state["run_choice"] = wanted
+    elif st.session_state.get("run_choice") not in ids:
+        st.session_state["run_choice"] = ids[-1]
+    chosen = st.sidebar.selectbox("Run", ids, key="run_choice", on_change=_run_changed)
+    st.query_params["run"] = chosen
+    return chosen
+
+
+def current_feature(path: str, run_id: str) -> int | None:
+    """The feature in view: `?feature=`, else the last one viewed, else the strongest live
+    exclusive feature (or any live one)."""
+    n = int(run(path, run_id)["n_features"] or 0)
+    for candidate in (param_int("feature"), st.session_state.get("feature_id")):
+        if candidate is not None and 0 <= candidate < n:
+            return int(candidate)
+    table = features(path, run_id)
+    live = table[~table["dead"].fillna(False).astype(bool)]
+    if live.empty:
+        return int(table["feature_id"].iloc[0]) if len(table) else None
+    excl = live[live["partition"].isin(EXCLUSIVE)]
+    pick = excl if len(excl) else live
+    return int(pick.sort_values("max_act", ascending=False)["feature_id"].iloc[0])
+
+
+def set_feature(feature_id: int) -> None:
+    """Make `feature_id` the feature in view (URL and session)."""
+    st.session_state["feature_id"] = int(feature_id)
+    st.query_params["feature"] = str(int(feature_id))
+
+
+def feature_link(run_id: str, feature_id: int) -> str:
+    """A relative link that opens the feature page of a feature."""
+    return "feature?" + urlencode({"run": run_id, "feature": int(feature_id)})
+
+
+def session() -> tuple[str, str]:
+    """(database path, chosen run id) of this session, for a view."""
+    path = require_db()
+    run_id = st.session_state.get("run_choice")
+    if run_id not in run_ids(path):
+        run_id = select_run(path)
+    return path, run_id

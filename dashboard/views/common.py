@@ -1,0 +1,261 @@
+"""Rendering shared by the views: highlighted contexts, token views, badges and the audit
+report. Plain functions of their inputs (no Streamlit state), so they are easy to test.
+
+Every piece of text that reaches HTML (contexts, explanations, notes) goes through
+`html.escape`; only the markup built here is raw.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from dashboard.data import label
+from engine.analysis.context import Context
+
+PARTITION_COLOURS = {
+    "a_exclusive": "#d62728",
+    "b_exclusive": "#1f77b4",
+    "shared": "#7f7f7f",
+    "designated_shared": "#9467bd",
+}
+HIGHLIGHT = (255, 140, 0)  # orange; opacity scales with activation / feature max
+TEXT_STYLE = (
+    "font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 0.85rem; "
+    "white-space: pre-wrap; line-height: 1.7; padding: 6px 8px; border: 1px solid #ddd; "
+    "border-radius: 6px; margin-bottom: 6px"
+)
+
+
+def esc(value: Any) -> str:
+    """HTML-escaped text of any value (None becomes empty)."""
+    return "" if value is None or _missing(value) else html.escape(str(value), quote=True)
+
+
+def _missing(value: Any) -> bool:
+    """Whether a cell is missing (None, NaN, pd.NA, NaT)."""
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def fmt(value: Any, spec: str = ".3g") -> str:
+    """A number for display; missing values show as an en dash."""
+    if value is None or _missing(value):
+        return "–"
+    try:
+        return format(float(value), spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def badge(partition: str) -> str:
+    """A coloured HTML badge with the partition's label."""
+    colour = PARTITION_COLOURS.get(partition, "#7f7f7f")
+    return (
+        f'<span style="background:{colour}; color:white; padding:2px 8px; border-radius:10px; '
+        f'font-size:0.8rem; font-weight:600">{esc(label(partition))}</span>'
+    )
+
+
+def _background(act: float, max_act: float) -> str:
+    """The highlight colour of an activation, its opacity relative to the feature's max."""
+    alpha = 0.0 if max_act <= 0 else min(1.0, max(0.0, act / max_act))
+    alpha = 0.12 + 0.88 * alpha  # faint but visible for the weakest active span
+    r, g, b = HIGHLIGHT
+    return f"rgba({r},{g},{b},{alpha:.2f})"
+
+
+def _span(text: str, act: float, max_act: float, extra: str = "", title: str = "") -> str:
+    """One piece of text, highlighted when active, its activation in the hover title."""
+    body = esc(text)
+    if act > 0:
+        tip = esc(f"{title}activation {act:.3f}")
+        return (
+            f'<span style="background:{_background(act, max_act)}; border-radius:2px;{extra}" '
+            f'title="{tip}">{body}</span>'
+        )
+    if extra or title:
+        return f'<span style="{extra}" title="{esc(title)}">{body}</span>'
+    return body
+
+
+def context_html(context: Context, max_act: float, whole: bool = False) -> str:
+    """A context as HTML: its segment (or the whole window) with active spans highlighted."""
+    shown = context if whole else context.segment()
+    inner = "".join(_span(text, act, max_act) for text, act in shown.pieces())
+    return f'<div style="{TEXT_STYLE}">{inner}</div>'
+
+
+def contexts_html(contexts: Iterable[Context], max_act: float, whole: bool = False) -> str:
+    """Several contexts as one HTML block (one box each)."""
+    return "".join(context_html(c, max_act, whole) for c in contexts) or "<em>none</em>"
+
+
+def token_pieces(
+    context: Context, window: Mapping[str, Any], model: str, whole: bool = False
+) -> list[tuple[str, float, int | None]]:
+    """The context's text cut at one model's token boundaries: (text, activation, token id)
+    with token id None for text between tokens. A token is active when its end falls in an
+    active aligned span."""
+    text = window["text"]
+    offsets = np.asarray(window.get(f"offsets_{model}"), dtype=np.int64).reshape(-1, 2)
+    ids = np.asarray(window.get(f"ids_{model}"), dtype=np.int64).reshape(-1)
+    spans = np.asarray(context.spans, dtype=np.int64).reshape(-1, 2)
+    acts = np.asarray(context.acts, dtype=np.float64).reshape(-1)
+    if whole or not len(spans):
+        lo, hi = 0, len(text)
+    else:
+        lo, hi = int(spans[0, 0]), int(spans[-1, 1])
+    out: list[tuple[str, float, int | None]] = []
+    pos = lo
+    for i, (start, end) in enumerate(offsets.tolist()):
+        if end <= start or end <= pos or start >= hi:
+            continue  # special tokens (empty) and tokens already covered or out of view
+        start = max(start, pos)
+        end = min(end, hi)
+        if start > pos:
+            out.append((text[pos:start], 0.0, None))
+        act = 0.0
+        j = int(np.searchsorted(spans[:, 1], end, side="left")) if len(spans) else 0
+        if j < len(spans) and spans[j, 0] < end:
+            act = float(acts[j])
+        out.append((text[start:end], act, int(ids[i]) if i < len(ids) else None))
+        pos = end
+    if pos < hi:
+        out.append((text[pos:hi], 0.0, None))
+    return out
+
+
+def tokens_html(
+    context: Context, window: Mapping[str, Any], model: str, max_act: float, whole: bool = False
+) -> str:
+    """The context in one model's own tokens (boxed), tokens ending in an active span
+    highlighted."""
+    box = " outline:1px solid #bbb; outline-offset:-1px; border-radius:2px; margin:0 1px;"
+    parts = []
+    for text, act, token in token_pieces(context, window, model, whole):
+        if token is None:
+            parts.append(esc(text))
+        else:
+            parts.append(_span(text, act, max_act, extra=box, title=f"token {token} · "))
+    return f'<div style="{TEXT_STYLE}">{"".join(parts)}</div>'
+
+
+def marked_text(context: Context) -> str:
+    """The context's segment as plain text with «» around active spans (for reports)."""
+    out = []
+    for text, act in context.segment().pieces():
+        core = text.strip()
+        if act > 0 and core:
+            # Keep the spaces a token carries outside the marks: " tea" -> " «tea»".
+            lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()) :]
+            out.append(f"{lead}«{core}»{trail}")
+        else:
+            out.append(text)
+    return "".join(out).replace("»«", "")
+
+
+def activation_histogram(counts: Any, edges: Any, title: str = "") -> go.Figure | None:
+    """A bar chart of the activation histogram over its non-empty bins, or None if empty."""
+    counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+    edges = np.asarray(edges, dtype=np.float64).reshape(-1)
+    if not len(counts) or counts.sum() == 0 or len(edges) != len(counts) + 1:
+        return None
+    nz = np.flatnonzero(counts)
+    lo, hi = int(nz[0]), int(nz[-1]) + 1
+    names = [f"{edges[i]:.3g}–{edges[i + 1]:.3g}" for i in range(lo, hi)]
+    fig = go.Figure(go.Bar(x=names, y=counts[lo:hi], marker_color="#ff8c00"))
+    fig.update_layout(
+        title=title,
+        xaxis_title="activation (log-spaced bins)",
+        yaxis_title="pairs",
+        height=280,
+        margin=dict(l=10, r=10, t=40 if title else 10, b=10),
+    )
+    return fig
+
+
+def triage_note_html(status: Any, notes: Any, reviewer: Any, updated: Any) -> str:
+    """The current triage decision as an HTML callout (every value escaped)."""
+    if status is None or _missing(status):
+        status = "unreviewed"
+    who = f" by {esc(reviewer)}" if reviewer and not _missing(reviewer) else ""
+    when = f" at {esc(updated)}" if updated is not None and not _missing(updated) else ""
+    body = f"<br><span style='white-space:pre-wrap'>{esc(notes)}</span>" if esc(notes) else ""
+    return (
+        '<div style="border-left:4px solid #ff8c00; padding:4px 10px; margin:4px 0">'
+        f"<b>Triage:</b> {esc(status)}{who}{when}{body}</div>"
+    )
+
+
+# -- the audit report --------------------------------------------------------------------
+
+
+def report_markdown(
+    run_id: str, rows: pd.DataFrame, contexts: Mapping[int, list[Context]], n_contexts: int = 3
+) -> str:
+    """A Markdown audit report of reviewed features: partition, explanation, harmful reason,
+    detection score, top contexts with «» around active text, and the reviewer's notes."""
+    lines = [f"# modeldiff audit report: run `{run_id}`", ""]
+    lines.append(f"{len(rows)} feature(s).")
+    lines.append("")
+    for row in rows.to_dict("records"):
+        fid = int(row["feature_id"])
+        lines += [f"## Feature {fid} ({label(row.get('partition'))})", ""]
+        lines.append(f"- **Explanation:** {_plain(row.get('explanation'))}")
+        lines.append(f"- **Explainer:** {_plain(row.get('explainer'))}")
+        harmful = row.get("harmful")
+        flag = "–" if harmful is None or _missing(harmful) else ("yes" if harmful else "no")
+        lines.append(f"- **Harmful:** {flag}")
+        lines.append(f"- **Harmful reason:** {_plain(row.get('harmful_reason'))}")
+        lines.append(f"- **Detection score:** {fmt(row.get('score'), '.2f')}")
+        lines.append(f"- **Relative decoder norm:** {fmt(row.get('rel_norm'), '.3f')}")
+        lines.append(f"- **Status:** {_plain(row.get('status'))}")
+        lines.append(f"- **Reviewer:** {_plain(row.get('reviewer'))}")
+        lines.append(f"- **Notes:** {_plain(row.get('notes'))}")
+        lines += ["", "Top contexts:", ""]
+        top = [c for c in contexts.get(fid, []) if c.kind == "top"][:n_contexts]
+        for i, context in enumerate(top, 1):
+            text = marked_text(context).replace("\n", " ").replace("`", "'")
+            lines.append(f"{i}. `{text}` (max activation {context.max_act:.3f})")
+        if not top:
+            lines.append("(no contexts)")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plain(value: Any) -> str:
+    """A cell as one line of report text."""
+    if value is None or _missing(value) or value == "":
+        return "–"
+    return " ".join(str(value).split())
+
+
+def report_csv(rows: pd.DataFrame) -> str:
+    """The reviewed features' rows as CSV text."""
+    columns = [
+        "feature_id", "partition", "explanation", "explainer", "harmful", "harmful_reason",
+        "score", "judge", "rel_norm", "density", "max_act", "status", "notes", "reviewer",
+        "updated_at",
+    ]  # fmt: skip
+    out = rows[[c for c in columns if c in rows.columns]].copy()
+    if "partition" in out:
+        out["partition"] = out["partition"].map(label)
+    return out.to_csv(index=False)
+
+
+def exclusivity(rel_norm: Any) -> float:
+    """How far a feature's relative decoder norm is from 0.5 (0 to 0.5; NaN as 0)."""
+    try:
+        value = float(rel_norm)
+    except (TypeError, ValueError):
+        return 0.0
+    return 0.0 if math.isnan(value) else abs(value - 0.5)

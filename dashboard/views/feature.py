@@ -1,0 +1,216 @@
+"""Feature: one feature's explanation, statistics, activation histogram, highlighted
+contexts (top, by quantile, random), either model's tokenization, neighbours and matches."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import data
+from dashboard.views.common import (
+    activation_histogram,
+    badge,
+    context_html,
+    esc,
+    fmt,
+    tokens_html,
+    triage_note_html,
+)
+
+VIEWS = {"aligned spans": None, "model A tokens": "a", "model B tokens": "b"}
+
+path, run_id = data.session()
+info = data.run(path, run_id)
+n_features = int(info["n_features"] or 0)
+fid = data.current_feature(path, run_id)
+if fid is None:
+    st.warning(f"Run `{run_id}` has no features.")
+    st.stop()
+
+
+def _jump() -> None:
+    data.set_feature(int(st.session_state["feature_input"]))
+
+
+# The URL (or a click elsewhere) decides which feature is shown; the input follows it.
+st.session_state["feature_input"] = fid
+st.sidebar.number_input(
+    "Feature id", 0, max(n_features - 1, 0), step=1, key="feature_input", on_change=_jump
+)
+data.set_feature(fid)
+
+stats = data.feature(path, run_id, fid)
+row = data.feature_row(path, run_id, fid) or {}
+max_act = float(stats.get("max_act") or 0.0)
+
+st.html(
+    f'<h2 style="margin-bottom:0">Feature {fid} &nbsp;{badge(stats["partition"])}'
+    + (
+        ' &nbsp;<span style="background:#b00020; color:white; padding:2px 8px; '
+        'border-radius:10px; font-size:0.8rem">flagged harmful</span>'
+        if row.get("harmful") is True
+        else ""
+    )
+    + (
+        ' &nbsp;<span style="background:#555; color:white; padding:2px 8px; '
+        'border-radius:10px; font-size:0.8rem">dead</span>'
+        if stats.get("dead")
+        else ""
+    )
+    + "</h2>"
+)
+
+explanation = row.get("explanation")
+if explanation is None or pd.isna(explanation):
+    st.info(
+        "No explanation yet. Create them with "
+        f"`modeldiff explain --db {path} --run-id {run_id}`, then `modeldiff score ...`."
+    )
+else:
+    harmful = row.get("harmful")
+    flag = "–" if harmful is None or pd.isna(harmful) else ("yes" if harmful else "no")
+    reason = row.get("harmful_reason")
+    st.html(
+        f'<div style="font-size:1.15rem; margin:6px 0">{esc(explanation)}</div>'
+        f'<div style="color:#555">explained by <code>{esc(row.get("explainer"))}</code>'
+        f" · harmful: <b>{esc(flag)}</b>"
+        + (f" — {esc(reason)}" if reason is not None and not pd.isna(reason) else "")
+        + f" · detection score <b>{esc(fmt(row.get('score'), '.2f'))}</b>"
+        + (
+            f" (judge <code>{esc(row.get('judge'))}</code>, {esc(row.get('n_examples'))} examples)"
+            if row.get("judge") is not None and not pd.isna(row.get("judge"))
+            else ""
+        )
+        + "</div>"
+    )
+st.html(
+    triage_note_html(
+        row.get("status"), row.get("notes"), row.get("reviewer"), row.get("updated_at")
+    )
+)
+
+m = st.columns(7)
+m[0].metric("density", fmt(stats.get("density"), ".2e"))
+m[1].metric("active pairs", f"{int(stats.get('n_active') or 0):,}")
+m[2].metric("max activation", fmt(stats.get("max_act")))
+m[3].metric("s_max", fmt(stats.get("s_max")))
+m[4].metric("decoder norm A", fmt(stats.get("dec_norm_a")))
+m[5].metric("decoder norm B", fmt(stats.get("dec_norm_b")))
+m[6].metric("relative norm", fmt(stats.get("rel_norm"), ".3f"), help="‖d_A‖ / (‖d_A‖ + ‖d_B‖)")
+
+fig = activation_histogram(stats["hist_counts"], stats["hist_edges"], "Activation histogram")
+if fig is not None:
+    st.plotly_chart(fig, width="stretch")
+
+# -- contexts ---------------------------------------------------------------------------
+
+st.subheader("Contexts")
+opts = st.columns([2, 3])
+whole = opts[0].toggle("Show the whole window", key="ctx_whole")
+view = opts[1].radio("Show", list(VIEWS), horizontal=True, key="ctx_tokens")
+model = VIEWS[view]
+
+
+def show(contexts: list) -> None:
+    """Render contexts as highlighted HTML in the chosen view."""
+    if not contexts:
+        st.caption("none")
+        return
+    parts = []
+    for context in contexts:
+        if model is None:
+            parts.append(context_html(context, max_act, whole))
+        else:
+            window = data.window(path, run_id, context.window_id)
+            parts.append(tokens_html(context, window, model, max_act, whole))
+    st.html("".join(parts))
+
+
+everything = data.contexts(path, run_id, fid)
+top = [c for c in everything if c.kind == "top"]
+quantile = [c for c in everything if c.kind == "quantile"]
+random = [c for c in everything if c.kind == "random"]
+if not everything:
+    st.info("This feature has no stored contexts (it never fired on the analysed text).")
+st.markdown(f"**Top activations** ({len(top)}), colour scaled to the max {fmt(max_act)}")
+show(top)
+
+bins = sorted({int(c.quantile) for c in quantile if c.quantile is not None}, reverse=True)
+if bins:
+    st.markdown("**By activation quantile** (bin 0 = the weakest fifth of activating contexts)")
+    for q in bins:
+        group = [c for c in quantile if c.quantile == q]
+        peak = max(c.max_act for c in group)
+        with st.expander(f"Quantile bin {q} · {len(group)} contexts · up to {fmt(peak)}"):
+            show(group)
+with st.expander(f"Random non-activating examples ({len(random)})", expanded=False):
+    show(random)
+
+# -- neighbours and matches ------------------------------------------------------------
+
+st.subheader("Nearest features (decoder cosine)")
+near = data.neighbors(path, run_id, fid)
+if near.empty:
+    st.caption("No neighbours stored.")
+else:
+    table = data.feature_table(path, run_id)
+    lookup = table.set_index("feature_id")
+    near = near.assign(
+        model=near["space"].map({"a": "A", "b": "B"}),
+        partition=near["neighbor_id"].map(lookup["partition"]).map(data.label),
+        explanation=near["neighbor_id"].map(lookup["explanation"]),
+        link=[data.feature_link(run_id, n) for n in near["neighbor_id"]],
+    )
+    shown = near[["model", "rank", "neighbor_id", "partition", "cosine", "explanation", "link"]]
+    event = st.dataframe(
+        shown,
+        hide_index=True,
+        width="stretch",
+        on_select="rerun",
+        selection_mode="single-row",
+        key=f"near_{fid}",
+        column_config={
+            "neighbor_id": st.column_config.NumberColumn("feature", format="%d"),
+            "cosine": st.column_config.NumberColumn("cosine", format="%.3f"),
+            "link": st.column_config.LinkColumn("link", display_text="open"),
+        },
+    )
+    st.caption("Select a row to open that feature here; the link opens it in a new tab.")
+    rows = event.selection.rows if event is not None else []
+    if rows:
+        data.set_feature(int(shown.iloc[rows[0]]["neighbor_id"]))
+        st.rerun()
+
+others = [r for r in data.run_ids(path) if r != run_id]
+found = []
+for other in others:
+    match = data.matches(path, run_id, other)
+    hit = match[match["feature_id"] == fid] if not match.empty else match
+    if not hit.empty:
+        found.append(hit.head(1))
+if found:
+    st.subheader("Matches in other runs")
+    best = pd.concat(found)[["other_run_id", "other_feature_id", "other_partition", "cosine"]]
+    best = best.assign(
+        other_partition=best["other_partition"].map(data.label),
+        recurs=best["cosine"] >= data.RECUR,
+    )
+    st.dataframe(best, hide_index=True, width="stretch")
+
+# -- steering (placeholder) ------------------------------------------------------------
+
+st.subheader("Steering")
+st.info(
+    "Live steering (baseline and steered generations side by side, strength slider, seed and "
+    "temperature) arrives with `modeldiff steer` support. "
+    f"This feature's steering unit is s_max = {fmt(stats.get('s_max'))}."
+)
+
+history = data.explanations(path, run_id, fid)
+if len(history) > 1:
+    with st.expander(f"All explanations ({len(history)})"):
+        st.dataframe(
+            history[["explainer", "prompt_version", "explanation", "harmful", "created_at"]],
+            hide_index=True,
+            width="stretch",
+        )

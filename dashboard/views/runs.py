@@ -1,0 +1,130 @@
+"""Runs: the model pair, architecture, partition sizes, training metrics and the
+distribution of the run's features over exclusivity and density."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from dashboard import data
+from dashboard.views.common import PARTITION_COLOURS, fmt
+
+path, run_id = data.session()
+info = data.run(path, run_id)
+
+st.title("Runs")
+overview = data.runs(path)
+if len(overview) > 1:
+    table = pd.DataFrame(
+        {
+            "run": overview["run_id"],
+            "model A": [(m or {}).get("name", "–") for m in overview["model_a"]],
+            "model B": [(m or {}).get("name", "–") for m in overview["model_b"]],
+            "architecture": overview["architecture"],
+            "features": overview["n_features"],
+            "created": overview["created_at"],
+        }
+    )
+    st.dataframe(table, hide_index=True, width="stretch")
+
+st.header(f"Run `{run_id}`")
+model_a, model_b = info.get("model_a") or {}, info.get("model_b") or {}
+cols = st.columns(2)
+for col, name, model in ((cols[0], "A", model_a), (cols[1], "B", model_b)):
+    with col:
+        st.subheader(f"Model {name}")
+        st.markdown(
+            f"**{model.get('name', 'unnamed')}** · layer {model.get('layer', '–')}"
+            f" of {model.get('n_layers', '–')} · d_model {model.get('d_model', '–')}"
+        )
+
+partition = info.get("partition") or {}
+st.markdown(
+    f"**Architecture:** {info.get('architecture', '–')} · **features:** "
+    f"{int(info.get('n_features') or 0):,} · A-exclusive {partition.get('n_a_exclusive', 0):,} · "
+    f"B-exclusive {partition.get('n_b_exclusive', 0):,} · shared {partition.get('n_shared', 0):,}"
+    + (
+        f" · designated shared {partition['n_designated']:,}"
+        if partition.get("n_designated")
+        else ""
+    )
+)
+
+metrics = info.get("metrics") or {}
+m = st.columns(4)
+m[0].metric("FVE A", fmt(metrics.get("fve_a"), ".3f"))
+m[1].metric("FVE B", fmt(metrics.get("fve_b"), ".3f"))
+dead = metrics.get("dead_frac")
+m[2].metric("dead (training)", "–" if dead is None else f"{float(dead):.1%}")
+m[3].metric("L0", fmt(metrics.get("l0"), ".1f"))
+
+features = data.features(path, run_id)
+table = data.feature_table(path, run_id)
+features = features.assign(partition_label=features["partition"].map(data.label))
+colours = {data.label(k): v for k, v in PARTITION_COLOURS.items()}
+
+left, right = st.columns(2)
+with left:
+    fig = px.histogram(
+        features,
+        x="rel_norm",
+        color="partition_label",
+        nbins=50,
+        barmode="overlay",
+        color_discrete_map=colours,
+        labels={"rel_norm": "relative decoder norm ‖d_A‖ / (‖d_A‖ + ‖d_B‖)"},
+        title="Relative decoder norm (1 = only in A, 0 = only in B)",
+    )
+    fig.update_layout(legend_title_text="partition", height=340)
+    st.plotly_chart(fig, width="stretch")
+with right:
+    live = features[features["density"].fillna(0) > 0]
+    live = live.assign(log_density=np.log10(live["density"]))
+    fig = px.histogram(
+        live,
+        x="log_density",
+        color="partition_label",
+        nbins=50,
+        barmode="overlay",
+        color_discrete_map=colours,
+        labels={"log_density": "log10 density"},
+        title=f"Feature density ({len(features) - len(live):,} features never fire)",
+    )
+    fig.update_layout(legend_title_text="partition", height=340)
+    st.plotly_chart(fig, width="stretch")
+
+st.subheader("By partition")
+harmful = table["harmful"].fillna(False).astype(bool)
+interpretable = table["score"].fillna(0) >= data.INTERPRETABLE
+triaged = table["status"] != "unreviewed"
+dead_rows = table["dead"].fillna(False).astype(bool)
+summary = (
+    pd.DataFrame(
+        {
+            "partition": table["partition"].map(data.label),
+            "features": 1,
+            "dead": dead_rows,
+            "explained": table["explanation"].notna(),
+            "flagged harmful": harmful,
+            f"interpretable (score ≥ {data.INTERPRETABLE})": interpretable,
+            "triaged": triaged,
+        }
+    )
+    .groupby("partition", sort=False)
+    .sum()
+    .reset_index()
+)
+st.dataframe(summary, hide_index=True, width="stretch")
+
+with st.expander("Run configuration and provenance"):
+    st.json(
+        {
+            "config": info.get("config"),
+            "checkpoint": info.get("checkpoint_path"),
+            "store": info.get("store_path"),
+            "provenance": info.get("provenance"),
+        },
+        expanded=False,
+    )
