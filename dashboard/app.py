@@ -23,11 +23,11 @@ st.set_page_config(layout="wide", page_title="modeldiff", page_icon="🔬")
 
 VIEWS = Path(__file__).parent / "views"
 PAGES = {
-    "runs": st.Page(str(VIEWS / "runs.py"), title="Runs", icon="🗂️", default=True),
-    "features": st.Page(str(VIEWS / "features.py"), title="Features", icon="🔎"),
-    "feature": st.Page(str(VIEWS / "feature.py"), title="Feature", icon="🧩"),
-    "triage": st.Page(str(VIEWS / "triage.py"), title="Triage", icon="✅"),
-    "compare": st.Page(str(VIEWS / "compare.py"), title="Compare runs", icon="⚖️"),
+    "runs": st.Page(str(VIEWS / "runs.py"), title="Runs", icon=":material/dashboard:", default=True),
+    "features": st.Page(str(VIEWS / "features.py"), title="Features", icon=":material/search:"),
+    "feature": st.Page(str(VIEWS / "feature.py"), title="Feature", icon=":material/scatter_plot:"),
+    "triage": st.Page(str(VIEWS / "triage.py"), title="Triage", icon=":material/fact_check:"),
+    "compare": st.Page(str(VIEWS / "compare.py"), title="Compare runs", icon=":material/compare_arrows:"),
 }
 page = st.navigation(list(PAGES.values()))
 data.keep_widget_state()

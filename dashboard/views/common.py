@@ -77,6 +77,9 @@ def _span(text: str, act: float, max_act: float, extra: str = "", title: str = "
     """One piece of text, highlighted when active, its activation in the hover title."""
     body = esc(text)
     if act > 0:
+        if not text.strip():
+            # An active span of only whitespace (a line break, a tab) would be invisible.
+            body = esc(text.replace("\n", "↵\n").replace("\t", "→\t").replace(" ", "·"))
         tip = esc(f"{title}activation {act:.3f}")
         return (
             f'<span style="background:{_background(act, max_act)}; border-radius:2px;{extra}" '

@@ -90,7 +90,7 @@ st.html(
 )
 
 m = st.columns(7)
-m[0].metric("density", fmt(stats.get("density"), ".2e"))
+m[0].metric("density", fmt(stats.get("density"), ".3%"), help="share of aligned tokens")
 m[1].metric("active pairs", f"{int(stats.get('n_active') or 0):,}")
 m[2].metric("max activation", fmt(stats.get("max_act")))
 m[3].metric("s_max", fmt(stats.get("s_max")))
