@@ -22,12 +22,17 @@ from dashboard import data  # noqa: E402
 st.set_page_config(layout="wide", page_title="modeldiff", page_icon="🔬")
 
 VIEWS = Path(__file__).parent / "views"
+# Material icons ship with Streamlit, so they render without an emoji font.
 PAGES = {
-    "runs": st.Page(str(VIEWS / "runs.py"), title="Runs", icon=":material/dashboard:", default=True),
+    "runs": st.Page(
+        str(VIEWS / "runs.py"), title="Runs", icon=":material/dashboard:", default=True
+    ),
     "features": st.Page(str(VIEWS / "features.py"), title="Features", icon=":material/search:"),
     "feature": st.Page(str(VIEWS / "feature.py"), title="Feature", icon=":material/scatter_plot:"),
     "triage": st.Page(str(VIEWS / "triage.py"), title="Triage", icon=":material/fact_check:"),
-    "compare": st.Page(str(VIEWS / "compare.py"), title="Compare runs", icon=":material/compare_arrows:"),
+    "compare": st.Page(
+        str(VIEWS / "compare.py"), title="Compare runs", icon=":material/compare_arrows:"
+    ),
 }
 page = st.navigation(list(PAGES.values()))
 data.keep_widget_state()
