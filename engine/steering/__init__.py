@@ -1,0 +1,1 @@
+"""Steering models with crosscoder features, transfer between models, and stitching."""

@@ -1,0 +1,137 @@
+"""Steering on a tiny model built in code with the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from engine.config import ConfigError
+from engine.crosscoder.model import Crosscoder
+from engine.crosscoder.normalize import Normalizer
+from engine.crosscoder.partition import Partition
+from engine.models.loading import LoadedModel
+from engine.models.tokenizers import load_tokenizer
+from engine.steering.steer import (
+    GenerationConfig,
+    feature_vector,
+    generate,
+    steering,
+    stream,
+    sweep,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer("smollm2")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    return LoadedModel(model, tok, "tiny", {"kind": "test"}, torch.device("cpu"), torch.float32)
+
+
+def next_token_probs(m: LoadedModel, text: str, layer: int, vector, alpha: float) -> torch.Tensor:
+    ids = m.tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.inference_mode(), steering(m.model, layer, (alpha * vector)[None]):
+        logits = m.model(input_ids=ids).logits[0, -1]
+    return logits.softmax(-1)
+
+
+def test_steering_along_an_unembedding_raises_that_token_monotonically(tiny):
+    token = tiny.tokenizer(" tea", add_special_tokens=False)["input_ids"][0]
+    direction = torch.nn.functional.normalize(tiny.model.lm_head.weight[token].detach(), dim=0)
+    probs = [
+        next_token_probs(tiny, "I would like some", 2, direction, a)[token].item()
+        for a in (0.0, 1.0, 3.0, 10.0, 30.0, 100.0)
+    ]
+    assert all(b > a for a, b in itertools.pairwise(probs)), probs
+    # The random model's head is small (std 0.02), so probabilities stay low, but the token
+    # becomes the most likely one.
+    strong = next_token_probs(tiny, "I would like some", 2, direction, 100.0)
+    assert int(strong.argmax()) == token and probs[-1] > 1.5 * probs[0]
+
+
+def test_feature_vectors_come_back_in_raw_units():
+    torch.manual_seed(0)
+    cc = Crosscoder(6, 4, Partition(n_a_exclusive=2, n_b_exclusive=2, n_shared=4))
+    norm = Normalizer(scale_a=0.5, scale_b=4.0)
+    v = feature_vector(cc, norm, 5, "b")
+    # Normalising the raw vector gives back the decoder row the crosscoder learned.
+    assert torch.allclose(norm.apply(torch.zeros(1, 6), v[None])[1][0], cc.decoder_matrix("b")[5])
+    assert torch.allclose(v, cc.decoder_matrix("b")[5] / 4.0)
+    with pytest.raises(ConfigError, match="no decoder in model B"):
+        feature_vector(cc, norm, 0, "b")
+    with pytest.raises(ConfigError, match="does not exist"):
+        feature_vector(cc, norm, 99, "a")
+
+
+def test_batched_sweep_equals_one_generation_per_strength(tiny):
+    cfg = GenerationConfig(max_new_tokens=8)
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    alphas = [0.0, 1.0, 3.0, 10.0]
+    batched = sweep(tiny, "Tell me about rivers.", vector, 1, 2.0, alphas, cfg=cfg)
+    looped = [sweep(tiny, "Tell me about rivers.", vector, 1, 2.0, [a], cfg=cfg)[0] for a in alphas]
+    assert batched == looped
+    assert batched[0] == generate(tiny, ["Tell me about rivers."], cfg=cfg)[0]
+    assert len(set(batched)) > 1  # steering changes the text
+
+
+def test_positions_prompt_only_and_generated_only(tiny):
+    cfg = GenerationConfig(max_new_tokens=6)
+    vector = 50 * torch.randn(32, generator=torch.Generator().manual_seed(2))
+    base = generate(tiny, ["Hello there"], cfg=cfg)[0]
+    gen_only = generate(
+        tiny,
+        ["Hello there"],
+        vector=vector,
+        layer=1,
+        coefficients=[1.0],
+        positions="generated",
+        cfg=cfg,
+    )[0]
+    prompt_only = generate(
+        tiny,
+        ["Hello there"],
+        vector=vector,
+        layer=1,
+        coefficients=[1.0],
+        positions="prompt",
+        cfg=cfg,
+    )[0]
+    first = tiny.tokenizer(base, add_special_tokens=False)["input_ids"][:1]
+    # The first new token is predicted from the prompt pass, which "generated" leaves alone.
+    assert tiny.tokenizer(gen_only, add_special_tokens=False)["input_ids"][:1] == first
+    assert prompt_only != base or gen_only != base
+    with pytest.raises(ConfigError, match="positions"):
+        generate(tiny, ["x"], vector=vector, layer=1, coefficients=[1.0], positions="middle")
+
+
+def test_stream_yields_the_same_text_as_generate(tiny):
+    cfg = GenerationConfig(max_new_tokens=8)
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(3))
+    pieces = list(
+        stream(tiny, "Once upon a time", vector=vector, layer=1, coefficient=5.0, cfg=cfg)
+    )
+    whole = generate(
+        tiny, ["Once upon a time"], vector=vector, layer=1, coefficients=[5.0], cfg=cfg
+    )[0]
+    assert len(pieces) >= 1 and "".join(pieces).strip() == whole.strip()
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny):
+    cfg = GenerationConfig(max_new_tokens=8, greedy=False, seed=7)
+    assert generate(tiny, ["The sky"], cfg=cfg) == generate(tiny, ["The sky"], cfg=cfg)
