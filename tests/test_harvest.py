@@ -241,7 +241,9 @@ def pairs_of(path: Path) -> dict[tuple[int, int, int], torch.Tensor]:
 def test_killed_harvest_resumes_without_duplicates_or_losses(tmp_path, model_dirs):
     toml = tmp_path / "run.toml"
     toml.write_text(
-        '[harvest]\nsources = ["demo:pydoc"]\nmax_pairs = 4000\n'
+        # Small forward batches: shards are written one by one through the run, so the kill
+        # lands in the middle of it.
+        '[harvest]\nsources = ["demo:pydoc"]\nmax_pairs = 4000\nbatch_tokens = 64\n'
         'shard_pairs = 250\ncontext_length = 64\nstore_dtype = "float32"\n'
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
