@@ -287,6 +287,39 @@ def dashboard_command(db: Path, host: str = "127.0.0.1", port: int = 8501) -> li
     ]  # fmt: skip
 
 
+def cmd_steer(args: argparse.Namespace) -> None:
+    """Generate with a feature added to a model: the baseline and each steering strength."""
+    from engine.steering.run import steer_feature
+    from engine.steering.steer import GenerationConfig
+    from engine.store import Database
+
+    cfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        greedy=args.temperature == 0,
+        temperature=args.temperature or 0.7,
+        seed=args.seed,
+    )
+    with Database(args.db) as db:
+        result = steer_feature(
+            db, args.run_id, args.feature, args.prompt, model=args.model, alphas=args.alphas,
+            cfg=cfg, positions=args.positions, save=args.save, author=args.author,
+        )  # fmt: skip
+    note = ""
+    if result.transfer:
+        note = (
+            f" (no decoder in model {args.model.upper()}: translated through the shared partition)"
+        )
+    print(
+        f"feature {result.feature_id} steering model {result.model.upper()}{note}, "
+        f"s_max {result.s_max:.3g}\n"
+    )
+    print(f"baseline: {result.baseline.strip()}\n")
+    for alpha, text in zip(result.alphas, result.steered, strict=True):
+        print(f"alpha {alpha:g}: {text.strip()}\n")
+    if result.sample_ids:
+        print(f"saved {len(result.sample_ids)} samples to {args.db}")
+
+
 def cmd_toy(args: argparse.Namespace) -> int:
     """Synthetic ground-truth comparison of standard, DFC and DSF crosscoders."""
     from engine.toy.sweep import main as toy_main
@@ -416,6 +449,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
     p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("steer", help=cmd_steer.__doc__, description=cmd_steer.__doc__)
+    p.add_argument("--db", required=True, type=Path)
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--feature", required=True, type=int)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--model", choices=("a", "b"), default="a", help="the model to steer")
+    p.add_argument(
+        "--alphas",
+        nargs="+",
+        type=float,
+        default=[0.0, 2.0, 4.0, 6.0, 8.0, 10.0],
+        help="strengths in units of the feature's s_max",
+    )
+    p.add_argument("--positions", choices=("all", "prompt", "generated"), default="all")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", action="store_true", help="record the samples in the database")
+    p.add_argument("--author", default="", help="who made the samples (saved with them)")
+    p.set_defaults(func=cmd_steer)
 
     # Its options belong to the sweep's own parser (see `modeldiff toy --help`).
     p = sub.add_parser("toy", help=cmd_toy.__doc__, add_help=False)
