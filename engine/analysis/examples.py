@@ -203,23 +203,18 @@ def _encode_group(crosscoder, normalizer, t, group, wanted, out) -> None:
 
 def _shard_windows(store: ActivationStore, shard: int, window_ids: set[int]) -> list[dict]:
     """Rows of the windows table for the given windows of one shard."""
-    t = store.load_shard(shard, ("pair_window", "pair_span"))
-    pw, spans = t["pair_window"].numpy(), t["pair_span"].numpy()
-    out = []
-    for w in store.windows(shard):
-        if w["index"] not in window_ids:
-            continue
-        out.append(
-            {
-                "window_id": w["index"],
-                "doc_id": w["doc_id"],
-                "source": w["source"],
-                "text": w["text"],
-                "spans": spans[pw == w["index"]].tolist(),
-                "ids_a": w["ids_a"].tolist(),
-                "offsets_a": w["offsets_a"].tolist(),
-                "ids_b": w["ids_b"].tolist(),
-                "offsets_b": w["offsets_b"].tolist(),
-            }
-        )
-    return out
+    return [
+        {
+            "window_id": w["index"],
+            "doc_id": w["doc_id"],
+            "source": w["source"],
+            "text": w["text"],
+            "spans": w["spans"].tolist(),
+            "ids_a": w["ids_a"].tolist(),
+            "offsets_a": w["offsets_a"].tolist(),
+            "ids_b": w["ids_b"].tolist(),
+            "offsets_b": w["offsets_b"].tolist(),
+        }
+        for w in store.windows(shard)
+        if w["index"] in window_ids
+    ]

@@ -16,7 +16,6 @@ keeps, per feature and in memory independent of the store size:
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +78,6 @@ class ScanResult:
     active_seg: torch.Tensor  # int64 [F, sample_active] (-1 where none)
     inactive_seg: torch.Tensor  # int64 [F, sample_inactive] (-1 where none)
     segments: Segments
-    seconds: float = 0.0
 
     @staticmethod
     def hist_edges() -> np.ndarray:
@@ -137,7 +135,7 @@ class _Scan:
             self.off_key, (self.off_seg,), keys.masked_fill(active, math.inf), (ids,)
         )
 
-    def result(self, seconds: float) -> ScanResult:
+    def result(self) -> ScanResult:
         self.act_seg[~torch.isfinite(self.act_key)] = -1
         self.off_seg[~torch.isfinite(self.off_key)] = -1
         return ScanResult(
@@ -152,7 +150,6 @@ class _Scan:
             active_seg=self.act_seg,
             inactive_seg=self.off_seg,
             segments=self.segments,
-            seconds=seconds,
         )
 
 
@@ -179,7 +176,6 @@ def scan(
     that reading the examples afterwards needs no second encoding pass.
     """
     cfg = cfg or ScanConfig()
-    started = time.perf_counter()
     state = _Scan(crosscoder.partition.n_features, cfg)
     crosscoder = crosscoder.eval()
     with ProgressBar("analyse", len(store), progress) as bar:
@@ -188,7 +184,7 @@ def scan(
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
             _scan_shard(crosscoder, normalizer, shard, i, state, gen, cache)
             bar.update(advance=int(shard["a"].shape[0]))
-    return state.result(time.perf_counter() - started)
+    return state.result()
 
 
 class EntryCache:

@@ -236,10 +236,10 @@ class StoreWriter:
         record = None
         if pend.pairs:
             number = self.manifest["next_shard"]
-            record = self._write_shard(number, pend)
+            record, sums = self._write_shard(number, pend)
             self.manifest["next_shard"] = number + 1
             self.manifest["shards"].append(record)
-            _update_stats(self.manifest["stats"], record, pend)
+            _update_stats(self.manifest["stats"], record["pairs"], sums)
         if pend.documents:
             self._write_document_log(pend.documents)
         for s, e in pend.consumed:
@@ -257,7 +257,10 @@ class StoreWriter:
 
     # internals --------------------------------------------------------------------------
 
-    def _write_shard(self, number: int, pend: _Pending) -> dict[str, Any]:
+    def _write_shard(
+        self, number: int, pend: _Pending
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Write one shard; return its manifest record and its column sums per model."""
         x_a, x_b = torch.cat(pend.x_a), torch.cat(pend.x_b)
         tensors = _shard_tensors(pend.windows, x_a, x_b, self.dtype)
         metadata = {
@@ -267,7 +270,7 @@ class StoreWriter:
         data = save_bytes(tensors, metadata=metadata)
         name = f"shards/shard-{number:06d}.safetensors"
         atomic_write_bytes(self.path / name, data)
-        return {
+        record = {
             "file": name,
             "pairs": int(x_a.shape[0]),
             "windows": pend.consumed,
@@ -277,6 +280,7 @@ class StoreWriter:
             "median_norm_a": float(tensors["norm_a"].median()),
             "median_norm_b": float(tensors["norm_b"].median()),
         }
+        return record, {"a": tensors["sum_a"], "b": tensors["sum_b"]}
 
     def _write_document_log(self, documents: list[dict[str, Any]]) -> None:
         """Per-document records (tokens, pairs, drops by reason) as one JSONL part file."""
@@ -396,12 +400,11 @@ def _merge_counts(total: dict[str, Any], add: dict[str, Any]) -> None:
             total[key] = total.get(key, 0) + value
 
 
-def _update_stats(stats: dict[str, Any], record: dict[str, Any], pend: _Pending) -> None:
-    """Fold one shard into the running count, means and median-norm estimates."""
-    n_old, n_new = stats["count"], record["pairs"]
+def _update_stats(stats: dict[str, Any], n_new: int, sums: dict[str, torch.Tensor]) -> None:
+    """Fold one shard (its pair count and column sums) into the running count and means."""
+    n_old = stats["count"]
     total = n_old + n_new
-    for side, parts in (("a", pend.x_a), ("b", pend.x_b)):
-        new_sum = torch.cat(parts).double().sum(0)
+    for side, new_sum in sums.items():
         old_mean = torch.tensor(stats.get(f"mean_{side}", [0.0] * new_sum.shape[0]))
         stats[f"mean_{side}"] = ((old_mean.double() * n_old + new_sum) / total).tolist()
     stats["count"] = total
@@ -527,6 +530,11 @@ class ActivationStore:
 
     def load_shard(self, i: int, keys: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         """All tensors of shard `i` (or only `keys`), verified against its SHA256."""
+        tensors = load_bytes(self._read(i))
+        return tensors if keys is None else {k: tensors[k] for k in keys}
+
+    def _read(self, i: int) -> bytes:
+        """The bytes of shard `i`, verified against its SHA256."""
         record = self.shards[i]
         file = self.path / record["file"]
         if not file.is_file():
@@ -535,14 +543,13 @@ class ActivationStore:
         problem = shard_problem(self.path, record, data)
         if problem:
             raise StoreError(f"shard {record['file']} is {problem}")
-        tensors = load_bytes(data)
-        return tensors if keys is None else {k: tensors[k] for k in keys}
+        return data
 
     def windows(self, i: int) -> list[dict[str, Any]]:
-        """The windows of shard `i`: text, both tokenizations, and pair rows."""
-        t = self.load_shard(i)
-        with safe_open(str(self.path / self.shards[i]["file"]), framework="pt") as fh:
-            meta = fh.metadata()
+        """The windows of shard `i`: text, both tokenizations, pair rows and their spans."""
+        data = self._read(i)
+        t = load_bytes(data)
+        meta = _metadata(data)
         doc_ids, sources = json.loads(meta["doc_ids"]), json.loads(meta["sources"])
         text_bytes = t["text_bytes"].numpy().tobytes()
         out = []
@@ -556,6 +563,7 @@ class ActivationStore:
                 "text": text_bytes[lo:hi].decode(),
                 "rows": torch.nonzero(t["pair_window"] == index).flatten(),
             }
+            entry["spans"] = t["pair_span"][entry["rows"]]
             for side in ("a", "b"):
                 lo, hi = t[f"ptr_{side}"][w].item(), t[f"ptr_{side}"][w + 1].item()
                 entry[f"ids_{side}"] = t[f"ids_{side}"][lo:hi]
@@ -673,6 +681,12 @@ class ActivationStore:
                     ready.get_nowait()
                 except queue.Empty:
                     thread.join(timeout=0.05)
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The string metadata in the header of a serialised safetensors file."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__", {})
 
 
 def bytes_per_pair(manifest: dict[str, Any]) -> float:

@@ -36,15 +36,11 @@ def ordered_features(
     return ids[:limit] if limit is not None else ids
 
 
-def examples(db: Database, run_id: str, feature_id: int) -> FeatureExamples:
-    """A feature's top and random contexts, cut to the spans they cover."""
-    return next(iter(examples_of(db, run_id, [feature_id])))
-
-
 def examples_of(
     db: Database, run_id: str, feature_ids: list[int], block: int = 256
 ) -> Iterator[FeatureExamples]:
-    """`examples` of many features, in order, fetched from the database a block at a time."""
+    """Each feature's top and random contexts, cut to the spans they cover, in order;
+    fetched from the database a block of features at a time."""
     for lo in range(0, len(feature_ids), block):
         ids = feature_ids[lo : lo + block]
         found = db.contexts_of(run_id, ids, ["top", "random"])

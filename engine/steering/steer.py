@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -118,10 +118,7 @@ def generate(
     with _LOCK, torch.inference_mode():
         if cfg.greedy is False:
             torch.manual_seed(cfg.seed)
-        context = (
-            steering(loaded.model, layer, deltas, positions) if deltas is not None else _nothing()
-        )
-        with context:
+        with _maybe_steering(loaded, layer, deltas, positions):
             out = loaded.model.generate(**inputs, **_decoding(loaded, cfg))
     new = out[:, inputs["input_ids"].shape[1] :]
     return loaded.tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -171,14 +168,9 @@ def stream(
 
     def run() -> None:
         try:
-            with _LOCK, torch.inference_mode():
-                context = (
-                    steering(loaded.model, layer, deltas, positions)
-                    if deltas is not None
-                    else _nothing()
-                )
-                with context:
-                    loaded.model.generate(**inputs, **_decoding(loaded, cfg), streamer=streamer)
+            steer = _maybe_steering(loaded, layer, deltas, positions)
+            with _LOCK, torch.inference_mode(), steer:
+                loaded.model.generate(**inputs, **_decoding(loaded, cfg), streamer=streamer)
         except BaseException as err:  # surfaced to the consumer below
             errors.append(err)
             streamer.end()
@@ -224,6 +216,8 @@ def _decoding(loaded: LoadedModel, cfg: GenerationConfig) -> dict:
     return args
 
 
-@contextmanager
-def _nothing():
-    yield
+def _maybe_steering(loaded: LoadedModel, layer, deltas, positions: str):
+    """`steering` when there is something to add, else a context that does nothing."""
+    if deltas is None:
+        return nullcontext()
+    return steering(loaded.model, layer, deltas, positions)

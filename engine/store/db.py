@@ -97,6 +97,22 @@ def _choices(value: str | Iterable[str], valid: Sequence[str], what: str) -> lis
     return values
 
 
+def _equals(table: str, run_id: str, **columns: Any) -> tuple[str, list[Any]]:
+    """A WHERE clause (and its parameters) for the run's rows whose allow-listed columns
+    equal the given values; columns given as None are not filtered on."""
+    where, params = ["run_id = ?"], [run_id]
+    for column, value in columns.items():
+        if value is not None:
+            where.append(f"{_ident(table, column)} = ?")
+            params.append(value)
+    return " AND ".join(where), params
+
+
+def _int(value: Any) -> int | None:
+    """An optional id as a plain int."""
+    return None if value is None else int(value)
+
+
 def _ident(table: str, column: str | None = None) -> str:
     """A quoted table or column name, refused unless it is in the schema's allow-list."""
     if table not in schema.COLUMNS or (column is not None and column not in schema.COLUMNS[table]):
@@ -657,14 +673,10 @@ class Database:
     ) -> pd.DataFrame:
         """Explanations of the run's features; with `latest`, only the newest per feature
         and explainer."""
-        where, params = ["run_id = ?"], [run_id]
-        if feature_id is not None:
-            where.append("feature_id = ?")
-            params.append(int(feature_id))
-        if explainer is not None:
-            where.append("explainer = ?")
-            params.append(explainer)
-        sql = f"SELECT * FROM explanations WHERE {' AND '.join(where)}"
+        where, params = _equals(
+            "explanations", run_id, feature_id=_int(feature_id), explainer=explainer
+        )
+        sql = f"SELECT * FROM explanations WHERE {where}"
         if latest:
             sql += (
                 " QUALIFY row_number() OVER "
@@ -723,13 +735,10 @@ class Database:
         metric: str | None = None,
     ) -> pd.DataFrame:
         """Scores of the run's explanations, oldest first, details decoded."""
-        where, params = ["run_id = ?"], [run_id]
-        feature = None if feature_id is None else int(feature_id)
-        for column, value in (("feature_id", feature), ("judge", judge), ("metric", metric)):
-            if value is not None:
-                where.append(f"{_ident('scores', column)} = ?")
-                params.append(value)
-        sql = f"SELECT * FROM scores WHERE {' AND '.join(where)} ORDER BY feature_id, score_id"
+        where, params = _equals(
+            "scores", run_id, feature_id=_int(feature_id), judge=judge, metric=metric
+        )
+        sql = f"SELECT * FROM scores WHERE {where} ORDER BY feature_id, score_id"
         return self._frame(sql, params, run_id, "scores")
 
     def scored_explanations(
@@ -787,11 +796,8 @@ class Database:
 
     def steering_samples(self, run_id: str, feature_id: int | None = None) -> pd.DataFrame:
         """Saved steering samples, oldest first, transfer decoded."""
-        where, params = ["run_id = ?"], [run_id]
-        if feature_id is not None:
-            where.append("feature_id = ?")
-            params.append(int(feature_id))
-        sql = f"SELECT * FROM steering_samples WHERE {' AND '.join(where)} ORDER BY sample_id"
+        where, params = _equals("steering_samples", run_id, feature_id=_int(feature_id))
+        sql = f"SELECT * FROM steering_samples WHERE {where} ORDER BY sample_id"
         return self._frame(sql, params, run_id, "steering_samples")
 
     def add_evaluation(
@@ -820,13 +826,8 @@ class Database:
         self, run_id: str, kind: str | None = None, feature_id: int | None = None
     ) -> pd.DataFrame:
         """Evaluations of the run, oldest first, config and result decoded."""
-        where, params = ["run_id = ?"], [run_id]
-        feature = None if feature_id is None else int(feature_id)
-        for column, value in (("kind", kind), ("feature_id", feature)):
-            if value is not None:
-                where.append(f"{_ident('evaluations', column)} = ?")
-                params.append(value)
-        sql = f"SELECT * FROM evaluations WHERE {' AND '.join(where)} ORDER BY eval_id"
+        where, params = _equals("evaluations", run_id, kind=kind, feature_id=_int(feature_id))
+        sql = f"SELECT * FROM evaluations WHERE {where} ORDER BY eval_id"
         return self._frame(sql, params, run_id, "evaluations")
 
     # triage -----------------------------------------------------------------------------
@@ -858,11 +859,8 @@ class Database:
 
     def triage_history(self, run_id: str, feature_id: int | None = None) -> pd.DataFrame:
         """Every triage change of the run (or one feature), oldest first."""
-        where, params = ["run_id = ?"], [run_id]
-        if feature_id is not None:
-            where.append("feature_id = ?")
-            params.append(int(feature_id))
-        sql = f"SELECT * FROM triage_history WHERE {' AND '.join(where)} ORDER BY history_id"
+        where, params = _equals("triage_history", run_id, feature_id=_int(feature_id))
+        sql = f"SELECT * FROM triage_history WHERE {where} ORDER BY history_id"
         return self._frame(sql, params, run_id, "triage_history")
 
     # the dashboard's table and exports --------------------------------------------------
