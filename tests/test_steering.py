@@ -142,49 +142,10 @@ def test_steer_command_on_an_analysed_run(tmp_path):
     import subprocess
     import sys
 
-    from engine.analysis.analyze import analyze
-    from engine.config import CrosscoderConfig, HarvestConfig, TrainConfig
-    from engine.crosscoder.trainer import train
-    from engine.harvest.pipeline import harvest
-    from engine.harvest.store import ActivationStore
-    from engine.models.loading import load_model
     from engine.store import Database
-    from tests.test_harvest import tiny_gemma, tiny_llama
+    from tests.tiny_run import build_tiny_run
 
-    dirs = []
-    for name, build, spec in (("a", tiny_llama, "smollm2"), ("b", tiny_gemma, "gemma3")):
-        tok = load_tokenizer(spec)
-        build(tok).save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-        dirs.append(str(tmp_path / name))
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"The river {i} runs past the stone and the bird." for i in range(60)))
-    cfg = HarvestConfig(
-        sources=[str(text)], max_pairs=2000, context_length=64, store_dtype="float32"
-    )
-    models = (load_model(dirs[0]), load_model(dirs[1]))
-    harvest(cfg, tmp_path / "store", models=models, progress=False)
-    store = ActivationStore(tmp_path / "store")
-    train(
-        CrosscoderConfig(
-            d_a=32, d_b=24, n_features=64, a_exclusive=16, b_exclusive=8, score_weighting="mean"
-        ),
-        TrainConfig(
-            steps=30,
-            batch_size=64,
-            k=4,
-            k_initial=None,
-            warmup_steps=2,
-            checkpoint_every=100,
-            log_every=10,
-        ),
-        store,
-        out_dir=tmp_path / "run",
-        progress=False,
-    )
-    analyze(
-        tmp_path / "run", tmp_path / "store", tmp_path / "r.duckdb", run_id="tiny", progress=False
-    )
+    build_tiny_run(tmp_path)
     with Database(tmp_path / "r.duckdb", read_only=True) as db:
         live = db.features("tiny", dead=False)
     feature = int(live[live.partition == "a_exclusive"].feature_id.iloc[0])

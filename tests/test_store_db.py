@@ -143,6 +143,17 @@ def test_new_file_has_the_allow_listed_schema(tmp_path):
     for table, column in rows:
         actual[table] = (*actual.get(table, ()), column)
     assert actual == schema.COLUMNS
+    assert _indexes(tmp_path / "new.duckdb") == schema.INDEXES
+
+
+def _indexes(path) -> dict[str, tuple[str, str]]:
+    """The file's indexes as {name: (table, column)}."""
+    with duckdb.connect(str(path), read_only=True) as con:
+        rows = con.execute(
+            "SELECT index_name, table_name, expressions FROM duckdb_indexes() "
+            "WHERE database_name = current_database()"
+        ).fetchall()
+    return {name: (table, exprs.strip('[]"')) for name, table, exprs in rows}
 
 
 def test_runs_round_trip_upsert_and_unknown(tmp_path):
@@ -259,6 +270,36 @@ def test_contexts_join_windows_into_context_objects(db):
         assert cur.execute("SELECT count(*) FROM contexts WHERE max_act IS NULL").fetchone() == (0,)
 
 
+def test_contexts_cover_their_span_range_and_come_by_feature(db):
+    windows = windows_frame()
+    spans = windows.spans.iloc[1]
+    partial = pd.DataFrame(
+        {
+            "feature_id": [9, 9, 2],
+            "kind": ["top", "random", "top"],
+            "rank": [0, 0, 0],
+            "window_id": [101, 100, 101],
+            "span_start": [2, 0, 0],
+            "span_end": [4, None, None],
+            "acts": [
+                np.array([0.5, 2.0], np.float32),
+                np.zeros(len(windows.spans.iloc[0]), np.float32),
+                np.ones(len(spans), np.float32),
+            ],
+        }
+    )
+    db.write_contexts(RUN, partial)
+    (top, random) = db.contexts(RUN, 9)
+    np.testing.assert_array_equal(top.spans, spans[2:4])
+    assert top.spans.dtype == np.int64 and top.max_act == 2.0 and top.text == TEXTS[1]
+    assert (random.kind, random.window_id, len(random.spans)) == ("random", 100, len(random.acts))
+    found = db.contexts_of(RUN, [9, 2, 5], kind="top")
+    assert [len(found[f]) for f in (9, 2, 5)] == [1, 1, 0]
+    np.testing.assert_array_equal(found[2][0].spans, spans)
+    with pytest.raises(StoreDBError, match="unknown run"):
+        db.contexts_of("nope", [9])
+
+
 def test_contexts_must_match_their_windows(db):
     frame = contexts_frame(windows_frame())
     with pytest.raises(StoreDBError, match="write the windows"):
@@ -308,6 +349,8 @@ def test_neighbors_and_matches(db):
     db.write_matches(RUN, "run-2", matches)  # idempotent
     got = db.matches(RUN, "run-2")
     assert list(got.other_feature_id) == [4, 3, 5] and set(got.other_run_id) == {"run-2"}
+    assert db.matches(RUN, "run-2", feature_id=0).other_feature_id.tolist() == [4, 3]
+    assert db.matches(RUN, "run-2", feature_id=7).empty
     with pytest.raises(StoreDBError, match="unknown run 'run-3'"):
         db.write_matches(RUN, "run-3", matches)
 
@@ -464,6 +507,134 @@ def test_feature_table_joins_and_filters(db):
     assert len(db.runs()) == 1
 
 
+EXCLUSIVITY = {"judge": "offline:exclusivity", "prompt_version": "b4.5", "metric": "exclusivity"}
+
+
+def test_feature_table_exclusivity_is_the_features_latest_score(db):
+    e0 = explain(db, 0, "Refusals")
+    db.add_score(RUN, 0, value=2, details={"reason": "first look"}, **EXCLUSIVITY)
+    db.add_score(RUN, 0, explanation_id=e0, value=5, **EXCLUSIVITY)  # newest wins
+    db.add_score(RUN, 2, value=4, **EXCLUSIVITY)
+    db.add_score(RUN, 3, value=1, **EXCLUSIVITY)
+    db.add_score(RUN, 3, value=None, **EXCLUSIVITY)  # the judge gave none this time
+    db.add_score(RUN, 6, value=3, **EXCLUSIVITY)
+    db.add_score(RUN, 0, explanation_id=e0, judge="j", prompt_version="v1", value=0.7)
+
+    table = db.feature_table(RUN).set_index("feature_id")
+    assert table.loc[0, "exclusivity"] == 5 and table.loc[0, "score"] == 0.7
+    assert table.loc[2, "exclusivity"] == 4 and pd.isna(table.loc[2, "score"])
+    assert pd.isna(table.loc[3, "exclusivity"]) and pd.isna(table.loc[1, "exclusivity"])
+    assert db.scores(RUN, feature_id=0, metric="exclusivity").details.iloc[0] == {
+        "reason": "first look"
+    }
+
+    def ids(**filters) -> list[int]:
+        return db.feature_table(RUN, **filters).feature_id.tolist()
+
+    assert ids(min_exclusivity=4) == [0, 2] and ids(max_exclusivity=3) == [6]
+    assert ids(min_exclusivity=3, max_exclusivity=4) == [2, 6]
+    assert ids(min_exclusivity=3, partition="shared") == [6]
+    assert ids(order_by="exclusivity", descending=True)[:4] == [0, 2, 6, 1]  # NULLs last
+    assert ids(order_by="exclusivity")[:4] == [6, 2, 0, 1]
+    assert ids(explainer="nobody", min_exclusivity=5) == [0]  # exclusivity is the feature's
+    assert db.feature_count(RUN, min_exclusivity=3) == 3
+    out = db.export("feature_table", db.path.parent / "excl.csv", run_id=RUN, min_exclusivity=4)
+    assert pd.read_csv(out).exclusivity.tolist() == [5, 4]
+
+
+def test_feature_table_pages_counts_and_density(db):
+    for fid, value in ((0, 0.3), (2, 0.9), (5, 0.9), (7, 0.1)):
+        eid = explain(db, fid, f"feature {fid}")
+        db.add_score(RUN, fid, explanation_id=eid, judge="j", prompt_version="v1", value=value)
+    density = features_frame().set_index("feature_id").density
+    lo, hi = float(density.quantile(0.25)), float(density.quantile(0.75))
+    cases = [
+        ("max_act", True, {}),
+        ("score", True, {}),
+        ("score", False, {"dead": False}),
+        ("feature_id", False, {"partition": "shared"}),
+        ("density", False, {"min_density": lo, "max_density": hi}),
+    ]
+    for order_by, descending, filters in cases:
+        whole = db.feature_table(RUN, order_by=order_by, descending=descending, **filters)
+        pages = [
+            db.feature_table(
+                RUN, order_by=order_by, descending=descending, limit=5, offset=offset, **filters
+            )
+            for offset in range(0, N, 5)
+        ]
+        assert pd.concat(pages).feature_id.tolist() == whole.feature_id.tolist()
+        assert pd.concat(pages).explanation.tolist() == whole.explanation.tolist()
+        assert db.feature_count(RUN, **filters) == len(whole)
+    inside = density[(density >= lo) & (density <= hi)].index.tolist()
+    assert db.feature_table(RUN, min_density=lo, max_density=hi).feature_id.tolist() == inside
+    assert db.feature_table(RUN, order_by="score", descending=True, limit=3).score.tolist() == [
+        0.9,
+        0.9,
+        0.3,
+    ]
+    assert db.feature_table(RUN, feature_ids=[np.int64(9), 2]).feature_id.tolist() == [2, 9]
+    assert db.feature_table(RUN, feature_ids=[2]).explanation.tolist() == ["feature 2"]
+    assert (
+        db.feature_table(RUN, feature_ids=[]).empty and db.feature_count(RUN, feature_ids=[]) == 0
+    )
+    assert db.feature_table(RUN, offset=N - 2).feature_id.tolist() == [N - 2, N - 1]
+    with pytest.raises(StoreDBError, match="non-negative"):
+        db.feature_table(RUN, limit=5, offset=-1)
+    with pytest.raises(StoreDBError, match="unknown feature_table filter"):
+        db.feature_count(RUN, order_by="score")
+    with pytest.raises(StoreDBError, match="unknown run"):
+        db.feature_count("nope")
+
+
+def test_bulk_explanations_and_scores_are_numbered_in_order(db):
+    single = explain(db, 4, "one at a time")
+    frame = pd.DataFrame(
+        {
+            "feature_id": [6, 0, 6],
+            "explainer": "offline:ngram-v1",
+            "prompt_version": "v1",
+            "explanation": ["a", "b", "c"],
+            "harmful": [True, None, False],
+        }
+    )
+    ids = db.add_explanations(RUN, frame)
+    assert ids == [single + 1, single + 2, single + 3]
+    got = db.explanations(RUN, latest=False).set_index("explanation_id")
+    assert got.loc[ids, "explanation"].tolist() == ["a", "b", "c"] and got.parsed.all()
+    assert got.loc[ids[0], "harmful"] and pd.isna(got.loc[ids[1], "harmful"])
+    assert db.explanations(RUN, feature_id=6).explanation.tolist() == ["c"]
+
+    scores = pd.DataFrame(
+        {
+            "feature_id": [6, 0],
+            "explanation_id": [ids[2], ids[1]],
+            "judge": "j",
+            "prompt_version": "v1",
+            "metric": "detection",
+            "value": [0.9, np.nan],
+            "n_examples": 20,
+            "details": [{"correct": [1, 0]}, None],
+        }
+    )
+    score_ids = db.add_scores(RUN, scores)
+    assert db.scores(RUN, feature_id=6).details.tolist() == [{"correct": [1, 0]}]
+    assert db.scores(RUN, feature_id=0).details.tolist() == [None]
+    table = db.feature_table(RUN).set_index("feature_id")
+    assert table.loc[6, "score"] == 0.9 and pd.isna(table.loc[0, "score"])
+    assert table.loc[6, "explanation_id"] == ids[2]
+    later = db.add_score(RUN, 6, explanation_id=ids[2], judge="j", prompt_version="v1", value=1)
+    assert later > score_ids[-1]
+
+    with pytest.raises(StoreDBError, match="the store assigns it"):
+        db.add_explanations(RUN, frame.assign(explanation_id=1))
+    with pytest.raises(StoreDBError, match="lacks column"):
+        db.add_scores(RUN, scores.drop(columns="metric"))
+    with pytest.raises(StoreDBError, match="unknown run"):
+        db.add_explanations("nope", frame)
+    assert len(db.explanations(RUN, latest=False)) == 4  # failed writes added nothing
+
+
 # -- safety, export ----------------------------------------------------------------------
 
 
@@ -517,15 +688,38 @@ def test_older_file_is_upgraded_in_place(tmp_path, monkeypatch):
     with Database(path) as db:  # a v1 file with data
         add_run(db)
         db.write_features(RUN, features_frame())
-    v2 = "ALTER TABLE features ADD COLUMN label VARCHAR; UPDATE features SET label = 'v2';"
-    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, v2])
+    current = len(schema.MIGRATIONS)
+    later = "ALTER TABLE features ADD COLUMN label VARCHAR; UPDATE features SET label = 'new';"
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, later])
     with pytest.raises(StoreDBError, match="open it once with read_only=False"):
         Database(path, read_only=True)
     with Database(path) as db:
-        assert db.schema_version == 2
-        assert set(db.features(RUN).label) == {"v2"} and len(db.features(RUN)) == N
+        assert db.schema_version == current + 1
+        assert set(db.features(RUN).label) == {"new"} and len(db.features(RUN)) == N
     with Database(path, read_only=True) as db:
+        assert db.schema_version == current + 1
+
+
+def test_version_1_file_gains_the_indexes_and_keeps_its_data(tmp_path, monkeypatch):
+    path = tmp_path / "v1.duckdb"
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+    with Database(path) as db:  # written by a modeldiff that knew only version 1
+        add_run(db)
+        db.write_features(RUN, features_frame())
+        windows = windows_frame()
+        db.write_windows(RUN, windows)
+        db.write_contexts(RUN, contexts_frame(windows))
+        first = explain(db, 0, "greetings")
+        db.add_score(RUN, 0, explanation_id=first, judge="j", prompt_version="v1", value=0.5)
+    assert _indexes(path) == {}
+    monkeypatch.undo()
+    with Database(path) as db:
         assert db.schema_version == 2
+        assert db.feature_table(RUN).set_index("feature_id").loc[0, "score"] == 0.5
+        assert [c.window_id for c in db.contexts(RUN, 6, kind="top")] == [100, 101]
+        assert db.window(RUN, 102)["text"] == TEXTS[2]
+        assert db.explanations(RUN, feature_id=0).explanation.tolist() == ["greetings"]
+    assert _indexes(path) == schema.INDEXES
 
 
 def test_failed_upgrade_leaves_the_file_unchanged(tmp_path, monkeypatch):
@@ -534,11 +728,14 @@ def test_failed_upgrade_leaves_the_file_unchanged(tmp_path, monkeypatch):
         add_run(db)
     broken = "ALTER TABLE features ADD COLUMN label VARCHAR; SELECT * FROM no_such_table;"
     monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, broken])
-    with pytest.raises(StoreDBError, match=r"from schema 1 to 2 failed.*unchanged"):
+    current = len(schema.MIGRATIONS) - 1
+    with pytest.raises(
+        StoreDBError, match=rf"from schema {current} to {current + 1} failed.*unchanged"
+    ):
         Database(path)
     monkeypatch.undo()
     with Database(path) as db:
-        assert db.schema_version == 1 and "label" not in db.features(RUN).columns
+        assert db.schema_version == current and "label" not in db.features(RUN).columns
 
 
 def test_newer_and_foreign_files_are_refused(tmp_path):
@@ -546,7 +743,8 @@ def test_newer_and_foreign_files_are_refused(tmp_path):
     Database(path).close()
     with duckdb.connect(str(path)) as con:
         con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", ["99"])
-    with pytest.raises(StoreDBError, match=r"newer modeldiff \(schema 99, this reads 1\); upgrade"):
+    reads = len(schema.MIGRATIONS)
+    with pytest.raises(StoreDBError, match=rf"newer modeldiff \(schema 99, this reads {reads}\)"):
         Database(path)
     other = tmp_path / "other.duckdb"
     with duckdb.connect(str(other)) as con:

@@ -116,7 +116,7 @@ def _transient(err: Exception) -> bool:
     return False
 
 
-class _Caller:
+class Caller:
     """An Anthropic client with a retry loop for overloaded and rate-limited requests."""
 
     def __init__(
@@ -202,7 +202,7 @@ class AnthropicExplainer:
         batch_size: int = MAX_BATCH,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.caller = _Caller(model, client, "--explainer", retries, backoff, sleep)
+        self.caller = Caller(model, client, "--explainer", retries, backoff, sleep)
         self.model, self.max_tokens, self.batch = model, max_tokens, batch
         self.n_examples, self.workers = n_examples, workers
         self.poll_interval, self.batch_size, self.sleep = poll_interval, batch_size, sleep
@@ -513,7 +513,7 @@ class AnthropicJudge:
         backoff: float = 2.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.caller = _Caller(model, client, "--judge", retries, backoff, sleep)
+        self.caller = Caller(model, client, "--judge", retries, backoff, sleep)
         self.model, self.max_tokens = model, max_tokens
         self.name = f"anthropic:{model}"
 

@@ -38,11 +38,15 @@ ROW_IDS = {
     "triage_history": "history_id",
 }
 EXPORT_FORMATS = {".parquet": "FORMAT parquet", ".csv": "FORMAT csv, HEADER true"}
-FEATURE_TABLE_FILTERS = (
-    "partition", "harmful", "status", "min_score", "search", "explainer", "dead", "order_by",
-    "descending", "limit",
+FEATURE_FILTERS = (
+    "partition", "harmful", "status", "min_score", "min_exclusivity", "max_exclusivity",
+    "min_density", "max_density", "search", "explainer", "dead", "feature_ids",
 )  # fmt: skip
+FEATURE_TABLE_FILTERS = (*FEATURE_FILTERS, "order_by", "descending", "limit", "offset")
 DETECTION = "detection"
+EXCLUSIVITY = "exclusivity"
+# Feature-table sort keys that are not columns of `features`, as expressions of the query.
+TABLE_SORT_KEYS = {"score": "sc.value", "exclusivity": "xs.value", "updated_at": "t.updated_at"}
 
 
 class StoreDBError(ValueError):
@@ -161,6 +165,59 @@ def _records(cur: Cursor) -> list[dict[str, Any]]:
     """The rows of the last query as dicts."""
     names = [d[0] for d in cur.description]
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+# -- results to numpy and pandas ---------------------------------------------------------
+# Reads go through Arrow: DuckDB's own conversion builds a Python object per string and per
+# list element, which at 100k rows costs more than the query (a window's nested spans alone
+# take ~20 ms that way, against ~1 ms through Arrow).
+
+_NULLABLE = {
+    pa.int8(): pd.Int8Dtype(),
+    pa.int16(): pd.Int16Dtype(),
+    pa.int32(): pd.Int32Dtype(),
+    pa.int64(): pd.Int64Dtype(),
+    pa.bool_(): pd.BooleanDtype(),
+}
+
+
+def _arrow(cur: Cursor, sql: str, params: list[Any]) -> pa.Table:
+    """A query's result as an Arrow table."""
+    return cur.sql(sql, params=params).to_arrow_table()
+
+
+def _cells(column: pa.ChunkedArray, width: int | None = None) -> list[np.ndarray | None]:
+    """Each row of a list column as a numpy array ([n], or [n, width] for a list of pairs),
+    cut from one flat buffer; NULL rows as None."""
+    arr = column.combine_chunks()
+    offsets = np.asarray(arr.offsets, dtype=np.int64)
+    offsets = offsets - offsets[0]  # a sliced array's offsets start past zero
+    values = arr.flatten()
+    if width is not None:  # a list of lists: map row offsets through the inner offsets
+        inner = np.asarray(values.offsets, dtype=np.int64)
+        offsets = inner[offsets] - inner[0]
+        values = values.flatten()
+    flat = values.to_numpy(zero_copy_only=False)
+    if width is not None:
+        flat = flat.reshape(-1, width)
+        offsets = offsets // width
+    bounds = offsets.tolist()
+    valid = arr.is_valid().to_numpy(zero_copy_only=False).tolist()
+    return [
+        flat[a:b] if ok else None for a, b, ok in zip(bounds[:-1], bounds[1:], valid, strict=True)
+    ]
+
+
+def _pandas(table: pa.Table) -> pd.DataFrame:
+    """An Arrow result as the frame DuckDB's `.df()` gives: nullable integers and booleans
+    where a column has NULLs (Arrow alone would make them floats and objects)."""
+    columns: dict[str, Any] = {}
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        if column.null_count and column.type in _NULLABLE:
+            columns[name] = column.to_pandas(types_mapper=_NULLABLE.get)
+        else:
+            columns[name] = column.to_pandas()
+    return pd.DataFrame(columns, index=pd.RangeIndex(table.num_rows))
 
 
 # -- frames to Arrow ---------------------------------------------------------------------
@@ -357,7 +414,7 @@ class Database:
     def _frame(self, sql: str, params: list[Any], run_id: str, table: str) -> pd.DataFrame:
         """A query's rows as a frame with JSON decoded; an unknown run raises."""
         with self._cursor() as cur:
-            df = cur.execute(sql, params).df()
+            df = _pandas(_arrow(cur, sql, params))
             if df.empty:
                 self._require_run(cur, run_id)
         return _decode(df, schema.JSON_COLUMNS.get(table, ()))
@@ -403,6 +460,43 @@ class Database:
             if check is not None:
                 check(cur)
         return len(df)
+
+    def _append(self, table: str, run_id: str, df: pd.DataFrame) -> list[int]:
+        """Append the frame's rows to an auto-numbered table in one transaction, numbered in
+        the frame's order; return their ids."""
+        key = ROW_IDS[table]
+        assigned = [c for c in (key, "created_at") if c in df.columns]
+        if assigned:
+            raise StoreDBError(
+                f"the {table} frame sets {', '.join(assigned)}; leave it out, the store assigns it"
+            )
+        columns = _frame_columns(table, {"run_id": run_id}, df)
+        frame = df[columns].copy()
+        for column in schema.JSON_COLUMNS.get(table, ()):
+            if column in frame.columns:
+                frame[column] = [None if _missing(v) else _dumps(v, column) for v in frame[column]]
+        data = _to_arrow(frame, columns, schema.LIST_COLUMNS.get(table, {}))
+        names = ", ".join(_ident(table, c) for c in ["run_id", key, "created_at", *columns])
+        select = ", ".join(["?", key, "created_at", *(_ident(table, c) for c in columns)])
+        sequence = schema.SEQUENCES[table]
+        with self._write() as cur:
+            self._require_run(cur, run_id)
+            rows = cur.execute(f"SELECT nextval('{sequence}') FROM range(?)", [len(frame)])
+            ids = sorted(int(r[0]) for r in rows.fetchall())
+            data = data.append_column(key, pa.array(ids, pa.int64()))
+            data = data.append_column(
+                "created_at", pa.array([_now()] * len(ids), pa.timestamp("us"))
+            )
+            cur.register("_frame", data)
+            try:
+                cur.execute(
+                    f"INSERT INTO {_ident(table)} ({names}) SELECT {select} FROM _frame "
+                    f"ORDER BY {key}",
+                    [run_id],
+                )
+            except (duckdb.ConstraintException, duckdb.ConversionException) as err:
+                raise StoreDBError(f"cannot write {table}: {_first_line(err)}") from err
+        return ids
 
     # runs -------------------------------------------------------------------------------
 
@@ -455,7 +549,7 @@ class Database:
     def runs(self) -> pd.DataFrame:
         """All runs, oldest first, JSON columns decoded."""
         with self._cursor() as cur:
-            df = cur.execute("SELECT * FROM runs ORDER BY created_at, run_id").df()
+            df = _pandas(_arrow(cur, "SELECT * FROM runs ORDER BY created_at, run_id", []))
         return _decode(df, schema.JSON_COLUMNS["runs"])
 
     def run(self, run_id: str) -> dict[str, Any]:
@@ -541,34 +635,51 @@ class Database:
     def contexts_of(
         self, run_id: str, feature_ids: Sequence[int], kind: str | Sequence[str] | None = None
     ) -> dict[int, list[Context]]:
-        """`contexts` for many features in one query: {feature_id: contexts}."""
+        """`contexts` for many features at once: {feature_id: contexts}."""
         ids = [int(f) for f in feature_ids]
-        where = ["c.run_id = ?", "list_contains(?::INTEGER[], c.feature_id)"]
+        # `IN (SELECT unnest(?))` (not list_contains) lets DuckDB skip the row groups of other
+        # features: contexts are stored sorted by feature.
+        where = ["run_id = ?", "feature_id IN (SELECT unnest(?::INTEGER[]))"]
         params: list[Any] = [run_id, ids]
         if kind is not None:
-            where.append("list_contains(?::VARCHAR[], c.kind)")
+            where.append("list_contains(?::VARCHAR[], kind)")
             params.append(_choices(kind, schema.CONTEXT_KINDS, "context kind"))
         sql = (
-            "SELECT c.feature_id, c.kind, c.rank, c.quantile, c.window_id, c.span_start, "
-            "c.span_end, c.acts, w.text, w.spans, w.doc_id "
-            "FROM contexts c JOIN windows w ON w.run_id = c.run_id AND w.window_id = c.window_id "
-            f"WHERE {' AND '.join(where)} "
-            "ORDER BY c.feature_id, list_position(?::VARCHAR[], c.kind), "
-            "c.quantile NULLS FIRST, c.rank"
+            "SELECT feature_id, kind, rank, quantile, window_id, span_start, span_end, acts "
+            f"FROM contexts WHERE {' AND '.join(where)} "
+            "ORDER BY feature_id, list_position(?::VARCHAR[], kind), quantile NULLS FIRST, rank"
         )
-        with self._cursor() as cur:
-            rows = _records(cur.execute(sql, [*params, list(schema.CONTEXT_KINDS)]))
-            if not rows:
-                self._require_run(cur, run_id)
         out: dict[int, list[Context]] = {f: [] for f in ids}
-        for r in rows:
-            out[int(r["feature_id"])].append(
+        with self._cursor() as cur:
+            rows = _arrow(cur, sql, [*params, list(schema.CONTEXT_KINDS)])
+            if not rows.num_rows:
+                self._require_run(cur, run_id)
+                return out
+            # The windows in a second query: a join would scan every window of the run, while
+            # a list of ids is answered from the window_id index.
+            wanted = sorted(set(rows.column("window_id").to_pylist()))
+            windows = _arrow(
+                cur,
+                "SELECT window_id, text, spans, doc_id FROM windows "
+                "WHERE run_id = ? AND window_id IN (SELECT unnest(?::BIGINT[]))",
+                [run_id, wanted],
+            )
+        found = {
+            w["window_id"]: (w["text"], spans, w["doc_id"] or "")
+            for w, spans in zip(
+                windows.drop_columns("spans").to_pylist(), _cells(windows["spans"], 2), strict=True
+            )
+        }
+        acts = _cells(rows["acts"])
+        for r, act in zip(rows.drop_columns("acts").to_pylist(), acts, strict=True):
+            text, spans, doc_id = found[r["window_id"]]
+            out[r["feature_id"]].append(
                 Context(
-                    text=r["text"],
-                    spans=_array(r["spans"], np.int64, 2)[_span_range(r)],
-                    acts=_array(r["acts"], np.float32),
+                    text=text,
+                    spans=_array(spans, np.int64, 2)[_span_range(r)],
+                    acts=_array(act, np.float32),
                     window_id=int(r["window_id"]),
-                    doc_id=r["doc_id"] or "",
+                    doc_id=doc_id,
                     kind=r["kind"],
                     rank=int(r["rank"]),
                     quantile=r["quantile"],
@@ -588,16 +699,30 @@ class Database:
 
     def window(self, run_id: str, window_id: int) -> dict[str, Any]:
         """One window: text, aligned spans [k, 2], and each model's token ids and offsets."""
-        sql = "SELECT * FROM windows WHERE run_id = ? AND window_id = ?"
+        found = self.windows(run_id, [window_id])
+        if int(window_id) not in found:
+            raise StoreDBError(f"run {run_id!r} has no window {window_id}")
+        return found[int(window_id)]
+
+    def windows(self, run_id: str, window_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """Several windows in one query, {window_id: window as `window` gives it}; ids the run
+        does not have are left out."""
+        ids = sorted({int(w) for w in window_ids})
+        sql = (
+            "SELECT * FROM windows WHERE run_id = ? "
+            "AND window_id IN (SELECT unnest(?::BIGINT[])) ORDER BY window_id"
+        )
         with self._cursor() as cur:
-            rows = _records(cur.execute(sql, [run_id, int(window_id)]))
-            if not rows:
+            table = _arrow(cur, sql, [run_id, ids])
+            if not table.num_rows:
                 self._require_run(cur, run_id)
-                raise StoreDBError(f"run {run_id!r} has no window {window_id}")
-        row = rows[0]
-        for column, depth in schema.LIST_COLUMNS["windows"].items():
-            row[column] = _array(row[column], np.int64, 2 if depth == 2 else None)
-        return row
+        lists = schema.LIST_COLUMNS["windows"]
+        rows = table.drop_columns(list(lists)).to_pylist()
+        for column, depth in lists.items():
+            width = 2 if depth == 2 else None
+            for row, cell in zip(rows, _cells(table[column], width), strict=True):
+                row[column] = _array(cell, np.int64, width)
+        return {row["window_id"]: row for row in rows}
 
     # neighbours and matches -------------------------------------------------------------
 
@@ -624,13 +749,16 @@ class Database:
         keys = {"run_id": run_id, "other_run_id": other_run_id}
         return self._replace("matches", keys, df, '"feature_id", "cosine" DESC')
 
-    def matches(self, run_id: str, other_run_id: str) -> pd.DataFrame:
-        """Feature matches from one run to another, best first for each feature."""
-        sql = (
-            "SELECT * FROM matches WHERE run_id = ? AND other_run_id = ? "
-            "ORDER BY feature_id, cosine DESC"
+    def matches(
+        self, run_id: str, other_run_id: str, feature_id: int | None = None
+    ) -> pd.DataFrame:
+        """Feature matches from one run to another (or of one feature), best first for each
+        feature."""
+        where, params = _equals(
+            "matches", run_id, other_run_id=other_run_id, feature_id=_int(feature_id)
         )
-        return self._frame(sql, [run_id, other_run_id], run_id, "matches")
+        sql = f"SELECT * FROM matches WHERE {where} ORDER BY feature_id, cosine DESC"
+        return self._frame(sql, params, run_id, "matches")
 
     # explanations and scores ------------------------------------------------------------
 
@@ -663,6 +791,13 @@ class Database:
                 "created_at": _now(),
             },
         )
+
+    def add_explanations(self, run_id: str, df: pd.DataFrame) -> list[int]:
+        """Record many explanations at once (columns as `add_explanation`'s arguments, one row
+        each); return their ids in the frame's order."""
+        if "parsed" not in df.columns:
+            df = df.assign(parsed=True)
+        return self._append("explanations", run_id, df)
 
     def explanations(
         self,
@@ -702,15 +837,16 @@ class Database:
         run_id: str,
         feature_id: int,
         *,
-        explanation_id: int | None,
+        explanation_id: int | None = None,
         judge: str,
         prompt_version: str,
         metric: str = DETECTION,
-        value: float,
-        n_examples: int,
+        value: float | None,
+        n_examples: int | None = None,
         details: dict[str, Any] | None = None,
     ) -> int:
-        """Record a judge's score of an explanation; return its id."""
+        """Record a judge's score of an explanation (or, with no explanation id, of the feature
+        itself, such as its exclusivity); return its id. A value of None: the judge gave none."""
         return self._insert_row(
             "scores",
             {
@@ -721,11 +857,16 @@ class Database:
                 "prompt_version": prompt_version,
                 "metric": metric,
                 "value": None if value is None else float(value),
-                "n_examples": int(n_examples),
+                "n_examples": _int(n_examples),
                 "details": _dumps(details, "details"),
                 "created_at": _now(),
             },
         )
+
+    def add_scores(self, run_id: str, df: pd.DataFrame) -> list[int]:
+        """Record many scores at once (columns as `add_score`'s arguments, `details` as dicts);
+        return their ids in the frame's order."""
+        return self._append("scores", run_id, df)
 
     def scores(
         self,
@@ -872,24 +1013,47 @@ class Database:
         harmful: bool | None = None,
         status: str | Sequence[str] | None = None,
         min_score: float | None = None,
+        min_exclusivity: float | None = None,
+        max_exclusivity: float | None = None,
+        min_density: float | None = None,
+        max_density: float | None = None,
         search: str | None = None,
         explainer: str | None = None,
         dead: bool | None = None,
+        feature_ids: Iterable[int] | None = None,
         order_by: str = "feature_id",
         descending: bool = False,
         limit: int | None = None,
+        offset: int = 0,
     ) -> pd.DataFrame:
-        """One row per feature: statistics, latest explanation, its detection score, triage.
+        """One row per feature: statistics, latest explanation, its detection score, the
+        feature's exclusivity score, triage.
 
         The explanation is the newest (of `explainer`, if given); the score is the newest
-        detection score of that explanation; a feature never triaged is 'unreviewed'.
-        `search` matches explanation text, case-insensitively, as a plain substring.
+        detection score of that explanation; the exclusivity is the newest exclusivity score of
+        the feature (NULL when the judge gave none); a feature never triaged is 'unreviewed'.
+        Score, exclusivity and density bounds are inclusive and drop rows without a value.
+        `search` matches explanation text, case-insensitively, as a plain substring. `limit`
+        and `offset` give one page of the sorted rows (`feature_count` counts them all).
         """
         sql, params = _feature_table_query(
-            run_id, partition, harmful, status, min_score, search, explainer, dead, order_by,
-            descending, limit,
+            run_id, partition=partition, harmful=harmful, status=status, min_score=min_score,
+            min_exclusivity=min_exclusivity, max_exclusivity=max_exclusivity,
+            min_density=min_density, max_density=max_density, search=search,
+            explainer=explainer, dead=dead, feature_ids=feature_ids, order_by=order_by,
+            descending=descending, limit=limit, offset=offset,
         )  # fmt: skip
         return self._frame(sql, params, run_id, "features")
+
+    def feature_count(self, run_id: str, **filters: Any) -> int:
+        """How many features `feature_table` returns with these filters (no order or page)."""
+        _check_filters(filters, FEATURE_FILTERS)
+        body, params = _feature_filter(run_id, **filters)
+        with self._cursor() as cur:
+            (count,) = cur.execute(f"SELECT count(*) {body}", params).fetchone()
+            if not count:
+                self._require_run(cur, run_id)
+        return int(count)
 
     def export(
         self, what: str, path: str | Path, *, run_id: str | None = None, **filters: Any
@@ -905,12 +1069,7 @@ class Database:
         if what == "feature_table":
             if run_id is None:
                 raise StoreDBError("exporting the feature table needs run_id=...")
-            unknown = sorted(set(filters) - set(FEATURE_TABLE_FILTERS))
-            if unknown:
-                raise StoreDBError(
-                    f"unknown feature_table filter(s) {', '.join(unknown)}; "
-                    f"valid: {', '.join(FEATURE_TABLE_FILTERS)}"
-                )
+            _check_filters(filters, FEATURE_TABLE_FILTERS)
             sql, params = _feature_table_query(run_id, **filters)
         else:
             if run_id is not None:
@@ -1027,65 +1186,187 @@ def _table_query(table: str, filters: dict[str, Any]) -> tuple[str, list[Any]]:
     return sql, list(filters.values())
 
 
-def _feature_table_query(
+def _check_filters(filters: dict[str, Any], valid: Sequence[str]) -> None:
+    """Raise unless every filter name is a valid one."""
+    unknown = sorted(set(filters) - set(valid))
+    if unknown:
+        raise StoreDBError(
+            f"unknown feature_table filter(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
+        )
+
+
+def _latest_explanations(restrict: str = "") -> str:
+    """SQL: each feature's newest explanation id (of explainer ?, when not NULL)."""
+    # A grouped max of ids, not a window over whole rows: only ids travel through the joins.
+    return (
+        "SELECT feature_id, max(explanation_id) AS explanation_id FROM explanations "
+        f"WHERE run_id = ? AND (?::VARCHAR IS NULL OR explainer = ?){restrict} GROUP BY feature_id"
+    )
+
+
+def _latest_scores(key: str, restrict: str = "") -> str:
+    """SQL: the newest score id of metric ? per `key` (explanation_id or feature_id)."""
+    return (
+        f"SELECT {key}, max(score_id) AS score_id FROM scores "
+        f"WHERE run_id = ? AND metric = ? AND {key} IS NOT NULL{restrict} GROUP BY {key}"
+    )
+
+
+def _feature_filter(
     run_id: str,
     partition: str | Sequence[str] | None = None,
     harmful: bool | None = None,
     status: str | Sequence[str] | None = None,
     min_score: float | None = None,
+    min_exclusivity: float | None = None,
+    max_exclusivity: float | None = None,
+    min_density: float | None = None,
+    max_density: float | None = None,
     search: str | None = None,
     explainer: str | None = None,
     dead: bool | None = None,
-    order_by: str = "feature_id",
-    descending: bool = False,
-    limit: int | None = None,
+    feature_ids: Iterable[int] | None = None,
+    sort: str = "feature_id",
 ) -> tuple[str, list[Any]]:
-    """The feature table's query and parameters (see `Database.feature_table`)."""
-    params: list[Any] = [run_id, explainer, explainer, run_id, DETECTION, run_id]
-    where = ["f.run_id = ?"]
-    params.append(run_id)
+    """SQL from `features f` to its WHERE clause that keeps the filtered features, joining
+    only what the filters and the sort key need; and its parameters."""
+    where, params, need = _feature_where(
+        run_id, partition, harmful, status, min_score, min_exclusivity, max_exclusivity,
+        min_density, max_density, search, dead, feature_ids,
+    )  # fmt: skip
+    if sort in TABLE_SORT_KEYS:  # "sc.value" needs the alias sc
+        need.add(TABLE_SORT_KEYS[sort].split(".")[0])
+    joins: list[str] = []
+    join_params: list[Any] = []
+    if need & {"ex", "sc"}:
+        joins.append(
+            f"LEFT JOIN ({_latest_explanations()}) e ON e.feature_id = f.feature_id "
+            "LEFT JOIN explanations ex ON ex.explanation_id = e.explanation_id"
+        )
+        join_params += [run_id, explainer, explainer]
+    if "sc" in need:
+        joins.append(
+            f"LEFT JOIN ({_latest_scores('explanation_id')}) s "
+            "ON s.explanation_id = e.explanation_id "
+            "LEFT JOIN scores sc ON sc.score_id = s.score_id"
+        )
+        join_params += [run_id, DETECTION]
+    if "xs" in need:
+        joins.append(
+            f"LEFT JOIN ({_latest_scores('feature_id')}) x ON x.feature_id = f.feature_id "
+            "LEFT JOIN scores xs ON xs.score_id = x.score_id"
+        )
+        join_params += [run_id, EXCLUSIVITY]
+    if "t" in need:
+        joins.append("LEFT JOIN triage t ON t.run_id = f.run_id AND t.feature_id = f.feature_id")
+    sql = f"FROM features f {' '.join(joins)} WHERE {' AND '.join(where)}"
+    return sql, [*join_params, *params]
+
+
+def _feature_where(
+    run_id: str,
+    partition: str | Sequence[str] | None,
+    harmful: bool | None,
+    status: str | Sequence[str] | None,
+    min_score: float | None,
+    min_exclusivity: float | None,
+    max_exclusivity: float | None,
+    min_density: float | None,
+    max_density: float | None,
+    search: str | None,
+    dead: bool | None,
+    feature_ids: Iterable[int] | None,
+) -> tuple[list[str], list[Any], set[str]]:
+    """The feature table's WHERE conditions, their parameters, and the aliases they use
+    (ex: latest explanation, sc: its detection score, xs: exclusivity score, t: triage)."""
+    where, params, need = ["f.run_id = ?"], [run_id], set()
     if partition is not None:
         where.append('list_contains(?::VARCHAR[], f."partition")')
         params.append(_choices(partition, schema.PARTITIONS, "partition"))
     if dead is not None:
         where.append("f.dead = ?")
         params.append(bool(dead))
+    if feature_ids is not None:
+        where.append("f.feature_id IN (SELECT unnest(?::INTEGER[]))")
+        params.append([int(i) for i in feature_ids])
     if harmful is not None:
-        where.append("e.harmful IS NOT DISTINCT FROM ?")
+        where.append("ex.harmful IS NOT DISTINCT FROM ?")
         params.append(bool(harmful))
+        need.add("ex")
     if status is not None:
         where.append("list_contains(?::VARCHAR[], COALESCE(t.status, 'unreviewed'))")
         params.append(_choices(status, schema.TRIAGE_STATUSES, "triage status"))
-    if min_score is not None:
-        where.append("s.score >= ?")
-        params.append(float(min_score))
+        need.add("t")
+    bounds = (
+        ("sc.value >= ?", min_score),
+        ("xs.value >= ?", min_exclusivity),
+        ("xs.value <= ?", max_exclusivity),
+        ("f.density >= ?", min_density),
+        ("f.density <= ?", max_density),
+    )
+    for condition, value in bounds:
+        if value is not None:
+            where.append(condition)
+            params.append(float(value))
+            need.add(condition.split(".")[0])
     if search:
         # Escape LIKE wildcards so the search is a plain substring.
         pattern = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        where.append("e.explanation ILIKE ? ESCAPE '\\'")
+        where.append("ex.explanation ILIKE ? ESCAPE '\\'")
         params.append(f"%{pattern}%")
-    order = _order(order_by, schema.FEATURE_TABLE_ORDER, descending)
+        need.add("ex")
+    return where, params, need
+
+
+def _feature_table_query(
+    run_id: str,
+    order_by: str = "feature_id",
+    descending: bool = False,
+    limit: int | None = None,
+    offset: int = 0,
+    **filters: Any,
+) -> tuple[str, list[Any]]:
+    """The feature table's query and parameters (see `Database.feature_table`)."""
+    if order_by not in schema.FEATURE_TABLE_ORDER:
+        valid = ", ".join(schema.FEATURE_TABLE_ORDER)
+        raise StoreDBError(f"cannot order by {order_by!r}; choose one of: {valid}")
+    sort = TABLE_SORT_KEYS.get(order_by) or f"f.{_ident('features', order_by)}"
+    direction = "DESC" if descending else "ASC"
+    body, params = _feature_filter(run_id, sort=order_by, **filters)
+    page = ""
+    if limit is not None or offset:
+        page = f"ORDER BY sort_key {direction} NULLS LAST, feature_id"
+        page += _limit(limit, params) + " OFFSET ?"
+        params.append(_count(offset))
+    explainer = filters.get("explainer")
+    params += [run_id, explainer, explainer, run_id, DETECTION, run_id, EXCLUSIVITY, run_id]
+    # First the filtered (and paged) features, with only what filters and sort need joined;
+    # then the newest explanation and scores of those features, wide columns and all. For a
+    # page (or chosen features) only theirs are looked up; for a whole table, looking up all
+    # at once is cheaper than restricting to a large `k` (which then has to be materialized).
+    few = bool(page) or filters.get("feature_ids") is not None
+    in_k = " AND feature_id IN (SELECT feature_id FROM k)" if few else ""
+    in_e = " AND explanation_id IN (SELECT explanation_id FROM e)" if few else ""
     sql = f"""
-        WITH e AS (
-            SELECT feature_id, explanation_id, explainer, prompt_version, explanation, harmful,
-                   harmful_reason, parsed, created_at AS explained_at
-            FROM explanations WHERE run_id = ? AND (?::VARCHAR IS NULL OR explainer = ?)
-            QUALIFY row_number() OVER (PARTITION BY feature_id ORDER BY explanation_id DESC) = 1
-        ), s AS (
-            SELECT explanation_id, value AS score, judge, n_examples
-            FROM scores WHERE run_id = ? AND metric = ?
-            QUALIFY row_number() OVER (PARTITION BY explanation_id ORDER BY score_id DESC) = 1
-        ), t AS (
-            SELECT feature_id, status, notes, reviewer, updated_at FROM triage WHERE run_id = ?
-        ), joined AS (
-            SELECT f.* EXCLUDE (run_id, hist_counts, hist_edges),
-                   e.* EXCLUDE (feature_id), s.* EXCLUDE (explanation_id),
-                   COALESCE(t.status, 'unreviewed') AS status, t.notes, t.reviewer, t.updated_at
-            FROM features f
-            LEFT JOIN e ON e.feature_id = f.feature_id
-            LEFT JOIN s ON s.explanation_id = e.explanation_id
-            LEFT JOIN t ON t.feature_id = f.feature_id
-            WHERE {" AND ".join(where)}
-        )
-        SELECT * FROM joined ORDER BY {order}"""
-    return sql + _limit(limit, params), params
+        WITH k AS {"MATERIALIZED " if few else ""}(
+            SELECT f.* EXCLUDE (run_id, hist_counts, hist_edges), {sort} AS sort_key
+            {body} {page}
+        ),
+        e AS ({_latest_explanations(in_k)}),
+        s AS ({_latest_scores("explanation_id", in_e)}),
+        x AS ({_latest_scores("feature_id", in_k)})
+        SELECT k.* EXCLUDE (sort_key),
+               ex.explanation_id, ex.explainer, ex.prompt_version, ex.explanation, ex.harmful,
+               ex.harmful_reason, ex.parsed, ex.created_at AS explained_at,
+               sc.value AS score, sc.judge, sc.n_examples, xs.value AS exclusivity,
+               COALESCE(t.status, 'unreviewed') AS status, t.notes, t.reviewer, t.updated_at
+        FROM k
+        LEFT JOIN e ON e.feature_id = k.feature_id
+        LEFT JOIN explanations ex ON ex.explanation_id = e.explanation_id
+        LEFT JOIN s ON s.explanation_id = e.explanation_id
+        LEFT JOIN scores sc ON sc.score_id = s.score_id
+        LEFT JOIN x ON x.feature_id = k.feature_id
+        LEFT JOIN scores xs ON xs.score_id = x.score_id
+        LEFT JOIN triage t ON t.run_id = ? AND t.feature_id = k.feature_id
+        ORDER BY k.sort_key {direction} NULLS LAST, k.feature_id"""
+    return sql, params

@@ -182,7 +182,28 @@ CREATE TABLE triage_history (
 );
 """
 
-MIGRATIONS: list[str] = [V1]
+# Version 2: indexes for the dashboard's look-ups of one feature or window. DuckDB answers
+# `column = ?` and short `IN` lists from an ART index only when the index holds that single
+# column, so these are not (run_id, ...) composites (run_id is checked on the few rows found).
+# Contexts, neighbours and matches get none: they are written sorted by feature_id, so zone
+# maps already find a feature's rows, and an index over their millions of rows would slow
+# every re-analysis and hold memory.
+V2 = """
+CREATE INDEX windows_window_id ON windows (window_id);
+CREATE INDEX explanations_feature_id ON explanations (feature_id);
+CREATE INDEX scores_feature_id ON scores (feature_id);
+CREATE INDEX steering_samples_feature_id ON steering_samples (feature_id);
+"""
+
+MIGRATIONS: list[str] = [V1, V2]
+
+# The indexes of the newest version: name -> (table, column).
+INDEXES: dict[str, tuple[str, str]] = {
+    "windows_window_id": ("windows", "window_id"),
+    "explanations_feature_id": ("explanations", "feature_id"),
+    "scores_feature_id": ("scores", "feature_id"),
+    "steering_samples_feature_id": ("steering_samples", "feature_id"),
+}
 
 # The allow-list: the only table and column names that ever reach an SQL string.
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -252,7 +273,12 @@ BULK_REQUIRED: dict[str, tuple[str, ...]] = {
     "contexts": ("feature_id", "kind", "rank", "window_id", "acts"),
     "neighbors": ("feature_id", "neighbor_id", "cosine", "rank", "space"),
     "matches": ("feature_id", "other_feature_id", "cosine"),
+    "explanations": ("feature_id", "explainer", "prompt_version", "explanation"),
+    "scores": ("feature_id", "judge", "prompt_version", "metric", "value"),
 }
+
+# Tables appended to in bulk (rows keep their own ids) and the sequence numbering each.
+SEQUENCES: dict[str, str] = {"explanations": "explanation_ids", "scores": "score_ids"}
 
 PARTITIONS = tuple(role.value for role in Role)  # a_exclusive ... designated_shared
 CONTEXT_KINDS = KINDS
@@ -268,4 +294,4 @@ BULK_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 FEATURE_ORDER = ("feature_id", "max_act", "density", "rel_norm", "n_active", "s_max", "dec_cos")
-FEATURE_TABLE_ORDER = (*FEATURE_ORDER, "score", "updated_at")
+FEATURE_TABLE_ORDER = (*FEATURE_ORDER, "score", "exclusivity", "updated_at")
