@@ -328,17 +328,23 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The built-in demonstration: toy-model comparison of the architectures (~4 min)."""
-    from engine.toy.sweep import main as toy_main
+    """The demo: harvest -> train -> analyze -> explain -> verify -> dashboard, on the two
+    demo models; every finished stage is reused when run again."""
+    from engine.demo import DemoSettings, dashboard_url, run_demo
 
     out = Path(args.out)
     print(
-        f"modeldiff demo: standard vs DFC vs DSF crosscoders on a toy model pair with known "
-        f"model-exclusive concepts (undercomplete dictionaries, one seed) -> {out}"
+        "modeldiff demo: SmolLM2-135M-Instruct (A) vs Gemma-3-270m (B) on offline chat and "
+        f"prose -> {out}"
     )
-    # The benchmark's default setting at the two undercomplete sizes, where the paper
-    # expects DFCs to recover more exclusive concepts (docs/toy-benchmark.md).
-    return toy_main(["--out", str(out), "--sizes", "128,256", "--seeds", "0"])
+    demo = run_demo(out, DemoSettings(progress=not args.quiet))
+    print(f"demo finished in {demo.timings['total']['seconds']:.0f} s; results in {demo.db}")
+    if args.no_dashboard:
+        print(f"open it with: modeldiff dashboard --db {demo.db}")
+        return 0
+    print(f"dashboard: {dashboard_url(args.host, args.port)}")
+    args.db = demo.db
+    return cmd_dashboard(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -481,6 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--no-dashboard", action="store_true", help="stop after the pipeline")
+    p.add_argument("--host", default="127.0.0.1", help="dashboard address (default localhost)")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
     return parser
 

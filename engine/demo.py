@@ -1,0 +1,347 @@
+"""`modeldiff demo`: the whole pipeline on the demo models, every stage cached.
+
+harvest -> train -> analyze -> explain -> score -> stitch -> exclusivity -> steer-eval ->
+dashboard, on SmolLM2-135M-Instruct (A) and Gemma-3-270m (B) from their PyPI packages and
+the offline text mixture, sized by the `demo` preset for a 2-core CPU. Each stage checks
+what is already on disk and skips or resumes, so a second run (or a run after an
+interruption) only does what is missing. Stage timings go to `<out>/timings.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from engine.config import ConfigError, RunConfig, load_preset
+from engine.files import atomic_write_text
+
+RUN_ID = "demo"
+
+
+@dataclass
+class DemoSettings:
+    """What the demo runs beyond the preset: how much to explain and verify."""
+
+    preset: str = "demo"
+    explain_limit: int = 1000  # exclusive features first, then the strongest shared ones
+    exclusivity_per_partition: int = 2
+    exclusivity_tokens: int = 32
+    eval_rubric: str = "harmless_refusal"
+    eval_prompts: int = 8
+    eval_alphas: tuple[float, ...] = (-8.0, -4.0, 0.0, 4.0, 8.0)
+    eval_tokens: int = 32
+    stitch_steps: int = 300
+    progress: bool = True
+    # Replacements for preset values, per section, e.g. {"harvest": {"max_pairs": 3000}}.
+    overrides: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class Demo:
+    """The demo's files and the stage timings of this invocation."""
+
+    out: Path
+    settings: DemoSettings = field(default_factory=DemoSettings)
+    timings: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def store(self) -> Path:
+        return self.out / "store"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / "run"
+
+    @property
+    def db(self) -> Path:
+        return self.out / "results.duckdb"
+
+    @property
+    def stitch(self) -> Path:
+        return self.out / "stitch.safetensors"
+
+    def config(self, dims: tuple[int, int] | None = None) -> RunConfig:
+        """The preset's run config with the settings' overrides applied."""
+        cfg = load_preset(self.settings.preset, dims)
+        for section, values in self.settings.overrides.items():
+            if getattr(cfg, section, None) is None:
+                raise ConfigError(f"the {self.settings.preset!r} preset has no [{section}]")
+            setattr(cfg, section, replace(getattr(cfg, section), **values))
+        return cfg
+
+
+def run_demo(out: str | Path, settings: DemoSettings | None = None) -> Demo:
+    """Run every stage (skipping finished ones) and return the demo with its timings."""
+    demo = Demo(Path(out), settings or DemoSettings())
+    demo.out.mkdir(parents=True, exist_ok=True)
+    stages: list[tuple[str, Callable[[Demo], str]]] = [
+        ("harvest", stage_harvest),
+        ("train", stage_train),
+        ("analyze", stage_analyze),
+        ("explain", stage_explain),
+        ("score", stage_score),
+        ("stitch", stage_stitch),
+        ("exclusivity", stage_exclusivity),
+        ("steer-eval", stage_steer_eval),
+    ]
+    started = time.perf_counter()
+    for i, (name, stage) in enumerate(stages, 1):
+        print(f"[{i}/{len(stages)}] {name}", flush=True)
+        t0 = time.perf_counter()
+        note = stage(demo)
+        seconds = time.perf_counter() - t0
+        demo.timings[name] = {"seconds": round(seconds, 1), "note": note}
+        print(f"      {note} ({_duration(seconds)})", flush=True)
+    demo.timings["total"] = {"seconds": round(time.perf_counter() - started, 1)}
+    atomic_write_text(demo.out / "timings.json", json.dumps(demo.timings, indent=2) + "\n")
+    return demo
+
+
+def stage_harvest(demo: Demo) -> str:
+    """Paired activations of the two demo models (resumes a partial store)."""
+    from engine.harvest.pipeline import harvest, summary
+    from engine.harvest.store import ActivationStore, StoreError
+
+    cfg = demo.config().harvest
+    try:
+        have = len(ActivationStore(demo.store))
+    except (StoreError, FileNotFoundError):
+        have = 0
+    if have >= cfg.max_pairs:
+        return f"cached: {have:,} pairs in {demo.store}"
+    _quiet_transformers()
+    return summary(harvest(cfg, demo.store, progress=demo.settings.progress))
+
+
+def stage_train(demo: Demo) -> str:
+    """A DFC on the store (resumes from its last checkpoint)."""
+    from engine.crosscoder.normalize import Normalizer
+    from engine.crosscoder.trainer import train
+    from engine.harvest.store import ActivationStore
+
+    if (demo.run_dir / "crosscoder.safetensors").is_file():
+        return f"cached: {demo.run_dir}"
+    store = ActivationStore(demo.store)
+    cfg = demo.config((store.d_a, store.d_b))
+    normalizer = Normalizer.from_median_norms(*store.median_norms(), store.d_a, store.d_b)
+    result = train(
+        cfg.crosscoder, cfg.train, store, out_dir=demo.run_dir, normalizer=normalizer,
+        progress=demo.settings.progress,
+    )  # fmt: skip
+    fve = ", ".join(f"{k} {v:.3f}" for k, v in result.final.items() if k.startswith("fve"))
+    return f"{cfg.train.steps:,} steps; {fve}"
+
+
+def stage_analyze(demo: Demo) -> str:
+    """Feature statistics, contexts and geometry into the results database."""
+    from engine.analysis.analyze import analyze
+
+    if _has_run(demo.db):
+        return f"cached: run {RUN_ID!r} in {demo.db}"
+    result = analyze(
+        demo.run_dir, demo.store, demo.db, run_id=RUN_ID, progress=demo.settings.progress
+    )
+    return result.summary()
+
+
+def stage_explain(demo: Demo) -> str:
+    """Explanations and harmful flags, exclusive partitions first (resumable)."""
+    from engine.interp.run import explain_run
+    from engine.store import Database
+
+    with Database(demo.db) as db:
+        explainer = _explainer(db, demo.settings.explain_limit)
+        run = explain_run(
+            db, RUN_ID, explainer, limit=demo.settings.explain_limit,
+            progress=demo.settings.progress,
+        )  # fmt: skip
+    return f"{explainer.name}: {run.summary()}"
+
+
+def stage_score(demo: Demo) -> str:
+    """Detection scores of the explanations (resumable)."""
+    from engine.interp.run import score_run
+    from engine.store import Database
+
+    judge = _detection_judge()
+    with Database(demo.db) as db:
+        run = score_run(db, RUN_ID, judge, progress=demo.settings.progress)
+    return f"{judge.name}: {run.summary()}"
+
+
+def stage_stitch(demo: Demo) -> str:
+    """Affine maps between the models, fitted on the store without the crosscoder."""
+    from engine.harvest.store import ActivationStore
+    from engine.steering.stitching import Stitch, train_stitch
+
+    if demo.stitch.is_file():
+        fve = Stitch.load(demo.stitch).fve
+        return f"cached: {demo.stitch} (held-out FVE {_fve(fve)})"
+    store = ActivationStore(demo.store)
+    stitch = train_stitch(store, store.d_a, store.d_b, steps=demo.settings.stitch_steps)
+    stitch.info["store"] = str(demo.store.resolve())
+    stitch.save(demo.stitch)
+    return f"held-out FVE {_fve(stitch.fve)}"
+
+
+def stage_exclusivity(demo: Demo) -> str:
+    """Exclusivity scores of the top exclusive features (resumable)."""
+    from engine.steering.exclusivity import ExclusivityConfig, exclusivity_run, pick_features
+    from engine.steering.pair import SteeringPair
+    from engine.steering.steer import GenerationConfig
+    from engine.store import Database
+
+    s = demo.settings
+    cfg = ExclusivityConfig(
+        generation=GenerationConfig(max_new_tokens=s.exclusivity_tokens, greedy=False)
+    )
+    judge = _steering_judge()
+    with Database(demo.db) as db:
+        features = pick_features(db, RUN_ID, s.exclusivity_per_partition)
+        pair = SteeringPair.open(db, RUN_ID, demo.stitch)
+        exclusivity_run(db, RUN_ID, pair, judge, features, cfg)
+        scores = db.scores(RUN_ID, judge=judge.name, metric="exclusivity")
+    lines = [
+        f"feature {int(r.feature_id)}: "
+        + ("not interpretable" if _missing(r.value) else f"exclusivity {r.value:.1f}")
+        for r in scores.itertuples()
+    ]
+    return f"{judge.name}: " + "; ".join(lines)
+
+
+def stage_steer_eval(demo: Demo) -> str:
+    """A small steering evaluation of the most exclusive scored feature."""
+    from engine.steering.evaluate import EvalConfig, evaluation_figure, steer_eval
+    from engine.steering.exclusivity import pick_features
+    from engine.steering.pair import SteeringPair
+    from engine.steering.rubrics import rubric
+    from engine.steering.steer import GenerationConfig
+    from engine.store import Database
+
+    s = demo.settings
+    rub = rubric(s.eval_rubric)
+    judge = _steering_judge()
+    with Database(demo.db) as db:
+        # The most exclusive scored feature; if none passed the interpretability filter,
+        # the strongest exclusive one, so the demo still shows an evaluation.
+        feature = _most_exclusive(db)
+        if feature is None:
+            picked = pick_features(db, RUN_ID, 1)
+            if not picked:
+                return "no live exclusive feature to evaluate"
+            feature = picked[0]
+        kind = f"steer-eval:{rub.name}"
+        if not db.evaluations(RUN_ID, kind=kind, feature_id=feature).empty:
+            return f"cached: feature {feature} on {rub.name}"
+        cfg = EvalConfig(
+            rubric=rub.name,
+            alphas=s.eval_alphas,
+            limit=s.eval_prompts,
+            generation=GenerationConfig(max_new_tokens=s.eval_tokens, greedy=True),
+        )
+        pair = SteeringPair.open(db, RUN_ID, demo.stitch)
+        result = steer_eval(db, RUN_ID, pair, feature, judge, cfg)
+    figure = demo.out / f"steer-eval-{feature}-{rub.name}.html"
+    evaluation_figure(result.summary, rub.metric, f"feature {feature}: {rub.title}").write_html(
+        figure
+    )
+    return f"feature {feature} on {rub.name} ({s.eval_prompts} prompts) -> {figure}"
+
+
+def dashboard_url(host: str, port: int) -> str:
+    """Where the dashboard will be."""
+    return f"http://{host}:{port}/?run={RUN_ID}"
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _has_run(db_path: Path) -> bool:
+    """Whether the results database already holds the demo run."""
+    if not db_path.is_file():
+        return False
+    from engine.store import Database
+
+    with Database(db_path, read_only=True) as db:
+        return RUN_ID in set(db.runs()["run_id"])
+
+
+def _most_exclusive(db) -> int | None:
+    """The scored feature with the highest exclusivity (ties: lowest id)."""
+    scores = db.scores(RUN_ID, metric="exclusivity").dropna(subset=["value"])
+    if scores.empty:
+        return None
+    best = scores.sort_values(["value", "feature_id"], ascending=[False, True])
+    return int(best["feature_id"].iloc[0])
+
+
+def _use_anthropic() -> bool:
+    """Claude explains and judges when a key is set (the paper's setting)."""
+    return bool(os.environ.get("ANTHROPIC_API_KEY"))
+
+
+def _explainer(db, limit: int):
+    """Anthropic explainer with a key (after the cost is shown and accepted), else offline."""
+    if _use_anthropic():
+        from engine.interp.anthropic import AnthropicExplainer, describe_cost, estimate_cost
+
+        print(describe_cost(estimate_cost(limit, AnthropicExplainer().model)))
+        if not sys.stdin.isatty() or input("explain with Claude? [y/N] ").lower() == "y":
+            return AnthropicExplainer()
+        print("using the offline explainer")
+    from engine.interp.offline import OfflineExplainer, background_from
+
+    return OfflineExplainer(background_from(db.window_texts(RUN_ID)))
+
+
+def _detection_judge():
+    """Anthropic detection judge with a key, else the offline one."""
+    if _use_anthropic():
+        from engine.interp.anthropic import AnthropicJudge
+
+        return AnthropicJudge()
+    from engine.interp.offline import OfflineJudge
+
+    return OfflineJudge()
+
+
+def _steering_judge():
+    """Anthropic steering judge with a key, else the offline MiniLM judge."""
+    if _use_anthropic():
+        from engine.steering.judges import AnthropicSteeringJudge
+
+        return AnthropicSteeringJudge()
+    from engine.steering.judges import OfflineSteeringJudge
+
+    return OfflineSteeringJudge()
+
+
+def _quiet_transformers() -> None:
+    """No per-tensor weight-loading bars from transformers."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+
+
+def _fve(fve: dict[str, float]) -> str:
+    """Held-out FVE per direction."""
+    return ", ".join(f"{k} {v:.2f}" for k, v in fve.items() if k in ("a_to_b", "b_to_a"))
+
+
+def _missing(value) -> bool:
+    """None or NaN."""
+    return value is None or value != value
+
+
+def _duration(seconds: float) -> str:
+    """1 min 05 s / 12.3 s."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"

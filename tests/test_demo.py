@@ -1,0 +1,70 @@
+"""`modeldiff demo` end to end on the real demo models, scaled down, then run again: the
+second run must reuse every stage and change nothing."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from engine.demo import RUN_ID, DemoSettings, run_demo
+from engine.store import Database
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["harvest", "train", "analyze", "explain", "score", "stitch", "exclusivity", "steer-eval"]
+
+
+def small_settings() -> DemoSettings:
+    """The demo preset shrunk to a couple of minutes on 2 CPU cores."""
+    return DemoSettings(
+        progress=False,
+        explain_limit=40,
+        exclusivity_tokens=6,
+        eval_prompts=2,
+        eval_alphas=(-4.0, 0.0, 4.0),
+        eval_tokens=6,
+        stitch_steps=20,
+        overrides={
+            "harvest": {"max_pairs": 3000, "context_length": 128},
+            "crosscoder": {"n_features": 512},
+            "train": {
+                "steps": 60,
+                "batch_size": 256,
+                "warmup_steps": 10,
+                "anneal_steps": 30,
+                "checkpoint_every": 30,
+                "log_every": 20,
+                "dead_window_tokens": 7680,
+            },
+        },
+    )
+
+
+def counts(db_path) -> dict[str, int]:
+    with Database(db_path, read_only=True) as db:
+        return {
+            "features": len(db.features(RUN_ID)),
+            "explanations": len(db.explanations(RUN_ID)),
+            "scores": len(db.scores(RUN_ID)),
+            "exclusivity": len(db.scores(RUN_ID, metric="exclusivity")),
+            "evaluations": len(db.evaluations(RUN_ID)),
+        }
+
+
+def test_demo_runs_every_stage_then_reuses_them(tmp_path):
+    demo = run_demo(tmp_path, small_settings())
+    assert list(demo.timings) == [*STAGES, "total"]
+    first = counts(demo.db)
+    assert first["features"] == 512 and first["explanations"] == 40
+    # Up to two live features per exclusive partition get an exclusivity score.
+    assert 1 <= first["exclusivity"] <= 4 and first["scores"] > first["exclusivity"]
+    assert first["evaluations"] == 1 and list(tmp_path.glob("steer-eval-*.html"))
+    assert (tmp_path / "timings.json").is_file() and demo.stitch.is_file()
+
+    start = time.perf_counter()
+    again = run_demo(tmp_path, small_settings())
+    assert time.perf_counter() - start < 60
+    for stage in ("harvest", "train", "analyze", "stitch"):
+        assert again.timings[stage]["note"].startswith("cached"), again.timings[stage]
+    assert counts(demo.db) == first
