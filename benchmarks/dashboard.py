@@ -12,10 +12,11 @@ then times the store calls the dashboard makes, with random parameters, and prin
     spans, windows (token view), neighbours, matches, explanations, scores, steering
     samples, triage history; and the sum of one visit's calls.
 
-Rows marked [today] are the calls the dashboard makes now (whole tables, filtered or paged in
-pandas); rows marked [proposed] are the narrower calls that replace them (a page and a count
-in SQL, one feature's row, one feature's matches, all of a page's windows at once). Two
-heavier reads of other pages, which the dashboard caches, are timed last for reference.
+Rows marked [before] are the calls the dashboard made before it paged in SQL (whole tables,
+filtered or paged in pandas); rows marked [now] are the narrower calls it makes instead (a
+page and a count in SQL, one feature's row, one feature's matches, all of a page's windows
+at once). Two heavier reads of other pages, which the dashboard caches, are timed last for
+reference.
 
 The database is built once (about two minutes, ~270 MiB) and reused while the arguments
 match; `--rebuild` starts over. Opening it upgrades an older schema, as the dashboard would.
@@ -432,25 +433,25 @@ def browser_filters(rng: np.random.Generator, supported: set[str]) -> dict[str, 
 
 def time_browser(db: Database, timer: Timer, rng: np.random.Generator, supported: set[str]) -> None:
     """One visit of the Features page with random filters and a random page of 50: as the
-    dashboard asks today (all matching rows, sliced in pandas), and page-wise in SQL."""
+    dashboard asked before (all matching rows, sliced in pandas), and page-wise in SQL (now)."""
     filters = browser_filters(rng, supported)
     table = timer(
-        "(a) browser: feature_table(filters), all rows [today]",
+        "(a) browser: feature_table(filters), all rows [before]",
         lambda: db.feature_table(RUN, **filters),
     )
     page = int(rng.integers(0, max(1, -(-len(table) // 50))))
     timer(
-        "    then one page of 50 in pandas [today]", lambda: table.iloc[page * 50 : page * 50 + 50]
+        "    then one page of 50 in pandas [before]", lambda: table.iloc[page * 50 : page * 50 + 50]
     )
     if "offset" not in supported:
         return
     counting = {k: v for k, v in filters.items() if k not in ("order_by", "descending")}
     n = timer(
-        "(a) browser: feature_count(filters) [proposed]", lambda: db.feature_count(RUN, **counting)
+        "(a) browser: feature_count(filters) [now]", lambda: db.feature_count(RUN, **counting)
     )
     assert n == len(table), (n, len(table), filters)
     got = timer(
-        "(a) browser: feature_table(filters, limit=50, offset) [proposed]",
+        "(a) browser: feature_table(filters, limit=50, offset) [now]",
         lambda: db.feature_table(RUN, **filters, limit=50, offset=page * 50),
     )
     assert (
@@ -459,62 +460,60 @@ def time_browser(db: Database, timer: Timer, rng: np.random.Generator, supported
 
 
 TODAY_ONLY = ("feature_table() full", "matches, all rows", "window x every")
-PROPOSED_ONLY = ("[proposed]",)
+PROPOSED_ONLY = ("[now]",)
 
 
 def time_feature_page(db: Database, timer: Timer, fid: int, supported: set[str]) -> None:
     """One visit of the feature page (and triage panel) of feature `fid`, with no cache: every
-    store call the dashboard makes for it, then the proposed narrower ones, then both sums."""
+    store call the dashboard made for it, then the narrower ones it makes now, then both sums."""
     start = {name: len(ms) for name, ms in timer.times.items()}
     timer("(b) page: run", lambda: db.run(RUN))
     timer("(b) page: runs (run ids)", db.runs)
     timer("(b) page: feature (stats, histogram)", lambda: db.feature(RUN, fid))
     table = timer(
-        "(b) page: feature_table() full, for feature_row [today]", lambda: db.feature_table(RUN)
+        "(b) page: feature_table() full, for feature_row [before]", lambda: db.feature_table(RUN)
     )
-    timer("    then its row in pandas [today]", lambda: table[table["feature_id"] == fid])
+    timer("    then its row in pandas [before]", lambda: table[table["feature_id"] == fid])
     ctx = timer("(b) page: contexts (texts, spans, acts)", lambda: db.contexts(RUN, fid))
     wids = [c.window_id for c in ctx]
     if wids:
         timer("(b) page: window (token view), one", lambda: db.window(RUN, wids[0]))
         timer(
-            "(b) page: window x every context (token view) [today]",
+            "(b) page: window x every context (token view) [before]",
             lambda: [db.window(RUN, w) for w in wids],
         )
     near = timer("(b) page: neighbors", lambda: db.neighbors(RUN, fid))
-    timer("(b) page: matches, all rows of the other run [today]", lambda: db.matches(RUN, OTHER))
+    timer("(b) page: matches, all rows of the other run [before]", lambda: db.matches(RUN, OTHER))
     timer("(b) page: explanations (all versions)", lambda: db.explanations(RUN, fid, latest=False))
     timer("(b) page: scores", lambda: db.scores(RUN, fid))
     timer("(b) page: steering_samples", lambda: db.steering_samples(RUN, fid))
     timer("(b) page: triage_history", lambda: db.triage_history(RUN, fid))
     if "feature_ids" in supported:
         timer(
-            "(b) page: feature_table(feature_ids=[fid]) [proposed]",
+            "(b) page: feature_table(feature_ids=[fid]) [now]",
             lambda: db.feature_table(RUN, feature_ids=[fid]),
         )
         timer(
-            "(b) page: feature_table(feature_ids=neighbours) [proposed]",
+            "(b) page: feature_table(feature_ids=neighbours) [now]",
             lambda: db.feature_table(RUN, feature_ids=near["neighbor_id"].tolist()),
         )
         timer(
-            "(b) page: matches(feature_id=fid) [proposed]",
+            "(b) page: matches(feature_id=fid) [now]",
             lambda: db.matches(RUN, OTHER, feature_id=fid),
         )
         if wids:
             timer(
-                "(b) page: windows(every context's window) [proposed]",
+                "(b) page: windows(every context's window) [now]",
                 lambda: db.windows(RUN, wids),
             )
     # This visit's calls, summed: what a cold page load waits for in the store.
     made = {n: ms[-1] for n, ms in timer.times.items() if len(ms) > start.get(n, 0)}
     calls = {n: ms for n, ms in made.items() if n.startswith("(b) page:")}
     today = [ms for n, ms in calls.items() if not any(p in n for p in PROPOSED_ONLY)]
-    timer.times.setdefault("sum: feature page, store calls [today]", []).append(sum(today))
-    if any("[proposed]" in n for n in calls):
+    timer.times.setdefault("sum: feature page, store calls [before]", []).append(sum(today))
+    if any("[now]" in n for n in calls):
         proposed = [ms for n, ms in calls.items() if not any(p in n for p in TODAY_ONLY)]
-        timer.times.setdefault("sum: feature page, store calls [proposed]", []).append(
-            sum(proposed)
-        )
+        timer.times.setdefault("sum: feature page, store calls [now]", []).append(sum(proposed))
 
 
 def time_other_pages(db: Database, timer: Timer) -> None:

@@ -20,6 +20,8 @@ import streamlit as st  # noqa: E402
 from dashboard import data  # noqa: E402
 
 st.set_page_config(layout="wide", page_title="modeldiff", page_icon="🔬")
+# An analyst's tool, not an app under development: no "Deploy" button or developer menu.
+st.set_option("client.toolbarMode", "viewer")
 
 VIEWS = Path(__file__).parent / "views"
 # Material icons ship with Streamlit, so they render without an emoji font.

@@ -32,6 +32,7 @@ PARTITION_LABELS = {
 LABEL_PARTITIONS = {label: key for key, label in PARTITION_LABELS.items()}
 EXCLUSIVE = ("a_exclusive", "b_exclusive")
 INTERPRETABLE = 0.8  # detection score at which a feature counts as interpretable
+PAGE_SIZE = 50  # rows per page of the features browser
 RECUR = 0.7  # decoder cosine at which a feature recurs in another run
 STATUSES = TRIAGE_STATUSES
 PARTITION_ORDER = PARTITIONS
@@ -147,8 +148,14 @@ def features(path: str, run_id: str) -> pd.DataFrame:
 
 @st.cache_data(show_spinner=False)
 def feature_table(path: str, run_id: str, **filters: Any) -> pd.DataFrame:
-    """`Database.feature_table` with the given filters."""
+    """`Database.feature_table` with the given filters (and page: limit, offset)."""
     return database(path).feature_table(run_id, **filters)
+
+
+@st.cache_data(show_spinner=False)
+def feature_count(path: str, run_id: str, **filters: Any) -> int:
+    """How many rows `feature_table` has with these filters (`Database.feature_count`)."""
+    return database(path).feature_count(run_id, **filters)
 
 
 @st.cache_data(show_spinner=False)
@@ -158,10 +165,25 @@ def feature(path: str, run_id: str, feature_id: int) -> dict[str, Any]:
 
 
 def feature_row(path: str, run_id: str, feature_id: int) -> dict[str, Any] | None:
-    """The feature-table row of one feature (explanation, score, triage), or None."""
-    table = feature_table(path, run_id)
-    rows = table[table["feature_id"] == int(feature_id)]
+    """The feature-table row of one feature (explanation, scores, triage), or None."""
+    rows = feature_table(path, run_id, feature_ids=(int(feature_id),))
     return None if rows.empty else rows.iloc[0].to_dict()
+
+
+@st.cache_data(show_spinner=False)
+def default_feature(path: str, run_id: str) -> int | None:
+    """The strongest live exclusive feature, else the strongest live one, else any one."""
+    db = database(path)
+    strongest = {"order_by": "max_act", "descending": True, "limit": 1}
+    for pick in (
+        lambda: db.features(run_id, partition=list(EXCLUSIVE), dead=False, **strongest),
+        lambda: db.features(run_id, dead=False, **strongest),
+        lambda: db.features(run_id, limit=1),
+    ):
+        found = pick()
+        if len(found):
+            return int(found["feature_id"].iloc[0])
+    return None
 
 
 @st.cache_data(show_spinner=False)
@@ -177,9 +199,9 @@ def contexts_of(path: str, run_id: str, feature_ids: tuple[int, ...], kind: str)
 
 
 @st.cache_data(show_spinner=False)
-def window(path: str, run_id: str, window_id: int) -> dict[str, Any]:
-    """One window with both models' token ids and offsets."""
-    return database(path).window(run_id, window_id)
+def windows(path: str, run_id: str, window_ids: tuple[int, ...]) -> dict[int, dict[str, Any]]:
+    """Several windows with both models' token ids and offsets, in one query: {id: window}."""
+    return database(path).windows(run_id, window_ids)
 
 
 @st.cache_data(show_spinner=False)
@@ -195,9 +217,21 @@ def explanations(path: str, run_id: str, feature_id: int) -> pd.DataFrame:
 
 
 @st.cache_data(show_spinner=False)
-def matches(path: str, run_id: str, other: str) -> pd.DataFrame:
-    """Feature matches from one run to another."""
-    return database(path).matches(run_id, other)
+def matches(path: str, run_id: str, other: str, feature_id: int | None = None) -> pd.DataFrame:
+    """Feature matches from one run to another (of one feature, if given), best first."""
+    return database(path).matches(run_id, other, feature_id=feature_id)
+
+
+@st.cache_data(show_spinner=False)
+def scores(path: str, run_id: str, feature_id: int, metric: str) -> pd.DataFrame:
+    """A feature's scores of one metric (e.g. exclusivity), oldest first, details decoded."""
+    return database(path).scores(run_id, feature_id=feature_id, metric=metric)
+
+
+@st.cache_data(show_spinner=False)
+def evaluations(path: str, run_id: str, feature_id: int) -> pd.DataFrame:
+    """A feature's stored evaluations (e.g. steer-eval:<rubric>), oldest first."""
+    return database(path).evaluations(run_id, feature_id=feature_id)
 
 
 @st.cache_data(show_spinner=False)
@@ -218,15 +252,34 @@ def save_triage(
     """Record a triage decision and drop the cached reads that show triage."""
     with _WRITE_LOCK:
         database(path).set_triage(run_id, int(feature_id), status, notes, reviewer)
-    for cached in (feature_table, triage, triage_history):
+    for cached in (feature_table, feature_count, triage, triage_history):
         cached.clear()
+
+
+@st.cache_data(show_spinner=False)
+def steering_samples(path: str, run_id: str, feature_id: int) -> pd.DataFrame:
+    """Saved steering samples of one feature, oldest first."""
+    return database(path).steering_samples(run_id, feature_id)
+
+
+def save_steering_samples(
+    path: str, run_id: str, feature_id: int, samples: list[dict[str, Any]]
+) -> list[int]:
+    """Record steering samples (`Database.add_steering_sample` keywords); return their ids."""
+    with _WRITE_LOCK:
+        db = database(path)
+        ids = [db.add_steering_sample(run_id, int(feature_id), **s) for s in samples]
+    steering_samples.clear()
+    return ids
 
 
 # Widget values that outlive a page change (Streamlit drops the state of widgets a run did not
 # draw, unless the value is written back in every run: `keep_widget_state`).
 KEPT_KEYS = (
-    "f_partitions", "f_status", "f_min_score", "f_search", "f_harmful", "f_dead", "f_order",
-    "f_desc", "f_page", "ctx_whole", "ctx_tokens", "t_mode", "reviewer",
+    "f_partitions", "f_status", "f_min_score", "f_excl", "f_search", "f_harmful", "f_dead",
+    "f_order", "f_desc", "f_page", "ctx_whole", "ctx_tokens", "t_mode", "reviewer", "s_prompt",
+    "s_alpha", "s_target", "s_sample", "s_temperature", "s_seed", "s_max_new", "s_sweep",
+    "p_text", "p_view",
 )  # fmt: skip
 
 
@@ -274,13 +327,7 @@ def current_feature(path: str, run_id: str) -> int | None:
     for candidate in (param_int("feature"), st.session_state.get("feature_id")):
         if candidate is not None and 0 <= candidate < n:
             return int(candidate)
-    table = features(path, run_id)
-    live = table[~table["dead"].fillna(False).astype(bool)]
-    if live.empty:
-        return int(table["feature_id"].iloc[0]) if len(table) else None
-    excl = live[live["partition"].isin(EXCLUSIVE)]
-    pick = excl if len(excl) else live
-    return int(pick.sort_values("max_act", ascending=False)["feature_id"].iloc[0])
+    return default_feature(path, run_id)
 
 
 def set_feature(feature_id: int) -> None:

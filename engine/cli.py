@@ -283,6 +283,8 @@ def dashboard_command(db: Path, host: str = "127.0.0.1", port: int = 8501) -> li
         sys.executable, "-m", "streamlit", "run", str(app),
         "--server.address", host, "--server.port", str(port),
         "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
+        # Headless: no e-mail prompt on a first run, the URL is printed instead of opened.
+        "--server.headless", "true", "--client.toolbarMode", "viewer",
         "--", "--db", str(db),
     ]  # fmt: skip
 

@@ -4,7 +4,9 @@ offline explanations and scores), driven headless with `streamlit.testing.v1.App
 from __future__ import annotations
 
 import html
+import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,55 +15,23 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest
 
-from engine.analysis.analyze import analyze
 from engine.analysis.context import Context
-from engine.analysis.geometry import match_runs
-from engine.analysis.scan import ScanConfig
-from engine.crosscoder.checkpoint import save_crosscoder
-from engine.crosscoder.normalize import Normalizer
-from engine.interp.offline import OfflineExplainer, OfflineJudge, background_from
-from engine.interp.run import explain_run, score_run
 from engine.store import Database
-from tests.test_analysis import make_store, planted_crosscoder
+from tests.dashboard_fixture import BOMB, JUDGE, MARKUP, OTHER, RUN, TEA, build_results_db
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
-RUN = "planted"
-OTHER = "planted-seed1"
-TEA, BOMB = 1, 4  # the A-exclusive tea/coffee feature and the shared, harmful bomb feature
 SCRIPT = "<script>alert('x')</script>"
+TRANSFER_NOTE = (
+    "Model B has no decoder for this A-exclusive feature: steered with its shared-partition "
+    "transfer"
+)
 
 
 @pytest.fixture(scope="module")
 def db_path(tmp_path_factory):
-    """A results database with one analysed, explained and scored run; the app reads it
-    through $MODELDIFF_DB."""
-    tmp = tmp_path_factory.mktemp("dashboard")
-    make_store(tmp / "store")
-    save_crosscoder(
-        tmp / "run",
-        planted_crosscoder(),
-        Normalizer.identity(),
-        crosscoder_config={},
-        train_config={},
-        metrics={"fve_a": 0.91, "fve_b": 0.87, "dead_frac": 0.5, "l0": 2.5},
-    )
-    path = tmp / "results.duckdb"
-    analyze(
-        tmp / "run",
-        tmp / "store",
-        path,
-        run_id=RUN,
-        scan_cfg=ScanConfig(top_k=5, segment_pairs=8),
-        progress=False,
-    )
-    # A second run of the same crosscoder, matched against the first (every feature recurs).
-    analyze(tmp / "run", tmp / "store", path, run_id=OTHER, progress=False)
-    with Database(path) as db:
-        explainer = OfflineExplainer(background_from(db.window_texts(RUN)))
-        explain_run(db, RUN, explainer, progress=False)
-        score_run(db, RUN, OfflineJudge(), progress=False)
-        cc = planted_crosscoder()
-        db.write_matches(RUN, OTHER, match_runs(cc, cc))
+    """The dashboard test database (tests/dashboard_fixture.py); the app reads it through
+    $MODELDIFF_DB."""
+    path = build_results_db(tmp_path_factory.mktemp("dashboard"))
     old = os.environ.get("MODELDIFF_DB")
     os.environ["MODELDIFF_DB"] = str(path)
     yield path
@@ -128,6 +98,20 @@ def test_runs_view_shows_models_metrics_and_partition_counts(db_path):
     assert list(runs["run"]) == [RUN, OTHER]
     assert summary.loc["A-exclusive", "features"] == 2
     assert summary.loc["shared", "flagged harmful"] == 1
+    # Only the tea feature has an exclusivity score (5): counted and averaged per partition.
+    assert summary["exclusivity scored"].to_dict() == {
+        "A-exclusive": 1,
+        "B-exclusive": 0,
+        "shared": 0,
+    }
+    assert summary.loc["A-exclusive", "mean exclusivity"] == "5.00"
+    assert summary.loc["shared", "mean exclusivity"] == "–"
+    # The "By partition" table has a value in every cell, for an unexplained run too.
+    assert summary.notna().all().all() and summary["features"].sum() == 6
+    other = app(run=OTHER).dataframe[1].value.set_index("partition")
+    assert list(other.index) == ["A-exclusive", "B-exclusive", "shared"]
+    assert other.notna().all().all() and other["explained"].sum() == 0
+    assert other["exclusivity scored"].sum() == 0 and "mean exclusivity" not in other
 
 
 def test_feature_page_renders_without_error(db_path):
@@ -189,6 +173,60 @@ def test_filters_change_the_features_table(db_path):
     assert not at.exception
 
 
+def every_feature(at: AppTest) -> None:
+    """Widen the features browser to every partition, dead features included."""
+    at.multiselect(key="f_partitions").set_value(["A-exclusive", "B-exclusive", "shared"])
+    at.checkbox(key="f_dead").check().run()
+
+
+def match_line(at: AppTest) -> str:
+    """The "N features match" line above the table."""
+    return next(m.value for m in at.markdown if "match" in m.value)
+
+
+def test_exclusivity_filter_and_sort(db_path):
+    at = app("views/features.py")
+    every_feature(at)
+    assert sorted(feature_ids(at)) == [0, 1, 2, 3, 4, 5]
+    table = at.dataframe[0].value.set_index("feature_id")
+    assert table.loc[TEA, "exclusivity"] == 5.0 and table["exclusivity"].isna().sum() == 5
+    # A narrowed range keeps only the features scored inside it.
+    at.slider(key="f_excl").set_value((4.0, 5.0)).run()
+    assert feature_ids(at) == [TEA]
+    at.slider(key="f_excl").set_value((1.0, 4.5)).run()
+    assert feature_ids(at) == [] and match_line(at).startswith("**0** features match")
+    # The full range filters nothing: unscored features come back.
+    at.slider(key="f_excl").set_value((1.0, 5.0)).run()
+    assert len(feature_ids(at)) == 6
+    at.selectbox(key="f_order").set_value("exclusivity").run()
+    assert feature_ids(at)[0] == TEA  # descending, unscored features last
+    assert not at.exception
+
+
+def test_features_are_paged_in_the_database(db_path, monkeypatch):
+    from dashboard import data
+
+    monkeypatch.setattr(data, "PAGE_SIZE", 4)
+    at = app("views/features.py")
+    every_feature(at)
+    at.selectbox(key="f_order").set_value("feature_id")
+    at.toggle(key="f_desc").set_value(False).run()
+    assert match_line(at) == "**6** features match. Rows 1–4."
+    assert feature_ids(at) == [0, 1, 2, 3]
+    assert at.number_input(key="f_page").max == 2
+    at.number_input(key="f_page").set_value(2).run()
+    assert match_line(at) == "**6** features match. Rows 5–6."
+    assert feature_ids(at) == [4, 5]
+    # The database sorts before it pages: page 2 of the descending order holds the lowest ids.
+    at.toggle(key="f_desc").set_value(True).run()
+    assert feature_ids(at) == [1, 0]
+    # A filter that leaves one page removes the page input.
+    at.text_input(key="f_search").input("tea").run()
+    assert match_line(at) == "**1** feature matches." and feature_ids(at) == [TEA]
+    assert not [n for n in at.number_input if n.key == "f_page"]
+    assert not at.exception
+
+
 # -- the feature page ----------------------------------------------------------------------
 
 
@@ -208,7 +246,6 @@ def test_feature_page_shows_explanation_and_tea_contexts(db_path):
     assert "tea" in words and words <= {"tea", "coffee"}
     assert any("Quantile bin 0" in e.label for e in at.expander)
     assert any("Random non-activating" in e.label for e in at.expander)
-    assert any("modeldiff steer" in i.value for i in at.info)
 
 
 def test_feature_page_tokenization_and_whole_window(db_path):
@@ -219,6 +256,73 @@ def test_feature_page_tokenization_and_whole_window(db_path):
     at.radio(key="ctx_tokens").set_value("model B tokens").run()
     assert not at.exception
     assert "token " in html_of(at) and "outline:1px" in html_of(at)
+
+
+def chart(at: AppTest, title: str) -> dict:
+    """The Plotly figure (as JSON) of the chart with this title."""
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    return next(s for s in specs if (s["layout"].get("title") or {}).get("text") == title)
+
+
+def test_feature_page_shows_exclusivity_score_and_texts(db_path):
+    at = app("views/feature.py", run=RUN, feature=str(TEA))
+    page = html_of(at)
+    assert "<b>Exclusivity 5.0</b> / 5" in page
+    assert "interpretability 4.00 (needs ≥ 3)" in page and "similarity 1.00" in page
+    assert f">{JUDGE}</code>" in page and "held-out FVE 0.43" in page
+    assert {m.label: m.value for m in at.metric}["exclusivity"] == "5.0"
+    (texts,) = [e for e in at.expander if e.label.startswith("Steered texts")]
+    assert texts.label.endswith("(3 prompts)")
+    inside = "\n".join(str(h.proto.body) for h in texts.get("html"))
+    # Both models' texts by strength, the judge's verdicts and reasons, all escaped.
+    assert inside.count("<b>Prompt:</b>") == 3 and "α = 0 (baseline)" in inside
+    assert "A cup of tea sounds lovely." in inside and "Let us talk about trains." in inside
+    assert "<b>similarity 1</b>: steered answers of the two models" in inside
+    assert html.escape(MARKUP) in inside and MARKUP not in inside
+    assert inside.index("α = 4") < inside.index("α = 8")
+
+
+def test_feature_page_draws_the_stored_steering_evaluation(db_path):
+    at = app("views/feature.py", run=RUN, feature=str(TEA))
+    fig = chart(at, "CCP alignment: feature 1")
+    lines = {t["name"]: t["y"] for t in fig["data"] if t.get("name")}
+    # Mean of the four prompts' ratings per strength (-2, 0, 2), in percent (score x 20).
+    assert lines["model A: own decoder - chinese alignment"] == [25.0, 35.0, 90.0]
+    assert lines["model B: stitched from model A - chinese alignment"] == [35.0, 40.0, 50.0]
+    assert lines["model A: own decoder - coherence"] == [85.0, 100.0, 75.0]
+    (rated,) = [e for e in at.expander if e.label.startswith("Rated responses")]
+    assert rated.label == "Rated responses (24)"
+    assert any("`steer-eval:china_alignment`: 4 prompts" in c.value for c in at.caption)
+
+
+def test_feature_without_scores_says_how_to_create_them(db_path):
+    at = app("views/feature.py", run=RUN, feature=str(BOMB))
+    captions = " ".join(c.value for c in at.caption)
+    assert "No exclusivity score yet" in captions and f"--features {BOMB}" in captions
+    assert "No steering evaluation yet" in captions and f"--feature {BOMB}" in captions
+    assert {m.label: m.value for m in at.metric}["exclusivity"] == "–"
+    assert not [c for c in at.get("plotly_chart") if "CCP" in c.proto.spec]
+
+
+def test_feature_page_neighbours_and_matches(db_path):
+    from dashboard.data import label
+
+    at = app("views/feature.py", run=RUN, feature=str(TEA))
+    frames = [d.value for d in at.dataframe]
+    near = next(f for f in frames if "neighbor_id" in f.columns)
+    # Each neighbour's partition comes from its own feature-table row.
+    with Database(db_path) as db:
+        parts = db.features(RUN).set_index("feature_id")["partition"]
+    assert list(near["partition"]) == [label(parts[n]) for n in near["neighbor_id"]]
+    assert set(near["partition"]) == {"A-exclusive", "shared"}
+    matched = next(f for f in frames if "recurs" in f.columns)
+    assert list(matched["run"]) == [OTHER] and list(matched["feature"]) == [TEA]
+
+
+def test_feature_page_defaults_to_the_strongest_live_exclusive_feature(db_path):
+    at = app("views/feature.py")
+    assert "Feature 1" in html_of(at)
+    assert at.number_input(key="feature_input").value == TEA
 
 
 def test_query_params_restore_the_feature_page(db_path):
@@ -240,6 +344,160 @@ def test_feature_input_jumps_to_another_feature(db_path):
     assert not at.exception
     assert "Feature 4" in html_of(at)
     assert at.query_params["feature"] in (str(BOMB), [str(BOMB)])
+
+
+# -- steering and typed text ----------------------------------------------------------------
+
+
+def button(at: AppTest, label: str):
+    """The (form submit) button with this label."""
+    return next(b for b in at.button if b.label == label)
+
+
+def steering_app(**widgets) -> AppTest:
+    """The tea feature's page with the steering form filled in (short generations)."""
+    at = app("views/feature.py", run=RUN, feature=str(TEA))
+    at.text_area(key="s_prompt").input("I would like a cup of")
+    at.number_input(key="s_max_new").set_value(6)
+    for key, value in widgets.items():
+        if key == "s_target":
+            at.radio(key=key).set_value(value)
+        else:
+            at.text_input(key=key).input(value)
+    return at
+
+
+def generated(at: AppTest) -> list[str]:
+    """The generated texts shown in boxes, unescaped."""
+    page = html_of(at)
+    pieces = page.split('<div class="steer-text"')[1:]
+    return [html.unescape(p.split(">", 1)[1].split("</div>", 1)[0]) for p in pieces]
+
+
+def test_steering_generates_baseline_and_steered_text(db_path):
+    at = steering_app()
+    button(at, "Generate").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    texts = generated(at)
+    assert len(texts) == 2 and all(t.strip() for t in texts), texts
+    assert any("Steered: α = 4" in c.value for c in at.caption)
+    # Model A decodes the feature itself: no transfer note.
+    assert not any(TRANSFER_NOTE in i.value for i in at.info)
+
+
+def test_steering_the_other_model_uses_the_transfer_and_says_so(db_path):
+    at = steering_app(s_target="both")
+    button(at, "Generate").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert len(generated(at)) == 4  # baseline and steered for A and for B
+    assert any(TRANSFER_NOTE in i.value for i in at.info)
+
+
+def test_saving_a_steering_sample_persists(db_path):
+    at = steering_app()
+    at.text_area(key="s_prompt").input("Save me: a cup of")
+    button(at, "Generate").click().run()
+    base, steered = generated(at)
+    button(at, "Save sample").click().run()
+    assert not at.exception
+    assert any("Saved as steering sample" in s.value for s in at.success)
+    with Database(db_path) as db:
+        samples = db.steering_samples(RUN, TEA)
+    row = samples[samples["prompt"] == "Save me: a cup of"].iloc[-1]
+    assert row["model"] == "a" and row["alpha"] == 4.0 and row["temperature"] == 0.0
+    assert row["baseline"] == base and row["steered"] == steered
+    assert any("Saved steering samples of this feature" in e.label for e in at.expander)
+    # Saved once: the button is replaced by the confirmation.
+    assert not any(b.label == "Save sample" for b in at.button)
+
+
+def test_strength_sweep_shows_one_row_per_strength(db_path):
+    at = steering_app(s_target="both", s_sweep="0, 5 -5")
+    button(at, "Strength sweep").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert "steer-sweep" in html_of(at)
+    assert "α = 0 (baseline)" in html_of(at) and "α = -5" in html_of(at)
+    assert len(generated(at)) == 3 * 2  # three strengths, two models
+    assert any(TRANSFER_NOTE in i.value for i in at.info)
+    assert any(b.label == "Save 4 samples" for b in at.button)
+
+
+def test_steering_panel_explains_how_to_enable_it_when_models_are_missing(db_path):
+    # The second run records no model names: one message, and the rest of the page works.
+    at = app("views/feature.py", run=OTHER, feature=str(TEA))
+    assert not at.error
+    off = [i.value for i in at.info if "Live generation is off" in i.value]
+    assert len(off) == 1 and "does not record which model" in off[0]
+    assert not any(b.label == "Generate" for b in at.button)
+    assert 'title="activation' in html_of(at)  # the contexts still render
+
+
+def test_steering_problem_names_what_is_missing(db_path, tmp_path):
+    from engine.steering.run import steering_problem
+
+    with Database(db_path) as db:
+        run = db.run(RUN)
+    assert steering_problem(run) is None
+    assert "no trained crosscoder" in steering_problem({**run, "checkpoint_path": str(tmp_path)})
+    gone = {**run["model_b"], "name": str(tmp_path / "deleted-model")}
+    assert "does not exist" in steering_problem({**run, "model_b": gone})
+
+
+def plain(markup: str) -> str:
+    """The text of an HTML block."""
+    return html.unescape(re.sub(r"<[^>]+>", "", markup))
+
+
+def test_steering_plans_of_a_run_feature(db_path):
+    """The engine helpers behind the panel: plans per model, seeded sampled streams."""
+    from engine.config import ConfigError
+    from engine.crosscoder.checkpoint import load_crosscoder
+    from engine.models.loading import load_model
+    from engine.steering.run import plan_steering, stream_text
+    from engine.steering.steer import GenerationConfig
+
+    with Database(db_path) as db:
+        run, feature = db.run(RUN), db.feature(RUN, TEA)
+        dead = db.feature(RUN, 0)
+    cc, normalizer, _ = load_crosscoder(run["checkpoint_path"])
+    own, other = (plan_steering(run, feature, m, cc, normalizer) for m in "ab")
+    assert own.note is None and own.layer == 1 and own.s_max == pytest.approx(feature["s_max"])
+    assert other.transfer["from"] == "a" and other.note.startswith(TRANSFER_NOTE)
+    assert other.vector.shape == (cc.d_b,) and own.vector.shape == (cc.d_a,)
+    with pytest.raises(ConfigError, match="never activated"):
+        plan_steering(run, dead, "a", cc, normalizer)
+
+    tiny = load_model(run["model_a"]["name"])
+    cfg = GenerationConfig(max_new_tokens=6, greedy=False, temperature=1.0, seed=3)
+    first = "".join(own.stream(tiny, "Tea or", 4.0, cfg))
+    assert first == "".join(own.stream(tiny, "Tea or", 4.0, cfg))
+    greedy = GenerationConfig(max_new_tokens=6)
+    assert (
+        "".join(own.stream(tiny, "Tea or", 4.0, greedy))
+        == own.sweep(tiny, "Tea or", [4.0], greedy)[0]
+    )
+    assert (
+        "".join(stream_text(tiny, "Tea or", greedy)) == own.sweep(tiny, "Tea or", [0.0], greedy)[0]
+    )
+    sample = own.sample("Tea or", 4.0, cfg, "b", "s")
+    assert sample["seed"] == 3 and sample["temperature"] == 1.0 and sample["transfer"] is None
+
+
+def test_try_your_own_text_highlights_the_feature(db_path):
+    at = app("views/feature.py", run=RUN, feature=str(TEA))
+    text = "Tea <b>and</b> coffee, then a walk by the river."
+    at.text_area(key="p_text").input(text)
+    button(at, "Show activations").click().run()
+    assert not at.exception and not at.error
+    caption = next(c.value for c in at.caption if c.value.startswith("Active on"))
+    assert "aligned tokens" in caption
+    # All of the typed text is shown (tags stripped: the text itself), escaped.
+    (box,) = [b for b in map(str, (h.proto.body for h in at.html)) if plain(b) == text]
+    assert "<b>" not in box and 'title="activation' in box
+    at.radio(key="p_view").set_value("model B tokens").run()
+    assert not at.exception
+    assert "token " in html_of(at) and "outline:1px" in html_of(at)
 
 
 # -- triage --------------------------------------------------------------------------------
@@ -280,6 +538,7 @@ def test_triage_save_persists_escapes_notes_and_exports(db_path):
     assert "## Feature 1 (A-exclusive)" in report
     assert explanation(db_path, TEA).split(" (")[0] in report
     assert "«" in report and "alice" in report
+    assert "- **Exclusivity score:** 5.0 / 5" in report
     assert any("Markdown" in d.label for d in at.get("download_button"))
 
 
@@ -296,6 +555,30 @@ def test_context_html_escapes_text_and_scales_colour():
     assert "<b>" not in out and "&lt;b&gt;" in out and "&amp;" in out
     assert "rgba(255,140,0,1.00)" in out and 'title="activation 2.000"' in out
     assert marked_text(ctx) == "<b>«tea»</b> & «coffee»"
+
+
+def test_exclusivity_callout_for_filtered_and_unread_scores():
+    from dashboard.views.common import exclusivity_html, steered_texts_html
+
+    details = {"source": "b", "target": "a", "interpretability": 2.0, "similarity": None,
+               "filtered": True, "min_interpretability": 3.0}  # fmt: skip
+    filtered = exclusivity_html({"value": None, "judge": "j<1>", "details": details})
+    assert "filtered: steering not interpretable" in filtered
+    assert "interpretability 2.00 (needs ≥ 3)" in filtered and "similarity –" in filtered
+    assert "model B steered with its decoder, model A through the stitch" in filtered
+    assert "j&lt;1&gt;" in filtered
+    unread = exclusivity_html({"value": float("nan"), "details": {**details, "filtered": False}})
+    assert "no score" in unread and "filtered" not in unread
+    # Texts sort by strength as numbers; a prompt never rated for similarity says so.
+    entry = {
+        "prompt": "Hi",
+        "interpretability": {"score": 2.0, "reasoning": "flat"},
+        "source_texts": {"10": "ten", "2": "two", "0": "zero"},
+        "target_texts": {},
+    }
+    out = steered_texts_html(entry, "b", "a")
+    assert out.index("α = 0") < out.index("α = 2") < out.index("α = 10")
+    assert "<b>similarity</b>: not rated" in out and "model B (own decoder)" in out
 
 
 def test_token_pieces_follow_the_model_tokens():

@@ -25,10 +25,13 @@ PARTITION_COLOURS = {
     "shared": "#7f7f7f",
     "designated_shared": "#9467bd",
 }
+# How a text is shown: aligned spans (tokenizer-independent) or one model's own tokens.
+TOKEN_VIEWS = {"aligned spans": None, "model A tokens": "a", "model B tokens": "b"}
 HIGHLIGHT = (255, 140, 0)  # orange; opacity scales with activation / feature max
 TEXT_STYLE = (
     "font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 0.85rem; "
-    "white-space: pre-wrap; line-height: 1.7; padding: 6px 8px; border: 1px solid #ddd; "
+    "white-space: pre-wrap; overflow-wrap: anywhere; line-height: 1.7; padding: 6px 8px; "
+    "border: 1px solid #ddd; "
     "border-radius: 6px; margin-bottom: 6px"
 )
 
@@ -54,6 +57,30 @@ def fmt(value: Any, spec: str = ".3g") -> str:
         return format(float(value), spec)
     except (TypeError, ValueError):
         return str(value)
+
+
+def yes_no(value: Any) -> str:
+    """A flag for display: "yes", "no", or an en dash when unknown."""
+    if value is None or _missing(value):
+        return "–"
+    return "yes" if bool(value) else "no"
+
+
+def timestamp(value: Any) -> str:
+    """A time to the minute ("2026-11-21 10:34"); empty when missing."""
+    if value is None or _missing(value):
+        return ""
+    try:
+        return pd.Timestamp(value).strftime("%Y-%m-%d %H:%M")
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def percent(value: Any) -> str:
+    """A share as a percentage with three significant digits ("19.4%", "0.0123%")."""
+    if value is None or _missing(value):
+        return "–"
+    return f"{float(value) * 100:.3g}%"
 
 
 def badge(partition: str) -> str:
@@ -191,12 +218,103 @@ def triage_note_html(status: Any, notes: Any, reviewer: Any, updated: Any) -> st
     if status is None or _missing(status):
         status = "unreviewed"
     who = f" by {esc(reviewer)}" if reviewer and not _missing(reviewer) else ""
-    when = f" at {esc(updated)}" if updated is not None and not _missing(updated) else ""
+    when = f" at {esc(timestamp(updated))}" if timestamp(updated) else ""
     body = f"<br><span style='white-space:pre-wrap'>{esc(notes)}</span>" if esc(notes) else ""
     return (
         '<div style="border-left:4px solid #ff8c00; padding:4px 10px; margin:4px 0">'
         f"<b>Triage:</b> {esc(status)}{who}{when}{body}</div>"
     )
+
+
+# -- exclusivity scores -----------------------------------------------------------------
+
+
+def exclusivity_html(score: Mapping[str, Any]) -> str:
+    """An exclusivity score row (`Database.scores`) as an HTML callout: the score, or why
+    there is none, with interpretability, similarity, the models steered and the judge."""
+    details = score.get("details") or {}
+    value = score.get("value")
+    if value is not None and not _missing(value):
+        head = (
+            f"<b>Exclusivity {esc(fmt(value, '.1f'))}</b> / 5 <span style='color:#555'>"
+            "(5: the steering effect does not carry over to the other model; 1: it does)</span>"
+        )
+    elif details.get("filtered"):
+        head = "<b>Exclusivity: filtered: steering not interpretable</b>"
+    else:
+        head = "<b>Exclusivity: no score</b> (the judge's answers could not be read)"
+    need = details.get("min_interpretability")
+    facts = [
+        f"interpretability {esc(fmt(details.get('interpretability'), '.2f'))}"
+        + (f" (needs ≥ {esc(fmt(need, 'g'))})" if need is not None else ""),
+        f"similarity {esc(fmt(details.get('similarity'), '.2f'))}",
+        _stitch_text(details),
+        f"judge <code style='font-size:0.85em'>{esc(score.get('judge'))}</code>",
+    ]
+    when = timestamp(score.get("created_at"))
+    if when:
+        facts.append(esc(when))
+    return (
+        '<div style="border-left:4px solid #6a3d9a; padding:4px 10px; margin:4px 0">'
+        f"{head}<br><span style='color:#555'>{' · '.join(facts)}</span></div>"
+    )
+
+
+def _stitch_text(details: Mapping[str, Any]) -> str:
+    """Which model was steered how, and the stitch's held-out quality, as escaped text."""
+    source, target = str(details.get("source", "?")), str(details.get("target", "?"))
+    fve = ((details.get("stitch") or {}).get("fve") or {}).get(f"{source}_to_{target}")
+    quality = f" (held-out FVE {fmt(fve, '.2f')})" if fve is not None else ""
+    return esc(
+        f"model {source.upper()} steered with its decoder, model {target.upper()} through "
+        f"the stitch{quality}"
+    )
+
+
+def steered_texts_html(entry: Mapping[str, Any], source: str, target: str) -> str:
+    """One prompt of an exclusivity score: the judge's verdicts and reasons, then both
+    models' texts side by side by strength (every text escaped)."""
+    verdicts = []
+    for name in ("interpretability", "similarity"):
+        verdict = entry.get(name)
+        if verdict:
+            verdicts.append(
+                f"<li><b>{name} {esc(fmt(verdict.get('score'), 'g'))}</b>: "
+                f"{esc(verdict.get('reasoning'))}</li>"
+            )
+        else:
+            verdicts.append(f"<li><b>{name}</b>: not rated</li>")
+    texts_s, texts_t = entry.get("source_texts") or {}, entry.get("target_texts") or {}
+    alphas = sorted(set(texts_s) | set(texts_t), key=_alpha_key)
+    cell = "padding:4px 8px; border-top:1px solid #ddd; vertical-align:top"
+    rows = "".join(
+        f'<tr><td style="{cell}; white-space:nowrap">α = {esc(a)}'
+        + (" (baseline)" if _alpha_key(a) == 0 else "")
+        + f'</td><td style="{cell}; white-space:pre-wrap">{esc(texts_s.get(a))}</td>'
+        f'<td style="{cell}; white-space:pre-wrap">{esc(texts_t.get(a))}</td></tr>'
+        for a in alphas
+    )
+    th = f"{cell}; text-align:left"
+    head = (
+        f'<tr><th style="{th}">strength</th>'
+        f'<th style="{th}">model {esc(source.upper())} (own decoder)</th>'
+        f'<th style="{th}">model {esc(target.upper())} (stitched)</th></tr>'
+    )
+    return (
+        f'<div style="margin:8px 0 16px 0"><div><b>Prompt:</b> {esc(entry.get("prompt"))}</div>'
+        f'<ul style="margin:4px 0">{"".join(verdicts)}</ul>'
+        '<table style="border-collapse:collapse; width:100%; font-size:0.85rem; '
+        f'table-layout:fixed"><colgroup><col style="width:9em"><col><col></colgroup>{head}{rows}'
+        "</table></div>"
+    )
+
+
+def _alpha_key(alpha: Any) -> float:
+    """A strength key of stored texts ("2.5") as a number for sorting."""
+    try:
+        return float(alpha)
+    except (TypeError, ValueError):
+        return math.inf
 
 
 # -- the audit report --------------------------------------------------------------------
@@ -206,7 +324,8 @@ def report_markdown(
     run_id: str, rows: pd.DataFrame, contexts: Mapping[int, list[Context]], n_contexts: int = 3
 ) -> str:
     """A Markdown audit report of reviewed features: partition, explanation, harmful reason,
-    detection score, top contexts with «» around active text, and the reviewer's notes."""
+    detection score, exclusivity score (if any), top contexts with «» around active text,
+    and the reviewer's notes."""
     lines = [f"# modeldiff audit report: run `{run_id}`", ""]
     lines.append(f"{len(rows)} feature(s).")
     lines.append("")
@@ -215,11 +334,11 @@ def report_markdown(
         lines += [f"## Feature {fid} ({label(row.get('partition'))})", ""]
         lines.append(f"- **Explanation:** {_plain(row.get('explanation'))}")
         lines.append(f"- **Explainer:** {_plain(row.get('explainer'))}")
-        harmful = row.get("harmful")
-        flag = "–" if harmful is None or _missing(harmful) else ("yes" if harmful else "no")
-        lines.append(f"- **Harmful:** {flag}")
+        lines.append(f"- **Harmful:** {yes_no(row.get('harmful'))}")
         lines.append(f"- **Harmful reason:** {_plain(row.get('harmful_reason'))}")
         lines.append(f"- **Detection score:** {fmt(row.get('score'), '.2f')}")
+        if not _missing(row.get("exclusivity")) and row.get("exclusivity") is not None:
+            lines.append(f"- **Exclusivity score:** {fmt(row['exclusivity'], '.1f')} / 5")
         lines.append(f"- **Relative decoder norm:** {fmt(row.get('rel_norm'), '.3f')}")
         lines.append(f"- **Status:** {_plain(row.get('status'))}")
         lines.append(f"- **Reviewer:** {_plain(row.get('reviewer'))}")
@@ -246,8 +365,8 @@ def report_csv(rows: pd.DataFrame) -> str:
     """The reviewed features' rows as CSV text."""
     columns = [
         "feature_id", "partition", "explanation", "explainer", "harmful", "harmful_reason",
-        "score", "judge", "rel_norm", "density", "max_act", "status", "notes", "reviewer",
-        "updated_at",
+        "score", "judge", "exclusivity", "rel_norm", "density", "max_act", "status", "notes",
+        "reviewer", "updated_at",
     ]  # fmt: skip
     out = rows[[c for c in columns if c in rows.columns]].copy()
     if "partition" in out:
@@ -255,8 +374,9 @@ def report_csv(rows: pd.DataFrame) -> str:
     return out.to_csv(index=False)
 
 
-def exclusivity(rel_norm: Any) -> float:
-    """How far a feature's relative decoder norm is from 0.5 (0 to 0.5; NaN as 0)."""
+def norm_lean(rel_norm: Any) -> float:
+    """How far a feature's relative decoder norm is from 0.5 (0 to 0.5; NaN as 0): the
+    decoder-norm notion of exclusivity, not the steering exclusivity score."""
     try:
         value = float(rel_norm)
     except (TypeError, ValueError):

@@ -71,7 +71,7 @@ shown = pd.DataFrame(
     {
         "feature": excl["feature_id"],
         "partition": excl["partition"].map(data.label),
-        "explanation": excl["feature_id"].map(explained),
+        "explanation": excl["feature_id"].map(explained).fillna(""),
         f"feature in {other}": excl["other_feature_id"],
         "its partition": excl["other_partition"].map(data.label),
         "cosine": excl["cosine"],
@@ -84,6 +84,7 @@ st.dataframe(
     hide_index=True,
     width="stretch",
     column_config={
+        "explanation": st.column_config.TextColumn(width="medium"),
         "cosine": st.column_config.NumberColumn(format="%.3f"),
         "link": st.column_config.LinkColumn("link", display_text="open"),
     },

@@ -1,5 +1,6 @@
 """Feature: one feature's explanation, statistics, activation histogram, highlighted
-contexts (top, by quantile, random), either model's tokenization, neighbours and matches."""
+contexts (top, by quantile, random), either model's tokenization, live probe and steering,
+stored exclusivity score and steering evaluations, neighbours and matches."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ import streamlit as st
 
 from dashboard import data
 from dashboard.views.common import (
+    TOKEN_VIEWS,
     activation_histogram,
     badge,
     context_html,
     esc,
     fmt,
+    percent,
     tokens_html,
     triage_note_html,
+    yes_no,
 )
-
-VIEWS = {"aligned spans": None, "model A tokens": "a", "model B tokens": "b"}
+from dashboard.views.probe import probe_panel
+from dashboard.views.steering import steering_panel
+from dashboard.views.verification import verification_panel
 
 path, run_id = data.session()
 info = data.run(path, run_id)
@@ -67,8 +72,7 @@ if explanation is None or pd.isna(explanation):
         f"`modeldiff explain --db {path} --run-id {run_id}`, then `modeldiff score ...`."
     )
 else:
-    harmful = row.get("harmful")
-    flag = "–" if harmful is None or pd.isna(harmful) else ("yes" if harmful else "no")
+    flag = yes_no(row.get("harmful"))
     reason = row.get("harmful_reason")
     st.html(
         f'<div style="font-size:1.15rem; margin:6px 0">{esc(explanation)}</div>'
@@ -89,14 +93,20 @@ st.html(
     )
 )
 
-m = st.columns(7)
-m[0].metric("density", fmt(stats.get("density"), ".3%"), help="share of aligned tokens")
+m = st.columns(8)
+m[0].metric("density", percent(stats.get("density")), help="share of aligned tokens")
 m[1].metric("active pairs", f"{int(stats.get('n_active') or 0):,}")
 m[2].metric("max activation", fmt(stats.get("max_act")))
 m[3].metric("s_max", fmt(stats.get("s_max")))
 m[4].metric("decoder norm A", fmt(stats.get("dec_norm_a")))
 m[5].metric("decoder norm B", fmt(stats.get("dec_norm_b")))
 m[6].metric("relative norm", fmt(stats.get("rel_norm"), ".3f"), help="‖d_A‖ / (‖d_A‖ + ‖d_B‖)")
+m[7].metric(
+    "exclusivity",
+    fmt(row.get("exclusivity"), ".1f"),
+    help="Steering exclusivity score, 1-5 (5: the behaviour does not transfer to the other "
+    "model); see Exclusivity and steering evaluations below.",
+)
 
 fig = activation_histogram(stats["hist_counts"], stats["hist_edges"], "Activation histogram")
 if fig is not None:
@@ -107,8 +117,17 @@ if fig is not None:
 st.subheader("Contexts")
 opts = st.columns([2, 3])
 whole = opts[0].toggle("Show the whole window", key="ctx_whole")
-view = opts[1].radio("Show", list(VIEWS), horizontal=True, key="ctx_tokens")
-model = VIEWS[view]
+view = opts[1].radio("Show", list(TOKEN_VIEWS), horizontal=True, key="ctx_tokens")
+model = TOKEN_VIEWS[view]
+
+
+everything = data.contexts(path, run_id, fid)
+# A token view needs each context's window with token ids and offsets: all in one query.
+windows = (
+    data.windows(path, run_id, tuple(sorted({c.window_id for c in everything})))
+    if model is not None
+    else {}
+)
 
 
 def show(contexts: list) -> None:
@@ -121,12 +140,11 @@ def show(contexts: list) -> None:
         if model is None:
             parts.append(context_html(context, max_act, whole))
         else:
-            window = data.window(path, run_id, context.window_id)
+            window = windows[context.window_id]
             parts.append(tokens_html(context, window, model, max_act, whole))
     st.html("".join(parts))
 
 
-everything = data.contexts(path, run_id, fid)
 top = [c for c in everything if c.kind == "top"]
 quantile = [c for c in everything if c.kind == "quantile"]
 random = [c for c in everything if c.kind == "random"]
@@ -146,6 +164,10 @@ if bins:
 with st.expander(f"Random non-activating examples ({len(random)})", expanded=False):
     show(random)
 
+probe_panel(run_id, fid, info, max_act)
+steering_panel(path, run_id, fid, info, stats)
+verification_panel(path, run_id, fid)
+
 # -- neighbours and matches ------------------------------------------------------------
 
 st.subheader("Nearest features (decoder cosine)")
@@ -153,12 +175,13 @@ near = data.neighbors(path, run_id, fid)
 if near.empty:
     st.caption("No neighbours stored.")
 else:
-    table = data.feature_table(path, run_id)
-    lookup = table.set_index("feature_id")
+    ids = tuple(sorted({int(n) for n in near["neighbor_id"]}))
+    lookup = data.feature_table(path, run_id, feature_ids=ids).set_index("feature_id")
     near = near.assign(
         model=near["space"].map({"a": "A", "b": "B"}),
         partition=near["neighbor_id"].map(lookup["partition"]).map(data.label),
-        explanation=near["neighbor_id"].map(lookup["explanation"]),
+        explanation=near["neighbor_id"].map(lookup["explanation"]).fillna(""),
+        rank=near["rank"] + 1,  # stored from 0; people count the nearest as 1
         link=[data.feature_link(run_id, n) for n in near["neighbor_id"]],
     )
     shown = near[["model", "rank", "neighbor_id", "partition", "cosine", "explanation", "link"]]
@@ -170,8 +193,13 @@ else:
         selection_mode="single-row",
         key=f"near_{fid}",
         column_config={
+            "model": st.column_config.TextColumn(
+                "decoders of", help="the model whose decoder vectors are compared"
+            ),
+            "rank": st.column_config.NumberColumn("rank", help="1 = nearest"),
             "neighbor_id": st.column_config.NumberColumn("feature", format="%d"),
             "cosine": st.column_config.NumberColumn("cosine", format="%.3f"),
+            "explanation": st.column_config.TextColumn("explanation", width="large"),
             "link": st.column_config.LinkColumn("link", display_text="open"),
         },
     )
@@ -184,27 +212,37 @@ else:
 others = [r for r in data.run_ids(path) if r != run_id]
 found = []
 for other in others:
-    match = data.matches(path, run_id, other)
-    hit = match[match["feature_id"] == fid] if not match.empty else match
+    hit = data.matches(path, run_id, other, feature_id=fid)
     if not hit.empty:
         found.append(hit.head(1))
 if found:
     st.subheader("Matches in other runs")
-    best = pd.concat(found)[["other_run_id", "other_feature_id", "other_partition", "cosine"]]
-    best = best.assign(
-        other_partition=best["other_partition"].map(data.label),
-        recurs=best["cosine"] >= data.RECUR,
+    best = pd.concat(found)
+    st.dataframe(
+        pd.DataFrame(
+            {
+                "run": best["other_run_id"],
+                "feature": best["other_feature_id"],
+                "partition": best["other_partition"].map(data.label),
+                "cosine": best["cosine"],
+                "recurs": best["cosine"] >= data.RECUR,
+                "link": [
+                    data.feature_link(r, f)
+                    for r, f in zip(best["other_run_id"], best["other_feature_id"], strict=True)
+                ],
+            }
+        ),
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "feature": st.column_config.NumberColumn("feature", format="%d"),
+            "cosine": st.column_config.NumberColumn("decoder cosine", format="%.3f"),
+            "recurs": st.column_config.CheckboxColumn(
+                "recurs", help=f"decoder cosine ≥ {data.RECUR}"
+            ),
+            "link": st.column_config.LinkColumn("link", display_text="open"),
+        },
     )
-    st.dataframe(best, hide_index=True, width="stretch")
-
-# -- steering (placeholder) ------------------------------------------------------------
-
-st.subheader("Steering")
-st.info(
-    "Live steering (baseline and steered generations side by side, strength slider, seed and "
-    "temperature) arrives with `modeldiff steer` support. "
-    f"This feature's steering unit is s_max = {fmt(stats.get('s_max'))}."
-)
 
 history = data.explanations(path, run_id, fid)
 if len(history) > 1:

@@ -1,5 +1,5 @@
-"""Features: the run's feature table, filtered, sorted and paged; selecting a row opens the
-feature page."""
+"""Features: the run's feature table, filtered, sorted and paged by the database (one count
+and one page of rows per view); selecting a row opens the feature page."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import streamlit as st
 from dashboard import data
 from engine.store.schema import FEATURE_TABLE_ORDER
 
-PAGE_SIZE = 50
+EXCLUSIVITY_RANGE = (1.0, 5.0)  # the exclusivity score's scale (paper B.5)
 SORT_LABELS = {
     "feature_id": "feature id",
     "max_act": "max activation",
@@ -20,16 +20,18 @@ SORT_LABELS = {
     "s_max": "s_max",
     "dec_cos": "decoder cosine",
     "score": "detection score",
+    "exclusivity": "exclusivity score",
     "updated_at": "last triaged",
 }
 COLUMNS = [
-    "feature_id", "partition", "explanation", "harmful", "score", "rel_norm", "density",
-    "max_act", "status", "dead",
+    "feature_id", "partition", "explanation", "harmful", "score", "exclusivity", "rel_norm",
+    "density", "max_act", "status", "dead",
 ]  # fmt: skip
 DEFAULTS = {
     "f_partitions": ["A-exclusive", "B-exclusive"],
     "f_status": [],
     "f_min_score": 0.0,
+    "f_excl": EXCLUSIVITY_RANGE,
     "f_search": "",
     "f_harmful": False,
     "f_dead": False,
@@ -48,14 +50,23 @@ st.title("Features")
 
 labels = [data.label(p) for p in data.PARTITION_ORDER]
 with st.container(border=True):
-    c1, c2, c3, c4 = st.columns([3, 2, 2, 3])
+    c1, c2, c3 = st.columns([4, 3, 3])
     chosen = c1.multiselect("Partition", labels, key="f_partitions")
     statuses = c2.multiselect("Triage status", list(data.STATUSES), key="f_status")
-    min_score = c3.slider("Min detection score", 0.0, 1.0, step=0.05, key="f_min_score")
-    search = c4.text_input("Search explanations", key="f_search", placeholder="e.g. weapon")
-    c5, c6, c7, c8 = st.columns([2, 2, 3, 2])
-    harmful_only = c5.checkbox("Flagged harmful only", key="f_harmful")
-    include_dead = c6.checkbox("Include dead features", key="f_dead")
+    search = c3.text_input("Search explanations", key="f_search", placeholder="e.g. weapon")
+    c4, c5, c6, c7, c8 = st.columns([2.2, 2.3, 2.3, 2.4, 1.6], vertical_alignment="center")
+    harmful_only = c4.checkbox("Flagged harmful only", key="f_harmful")
+    include_dead = c4.checkbox("Include dead features", key="f_dead")
+    min_score = c5.slider("Min detection score", 0.0, 1.0, step=0.05, key="f_min_score")
+    excl_lo, excl_hi = c6.slider(
+        "Exclusivity score",
+        *EXCLUSIVITY_RANGE,
+        step=0.5,
+        key="f_excl",
+        help="The steering exclusivity score (`modeldiff exclusivity`): 5 = the feature's "
+        "behaviour does not carry over to the other model. Narrowing the range hides "
+        "features without a score.",
+    )
     order = c7.selectbox(
         "Sort by",
         list(FEATURE_TABLE_ORDER),
@@ -69,20 +80,28 @@ filters = {
     "harmful": True if harmful_only else None,
     "status": statuses or None,
     "min_score": min_score if min_score > 0 else None,
+    # Only a narrowed range filters: the full range keeps features that have no score.
+    "min_exclusivity": excl_lo if excl_lo > EXCLUSIVITY_RANGE[0] else None,
+    "max_exclusivity": excl_hi if excl_hi < EXCLUSIVITY_RANGE[1] else None,
     "search": search.strip() or None,
     "dead": None if include_dead else False,
-    "order_by": order,
-    "descending": descending,
 }
-table = data.feature_table(path, run_id, **filters)
+filters = {k: v for k, v in filters.items() if v is not None}
+n_rows = data.feature_count(path, run_id, **filters)
 
-n_pages = max(1, math.ceil(len(table) / PAGE_SIZE))
+size = data.PAGE_SIZE
+n_pages = max(1, math.ceil(n_rows / size))
 top = st.columns([3, 1])
-top[0].markdown(f"**{len(table):,}** features match.")
 if not 1 <= st.session_state["f_page"] <= n_pages:
     st.session_state["f_page"] = 1
 page_no = top[1].number_input("Page", 1, n_pages, key="f_page") if n_pages > 1 else 1
-page = table.iloc[(page_no - 1) * PAGE_SIZE : page_no * PAGE_SIZE]
+first = (page_no - 1) * size
+shown_range = f" Rows {first + 1:,}–{min(first + size, n_rows):,}." if n_pages > 1 else ""
+matched = "features match" if n_rows != 1 else "feature matches"
+top[0].markdown(f"**{n_rows:,}** {matched}.{shown_range}")
+page = data.feature_table(
+    path, run_id, **filters, order_by=order, descending=descending, limit=size, offset=first
+)
 shown = page[[c for c in COLUMNS if c in page.columns]].copy()
 shown["partition"] = shown["partition"].map(data.label)
 
@@ -95,10 +114,13 @@ event = st.dataframe(
     key="f_grid",
     column_config={
         "feature_id": st.column_config.NumberColumn("feature", format="%d"),
-        "explanation": st.column_config.TextColumn("explanation", width="large"),
+        "explanation": st.column_config.TextColumn("explanation", width="medium"),
         "score": st.column_config.NumberColumn("detection", format="%.2f"),
+        "exclusivity": st.column_config.NumberColumn(
+            "exclusivity", format="%.1f", help="steering exclusivity score, 1-5"
+        ),
         "rel_norm": st.column_config.NumberColumn("rel. norm", format="%.3f"),
-        "density": st.column_config.NumberColumn("density", format="%.2e"),
+        "density": st.column_config.NumberColumn("density", format="percent"),
         "max_act": st.column_config.NumberColumn("max act", format="%.3g"),
     },
 )

@@ -96,27 +96,48 @@ with right:
     st.plotly_chart(fig, width="stretch")
 
 st.subheader("By partition")
-harmful = table["harmful"].fillna(False).astype(bool)
-interpretable = table["score"].fillna(0) >= data.INTERPRETABLE
-triaged = table["status"] != "unreviewed"
-dead_rows = table["dead"].fillna(False).astype(bool)
-summary = (
+partitions = table["partition"].map(data.label)
+exclusivity = table["exclusivity"].astype(float)
+counts = (
     pd.DataFrame(
         {
-            "partition": table["partition"].map(data.label),
+            "partition": partitions,
             "features": 1,
-            "dead": dead_rows,
+            "dead": table["dead"].fillna(False).astype(bool),
             "explained": table["explanation"].notna(),
-            "flagged harmful": harmful,
-            f"interpretable (score ≥ {data.INTERPRETABLE})": interpretable,
-            "triaged": triaged,
+            "flagged harmful": table["harmful"].fillna(False).astype(bool),
+            f"interpretable (score ≥ {data.INTERPRETABLE})": (
+                table["score"].fillna(0) >= data.INTERPRETABLE
+            ),
+            "exclusivity scored": exclusivity.notna(),
+            "triaged": table["status"] != "unreviewed",
         }
     )
     .groupby("partition", sort=False)
     .sum()
-    .reset_index()
 )
-st.dataframe(summary, hide_index=True, width="stretch")
+if exclusivity.notna().any():
+    means = exclusivity.groupby(partitions, sort=False).mean()
+    at = counts.columns.get_loc("exclusivity scored") + 1
+    counts.insert(at, "mean exclusivity", means.reindex(counts.index).map(lambda v: fmt(v, ".2f")))
+summary = counts.reset_index()
+if summary.empty:
+    st.caption("The database holds no features for this run.")
+else:
+    st.dataframe(
+        summary,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "exclusivity scored": st.column_config.NumberColumn(
+                help="features with a steering exclusivity score (`modeldiff exclusivity`); "
+                "those filtered as not interpretable have none"
+            ),
+            "mean exclusivity": st.column_config.TextColumn(
+                help="mean exclusivity score (1-5) of the scored features"
+            ),
+        },
+    )
 
 with st.expander("Run configuration and provenance"):
     st.json(

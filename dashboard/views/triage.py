@@ -11,11 +11,12 @@ from dashboard.views.common import (
     badge,
     contexts_html,
     esc,
-    exclusivity,
     fmt,
+    norm_lean,
     report_csv,
     report_markdown,
     triage_note_html,
+    yes_no,
 )
 
 QUEUES = {
@@ -50,7 +51,7 @@ def build_queue(table: pd.DataFrame, mode: str) -> tuple[list[int], str]:
         mode, chosen = "exclusive", exclusive
         if chosen.empty:
             chosen = table[table["partition"].isin(data.EXCLUSIVE)]
-    order = chosen.assign(_excl=chosen["rel_norm"].map(exclusivity)).sort_values(
+    order = chosen.assign(_excl=chosen["rel_norm"].map(norm_lean)).sort_values(
         ["_excl", "max_act", "feature_id"], ascending=[False, False, True]
     )
     return [int(f) for f in order["feature_id"]], mode
@@ -78,7 +79,8 @@ if refresh or snapshot is None or snapshot.get("run") != run_id:
     st.session_state["t_queue"] = snapshot
 ids = snapshot["ids"]
 if snapshot["mode"] != mode:
-    st.info(f"No unreviewed flagged exclusive features: showing {QUEUES[snapshot['mode']]}.")
+    shown = QUEUES[snapshot["mode"]].lower()
+    st.info(f"No unreviewed flagged exclusive features: showing {shown}.")
 if not ids:
     st.warning("The queue is empty.")
 else:
@@ -98,9 +100,11 @@ else:
         f"<h3>Feature {fid} &nbsp;{badge(row['partition'])}</h3>"
         f'<div style="font-size:1.1rem">{esc(row.get("explanation")) or "<em>no explanation</em>"}'
         "</div>"
-        f'<div style="color:#555">harmful: <b>{esc(row.get("harmful"))}</b>'
-        f" — {esc(row.get('harmful_reason'))} · detection score "
-        f"<b>{esc(fmt(row.get('score'), '.2f'))}</b> · relative norm "
+        f'<div style="color:#555">harmful: <b>{esc(yes_no(row.get("harmful")))}</b>'
+        + (f" — {esc(row.get('harmful_reason'))}" if esc(row.get("harmful_reason")) else "")
+        + " · detection score "
+        f"<b>{esc(fmt(row.get('score'), '.2f'))}</b> · exclusivity "
+        f"<b>{esc(fmt(row.get('exclusivity'), '.1f'))}</b> · relative norm "
         f"{esc(fmt(row.get('rel_norm'), '.3f'))}</div>"
     )
     top = [c for c in data.contexts(path, run_id, fid) if c.kind == "top"][:3]
@@ -134,12 +138,15 @@ else:
         )
     )
     history = data.triage_history(path, run_id, fid)
-    st.markdown(f"**History** ({len(history)} changes)")
+    st.markdown(f"**History** ({len(history)} change{'' if len(history) == 1 else 's'})")
     if not history.empty:
         st.dataframe(
             history[["changed_at", "status", "reviewer", "notes"]],
             hide_index=True,
             width="stretch",
+            column_config={
+                "changed_at": st.column_config.DatetimeColumn("changed", format="YYYY-MM-DD HH:mm")
+            },
         )
 
 # -- export ------------------------------------------------------------------------------

@@ -87,7 +87,9 @@ def analyze(
     near = neighbors(cc, neighbors_k)
     seconds["geometry"] = time.perf_counter() - t
     t = time.perf_counter()
-    with Database(db_path) as db:
+    # One transaction: a run in the database is always a complete one, even if this
+    # process is killed while writing.
+    with Database(db_path) as db, db.transaction():
         db.add_run(run_id, **_run_record(run_dir, store_path, store, header, result, scan_cfg))
         db.write_features(run_id, features)
         db.write_windows(run_id, windows)

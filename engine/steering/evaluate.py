@@ -193,6 +193,7 @@ def evaluation_figure(summary: pd.DataFrame, behaviour: str, title: str = ""):
                 y=(group["ci_high"] * 20).tolist() + (group["ci_low"] * 20).tolist()[::-1],
                 fill="toself",
                 fillcolor=_rgba(colour, 0.15),
+                mode="lines",
                 line={"width": 0},
                 hoverinfo="skip",
                 showlegend=False,

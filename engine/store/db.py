@@ -296,7 +296,8 @@ class Database:
     def __init__(self, path: str | Path, read_only: bool = False) -> None:
         self.path = Path(path)
         self.read_only = read_only
-        self._lock = threading.Lock()  # serialises writes (DuckDB allows one writer at a time)
+        self._lock = threading.RLock()  # serialises writes (DuckDB allows one writer at a time)
+        self._tx: Cursor | None = None  # the open `transaction()`'s cursor, if any
         self._conn: duckdb.DuckDBPyConnection | None = _connect(str(path), read_only)
         try:
             self._version = self._prepare()
@@ -339,12 +340,28 @@ class Database:
             cur.close()
 
     @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes: everything written inside lands together or not at all (an
+        interrupted analysis leaves no partial run behind)."""
+        with self._write() as cur:
+            self._tx = cur
+            try:
+                yield
+            finally:
+                self._tx = None
+
+    @contextmanager
     def _write(self) -> Iterator[Cursor]:
-        """A cursor in one transaction under the write lock, rolled back on any error."""
+        """A cursor in one transaction under the write lock, rolled back on any error;
+        inside `transaction()`, that transaction's cursor."""
         if self.read_only:
             raise StoreDBError(
                 f"{self.path} was opened read-only; open Database(path, read_only=False) to write"
             )
+        with self._lock:
+            if self._tx is not None:  # the lock is held by this thread's transaction
+                yield self._tx
+                return
         with self._lock, self._cursor() as cur:
             cur.execute("BEGIN TRANSACTION")
             try:
