@@ -52,10 +52,17 @@ def counts(db_path) -> dict[str, int]:
         }
 
 
-def test_demo_runs_every_stage_then_reuses_them(tmp_path):
-    demo = run_demo(tmp_path, small_settings())
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    """A scaled-down demo run, with the counts right after it."""
+    out = tmp_path_factory.mktemp("demo")
+    demo = run_demo(out, small_settings())
+    return out, demo, counts(demo.db)
+
+
+def test_demo_runs_every_stage_then_reuses_them(demo_dir):
+    tmp_path, demo, first = demo_dir
     assert list(demo.timings) == [*STAGES, "total"]
-    first = counts(demo.db)
     assert first["features"] == 512 and first["explanations"] == 40
     # Up to two live features per exclusive partition get an exclusivity score.
     assert 1 <= first["exclusivity"] <= 4 and first["scores"] > first["exclusivity"]
@@ -68,3 +75,22 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path):
     for stage in ("harvest", "train", "analyze", "stitch"):
         assert again.timings[stage]["note"].startswith("cached"), again.timings[stage]
     assert counts(demo.db) == first
+
+
+def test_a_trained_feature_steers_the_real_demo_model(demo_dir):
+    """Steering SmolLM2 with one of its own trained features changes what it writes, and
+    alpha 0 leaves the greedy baseline unchanged."""
+    from engine.steering.run import steer_feature
+
+    _, demo, _ = demo_dir
+    with Database(demo.db) as db:
+        live = db.features(RUN_ID, partition="a_exclusive", dead=False)
+        feature = int(live.sort_values("max_act", ascending=False).feature_id.iloc[0])
+        result = steer_feature(
+            db, RUN_ID, feature, "Tell me about your weekend.", model="a",
+            alphas=[0.0, 12.0], save=True,
+        )  # fmt: skip
+        saved = db.steering_samples(RUN_ID, feature)
+    assert result.steered[0] == result.baseline  # alpha 0 adds nothing
+    assert result.steered[1] != result.baseline
+    assert len(saved) == 2 and set(saved.model) == {"a"}
