@@ -75,14 +75,25 @@ def _quiet_transformers() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Train a crosscoder on paired activations (an activation store or a pairs file)."""
+    """Train a crosscoder on paired activations (an activation store or a pairs file).
+
+    Under `torchrun --nproc-per-node N` the N processes split every batch (data parallel).
+    """
+    from engine.config import load_preset, preset_names
+    from engine.crosscoder.distributed import is_main_process
     from engine.crosscoder.normalize import Normalizer
     from engine.crosscoder.trainer import train
 
-    if not args.config.is_file():
-        raise ConfigError(f"config file not found: {args.config}")
+    # Fail on a bad config name before reading any activations.
+    if args.preset is not None:
+        load_preset(args.preset)
+    elif not args.config.is_file() and str(args.config) not in preset_names():
+        load_run_config(args.config)  # raises "config file not found", listing the presets
     source, dims, normalizer = _training_data(args)
-    cfg: RunConfig = load_run_config(args.config, dims)
+    if args.preset is not None:
+        cfg: RunConfig = load_preset(args.preset, dims)
+    else:
+        cfg = load_run_config(args.config, dims)
     if cfg.crosscoder is None:
         raise ConfigError(f"{args.config} has no [crosscoder] section")
     for name in ("steps", "batch_size", "device"):
@@ -101,6 +112,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         normalizer=normalizer,
         progress=not args.quiet,
     )
+    if not is_main_process():
+        return
     f = result.final
     print(
         f"trained {result.crosscoder.partition.architecture.value} crosscoder: "
@@ -381,7 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_harvest)
 
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
-    p.add_argument("--config", required=True, type=Path, help="run TOML ([crosscoder], [train])")
+    config = p.add_mutually_exclusive_group(required=True)
+    config.add_argument(
+        "--config", type=Path, help="run TOML ([crosscoder], [train]) or a preset name"
+    )
+    config.add_argument(
+        "--preset", help="shipped settings: demo, paper-llama-qwen, paper-gptoss-deepseek"
+    )
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--store", type=Path, help="activation store from modeldiff harvest")
     data.add_argument(

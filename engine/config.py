@@ -2,7 +2,8 @@
 
 Each stage has its own dataclass; `RunConfig` groups them so one TOML file describes a
 whole run. Unknown keys are rejected with the list of valid ones, so a typo never turns
-silently into a default.
+silently into a default. Presets are such files shipped in `engine/presets/`, loaded by
+name (`load_preset`, or any config path that names no file but a preset).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 import math
 import tomllib
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -229,31 +231,66 @@ def from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T:
 
 
 def load_run_config(path: str | Path, dims: tuple[int, int] | None = None) -> RunConfig:
-    """Read a RunConfig from a TOML file.
+    """Read a RunConfig from a TOML file, or from the preset `path` names if no such file
+    exists.
 
     `dims` (d_a, d_b), e.g. from an activation store, fill in the crosscoder widths when the
     file leaves them out, and must agree with them when it does not.
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        if str(path) in preset_names():
+            return load_preset(str(path), dims)
+        raise ConfigError(
+            f"config file not found: {path}; give a TOML file or a preset "
+            f"({', '.join(preset_names())})"
+        )
+    return _parse_run_config(path.read_text(), str(path), dims, preset=False)
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with modeldiff."""
+    folder = resources.files("engine") / "presets"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str, dims: tuple[int, int] | None = None) -> RunConfig:
+    """The RunConfig of a shipped preset (`demo`, `paper-llama-qwen`, ...); `dims` as in
+    `load_run_config`."""
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(names)}")
+    text = (resources.files("engine") / "presets" / f"{name}.toml").read_text()
+    return _parse_run_config(text, f"preset {name!r}", dims, preset=True)
+
+
+def _parse_run_config(
+    text: str, where: str, dims: tuple[int, int] | None, preset: bool
+) -> RunConfig:
+    """A RunConfig from TOML text; `where` names its origin in error messages."""
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+        raise ConfigError(f"{where} is not valid TOML: {err}") from None
     unknown = sorted(set(data) - {"crosscoder", "train", "harvest"})
     if unknown:
         raise ConfigError(
-            f"unknown section(s) {', '.join(unknown)} in {path}; valid: crosscoder, harvest, train"
+            f"unknown section(s) {', '.join(unknown)} in {where}; valid: crosscoder, harvest, train"
         )
     crosscoder = None
     if "crosscoder" in data or dims is not None:
         section = dict(data.get("crosscoder", {}))
         for name, value in zip(("d_a", "d_b"), dims or (), strict=False):
             if section.setdefault(name, value) != value:
+                fix = (
+                    "these activations come from other models than the preset's; use a config "
+                    "file for them"
+                    if preset
+                    else f"remove {name} from the file or fix it"
+                )
                 raise ConfigError(
-                    f"[crosscoder] {name} = {section[name]} in {path}, but the activations "
-                    f"have width {value}; remove {name} from the file or fix it"
+                    f"[crosscoder] {name} = {section[name]} in {where}, but the activations "
+                    f"have width {value}; {fix}"
                 )
         crosscoder = from_dict(CrosscoderConfig, section, "crosscoder")
     return RunConfig(

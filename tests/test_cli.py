@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -142,6 +143,14 @@ def test_toy_sweep_runs_from_the_command_line(tmp_path):
 
 
 @pytest.mark.slow
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (Linux /proc)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_sigterm_saves_a_checkpoint_and_rerun_matches_an_uninterrupted_run(files):
     import signal
     import time
@@ -154,7 +163,10 @@ def test_sigterm_saves_a_checkpoint_and_rerun_matches_an_uninterrupted_run(files
     (files / "run.toml").write_text(config)
     cmd = [sys.executable, "-m", "engine.cli", *train_args(files, "cut")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(6)  # imports and normalisation take ~3 s; then it is mid-training
+    # Imports and normalisation take ~3 s of CPU time, then it trains: wait for CPU time,
+    # not wall time, so a busy machine does not send the signal before training starts.
+    while cpu_seconds(proc.pid) < 6 and proc.poll() is None:
+        time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

@@ -4,6 +4,11 @@ The trainer consumes any object with ``batches(batch_size, start_step, seed)`` r
 an iterator of ``(x_a [n, d_a], x_b [n, d_b])``. Batch ``s`` must be the same whether
 iteration started at 0 or at ``s``: that is what makes resumed training equal to an
 uninterrupted run.
+
+In data-parallel training rank r of W trains on rows ``[n r / W, n (r + 1) / W)`` of each
+global batch. A source may offer ``rank_batches(batch_size, start_step, seed, rank,
+world_size)`` yielding only those rows (so a rank reads no more than its share); any other
+source is read whole by every rank and sliced.
 """
 
 from __future__ import annotations
@@ -38,17 +43,24 @@ class TensorPairs:
         return self.x_a.shape[0]
 
     def batches(self, batch_size: int, start_step: int = 0, seed: int = 0) -> Iterator[Batch]:
+        return self.rank_batches(batch_size, start_step, seed, 0, 1)
+
+    def rank_batches(
+        self, batch_size: int, start_step: int, seed: int, rank: int, world_size: int
+    ) -> Iterator[Batch]:
+        """Rank `rank`'s slice of each global batch, gathering only those rows."""
         n = len(self)
         if batch_size > n:
             raise DataError(f"batch_size {batch_size} exceeds the {n} pairs available")
         per_epoch = n // batch_size
+        mine = rank_slice(batch_size, rank, world_size)
         step = start_step
         while True:
             epoch, within = divmod(step, per_epoch)
             gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=gen)
             for i in range(within, per_epoch):
-                idx = perm[i * batch_size : (i + 1) * batch_size]
+                idx = perm[i * batch_size : (i + 1) * batch_size][mine]
                 yield self.x_a[idx], self.x_b[idx]
             step = (epoch + 1) * per_epoch
 
@@ -61,6 +73,30 @@ class IterableSource:
 
     def batches(self, batch_size: int, start_step: int = 0, seed: int = 0) -> Iterator[Batch]:
         return itertools.islice(iter(self.iterable), start_step, None)
+
+
+class RankSlice:
+    """One rank's share of every global batch of another source."""
+
+    def __init__(self, source: PairedSource, rank: int, world_size: int) -> None:
+        self.source, self.rank, self.world_size = source, rank, world_size
+
+    def batches(self, batch_size: int, start_step: int = 0, seed: int = 0) -> Iterator[Batch]:
+        if hasattr(self.source, "rank_batches"):
+            return self.source.rank_batches(
+                batch_size, start_step, seed, self.rank, self.world_size
+            )
+        return self._sliced(batch_size, start_step, seed)
+
+    def _sliced(self, batch_size: int, start_step: int, seed: int) -> Iterator[Batch]:
+        for x_a, x_b in self.source.batches(batch_size, start_step, seed):
+            mine = rank_slice(x_a.shape[0], self.rank, self.world_size)
+            yield x_a[mine], x_b[mine]
+
+
+def rank_slice(n: int, rank: int, world_size: int) -> slice:
+    """Rows of an n-row global batch that rank `rank` of `world_size` trains on."""
+    return slice(n * rank // world_size, n * (rank + 1) // world_size)
 
 
 def as_source(data) -> PairedSource:

@@ -10,6 +10,9 @@ One step (paper eq. 2 plus B.1.3-B.1.5):
 4. AuxK: the top-k_aux dead features of each row model the detached residual without
    decoder bias, normalised by the residual's variance; alpha-weighted; a NaN is zeroed;
 5. Adam with warm-up, gradient clipping; update dead counters and the EMA threshold.
+
+Under `torchrun` each rank trains on its slice of every global batch and every batch-wide
+quantity above is global (see `distributed.py`), so the result equals one process.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ import torch
 
 from engine.config import CrosscoderConfig, TrainConfig, to_dict
 from engine.crosscoder import checkpoint as ckpt
-from engine.crosscoder.data import as_source, check_pair_shapes, finite_rows
+from engine.crosscoder import distributed
+from engine.crosscoder.data import RankSlice, as_source, check_pair_shapes, finite_rows
+from engine.crosscoder.distributed import Context, StopRequests
 from engine.crosscoder.model import Crosscoder
-from engine.crosscoder.normalize import Normalizer, outlier_mask
+from engine.crosscoder.normalize import Normalizer
 from engine.crosscoder.partition import Role
 from engine.crosscoder.sparse import Entries, batch_topk
-from engine.interrupts import deferred_interrupts
 from engine.progress import ProgressBar
 
 # Settings that may change between a run and its resumption without changing the result.
@@ -83,6 +87,7 @@ class Trainer:
         model_cfg: CrosscoderConfig,
         train_cfg: TrainConfig,
         normalizer: Normalizer | None = None,
+        ctx: Context | None = None,
     ) -> None:
         partition = model_cfg.partition()
         if train_cfg.k > partition.n_features:
@@ -96,7 +101,8 @@ class Trainer:
                 f"{partition.n_features}"
             )
         self.model_cfg, self.cfg = model_cfg, train_cfg
-        self.device = resolve_device(train_cfg.device)
+        self.ctx = ctx or Context(device=resolve_device(train_cfg.device))
+        self.device = self.ctx.device
         gen = torch.Generator().manual_seed(train_cfg.seed)
         self.model = Crosscoder(
             model_cfg.d_a,
@@ -114,6 +120,7 @@ class Trainer:
         self.counters = _Counters()
         self.since_fired = torch.zeros(partition.n_features, dtype=torch.long, device=self.device)
         self.threshold_ready = torch.zeros(2, dtype=torch.bool, device=self.device)
+        self.batch_rows = 0  # rows of the current global batch left after `prepare`
         self._encode = self.model.pre_activations
         if train_cfg.compile:
             self._encode = torch.compile(self.model.pre_activations, dynamic=True)
@@ -122,39 +129,48 @@ class Trainer:
     # -- one optimisation step -------------------------------------------------------
 
     def step(self, x_a: torch.Tensor, x_b: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Train on one raw paired batch; returns this step's statistics as 0-d tensors."""
-        cfg = self.cfg
+        """Train on one raw paired batch (this rank's slice of it); returns this step's
+        statistics over the global batch as 0-d tensors."""
+        cfg, ctx = self.cfg, self.ctx
         x_a, x_b = self.prepare(x_a, x_b)
+        n = self.batch_rows
+        with torch.no_grad():
+            means = ctx.sum_(torch.cat([x_a.sum(0), x_b.sum(0)])) / n
+            mean_a, mean_b = means.split([x_a.shape[1], x_b.shape[1]])
         out = self.losses(x_a, x_b)
-        loss = out["recon_a"] + out["recon_b"]
-        aux_loss = out["aux_a"] + out["aux_b"]
-        if not torch.isfinite(aux_loss):
+        aux_local = out["aux_a"] + out["aux_b"]
+        with torch.no_grad():
+            parts = [out["recon_a"], out["recon_b"], aux_local]
+            parts += [(x_a - mean_a).pow(2).sum(), (x_b - mean_b).pow(2).sum()]
+            totals = torch.stack([t.detach().double().to(self.device) for t in parts])
+            nnz = torch.tensor([float(out["entries"].nnz)], dtype=totals.dtype, device=self.device)
+            totals = torch.cat([totals, nnz])
+            recon_a, recon_b, aux, var_a, var_b, nnz = ctx.sum_(totals).unbind()
+        if not torch.isfinite(aux):
             self.counters.aux_nan_steps += 1
-            aux_loss = torch.zeros_like(aux_loss)
-        loss = loss + cfg.aux_alpha * aux_loss
+            aux_local, aux = torch.zeros_like(aux_local), torch.zeros_like(aux)
+        loss = out["recon_a"] + out["recon_b"] + cfg.aux_alpha * aux_local
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        ctx.sum_grads_(self.model.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr_at(self.counters.step)
         self.optimizer.step()
 
-        n = x_a.shape[0]
         with torch.no_grad():
             self._update_state(out["entries"], n, out["group_minima"])
-            sse_a, sse_b = out["recon_a"].detach() * n, out["recon_b"].detach() * n
-            var_a = (x_a - x_a.mean(0)).pow(2).sum()
-            var_b = (x_b - x_b.mean(0)).pow(2).sum()
+        sse_a, sse_b = recon_a * n, recon_b * n
         return {
-            "loss": loss.detach(),
-            "recon_a": out["recon_a"].detach(),
-            "recon_b": out["recon_b"].detach(),
-            "aux": aux_loss.detach(),
+            "loss": recon_a + recon_b + cfg.aux_alpha * aux,
+            "recon_a": recon_a,
+            "recon_b": recon_b,
+            "aux": aux,
             "fve_a": 1 - sse_a / var_a,
             "fve_b": 1 - sse_b / var_b,
             "fve": 1 - (sse_a + sse_b) / (var_a + var_b),
-            "l0": torch.tensor(out["entries"].nnz / max(n, 1)),
+            "l0": nnz / max(n, 1),
             "grad_norm": grad_norm.detach(),
             "rows": torch.tensor(n),
         }
@@ -162,17 +178,20 @@ class Trainer:
     def losses(self, x_a: torch.Tensor, x_b: torch.Tensor) -> dict:
         """Per-model loss terms on a prepared batch (no parameter update).
 
-        Returns recon_a / recon_b (squared error summed over dims, mean over rows),
-        aux_a / aux_b (variance-normalised AuxK terms, 0 with no dead features), the
-        selected entries and each selection group's smallest selected score.
+        Returns recon_a / recon_b (squared error summed over dims, over the global batch's
+        rows), aux_a / aux_b (variance-normalised AuxK terms, 0 with no dead features), the
+        selected entries and each selection group's smallest selected score. Under torchrun
+        the loss terms are this rank's share: their sum over ranks is the global value.
         """
-        model, n = self.model, x_a.shape[0]
+        model, n_local = self.model, x_a.shape[0]
+        # The global row count comes from `prepare`; one process needs no bookkeeping.
+        n = self.batch_rows if self.ctx.distributed else n_local
         k = self.cfg.k_at(self.counters.step)
         with torch.no_grad():
             with self._autocast():
                 pre = self._encode(x_a, x_b)
             scores = model.selection_scores(pre)
-            main, group_minima = self._select(scores, k, n)
+            main, group_minima = self._select(scores, k, n, n_local)
             dead = self.dead_mask() if self.cfg.k_aux else None
             aux = self._select_aux(pre, dead) if dead is not None and dead.any() else None
             pre_values = pre[main.rows, main.features]
@@ -193,27 +212,40 @@ class Trainer:
         if aux is not None:
             dead_ids, pre_dead, keep = aux
             z = model.block_values(pre_dead, dead_ids, x_a, x_b).relu() * keep
-            out["aux_a"] = self._aux_term("a", z, dead_ids, err_a.detach())
-            out["aux_b"] = self._aux_term("b", z, dead_ids, err_b.detach())
+            residual_a, residual_b = err_a.detach(), err_b.detach()
+            var_a, var_b = self._variances(residual_a, residual_b, n)
+            out["aux_a"] = self._aux_term("a", z, dead_ids, residual_a, var_a)
+            out["aux_b"] = self._aux_term("b", z, dead_ids, residual_b, var_b)
         return out
 
     def prepare(self, x_a: torch.Tensor, x_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validate, drop non-finite and outlier rows, normalise; counts what was dropped."""
+        """Validate, drop non-finite and outlier rows, normalise; counts what was dropped.
+
+        Sets `batch_rows` to the rows left in the global batch.
+        """
         check_pair_shapes(x_a, x_b, self.model_cfg.d_a, self.model_cfg.d_b)
         x_a = x_a.to(self.device, torch.float32, non_blocking=True)
         x_b = x_b.to(self.device, torch.float32, non_blocking=True)
         finite = finite_rows(x_a, x_b)
-        n_bad = int((~finite).sum())
-        if n_bad:
-            self.counters.nonfinite_rows += n_bad
-            x_a, x_b = x_a[finite], x_b[finite]
-        if x_a.shape[0] == 0:
-            raise TrainingError("a batch contained no finite rows; check the activation source")
         x_a, x_b = self.normalizer.apply(x_a, x_b)
-        keep = outlier_mask(x_a, x_b, self.cfg.outlier_factor)
-        n_masked = x_a.shape[0] - int(keep.sum())
-        if n_masked:
-            self.counters.masked_outliers += n_masked
+        # The outlier medians are over the global batch: gather every rank's row norms.
+        local = torch.stack([x_a.norm(dim=1), x_b.norm(dim=1), finite.float()], dim=1)
+        norms = self.ctx.gather_rows(local)
+        ok = norms[:, 2] > 0
+        n_finite = int(ok.sum())
+        self.counters.nonfinite_rows += norms.shape[0] - n_finite
+        if n_finite == 0:
+            raise TrainingError("a batch contained no finite rows; check the activation source")
+        keep, keep_all = finite, ok
+        factor = self.cfg.outlier_factor
+        if factor is not None:
+            for col in (0, 1):
+                limit = factor * norms[ok, col].median()
+                keep = keep & (local[:, col] <= limit)
+                keep_all = keep_all & (norms[:, col] <= limit)
+        self.batch_rows = int(keep_all.sum())
+        self.counters.masked_outliers += n_finite - self.batch_rows
+        if not bool(keep.all()):
             x_a, x_b = x_a[keep], x_b[keep]
         return x_a, x_b
 
@@ -235,53 +267,100 @@ class Trainer:
         ]
 
     def _select(
-        self, scores: torch.Tensor, k: int, n: int
+        self, scores: torch.Tensor, k: int, n: int, n_local: int
     ) -> tuple[Entries, list[torch.Tensor | None]]:
-        """BatchTopK entries (row-sorted) and the smallest selected score of each group."""
+        """BatchTopK entries (row-sorted) over the global batch of `n` rows, this rank's
+        `n_local` of them, and the smallest selected score of each group."""
         rows, feats, minima = [], [], []
         for block, share in self._groups:
             sub = scores[:, block]
-            budget = min(round(k * share) * n, sub.numel())
-            r, c = batch_topk(sub, budget)
+            budget = min(round(k * share) * n, n * sub.shape[1])
+            r, c = self._batch_topk(sub, budget)
             selected = sub[r, c]
             positive = selected > 0  # a zero score is not an activation
             r, c, selected = r[positive], c[positive], selected[positive]
             rows.append(r)
             feats.append(c + block.start)
-            minima.append(selected.min() if selected.numel() else None)
+            minima.append(selected.min().float() if selected.numel() else None)
+        minima = self._global_minima(minima)
         if len(rows) == 1:
-            return Entries(rows[0], feats[0], n), minima
+            return Entries(rows[0], feats[0], n_local), minima
         r, f = torch.cat(rows), torch.cat(feats)
         order = (r * scores.shape[1] + f).argsort()
-        return Entries(r[order], f[order], n), minima
+        return Entries(r[order], f[order], n_local), minima
+
+    def _batch_topk(self, sub: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols) of this rank's entries among the `budget` largest of the global batch.
+
+        Each rank's winners are among its own top `budget`: gathering those (padded with
+        -inf) lets every rank find the same global winners and count how many are its own.
+        """
+        ctx = self.ctx
+        if not ctx.distributed:
+            return batch_topk(sub, budget)
+        local = min(budget, sub.numel())
+        r, c = batch_topk(sub, local)
+        values = sub[r, c].float()
+        padded = values.new_full((budget,), -math.inf)
+        padded[:local] = values
+        winners = ctx.gather(padded).topk(budget, sorted=False).indices
+        mine = int((winners // budget == ctx.rank).sum())
+        if mine < local:
+            keep = values.topk(mine, sorted=False).indices.sort().values  # stay row-major
+            r, c = r[keep], c[keep]
+        return r, c
+
+    def _global_minima(self, minima: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Each group's smallest selected score over all ranks (None where none was)."""
+        if not self.ctx.distributed:
+            return minima
+        inf = torch.tensor(math.inf, device=self.device)
+        reduced = self.ctx.min_(torch.stack([inf if m is None else m for m in minima]))
+        return [None if math.isinf(v) else reduced[i] for i, v in enumerate(reduced.tolist())]
 
     def _select_aux(
         self, pre: torch.Tensor, dead: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Dead feature ids, their pre-activations [n, n_dead], and a mask of each row's
-        top-k_aux positive ones (None if no dead feature is positive anywhere)."""
+        top-k_aux positive ones (None if no dead feature is positive on any rank)."""
         dead_ids = torch.nonzero(dead).squeeze(1)
         pre_dead = pre[:, dead_ids]
         k_aux = min(self.cfg.k_aux, dead_ids.numel())
         values, idx = pre_dead.topk(k_aux, dim=1, sorted=False)
         keep = torch.zeros(pre_dead.shape, dtype=torch.bool, device=pre.device)
         keep.scatter_(1, idx, values > 0)
-        if not keep.any():
+        if not self.ctx.any(bool(keep.any())):
             return None
         return dead_ids, pre_dead, keep
 
+    def _variances(
+        self, err_a: torch.Tensor, err_b: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, ...]:
+        """Total variance of each model's residual over the global batch of `n` rows."""
+        ctx = self.ctx
+        means = ctx.sum_(torch.cat([err_a.sum(0), err_b.sum(0)])) / n
+        mean_a, mean_b = means.split([err_a.shape[1], err_b.shape[1]])
+        sums = torch.stack([(err_a - mean_a).pow(2).sum(), (err_b - mean_b).pow(2).sum()])
+        return tuple(ctx.sum_(sums).clamp_min(1e-12).unbind())
+
     def _aux_term(
-        self, model_name: str, z: torch.Tensor, dead_ids: torch.Tensor, residual: torch.Tensor
+        self,
+        model_name: str,
+        z: torch.Tensor,
+        dead_ids: torch.Tensor,
+        residual: torch.Tensor,
+        variance: torch.Tensor,
     ) -> torch.Tensor:
-        """Variance-normalised error of modelling one model's residual with dead features."""
+        """Error of modelling one model's residual with dead features, over its variance."""
         approx = self.model.decode_block(model_name, z, dead_ids)
-        variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
         return (residual - approx).pow(2).sum() / variance
 
     def _update_state(self, main: Entries, n: int, minima: list[torch.Tensor | None]) -> None:
         """Dead-feature counters, EMA inference threshold, token and step counts."""
         fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
         fired[main.features] = True
+        if self.ctx.distributed:  # a feature fired if it fired on any rank
+            fired = self.ctx.max_(fired.to(torch.uint8)).bool()
         self.since_fired += n
         self.since_fired[fired] = 0
         ema = self.cfg.threshold_ema
@@ -413,19 +492,38 @@ def train(
     normalizer: Normalizer | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a crosscoder on paired batches; with `out_dir`, checkpoint and resume there."""
-    source = as_source(source)
+    """Train a crosscoder on paired batches; with `out_dir`, checkpoint and resume there.
+
+    Launched by `torchrun` (or inside an initialised process group), each process trains
+    on its slice of every global batch of `batch_size` rows; only rank 0 writes.
+    """
+    with distributed.session(resolve_device(train_cfg.device)) as ctx:
+        return _train(
+            ctx, model_cfg, train_cfg, as_source(source), out_dir, resume, normalizer, progress
+        )
+
+
+def _train(
+    ctx: Context,
+    model_cfg: CrosscoderConfig,
+    train_cfg: TrainConfig,
+    source,
+    out_dir: str | Path | None,
+    resume: bool,
+    normalizer: Normalizer | None,
+    progress: bool,
+) -> TrainResult:
     out = Path(out_dir) if out_dir is not None else None
-    trainer = Trainer(model_cfg, train_cfg, normalizer)
+    trainer = Trainer(model_cfg, train_cfg, normalizer, ctx)
     latest = ckpt.latest_checkpoint(out) if out is not None and resume else None
     if latest is not None:
-        trainer.load_checkpoint(latest)
+        trainer.load_checkpoint(latest)  # every rank reads it: a shared file system
     else:
         _initialise(trainer, source, normalizer)
     try:
-        _loop(trainer, source, out, progress)
+        _loop(trainer, RankSlice(source, ctx.rank, ctx.world_size), out, progress)
     except KeyboardInterrupt:
-        if out is not None:
+        if out is not None and ctx.is_main:
             trainer.save_checkpoint(out)
         raise
     final = {**trainer.dead_fractions(), **_last(trainer.counters.history)}
@@ -436,7 +534,7 @@ def train(
         nonfinite_rows=trainer.counters.nonfinite_rows,
         aux_nan_steps=trainer.counters.aux_nan_steps,
     )
-    if out is not None:
+    if out is not None and ctx.is_main:
         if latest is None or trainer.counters.step != latest_step(latest):
             trainer.save_checkpoint(out)
         ckpt.save_crosscoder(
@@ -449,6 +547,7 @@ def train(
             history=trainer.counters.history,
             feature_stats={"tokens_since_fired": trainer.since_fired},
         )
+    ctx.barrier()  # when train returns on any rank, the files are written
     return TrainResult(trainer.model, trainer.normalizer, trainer.counters.history, final, out)
 
 
@@ -459,24 +558,37 @@ def latest_step(path: Path) -> int:
 def _initialise(trainer: Trainer, source, normalizer: Normalizer | None) -> None:
     """Fit normalisation (unless given) and start decoder biases at the data mean."""
     cfg = trainer.cfg
+    # Every rank fits on the same global rows; rank 0's result is then broadcast so the
+    # replicas start bit-identical whatever the devices' rounding.
     fitted, x_a, x_b = fit_normalizer(source, cfg.batch_size, cfg.seed)
-    trainer.normalizer = normalizer or fitted
-    x_a, x_b = trainer.normalizer.apply(x_a, x_b)
+    normalizer = normalizer or fitted
+    x_a, x_b = normalizer.apply(x_a, x_b)
     check_pair_shapes(x_a, x_b, trainer.model_cfg.d_a, trainer.model_cfg.d_b)
     with torch.no_grad():
         # Starting at the mean spares the features from spending capacity on it.
         trainer.model.b_dec_a.copy_(x_a.mean(0))
         trainer.model.b_dec_b.copy_(x_b.mean(0))
+    ctx = trainer.ctx
+    ctx.broadcast_([*trainer.model.parameters(), *trainer.model.buffers()])
+    scales = torch.tensor([normalizer.scale_a, normalizer.scale_b], dtype=torch.float64)
+    scales = scales.to(trainer.device)
+    ctx.broadcast_([scales])
+    trainer.normalizer = Normalizer(*scales.tolist())
 
 
 def _loop(trainer: Trainer, source, out: Path | None, progress: bool) -> None:
-    cfg = trainer.cfg
+    cfg, ctx = trainer.cfg, trainer.ctx
     start = trainer.counters.step
     if start >= cfg.steps:
         return
     batches = source.batches(cfg.batch_size, start, cfg.seed)
     window_start, window_tokens = time.perf_counter(), 0
-    with ProgressBar("train", cfg.steps, progress, completed=start) as bar:
+    # A step and its bookkeeping are one unit: Ctrl-C/SIGTERM take effect after a step, on
+    # every rank after the same one, so the checkpoint saved then is consistent.
+    with (
+        ProgressBar("train", cfg.steps, progress and ctx.is_main, start) as bar,
+        StopRequests() as stop,
+    ):
         for step in range(start, cfg.steps):
             try:
                 x_a, x_b = next(batches)
@@ -485,22 +597,22 @@ def _loop(trainer: Trainer, source, out: Path | None, progress: bool) -> None:
                     f"the activation source ran out after {step} of {cfg.steps} steps; lower "
                     f"`steps` or provide more data"
                 ) from None
-            # A step and its bookkeeping are one unit: an interrupt waits for its end, so a
-            # checkpoint saved on Ctrl-C/SIGTERM is always consistent.
-            with deferred_interrupts():
-                stats = trainer.step(x_a, x_b)
-                window_tokens += int(stats["rows"])
-                done = step + 1
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    elapsed = time.perf_counter() - window_start
-                    record = _record(trainer, stats, done, window_tokens / max(elapsed, 1e-9))
-                    trainer.counters.history.append(record)
-                    window_start, window_tokens = time.perf_counter(), 0
-                    bar.update(completed=done, status=_status(record))
-                else:
-                    bar.update(completed=done)
-                if out is not None and done % cfg.checkpoint_every == 0 and done != cfg.steps:
-                    trainer.save_checkpoint(out)
+            stats = trainer.step(x_a, x_b)
+            window_tokens += int(stats["rows"])
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                elapsed = time.perf_counter() - window_start
+                record = _record(trainer, stats, done, window_tokens / max(elapsed, 1e-9))
+                trainer.counters.history.append(record)
+                window_start, window_tokens = time.perf_counter(), 0
+                bar.update(completed=done, status=_status(record))
+            else:
+                bar.update(completed=done)
+            checkpoint_due = done % cfg.checkpoint_every == 0 and done != cfg.steps
+            if out is not None and checkpoint_due and ctx.is_main:
+                trainer.save_checkpoint(out)
+            if stop.pending(ctx):
+                raise KeyboardInterrupt
 
 
 def _record(trainer: Trainer, stats: dict[str, torch.Tensor], step: int, rate: float) -> dict:
