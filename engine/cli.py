@@ -59,9 +59,36 @@ def cmd_harvest(args: argparse.Namespace) -> None:
         if value is not None:
             setattr(cfg, name, value)
     cfg.__post_init__()  # re-validate overrides
+    rank, world_size = _harvest_rank(args)
     _quiet_transformers()  # harvest prints one line per loaded model instead
-    result = harvest(cfg, args.out, fresh=args.fresh, progress=not args.quiet)
+    result = harvest(
+        cfg,
+        args.out,
+        fresh=args.fresh,
+        progress=not args.quiet and rank == 0,  # one bar, not one per process
+        rank=rank,
+        world_size=world_size,
+    )
     print(summary(result))
+
+
+def _harvest_rank(args: argparse.Namespace) -> tuple[int, int]:
+    """(rank, world size) from --rank/--world-size, else RANK/WORLD_SIZE (torchrun), else
+    (0, 1)."""
+    import os
+
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
+    try:
+        rank = args.rank if args.rank is not None else int(env["RANK"] or 0)
+        world = args.world_size if args.world_size is not None else int(env["WORLD_SIZE"] or 1)
+    except ValueError:
+        raise ConfigError(f"RANK and WORLD_SIZE must be integers, got {env}") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(
+            f"rank {rank} of world size {world} is impossible: --world-size N needs N >= 1 "
+            "and --rank from 0 to N-1"
+        )
+    return rank, world
 
 
 def _quiet_transformers() -> None:
@@ -390,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--alignment", help="offsets (default) | windows (the paper's Algorithm 1)")
     p.add_argument("--fresh", action="store_true", help="discard an existing store in --out")
+    p.add_argument(
+        "--rank", type=int, help="this process's share of a split harvest (default $RANK or 0)"
+    )
+    p.add_argument(
+        "--world-size", type=int, help="processes sharing the harvest (default $WORLD_SIZE or 1)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_harvest)
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import HarvestConfig
+from engine.config import HarvestConfig, load_run_config
 from engine.harvest.pipeline import harvest, summary
-from engine.harvest.store import ActivationStore, read_manifest
+from engine.harvest.store import ActivationStore, StoreError, read_manifest
 from engine.harvest.windows import side
 from engine.models.capture import capture_residual
 from engine.models.loading import LoadedModel, load_model
@@ -279,6 +279,137 @@ def test_killed_harvest_resumes_without_duplicates_or_losses(tmp_path, model_dir
     assert got.keys() == want.keys()
     for key in list(want)[::97]:
         assert torch.allclose(got[key], want[key], atol=1e-4)
+
+
+# -- a harvest split across processes ------------------------------------------------------
+
+
+@pytest.fixture
+def many_docs(tmp_path) -> Path:
+    """Short documents, two of them repeats that land on different ranks (dedupe)."""
+    path = tmp_path / "many.jsonl"
+    texts = [
+        {"text": f"Note {i}: the river {i * 7} runs past “stone” {i} — ok."} for i in range(14)
+    ]
+    rows = CHATS + texts[:5] + [CHATS[2]] + texts[5:] + [texts[0]]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    return path
+
+
+def same_pairs(got: Path, want: Path) -> None:
+    """The two stores hold the same (window, positions) pairs with the same vectors."""
+    a, b = pairs_of(got), pairs_of(want)
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in b:
+        assert torch.allclose(a[key], b[key], atol=1e-4)
+
+
+def test_processes_split_a_harvest_by_document_and_store_what_one_process_would(
+    tmp_path, models, model_dirs, many_docs
+):
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        f'[harvest]\nsources = ["{many_docs}"]\nmax_pairs = 150\nshard_pairs = 20\n'
+        'context_length = 16\nstore_dtype = "float32"\n'
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "split"
+    # Rank 0 as torchrun starts it (RANK/WORLD_SIZE), rank 1 with the flags.
+    ranks = [
+        subprocess.Popen(
+            harvest_cmd(model_dirs, out, toml),
+            env={**env, "RANK": "0", "WORLD_SIZE": "2"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+        subprocess.Popen(
+            [*harvest_cmd(model_dirs, out, toml), "--rank", "1", "--world-size", "2"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+    ]
+    # The same models in this process (model_dirs holds them) give the one-process store.
+    harvest(load_run_config(toml).harvest, tmp_path / "one", models=models, progress=False)
+    for proc in ranks:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+    assert "rank 1 of 2" in stdout
+    # Each rank wrote only its own files.
+    shards = sorted(p.name for p in (out / "shards").iterdir())
+    assert {name[:8] for name in shards} == {"rank-000", "rank-001"}
+    assert not (out / "manifest.json").exists()
+    assert sorted(p.name for p in (out / "ranks").iterdir()) == [
+        "manifest-000-of-002.json",
+        "manifest-001-of-002.json",
+    ]
+    # max_pairs counts both ranks: together they stop where one process stops.
+    same_pairs(out, tmp_path / "one")
+    merged, single = read_manifest(out), read_manifest(tmp_path / "one")
+    assert merged["progress"]["complete"] and merged["ranks"]["complete"] == [0, 1]
+    assert merged["alignment"] == single["alignment"]
+    assert merged["alignment"]["duplicate_windows"] >= 2
+    assert merged["stats"]["count"] == single["stats"]["count"] >= 150
+    assert np.allclose(merged["stats"]["mean_a"], single["stats"]["mean_a"], atol=1e-5)
+    docs = sorted(d["doc_id"] for d in ActivationStore(out).documents())
+    assert docs == sorted(d["doc_id"] for d in ActivationStore(tmp_path / "one").documents())
+
+
+class _Interrupt:
+    """A capture function that raises KeyboardInterrupt on its n-th call (Ctrl-C)."""
+
+    def __init__(self, n: int) -> None:
+        self.calls, self.n = 0, n
+
+    def __call__(self, *args, **kw):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return capture_residual(*args, **kw)
+
+
+def test_each_rank_resumes_its_own_share(tmp_path, models, many_docs):
+    out, cfg = tmp_path / "split", config([many_docs], max_pairs=60, context_length=16)
+    for rank in (0, 1):
+        harvest(cfg, out, models=models, progress=False, rank=rank, world_size=2)
+    # A larger max_pairs extends both ranks; rank 1 is interrupted first and resumed.
+    bigger = config([many_docs], context_length=16, shard_pairs=10, batch_tokens=32)
+    with pytest.raises(KeyboardInterrupt):
+        harvest(bigger, out, models=models, progress=False, rank=1, world_size=2,
+                capture=_Interrupt(5))  # fmt: skip
+    partial = read_manifest(out)
+    assert not partial["progress"]["complete"] and partial["ranks"]["complete"] == [0]
+    for rank in (1, 0):
+        harvest(bigger, out, models=models, progress=False, rank=rank, world_size=2)
+    harvest(bigger, tmp_path / "one", models=models, progress=False)
+    same_pairs(out, tmp_path / "one")
+    merged, single = read_manifest(out)["progress"], read_manifest(tmp_path / "one")["progress"]
+    assert merged["complete"] and merged["exhausted"]
+    assert merged["done_windows"] == single["done_windows"]
+    again = harvest(bigger, out, models=models, progress=False, rank=0, world_size=2)
+    assert again.new_pairs == 0
+
+
+def test_a_split_store_is_continued_only_by_as_many_processes(tmp_path, models, many_docs):
+    out, cfg = tmp_path / "split", config([many_docs], max_pairs=40, context_length=16)
+    harvest(cfg, out, models=models, progress=False, rank=1, world_size=2)
+    # Rank 0 has not run: the store reads, but is not complete.
+    merged = read_manifest(out)
+    assert merged["ranks"]["found"] == [1] and not merged["progress"]["complete"]
+    with pytest.raises(StoreError, match="--world-size 2"):
+        harvest(cfg, out, models=models, progress=False)
+    with pytest.raises(StoreError, match="world size"):
+        harvest(cfg, out, models=models, progress=False, rank=0, world_size=3)
+    with pytest.raises(StoreError, match="impossible"):
+        harvest(cfg, out, models=models, progress=False, rank=2, world_size=2)
+    # --fresh with one process replaces every rank's files.
+    harvest(cfg, out, models=models, progress=False, fresh=True)
+    assert not (out / "ranks").exists() or not list((out / "ranks").iterdir())
+    assert all(p.name.startswith("shard-") for p in (out / "shards").iterdir())
+    harvest(cfg, tmp_path / "one", models=models, progress=False)
+    same_pairs(out, tmp_path / "one")
 
 
 def test_cli_errors_are_one_line(tmp_path, model_dirs):

@@ -8,6 +8,9 @@ DuckDB under one run id, replacing an earlier analysis of the same run.
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -20,9 +23,11 @@ import pandas as pd
 from engine.analysis.examples import ExampleConfig, choose, read_examples
 from engine.analysis.geometry import decoder_stats, neighbors
 from engine.analysis.scan import EntryCache, ScanConfig, ScanResult, scan
-from engine.crosscoder.checkpoint import CheckpointError, load_crosscoder
+from engine.crosscoder.checkpoint import CheckpointError, check_models, load_crosscoder
 from engine.harvest.store import ActivationStore
 from engine.store import Database
+
+TEMP_PREFIX = "modeldiff-analyze-"
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,15 @@ def analyze(
             f"{store_path} holds {store.d_a}/{store.d_b}; analyse it on the store it was "
             "trained on"
         )
+    check_models(
+        header.get("models"),
+        store.manifest["models"],
+        f"the store at {store_path}",
+        "analyse it on the store it was trained on",
+    )
     seconds: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="modeldiff-analyze-") as tmp:
+    remove_stale_temp_dirs()
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         # The scan keeps its non-zero activations on disk (bounded), so the examples are
         # read back instead of encoding the store a second time.
         cache = EntryCache(tmp, cache_bytes)
@@ -104,6 +116,29 @@ def analyze(
         len(contexts),
         seconds,
     )
+
+
+def remove_stale_temp_dirs() -> list[Path]:
+    """Delete the temporary directories of analyses that were killed (`kill -9` leaves
+    them, with up to `cache_bytes` each); returns those removed."""
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        match = re.match(rf"{TEMP_PREFIX}(\d+)-", folder.name)
+        if match and not _alive(int(match[1])):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def feature_table(result: ScanResult, geometry: pd.DataFrame) -> pd.DataFrame:

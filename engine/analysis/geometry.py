@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from engine.crosscoder.checkpoint import CheckpointError, check_models
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.partition import Role
 
@@ -106,10 +107,17 @@ def match_runs(ours: Crosscoder, theirs: Crosscoder, chunk: int = 2048) -> pd.Da
     A and B when it has both; their features lacking a decoder in that space cannot match.
     """
     if (ours.d_a, ours.d_b) != (theirs.d_a, theirs.d_b):
-        raise ValueError(
-            f"runs have different widths ({ours.d_a}/{ours.d_b} vs {theirs.d_a}/{theirs.d_b}); "
-            "matching needs the same model pair and layers"
+        raise CheckpointError(
+            f"the runs have different widths ({ours.d_a}/{ours.d_b} vs {theirs.d_a}/"
+            f"{theirs.d_b}): they were trained on different model pairs or layers, and only "
+            "runs on the same ones can be matched"
         )
+    check_models(
+        getattr(ours, "trained_on", None),
+        getattr(theirs, "trained_on", None),
+        "the other run",
+        "only runs on the same model pair and layers can be matched",
+    )
     spaces = [(_dense_units(ours, m), _dense_units(theirs, m)) for m in ("a", "b")]
     best, match = [], []
     for lo in range(0, ours.partition.n_features, chunk):

@@ -14,6 +14,10 @@ A training run directory looks like::
 Every file is written to a temporary name and renamed into place, and a checkpoint
 directory is complete before `latest` points to it, so a crash at any moment leaves the
 previous checkpoint usable.
+
+A header may record the models the crosscoder was trained on under "models" (the activation
+store manifest's "models" entry); analysis and matching then refuse a store or a run of
+another model pair (`check_models`).
 """
 
 from __future__ import annotations
@@ -44,23 +48,48 @@ class CheckpointError(RuntimeError):
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise CheckpointError(f"missing file {path}")
+        raise CheckpointError(f"missing file {path}; {_fix(path)}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(
-            f"{path} is corrupt or not a safetensors file ({err}); delete it and retrain, "
-            f"or resume from an earlier checkpoint"
+            f"{path} is corrupt or not a safetensors file ({_first_line(err)}); {_fix(path)}"
         ) from None
 
 
 def _load_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise CheckpointError(f"missing file {path}")
+        raise CheckpointError(f"missing file {path}; {_fix(path)}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+        header = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is damaged ({_first_line(err)}); {_fix(path)}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a modeldiff crosscoder file; {_fix(path)}")
+    return header
+
+
+def _fix(path: Path) -> str:
+    """What to do about a missing or damaged file of a run directory."""
+    step, root = path.parent, path.parent.parent
+    if root.name == "checkpoints":
+        earlier = sorted(p.name for p in root.glob("step-*") if p.name < step.name)
+        if not earlier:
+            return "no earlier checkpoint is left: run `modeldiff train` with --fresh to start over"
+        return (
+            f"delete {step} and run the same `modeldiff train` command again: it resumes "
+            f"from {earlier[-1]} (--fresh starts over)"
+        )
+    # The final files are rewritten from the last checkpoint when training is rerun.
+    return (
+        f"run the `modeldiff train` command that made {path.parent} again (it rewrites the "
+        "file from the last checkpoint), or train it anew with --fresh"
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 # -- crosscoder description ------------------------------------------------------------
@@ -91,6 +120,39 @@ def check_header(header: dict[str, Any], source: Path) -> None:
             f"{source} was written by a newer modeldiff (format {version}, this version reads "
             f"up to {FORMAT_VERSION}); upgrade modeldiff"
         )
+
+
+def check_models(
+    trained_on: dict[str, Any] | None, models: dict[str, Any] | None, what: str, fix: str
+) -> None:
+    """Refuse `what` (a store, another run) holding another model pair or layers than a
+    crosscoder was trained on; `trained_on` / `models` are store-manifest "models" entries,
+    and nothing is checked where either is unknown (runs that do not record them)."""
+    if not trained_on or not models:
+        return
+    for side in ("a", "b"):
+        ours, theirs = trained_on.get(side, {}), models.get(side, {})
+        if _model_key(ours) != _model_key(theirs):
+            raise CheckpointError(
+                f"the crosscoder was trained on model {side.upper()} {_model_text(ours)} but "
+                f"{what} has {_model_text(theirs)}; {fix}"
+            )
+
+
+def _model_key(model: dict[str, Any]) -> tuple:
+    """What identifies a captured model: where its weights come from, layer and width."""
+    src = model.get("source") or {}
+    if src.get("sha256"):
+        weights = src["sha256"]
+    elif src.get("kind") == "hub":
+        weights = f"{src.get('id')}@{src.get('revision')}"
+    else:
+        weights = src.get("path") or src.get("id") or model.get("name")
+    return weights, model.get("layer"), model.get("d_model")
+
+
+def _model_text(model: dict[str, Any]) -> str:
+    return f"{model.get('name')!r} (layer {model.get('layer')}, d {model.get('d_model')})"
 
 
 def crosscoder_from_header(header: dict[str, Any]) -> Crosscoder:
@@ -135,6 +197,8 @@ def load_crosscoder(
     check_header(header, directory / "crosscoder.json")
     model = crosscoder_from_header(header)
     _load_state(model, _load_tensors(directory / "crosscoder.safetensors"), directory)
+    # The models it was trained on, where the run records them (see check_models).
+    model.trained_on = header.get("models")
     return model.to(device), Normalizer(**header["normalizer"]), header
 
 
@@ -143,7 +207,8 @@ def _load_state(model: Crosscoder, tensors: dict[str, torch.Tensor], source: Pat
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
         raise CheckpointError(
-            f"weights in {source} do not match the architecture in its JSON ({err})"
+            f"weights in {source} do not match the architecture in its JSON "
+            f"({_first_line(err)}); {_fix(source / 'crosscoder.safetensors')}"
         ) from None
 
 
@@ -190,13 +255,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.is_file():
         return None
-    path = pointer.parent / pointer.read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(
-            f"{pointer} names {path.name}, which does not exist; delete {pointer.parent} to "
-            f"start over"
-        )
-    return path
+    name = pointer.read_text(errors="replace").strip()
+    path = pointer.parent / name
+    if name.startswith("step-") and path.is_dir():
+        return path
+    # Its directory was deleted (e.g. because it was damaged): the newest one left.
+    earlier = sorted(p for p in pointer.parent.glob("step-*") if (p / "checkpoint.json").is_file())
+    if earlier:
+        return earlier[-1]
+    raise CheckpointError(
+        f"{pointer} names {path.name}, which does not exist, and no other checkpoint is "
+        "left; run `modeldiff train` with --fresh to start over"
+    )
 
 
 def read_checkpoint_header(path: Path) -> dict[str, Any]:

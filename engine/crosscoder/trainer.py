@@ -546,9 +546,17 @@ def _train(
             metrics=final,
             history=trainer.counters.history,
             feature_stats={"tokens_since_fired": trainer.since_fired},
+            # The store's models and layers, so analysis and matching can refuse another pair.
+            **({"models": source.manifest["models"]} if _store_models(source) else {}),
         )
     ctx.barrier()  # when train returns on any rank, the files are written
     return TrainResult(trainer.model, trainer.normalizer, trainer.counters.history, final, out)
+
+
+def _store_models(source) -> bool:
+    """Whether the training source is an activation store that records its models."""
+    manifest = getattr(source, "manifest", None)
+    return isinstance(manifest, dict) and bool(manifest.get("models"))
 
 
 def latest_step(path: Path) -> int:

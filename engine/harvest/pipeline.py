@@ -5,15 +5,22 @@ models, aligned, and cut into windows (engine.harvest.windows). Windows are gath
 chunks; each model runs over the chunk in length-sorted, padded batches, stopped at its
 captured layer; the activations at the aligned positions go to the activation store, a
 shard at a time. Rerunning the same command resumes after the last recorded shard.
+
+Split across N processes (ranks), every rank reads and tokenizes the whole stream, so all
+ranks number the windows, drop duplicates and count pairs exactly as one process would,
+but runs the models only on its own documents (number % N == rank) and writes its own
+shards and manifest (engine.harvest.store). Together they store the same pairs as one
+process with the same settings.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +28,16 @@ from typing import Any
 import torch
 
 from engine.config import HarvestConfig, to_dict
-from engine.harvest.store import StoreWriter, WindowRecord, bytes_per_pair, median_norms
+from engine.harvest.store import (
+    StoreWriter,
+    WindowRecord,
+    bytes_per_pair,
+    check_rank,
+    median_norms,
+    read_manifest,
+)
 from engine.harvest.text import Mixture, source_from_spec
-from engine.harvest.windows import Side, numbered_windows, side
+from engine.harvest.windows import Side, StreamWindow, numbered_windows, side
 from engine.interrupts import deferred_interrupts
 from engine.models.capture import capture_residual
 from engine.models.layers import resolve_layer
@@ -39,7 +53,9 @@ class HarvestResult:
     pairs: int
     seconds: float
     new_pairs: int
-    manifest: dict[str, Any]
+    manifest: dict[str, Any]  # this rank's (the store's for one process)
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def pairs_per_second(self) -> float:
@@ -64,43 +80,78 @@ def harvest(
     progress: bool = True,
     models: tuple[LoadedModel, LoadedModel] | None = None,
     capture: Callable[..., torch.Tensor] = capture_residual,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> HarvestResult:
     """Harvest aligned activation pairs into the store at `out` (resuming it if present).
 
     `models` replaces loading cfg.model_a / cfg.model_b (e.g. models built in code);
     `capture(model, layer, input_ids, attention_mask)` returns the residual stream (the
-    benchmark swaps in a full forward pass).
+    benchmark swaps in a full forward pass). With `world_size` > 1 this process is rank
+    `rank` of a harvest split by documents; cfg.max_pairs counts the pairs of all ranks.
     """
+    check_rank(rank, world_size)
     if models is None:
-        models = (_load(cfg.model_a, cfg, progress), _load(cfg.model_b, cfg, progress))
+        device = rank_device(cfg.device, rank, world_size)
+        models = (
+            _load(cfg.model_a, cfg, device, progress),
+            _load(cfg.model_b, cfg, device, progress),
+        )
     started = time.perf_counter()
     a, b = _prepare(models[0], cfg.layer_a, capture), _prepare(models[1], cfg.layer_b, capture)
-    writer = StoreWriter(out, _header(cfg, a, b), cfg.store_dtype, cfg.shard_pairs, fresh=fresh)
+    writer = StoreWriter(
+        out, _header(cfg, a, b), cfg.store_dtype, cfg.shard_pairs, fresh, rank, world_size
+    )
     before = writer.pairs
     mixture = Mixture([source_from_spec(s) for s in cfg.sources], cfg.weights)
     stream = numbered_windows(
         mixture.documents(), a.side, b.side, cfg.context_length, cfg.alignment, cfg.dedupe
     )
-    reached = writer.pairs >= cfg.max_pairs
+    reached = _finished(writer, cfg.max_pairs)
     total = cfg.max_pairs
-    with ProgressBar("harvest", total, progress, completed=min(before, total)) as bar:
+    label = "harvest" if world_size == 1 else f"harvest (rank {rank} of {world_size})"
+    with ProgressBar(label, total, progress, completed=min(before, total)) as bar:
         try:
             if not reached:
-                reached = _run(cfg, stream, writer, a, b, _Meter(bar, before))
+                reached = _run(cfg, stream, writer, a, b, _Meter(bar, before), rank, world_size)
         except KeyboardInterrupt:
             writer.close(complete=False)
             raise
     # Done either way: max_pairs reached, or the sources ran out (exhausted) before it.
-    writer.manifest["progress"]["exhausted"] = not reached
+    state = writer.manifest["progress"]
+    state["exhausted"] = not reached
+    if reached:
+        state["max_pairs_reached"] = max(state.get("max_pairs_reached", 0), cfg.max_pairs)
     manifest = writer.close(complete=True)
     return HarvestResult(
-        Path(out), writer.pairs, time.perf_counter() - started, writer.pairs - before, manifest
+        Path(out),
+        writer.pairs,
+        time.perf_counter() - started,
+        writer.pairs - before,
+        manifest,
+        rank,
+        world_size,
     )
 
 
-def _load(spec: str, cfg: HarvestConfig, progress: bool) -> LoadedModel:
+def _finished(writer: StoreWriter, max_pairs: int) -> bool:
+    """Whether an earlier run already harvested everything up to max_pairs."""
+    state = writer.manifest["progress"]
+    earlier = state["complete"] and state.get("max_pairs_reached", -1) >= max_pairs
+    return earlier or writer.pairs >= max_pairs
+
+
+def rank_device(device: str, rank: int = 0, world_size: int = 1) -> str:
+    """The device of one rank: under torchrun, 'auto' and 'cuda' mean the rank's own GPU."""
+    if world_size == 1 or device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return device
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    return f"cuda:{local % torch.cuda.device_count()}"
+
+
+def _load(spec: str, cfg: HarvestConfig, device: str, progress: bool) -> LoadedModel:
     """Load one model, saying what was loaded when progress is shown."""
-    loaded = load_model(spec, device=cfg.device, dtype=cfg.model_dtype)
+    loaded = load_model(spec, device=device, dtype=cfg.model_dtype)
     if progress:
         print(
             f"loaded {spec}: {type(loaded.model).__name__}, {loaded.n_layers} layers, "
@@ -156,62 +207,78 @@ def _version(dist: str) -> str:
 
 
 class _Meter:
-    """Progress bar status: pairs, tokens/s and pairs/s since the start of this run."""
+    """Progress bar: how far the stream has got (pairs of all ranks), and tokens/s and
+    pairs/s of this process since the start of this run."""
 
     def __init__(self, bar: ProgressBar, before: int) -> None:
         self.bar, self.before, self.start = bar, before, time.perf_counter()
         self.tokens = 0
 
-    def update(self, pairs: int, tokens: int) -> None:
+    def update(self, position: int, pairs: int, tokens: int) -> None:
         self.tokens += tokens
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         self.bar.update(
-            completed=min(pairs, self.bar.total),
+            completed=min(position, self.bar.total),
             status=f"{self.tokens / elapsed:,.0f} tok/s  {(pairs - self.before) / elapsed:,.0f} "
             "pairs/s",
         )
 
 
-def _run(cfg: HarvestConfig, stream, writer: StoreWriter, a: _Model, b: _Model, meter) -> bool:
-    """Consume the window stream into the writer; True once max_pairs is reached."""
+def _run(
+    cfg: HarvestConfig,
+    stream: Iterator[StreamWindow],
+    writer: StoreWriter,
+    a: _Model,
+    b: _Model,
+    meter: _Meter,
+    rank: int = 0,
+    world_size: int = 1,
+) -> bool:
+    """Consume this rank's windows of the stream into the writer; True once max_pairs is
+    reached.
+
+    Every window's pair count is known before any forward pass, so each rank counts the
+    pairs of all ranks in stream order and stops after the window where one process would.
+    """
     chunk: list[tuple[WindowRecord, dict[str, Any]]] = []
-    chunk_tokens = chunk_pairs = 0
-    # A chunk spans about two batches per model, so sorting by length saves padding, and
-    # holds no more pairs than are still wanted, so no forward pass is wasted at the end.
+    chunk_tokens = position = 0
+    # A chunk spans about two batches per model, so sorting by length saves padding.
     budget = 4 * cfg.batch_tokens
-    for window, counts, duplicate in stream:
-        if writer.is_done(window.index):
-            continue
-        if duplicate or not len(window):
+    for window, counts, duplicate, document in stream:
+        useful = not duplicate and len(window) > 0
+        position += len(window) if useful else 0
+        last = useful and position >= cfg.max_pairs
+        if document % world_size != rank:
+            writer.pass_over(window.index)
+        elif writer.is_done(window.index):
+            pass
+        elif not useful:
             with deferred_interrupts():  # the writer's queue must never be half-updated
                 writer.skip(window, counts)
-            continue
-        chunk.append((window, counts))
-        chunk_tokens += len(window.ids_a) + len(window.ids_b)
-        chunk_pairs += len(window)
-        if chunk_tokens >= budget or chunk_pairs >= cfg.max_pairs - writer.pairs:
-            if _flush_chunk(cfg, chunk, writer, a, b, meter):
+        else:
+            chunk.append((window, counts))
+            chunk_tokens += len(window.ids_a) + len(window.ids_b)
+        if last or chunk_tokens >= budget:
+            _flush_chunk(cfg, chunk, writer, a, b)
+            meter.update(position, writer.pairs, chunk_tokens)
+            chunk, chunk_tokens = [], 0
+            if last:
                 return True
-            chunk, chunk_tokens, chunk_pairs = [], 0, 0
-    return _flush_chunk(cfg, chunk, writer, a, b, meter)
+    _flush_chunk(cfg, chunk, writer, a, b)
+    meter.update(position, writer.pairs, chunk_tokens)
+    return False
 
 
-def _flush_chunk(cfg, chunk, writer: StoreWriter, a: _Model, b: _Model, meter) -> bool:
+def _flush_chunk(cfg, chunk, writer: StoreWriter, a: _Model, b: _Model) -> None:
     """Run both models over a chunk of windows and hand the pairs to the writer."""
     if not chunk:
-        return writer.pairs >= cfg.max_pairs
+        return
     windows = [w for w, _ in chunk]
     acts_a = _activations(a, [w.ids_a for w in windows], [w.pos_a for w in windows], cfg)
     acts_b = _activations(b, [w.ids_b for w in windows], [w.pos_b for w in windows], cfg)
-    tokens = sum(len(w.ids_a) + len(w.ids_b) for w in windows)
     for (window, counts), x_a, x_b in zip(chunk, acts_a, acts_b, strict=True):
         with deferred_interrupts():  # the writer's queue must never be half-updated
             writer.add(window, x_a, x_b, counts)
-        if writer.pairs >= cfg.max_pairs:
-            meter.update(writer.pairs, tokens)
-            return True
-    meter.update(writer.pairs, tokens)
-    return False
 
 
 def _activations(m: _Model, ids: list, positions: list, cfg: HarvestConfig) -> list[torch.Tensor]:
@@ -246,8 +313,9 @@ def summary(result: HarvestResult) -> str:
     m = result.manifest
     al = m["alignment"]
     na, nb = median_norms(m) if m["shards"] else (float("nan"), float("nan"))
+    who = "" if result.world_size == 1 else f"rank {result.rank} of {result.world_size}: "
     lines = [
-        f"{result.pairs:,} aligned pairs in {len(m['shards'])} shards at {result.path} "
+        f"{who}{result.pairs:,} aligned pairs in {len(m['shards'])} shards at {result.path} "
         f"({bytes_per_pair(m):,.0f} bytes/pair, {m['dtype']})",
         f"this run: {result.new_pairs:,} pairs in {result.seconds:,.1f} s after loading "
         f"({result.pairs_per_second:,.0f} pairs/s)",
@@ -258,4 +326,13 @@ def summary(result: HarvestResult) -> str:
     ]
     if m["progress"].get("exhausted"):
         lines.append("the text sources ran out before max_pairs")
+    if result.world_size > 1:
+        store = read_manifest(result.path)
+        done = store["ranks"]["complete"]
+        waiting = sorted(set(range(result.world_size)) - set(done))
+        lines.append(
+            f"the store holds {store['stats']['count']:,} pairs; ranks complete: "
+            f"{len(done)} of {result.world_size}"
+            + (f" (still to finish: {', '.join(map(str, waiting))})" if waiting else "")
+        )
     return "\n".join(lines)

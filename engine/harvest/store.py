@@ -5,6 +5,15 @@ A store is a directory::
     manifest.json                  models, data config, shards, progress, statistics
     shards/shard-000000.safetensors
 
+A harvest split across N processes (ranks) writes one manifest per rank instead of
+`manifest.json`, and prefixes its files with the rank, so no two ranks write the same file::
+
+    ranks/manifest-000-of-002.json     rank 0's manifest (the same format)
+    shards/rank-000-shard-000000.safetensors
+    documents/rank-000-part-000000.jsonl
+
+Readers (`read_manifest`, `ActivationStore`) merge the rank manifests into one view.
+
 A harvest reads a deterministic stream of *windows* (a stretch of one document that both
 models read) and numbers them. Each shard holds whole windows:
 
@@ -34,6 +43,7 @@ import json
 import logging
 import math
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -55,6 +65,8 @@ log = logging.getLogger(__name__)
 FORMAT = "modeldiff-activations"
 VERSION = 1
 MANIFEST = "manifest.json"
+RANKS = "ranks"
+_RANK_MANIFEST = re.compile(r"manifest-(\d+)-of-(\d+)\.json")
 ACTIVATION_KEYS = ("a", "b")
 
 
@@ -149,24 +161,41 @@ class StoreWriter:
         dtype: str = "bfloat16",
         shard_pairs: int = 16_384,
         fresh: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.path = Path(path)
         self.dtype_name, self.dtype = dtype, store_dtype(dtype)
         if shard_pairs <= 0:
             raise StoreError(f"shard_pairs must be positive, got {shard_pairs}")
+        check_rank(rank, world_size)
         self.shard_pairs = shard_pairs
+        self.rank, self.world_size = rank, world_size
+        self.manifest_file = self.path / manifest_name(rank, world_size)
+        self.prefix = "" if world_size == 1 else f"rank-{rank:03d}-"
         self.pending = _Pending()
-        existing = self.path / MANIFEST
-        if existing.is_file() and not fresh:
-            self.manifest = read_manifest(self.path)
+        if fresh:
+            _clear(self.path, rank, world_size)
+        else:
+            _check_layout(self.path, world_size)
+        if self.manifest_file.is_file():
+            self.manifest = _load_manifest(self.manifest_file, self.path)
             _check_compatible(self.manifest, header, dtype, self.path)
             self.bad_shards = self._drop_bad_shards()
         else:
-            if existing.is_file():
-                _clear(self.path)
             self.manifest = _new_manifest(header, dtype)
+            if world_size > 1:
+                self.manifest["rank"] = {"rank": rank, "world_size": world_size}
             self.bad_shards = []
             self._write_manifest()
+        if not fresh:  # (a fresh start races with the other ranks clearing their files)
+            self._check_other_ranks(header, dtype)
+
+    def _check_other_ranks(self, header: dict[str, Any], dtype: str) -> None:
+        """Fail now, not when the store is read, if another rank harvested something else."""
+        for (_, world), file in _rank_files(self.path):
+            if file != self.manifest_file and world == self.world_size:
+                _check_compatible(_load_manifest(file, self.path), header, dtype, self.path)
 
     # progress ---------------------------------------------------------------------------
 
@@ -212,6 +241,15 @@ class StoreWriter:
     def skip(self, window: WindowRecord, counts: dict[str, Any] | None = None) -> None:
         """Record a window that yields no pairs (duplicate, nothing aligned)."""
         self._consume(window, counts)
+
+    def pass_over(self, index: int) -> None:
+        """Record that window `index` belongs to another rank (no pairs, no counts here).
+
+        Marking it keeps this rank's progress one interval, a prefix of the stream, instead
+        of one interval per document it harvested.
+        """
+        if not self.is_done(index):
+            self.pending.consumed = add_interval(self.pending.consumed, index, index + 1)
 
     def _consume(self, window: WindowRecord, counts: dict[str, Any] | None) -> None:
         """Mark a window consumed; its counters (numbers or {reason: n} dicts) are committed
@@ -268,7 +306,7 @@ class StoreWriter:
             "sources": json.dumps([w.source for w in pend.windows]),
         }
         data = save_bytes(tensors, metadata=metadata)
-        name = f"shards/shard-{number:06d}.safetensors"
+        name = f"shards/{self.prefix}shard-{number:06d}.safetensors"
         atomic_write_bytes(self.path / name, data)
         record = {
             "file": name,
@@ -285,7 +323,7 @@ class StoreWriter:
     def _write_document_log(self, documents: list[dict[str, Any]]) -> None:
         """Per-document records (tokens, pairs, drops by reason) as one JSONL part file."""
         logs = self.manifest.setdefault("document_logs", [])
-        name = f"documents/part-{len(logs):06d}.jsonl"
+        name = f"documents/{self.prefix}part-{len(logs):06d}.jsonl"
         text = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in documents)
         atomic_write_text(self.path / name, text)
         logs.append(name)
@@ -313,7 +351,7 @@ class StoreWriter:
 
     def _write_manifest(self) -> None:
         self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=1))
+        atomic_write_text(self.manifest_file, json.dumps(self.manifest, indent=1))
 
 
 def _new_manifest(header: dict[str, Any], dtype: str) -> dict[str, Any]:
@@ -347,12 +385,76 @@ def _check_compatible(manifest: dict, header: dict, dtype: str, path: Path) -> N
             )
 
 
-def _clear(path: Path) -> None:
-    """Remove a store's manifest, shards and document logs (for a fresh start)."""
-    (path / MANIFEST).unlink(missing_ok=True)
+def manifest_name(rank: int = 0, world_size: int = 1) -> str:
+    """The manifest of one rank of a harvest, relative to the store (one process: the store's)."""
+    return MANIFEST if world_size == 1 else f"{RANKS}/manifest-{rank:03d}-of-{world_size:03d}.json"
+
+
+def check_rank(rank: int, world_size: int) -> None:
+    """Refuse a rank outside 0..world_size-1."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise StoreError(
+            f"rank {rank} of world size {world_size} is impossible; give a world size of at "
+            "least 1 and a rank from 0 to world size - 1"
+        )
+
+
+def _rank_files(path: Path) -> list[tuple[tuple[int, int], Path]]:
+    """((rank, world size), file) of every rank manifest in a store, by rank."""
+    found = []
+    for file in (path / RANKS).glob("manifest-*-of-*.json"):
+        match = _RANK_MANIFEST.fullmatch(file.name)
+        if match:
+            found.append(((int(match[1]), int(match[2])), file))
+    return sorted(found)
+
+
+def _check_layout(path: Path, world_size: int) -> None:
+    """Refuse to continue a store harvested by a different number of processes."""
+    worlds = {w for (_, w), _ in _rank_files(path)}
+    single = (path / MANIFEST).is_file()
+    if world_size == 1 and worlds:
+        raise StoreError(
+            f"the store at {path} was harvested by {max(worlds)} processes; continue it with "
+            f"--world-size {max(worlds)} (one process per rank), or pass --fresh to start over"
+        )
+    if world_size > 1 and single:
+        raise StoreError(
+            f"the store at {path} was harvested by one process; continue it without --rank/"
+            "--world-size, or pass --fresh to start over"
+        )
+    if world_size > 1 and worlds - {world_size}:
+        raise StoreError(
+            f"the store at {path} was harvested with --world-size "
+            f"{', '.join(map(str, sorted(worlds)))}; continue it with that world size, or "
+            "pass --fresh to start over"
+        )
+
+
+def _clear(path: Path, rank: int = 0, world_size: int = 1) -> None:
+    """Remove what a fresh harvest by this rank replaces: its manifest, shards and document
+    logs; rank 0 also removes what no rank of this world size owns."""
+    (path / manifest_name(rank, world_size)).unlink(missing_ok=True)
+    if rank == 0:
+        # Leftovers of a harvest with another number of processes.
+        (path / MANIFEST).unlink(missing_ok=True)
+        for (_, world), file in _rank_files(path):
+            if world != world_size:
+                file.unlink()
     for sub in ("shards", "documents"):
         for file in (path / sub).glob("*"):
-            file.unlink()
+            if _cleared_by(file.name, rank, world_size):
+                file.unlink()
+
+
+def _cleared_by(name: str, rank: int, world_size: int) -> bool:
+    """Whether a fresh harvest by `rank` removes this shard or document-log file."""
+    if world_size == 1:
+        return True
+    match = re.match(r"\.?rank-(\d+)-", name)
+    owner = None if match is None else int(match[1])
+    # Rank 0 also removes the files no rank of this world size will replace.
+    return owner == rank or (rank == 0 and (owner is None or owner >= world_size))
 
 
 def _shard_tensors(
@@ -447,21 +549,117 @@ def _recompute_stats(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a store, with clear errors for a missing or foreign directory."""
-    file = Path(path) / MANIFEST
-    if not file.is_file():
+    """The manifest of a store (the merged rank manifests of a split harvest), with clear
+    errors for a missing, foreign or damaged one."""
+    path = Path(path)
+    ranks = _rank_files(path)
+    if (path / MANIFEST).is_file():
+        if ranks:
+            raise StoreError(
+                f"{path} holds both a one-process harvest ({MANIFEST}) and rank manifests "
+                f"({RANKS}/); harvest it again with --fresh"
+            )
+        return _load_manifest(path / MANIFEST, path)
+    if ranks:
+        return merge_rank_manifests(path, ranks)
+    raise StoreError(
+        f"{path} is not an activation store (no {MANIFEST}); create one with modeldiff harvest"
+    )
+
+
+def _load_manifest(file: Path, store: Path) -> dict[str, Any]:
+    """One manifest file, format- and version-checked."""
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise StoreError(
-            f"{path} is not an activation store (no {MANIFEST}); create one with modeldiff harvest"
-        )
-    manifest = json.loads(file.read_text())
-    if manifest.get("format") != FORMAT:
+            f"{file} is damaged ({err}); the store's record of its shards is lost: harvest it "
+            f"again with `modeldiff harvest --out {store} --fresh`"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StoreError(f"{file} is not a modeldiff activation-store manifest")
     if manifest.get("version", 0) > VERSION:
         raise StoreError(
-            f"{path} was written by a newer modeldiff (store version {manifest['version']}, "
+            f"{store} was written by a newer modeldiff (store version {manifest['version']}, "
             f"this one reads {VERSION}); upgrade modeldiff"
         )
     return manifest
+
+
+def merge_rank_manifests(
+    path: Path, ranks: list[tuple[tuple[int, int], Path]] | None = None
+) -> dict[str, Any]:
+    """One manifest for a store harvested by several ranks: their shards, logs, counts and
+    statistics together; complete once every rank is."""
+    ranks = _rank_files(path) if ranks is None else ranks
+    worlds = sorted({w for (_, w), _ in ranks})
+    if len(worlds) > 1:
+        raise StoreError(
+            f"{path} holds rank manifests of harvests with world sizes "
+            f"{', '.join(map(str, worlds))}; harvest it again with --fresh"
+        )
+    world = worlds[0]
+    parts = {r: _load_manifest(file, path) for (r, _), file in ranks}
+    first = next(iter(parts.values()))
+    for r, m in parts.items():
+        for key in ("models", "data", "dtype"):
+            if m.get(key) != first.get(key):
+                raise StoreError(
+                    f"rank {r} of the store at {path} was harvested with a different {key!r} "
+                    f"than rank {min(parts)}; harvest that rank again with --fresh"
+                )
+    skip = ("rank", "shards", "document_logs", "progress", "alignment", "stats", "next_shard")
+    merged = {k: v for k, v in first.items() if k not in skip}
+    merged["created"] = min(m["created"] for m in parts.values())
+    merged["updated"] = max(m["updated"] for m in parts.values())
+    merged["shards"] = [s for m in parts.values() for s in m["shards"]]
+    merged["document_logs"] = [d for m in parts.values() for d in m.get("document_logs", [])]
+    merged["alignment"] = {}
+    for m in parts.values():
+        _merge_counts(merged["alignment"], m["alignment"])
+    merged["stats"] = _merge_stats([m["stats"] for m in parts.values()])
+    done = None
+    for m in parts.values():
+        windows = m["progress"]["done_windows"]
+        done = windows if done is None else _intersect(done, windows)
+    complete = len(parts) == world and all(m["progress"]["complete"] for m in parts.values())
+    merged["progress"] = {
+        # Each rank's record covers the windows it passed, its own and others': every
+        # window all ranks passed is stored (or was skipped) by its owner.
+        "done_windows": done if len(parts) == world else [],
+        "complete": complete,
+        "exhausted": all(m["progress"].get("exhausted", False) for m in parts.values()),
+    }
+    merged["ranks"] = {
+        "world_size": world,
+        "found": sorted(parts),
+        "complete": sorted(r for r, m in parts.items() if m["progress"]["complete"]),
+    }
+    return merged
+
+
+def _merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pair count and mean vectors of several stores' statistics together."""
+    count = sum(p["count"] for p in parts)
+    stats: dict[str, Any] = {"count": count}
+    for side in ("a", "b"):
+        weighted = [
+            torch.tensor(p[f"mean_{side}"]).double() * p["count"] for p in parts if p["count"]
+        ]
+        if weighted:
+            stats[f"mean_{side}"] = (sum(weighted) / count).tolist()
+    return stats
+
+
+def _intersect(a: list[list[int]], b: list[list[int]]) -> list[list[int]]:
+    """Intersection of two lists of sorted disjoint [start, end) intervals."""
+    out = []
+    for s1, e1 in a:
+        for s2, e2 in b:
+            lo, hi = max(s1, s2), min(e1, e2)
+            if lo < hi:
+                out.append([lo, hi])
+    return out
 
 
 def shard_problem(path: Path, record: dict[str, Any], data: bytes | None = None) -> str | None:
@@ -537,12 +735,15 @@ class ActivationStore:
         """The bytes of shard `i`, verified against its SHA256."""
         record = self.shards[i]
         file = self.path / record["file"]
-        if not file.is_file():
-            raise StoreError(f"shard {record['file']} is missing")
-        data = file.read_bytes()
-        problem = shard_problem(self.path, record, data)
+        data = file.read_bytes() if file.is_file() else b""
+        problem = shard_problem(self.path, record, data) if file.is_file() else "missing"
         if problem:
-            raise StoreError(f"shard {record['file']} is {problem}")
+            rank = re.match(r"shards/rank-(\d+)-", record["file"])
+            who = f" as rank {int(rank[1])}" if rank else ""
+            raise StoreError(
+                f"shard {file} is {problem}; run the `modeldiff harvest --out {self.path}` "
+                f"command that made the store again{who}: it harvests those windows again"
+            )
         return data
 
     def windows(self, i: int) -> list[dict[str, Any]]:

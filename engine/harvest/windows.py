@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -152,6 +152,15 @@ def window_key(window: WindowRecord) -> bytes:
     return hashlib.blake2b(window.text.encode(), digest_size=16).digest()
 
 
+class StreamWindow(NamedTuple):
+    """One window of the stream, with what the harvest records about it."""
+
+    window: WindowRecord  # with its stream index
+    counts: dict[str, Any]  # counters to record with it
+    duplicate: bool  # its text was already seen (dedupe)
+    document: int  # number of its document in the stream (which rank harvests it)
+
+
 def numbered_windows(
     documents: Iterator[Document],
     a: Side,
@@ -159,15 +168,15 @@ def numbered_windows(
     context_length: int,
     method: str = "offsets",
     dedupe: bool = True,
-) -> Iterator[tuple[WindowRecord, dict[str, Any], bool]]:
-    """The window stream: (window with its stream index, counts to record, is_duplicate).
+) -> Iterator[StreamWindow]:
+    """The window stream, numbered from 0 in document order.
 
     Counts of a document ride on its first window; a document with no window yields a
     placeholder window with no pairs so that its counts are still recorded.
     """
     seen: set[bytes] = set()
     index = 0
-    for doc in documents:
+    for number, doc in enumerate(documents):
         windows, counts = document_windows(doc, a, b, context_length, method)
         if not windows:
             windows = [_empty(doc)]
@@ -185,7 +194,7 @@ def numbered_windows(
             record = dict(counts) if w == 0 else {}
             record["windows"] = 1
             record["duplicate_windows"] = int(duplicate)
-            yield window, record, duplicate
+            yield StreamWindow(window, record, duplicate, number)
 
 
 def _empty(doc: Document) -> WindowRecord:

@@ -266,7 +266,14 @@ def _distinct(ranked: list[str], k: int) -> list[str]:
 
 def _quote(terms: Iterable[str]) -> str:
     """Terms as a comma-separated list of double-quoted strings."""
-    return ", ".join(f'"{t.replace(chr(34), chr(39))}"' for t in terms)
+    return ", ".join(f'"{_visible(t).replace(chr(34), chr(39))}"' for t in terms)
+
+
+def _visible(term: str) -> str:
+    """The term, with invisible characters (zero-width spaces, controls) escaped."""
+    if term.strip() and term.isprintable():
+        return term
+    return term.encode("unicode_escape").decode("ascii").replace(" ", "␣")
 
 
 def _subject(terms: list[str]) -> str:

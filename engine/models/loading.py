@@ -100,7 +100,11 @@ def resolve_device(device: str = "auto") -> torch.device:
     except (RuntimeError, ValueError):
         raise ConfigError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} was asked for but CUDA is not available")
+        why = "a CPU-only build" if torch.version.cuda is None else "no GPU visible"
+        raise ConfigError(
+            f"device {device!r} was asked for but CUDA is not available (no CUDA device: "
+            f"torch {torch.__version__}, {why}); use --device cpu (or auto)"
+        )
     return dev
 
 

@@ -336,6 +336,11 @@ class Database:
         cur = self._conn.cursor()
         try:
             yield cur
+        except duckdb.Error as err:
+            # Damage in a block only shows when a query reads it.
+            if _is_damage(err):
+                raise StoreDBError(_damaged(self.path, err)) from None
+            raise
         finally:
             cur.close()
 
@@ -1121,8 +1126,10 @@ def _connect(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
     if not read_only:
         file.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return duckdb.connect(path, read_only=read_only)
+        conn = duckdb.connect(path, read_only=read_only)
     except duckdb.IOException as err:
+        if _is_damage(err):
+            raise StoreDBError(_damaged(file, err)) from None
         raise StoreDBError(
             f"cannot open {file}: {_first_line(err)}. DuckDB lets one process write a file, or "
             "several only read it: stop the other process (an analysis or the dashboard) or open "
@@ -1133,6 +1140,38 @@ def _connect(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
             f"cannot open {file}: {_first_line(err)}. This process already has it open with "
             "read_only set differently; share one Database per file"
         ) from None
+    except duckdb.Error as err:
+        raise StoreDBError(_unreadable(file, err)) from None
+    try:
+        # Reading the catalog reads its blocks: a damaged file fails here, not half-way
+        # through a command.
+        conn.execute("SELECT count(*) FROM duckdb_columns()").fetchall()
+    except duckdb.Error as err:
+        conn.close()
+        raise StoreDBError(_unreadable(file, err)) from None
+    return conn
+
+
+# How DuckDB reports a damaged file (a truncated one, a block failing its checksum).
+_DAMAGE = ("Could not read enough bytes", "Corrupt database file", "not a valid DuckDB database")
+
+
+def _is_damage(err: BaseException) -> bool:
+    return any(sign in str(err) for sign in _DAMAGE)
+
+
+def _unreadable(file: Path, err: BaseException) -> str:
+    """The message for a file DuckDB opened but could not read."""
+    return _damaged(file, err) if _is_damage(err) else f"cannot open {file}: {_first_line(err)}"
+
+
+def _damaged(file: Path, err: BaseException) -> str:
+    """The message for a results file DuckDB cannot read."""
+    return (
+        f"cannot open {file}: {_first_line(err)}. The file is damaged or not a DuckDB "
+        "database: restore it from a backup, or move it aside and run `modeldiff analyze` "
+        "again to rebuild the results (explanations, scores and triage saved in it are lost)"
+    )
 
 
 def _file_version(cur: Cursor, path: Path) -> int:
