@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 from itertools import islice
 
 import pytest
@@ -97,7 +98,10 @@ def assert_same_training(single, tmp, name: str) -> list[list[int]]:
     return [json.loads((tmp / f"{name}-rank{r}.json").read_text())["rows"] for r in range(WORLD)]
 
 
-def test_two_processes_train_what_one_process_trains_and_resume(tmp_path):
+def test_two_processes_train_what_one_process_trains_and_resume(tmp_path, monkeypatch):
+    # Spawned children re-run the parent's __main__ script; after the dashboard's AppTest
+    # tests that can be dashboard/app.py. A bare __main__ makes them import only _worker.
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
     mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD)
 
     single_dfc = train(*dfc_run(12), dirty_data(), progress=False)
