@@ -60,7 +60,9 @@ def cmd_harvest(args: argparse.Namespace) -> None:
             setattr(cfg, name, value)
     cfg.__post_init__()  # re-validate overrides
     rank, world_size = _harvest_rank(args)
-    _quiet_transformers()  # harvest prints one line per loaded model instead
+    from engine.models.loading import quiet_transformers
+
+    quiet_transformers()  # harvest prints one line per loaded model instead
     result = harvest(
         cfg,
         args.out,
@@ -89,16 +91,6 @@ def _harvest_rank(args: argparse.Namespace) -> tuple[int, int]:
             "and --rank from 0 to N-1"
         )
     return rank, world
-
-
-def _quiet_transformers() -> None:
-    """No per-tensor weight-loading progress bars from transformers (hub downloads keep
-    theirs)."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
-    hf_logging.disable_progress_bar()
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -331,16 +323,11 @@ def dashboard_command(db: Path, host: str = "127.0.0.1", port: int = 8501) -> li
 
 def cmd_steer(args: argparse.Namespace) -> None:
     """Generate with a feature added to a model: the baseline and each steering strength."""
+    from engine.cli_verify import generation_settings
     from engine.steering.run import steer_feature
-    from engine.steering.steer import GenerationConfig
     from engine.store import Database
 
-    cfg = GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        greedy=args.temperature == 0,
-        temperature=args.temperature or 0.7,
-        seed=args.seed,
-    )
+    cfg = generation_settings(args, greedy_default=True)
     with Database(args.db) as db:
         result = steer_feature(
             db, args.run_id, args.feature, args.prompt, model=args.model, alphas=args.alphas,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DEFAULT_CLAUDE = "claude-opus-4-1-20250805"
+from engine.interp.anthropic import DEFAULT_MODEL as DEFAULT_CLAUDE
 
 
 def cmd_stitch(args: argparse.Namespace) -> None:
@@ -32,18 +32,7 @@ def cmd_stitch(args: argparse.Namespace) -> None:
     print(f"held-out fraction of variance explained: {fve}\nsaved {path}")
 
 
-def make_judge(kind: str, model: str = DEFAULT_CLAUDE):
-    """The steering judge a command asked for."""
-    if kind == "anthropic":
-        from engine.steering.judges import AnthropicSteeringJudge
-
-        return AnthropicSteeringJudge(model=model)
-    from engine.steering.judges import OfflineSteeringJudge
-
-    return OfflineSteeringJudge()
-
-
-def _generation(args: argparse.Namespace, greedy_default: bool):
+def generation_settings(args: argparse.Namespace, greedy_default: bool):
     """Decoding settings from --max-new-tokens / --temperature / --seed."""
     from engine.steering.steer import GenerationConfig
 
@@ -62,13 +51,14 @@ def cmd_exclusivity(args: argparse.Namespace) -> None:
     """Score exclusive features by whether their steering transfers through a stitch."""
     from engine.progress import ProgressBar
     from engine.steering.exclusivity import ExclusivityConfig, exclusivity_run, pick_features
+    from engine.steering.judges import steering_judge
     from engine.steering.pair import SteeringPair
     from engine.store import Database
 
-    judge = make_judge(args.judge, args.model)
+    judge = steering_judge(args.judge, args.model)
     cfg = ExclusivityConfig(
         alphas=tuple(args.alphas),
-        generation=_generation(args, greedy_default=False),
+        generation=generation_settings(args, greedy_default=False),
         source=args.source,
     )
     with Database(args.db) as db:
@@ -113,18 +103,19 @@ def cmd_steer_eval(args: argparse.Namespace) -> None:
     """Rate a feature's steered answers on a behaviour rubric per strength (paper B.5.2-6)."""
     from engine.progress import ProgressBar
     from engine.steering.evaluate import EvalConfig, evaluation_figure, steer_eval
+    from engine.steering.judges import steering_judge
     from engine.steering.pair import SteeringPair
     from engine.steering.rubrics import load_prompts, rubric
     from engine.store import Database
 
     rub = rubric(args.rubric)
-    judge = make_judge(args.judge, args.model)
+    judge = steering_judge(args.judge, args.model)
     cfg = EvalConfig(
         rubric=rub.name,
         alphas=tuple(args.alphas) if args.alphas else None,
         prompts=args.prompts,
         limit=args.limit,
-        generation=_generation(args, greedy_default=True),
+        generation=generation_settings(args, greedy_default=True),
         source=args.source,
         models=tuple(args.models),
     )

@@ -114,7 +114,9 @@ def stage_harvest(demo: Demo) -> str:
         have = 0
     if have >= cfg.max_pairs:
         return f"cached: {have:,} pairs in {demo.store}"
-    _quiet_transformers()
+    from engine.models.loading import quiet_transformers
+
+    quiet_transformers()
     return summary(harvest(cfg, demo.store, progress=demo.settings.progress))
 
 
@@ -312,22 +314,9 @@ def _detection_judge():
 
 def _steering_judge():
     """Anthropic steering judge with a key, else the offline MiniLM judge."""
-    if _use_anthropic():
-        from engine.steering.judges import AnthropicSteeringJudge
+    from engine.steering.judges import steering_judge
 
-        return AnthropicSteeringJudge()
-    from engine.steering.judges import OfflineSteeringJudge
-
-    return OfflineSteeringJudge()
-
-
-def _quiet_transformers() -> None:
-    """No per-tensor weight-loading bars from transformers."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
-    hf_logging.disable_progress_bar()
+    return steering_judge("anthropic" if _use_anthropic() else "offline")
 
 
 def _fve(fve: dict[str, float]) -> str:

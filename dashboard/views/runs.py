@@ -60,40 +60,44 @@ dead = metrics.get("dead_frac")
 m[2].metric("dead (training)", "–" if dead is None else f"{float(dead):.1%}")
 m[3].metric("L0", fmt(metrics.get("l0"), ".1f"))
 
-features = data.features(path, run_id)
+# The feature table already holds partition, relative norm and density: one read serves
+# the histograms and the per-partition counts.
 table = data.feature_table(path, run_id)
-features = features.assign(partition_label=features["partition"].map(data.label))
 colours = {data.label(k): v for k, v in PARTITION_COLOURS.items()}
+
+
+def partition_histogram(frame: pd.DataFrame, x: str, axis: str, title: str) -> None:
+    """An overlaid histogram of `x`, one colour per partition."""
+    fig = px.histogram(
+        frame.assign(partition_label=frame["partition"].map(data.label)),
+        x=x,
+        color="partition_label",
+        nbins=50,
+        barmode="overlay",
+        color_discrete_map=colours,
+        labels={x: axis},
+        title=title,
+    )
+    fig.update_layout(legend_title_text="partition", height=340)
+    st.plotly_chart(fig, width="stretch")
+
 
 left, right = st.columns(2)
 with left:
-    fig = px.histogram(
-        features,
-        x="rel_norm",
-        color="partition_label",
-        nbins=50,
-        barmode="overlay",
-        color_discrete_map=colours,
-        labels={"rel_norm": "relative decoder norm ‖d_A‖ / (‖d_A‖ + ‖d_B‖)"},
-        title="Relative decoder norm (1 = only in A, 0 = only in B)",
+    partition_histogram(
+        table,
+        "rel_norm",
+        "relative decoder norm ‖d_A‖ / (‖d_A‖ + ‖d_B‖)",
+        "Relative decoder norm (1 = only in A, 0 = only in B)",
     )
-    fig.update_layout(legend_title_text="partition", height=340)
-    st.plotly_chart(fig, width="stretch")
 with right:
-    live = features[features["density"].fillna(0) > 0]
-    live = live.assign(log_density=np.log10(live["density"]))
-    fig = px.histogram(
-        live,
-        x="log_density",
-        color="partition_label",
-        nbins=50,
-        barmode="overlay",
-        color_discrete_map=colours,
-        labels={"log_density": "log10 density"},
-        title=f"Feature density ({len(features) - len(live):,} features never fire)",
+    live = table[table["density"].fillna(0) > 0]
+    partition_histogram(
+        live.assign(log_density=np.log10(live["density"])),
+        "log_density",
+        "log10 density",
+        f"Feature density ({len(table) - len(live):,} features never fire)",
     )
-    fig.update_layout(legend_title_text="partition", height=340)
-    st.plotly_chart(fig, width="stretch")
 
 st.subheader("By partition")
 partitions = table["partition"].map(data.label)

@@ -213,6 +213,10 @@ class Crosscoder(nn.Module):
 
     # -- helpers ----------------------------------------------------------------------
 
+    def decodes(self, feature: int, model: str) -> bool:
+        """Whether `feature` has a decoder vector in `model` (exclusive features lack one)."""
+        return int(self._rows(model)[feature]) >= 0
+
     def _rows(self, model: str) -> torch.Tensor:
         """Decoder-table row of every global feature in `model` (-1 where absent)."""
         if model == "a":

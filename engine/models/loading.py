@@ -53,6 +53,16 @@ class LoadedModel:
         return hidden_size(self.model)
 
 
+def quiet_transformers() -> None:
+    """No per-tensor weight-loading progress bars from transformers (hub downloads keep
+    theirs); callers print one line per loaded model instead."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+
+
 def load_model(
     spec: str,
     *,

@@ -231,6 +231,13 @@ class AnthropicSteeringJudge:
         return Verdict(None, f"unparsed: {raw[:500]}")
 
 
+def steering_judge(kind: str, model: str = DEFAULT_MODEL) -> SteeringJudge:
+    """The judge named by `kind`: "anthropic" (needs ANTHROPIC_API_KEY) or "offline"."""
+    if kind == "anthropic":
+        return AnthropicSteeringJudge(model=model)
+    return OfflineSteeringJudge()
+
+
 # --- offline -----------------------------------------------------------------------------
 
 MOVED = 0.05  # 1 - cosine to the baseline below which a steered answer "did not move"

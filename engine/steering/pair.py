@@ -91,7 +91,7 @@ class SteeringPair:
     def vectors(self, feature_id: int, s_max: float, source: str = "a") -> FeatureVectors:
         """The feature's own vector and its stitched copy; the source is the model it
         decodes into (`source` is used for features both models decode)."""
-        has = {m: int(self.crosscoder._rows(m)[feature_id]) >= 0 for m in ("a", "b")}
+        has = {m: self.crosscoder.decodes(feature_id, m) for m in ("a", "b")}
         if not (has["a"] and has["b"]):
             source = "a" if has["a"] else "b"
         own = feature_vector(self.crosscoder, self.normalizer, feature_id, source)

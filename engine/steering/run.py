@@ -88,7 +88,7 @@ def steer_feature(
 
 def _vector(cc, normalizer, feature_id: int, model: str):
     """The feature's vector in `model`'s raw units, translated if it has no decoder there."""
-    if int(cc._rows(model)[feature_id]) >= 0:
+    if cc.decodes(feature_id, model):
         return feature_vector(cc, normalizer, feature_id, model), None
     source = "b" if model == "a" else "a"
     own = feature_vector(cc, normalizer, feature_id, source)

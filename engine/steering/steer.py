@@ -46,7 +46,7 @@ def feature_vector(
             f"feature {feature} does not exist; this crosscoder has "
             f"{crosscoder.partition.n_features} features"
         )
-    if int(crosscoder._rows(model)[feature]) < 0:
+    if not crosscoder.decodes(feature, model):
         other = "b" if model == "a" else "a"
         raise ConfigError(
             f"feature {feature} has no decoder in model {model.upper()} (it is exclusive to "
