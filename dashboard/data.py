@@ -18,24 +18,24 @@ from urllib.parse import urlencode
 import pandas as pd
 import streamlit as st
 
+from engine.analysis import categories
 from engine.analysis.context import Context
 from engine.store import Database, StoreDBError
-from engine.store.schema import PARTITIONS, TRIAGE_STATUSES
+from engine.store.schema import TRIAGE_STATUSES
 
 ENV_DB = "MODELDIFF_DB"
-PARTITION_LABELS = {
-    "a_exclusive": "A-exclusive",
-    "b_exclusive": "B-exclusive",
-    "shared": "shared",
-    "designated_shared": "designated shared",
-}
-LABEL_PARTITIONS = {label: key for key, label in PARTITION_LABELS.items()}
-EXCLUSIVE = ("a_exclusive", "b_exclusive")
+# Partitions and categories (a partition, or a shared feature leaning to one model) share
+# one set of labels: the dashboard shows a feature's category as its "partition".
+CATEGORY_LABELS = categories.LABELS
+LABEL_CATEGORIES = {label: key for key, label in CATEGORY_LABELS.items()}
+CATEGORY_ORDER = categories.CATEGORIES
+CATEGORY_HELP = categories.DESCRIPTION
+EXCLUSIVE = categories.EXCLUSIVE
+CANDIDATES = categories.CANDIDATES  # exclusive partitions and leaning shared features
 INTERPRETABLE = 0.8  # detection score at which a feature counts as interpretable
 PAGE_SIZE = 50  # rows per page of the features browser
 RECUR = 0.7  # decoder cosine at which a feature recurs in another run
 STATUSES = TRIAGE_STATUSES
-PARTITION_ORDER = PARTITIONS
 _WRITE_LOCK = threading.Lock()  # one triage write at a time across sessions
 _OPENED: list[Database] = []  # every connection the resource cache opened (see close_all)
 
@@ -48,9 +48,9 @@ modeldiff score   --db results.duckdb --run-id demo
 modeldiff dashboard --db results.duckdb"""
 
 
-def label(partition: Any) -> str:
-    """The partition's display label ("A-exclusive", ...)."""
-    return PARTITION_LABELS.get(str(partition), str(partition))
+def label(category: Any) -> str:
+    """The display label of a partition or category ("A-exclusive", "A-leaning shared")."""
+    return CATEGORY_LABELS.get(str(category), str(category))
 
 
 # -- the database ------------------------------------------------------------------------
@@ -159,6 +159,12 @@ def feature_count(path: str, run_id: str, **filters: Any) -> int:
 
 
 @st.cache_data(show_spinner=False)
+def run_history(path: str, run_id: str) -> pd.DataFrame:
+    """The run's training metrics per logged step (empty when none was recorded)."""
+    return database(path).run_history(run_id)
+
+
+@st.cache_data(show_spinner=False)
 def feature(path: str, run_id: str, feature_id: int) -> dict[str, Any]:
     """One feature's statistics."""
     return database(path).feature(run_id, feature_id)
@@ -172,11 +178,13 @@ def feature_row(path: str, run_id: str, feature_id: int) -> dict[str, Any] | Non
 
 @st.cache_data(show_spinner=False)
 def default_feature(path: str, run_id: str) -> int | None:
-    """The strongest live exclusive feature, else the strongest live one, else any one."""
+    """The strongest live exclusive feature, else the strongest live leaning shared one,
+    else the strongest live one, else any one."""
     db = database(path)
     strongest = {"order_by": "max_act", "descending": True, "limit": 1}
     for pick in (
-        lambda: db.features(run_id, partition=list(EXCLUSIVE), dead=False, **strongest),
+        lambda: db.features(run_id, category=list(EXCLUSIVE), dead=False, **strongest),
+        lambda: db.features(run_id, category=list(categories.LEANING), dead=False, **strongest),
         lambda: db.features(run_id, dead=False, **strongest),
         lambda: db.features(run_id, limit=1),
     ):

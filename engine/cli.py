@@ -522,6 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_verify_parsers(sub)
 
+    from engine.planted.cli import add_parser as add_planted_parser
+
+    add_planted_parser(sub)
+
     # Its options belong to the sweep's own parser (see `modeldiff toy --help`).
     p = sub.add_parser("toy", help=cmd_toy.__doc__, add_help=False)
     p.set_defaults(func=cmd_toy)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from engine.analysis.categories import CANDIDATES
 from engine.interp.anthropic import DEFAULT_MODEL as DEFAULT_CLAUDE
 
 
@@ -48,7 +49,8 @@ def generation_settings(args: argparse.Namespace, greedy_default: bool):
 
 
 def cmd_exclusivity(args: argparse.Namespace) -> None:
-    """Score exclusive features by whether their steering transfers through a stitch."""
+    """Score exclusive (and leaning shared) features by whether their steering transfers
+    through a stitch."""
     from engine.progress import ProgressBar
     from engine.steering.exclusivity import ExclusivityConfig, exclusivity_run, pick_features
     from engine.steering.judges import steering_judge
@@ -63,9 +65,9 @@ def cmd_exclusivity(args: argparse.Namespace) -> None:
     )
     with Database(args.db) as db:
         db.run(args.run_id)
-        features = args.features or pick_features(db, args.run_id, args.top)
+        features = args.features or pick_features(db, args.run_id, args.top, args.categories)
         if not features:
-            print("no live exclusive features to score")
+            print("no live exclusive or leaning shared features to score")
             return
         pair = SteeringPair.open(db, args.run_id, args.stitch, device=args.device)
         with ProgressBar("exclusivity", len(features), enabled=not args.quiet) as bar:
@@ -166,7 +168,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         )
         p.add_argument("--model", default=DEFAULT_CLAUDE, help="Claude model for the judge")
         p.add_argument(
-            "--source", choices=("a", "b"), default="a", help="source model of shared features"
+            "--source",
+            choices=("a", "b"),
+            default=None if name == "exclusivity" else "a",
+            help="the model to steer shared features from"
+            + (" (default: the model a feature leans to, else a)" if name == "exclusivity" else ""),
         )
         p.add_argument("--max-new-tokens", type=int, default=200)
         p.add_argument(
@@ -185,7 +191,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                 "--top",
                 type=int,
                 default=5,
-                help="without --features: this many per exclusive partition (flagged first)",
+                help="without --features: this many per category (flagged first)",
+            )
+            p.add_argument(
+                "--categories",
+                nargs="+",
+                choices=CANDIDATES,
+                metavar="CATEGORY",
+                help=f"without --features: pick from these ({', '.join(CANDIDATES)}; default: "
+                "the exclusive partitions, all four when the run has none)",
             )
             p.add_argument("--alphas", nargs="+", type=float, default=[float(a) for a in range(11)])
             p.add_argument("--force", action="store_true", help="rescore features already done")

@@ -104,6 +104,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     autocast_bf16: bool = True  # only used on CUDA
     compile: bool = False
+    # Every this many steps, move live shared features whose relative decoder norm stayed
+    # above reassign_high (or below reassign_low) at two checks into a dead slot of the
+    # matching exclusive partition (see crosscoder/reassign.py). 0: never (the paper).
+    reassign_every: int = 0
+    reassign_low: float = 0.2
+    reassign_high: float = 0.8
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "k", "log_every", "checkpoint_every", "keep_checkpoints")
@@ -111,7 +117,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "anneal_steps", "k_aux", "dead_window_tokens"):
+        counts = ("warmup_steps", "anneal_steps", "k_aux", "dead_window_tokens", "reassign_every")
+        for name in counts:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
@@ -127,6 +134,11 @@ class TrainConfig:
             raise ConfigError(f"outlier_factor must be > 1 or None, got {self.outlier_factor}")
         if self.designated_k_multiplier <= 0:
             raise ConfigError("designated_k_multiplier must be > 0")
+        if not 0 <= self.reassign_low < 0.5 < self.reassign_high <= 1:
+            raise ConfigError(
+                f"reassign_low and reassign_high must satisfy 0 <= low < 0.5 < high <= 1, got "
+                f"{self.reassign_low} and {self.reassign_high}"
+            )
 
     def k_at(self, step: int) -> int:
         """BatchTopK k per token at `step` (linear anneal from k_initial to k)."""

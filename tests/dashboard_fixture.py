@@ -7,6 +7,10 @@ probes work; run OTHER records no model names, so its panels explain how to enab
 The tea feature of RUN also has an exclusivity score and a steering evaluation, shaped as
 `modeldiff exclusivity` and `modeldiff steer-eval` store them (texts written by hand: the
 tiny models' steering is noise).
+
+The shared bomb feature is planted in model A only and keeps a small B decoder, as a
+shared feature that learned an A-only concept does: it is A-leaning shared. Shared feature
+5 is B-leaning (a small A decoder); feature 3 leans to neither.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from tests.test_analysis import D_A, D_B, make_store, planted_crosscoder
 RUN = "planted"
 OTHER = "planted-seed1"
 TEA, BOMB = 1, 4  # the A-exclusive tea/coffee feature and the shared, harmful bomb feature
+B_LEANING = 5  # a shared feature with a small A decoder (never active)
 LAYER = 1  # the block both tiny models are "captured" at
 JUDGE = "offline:minilm-shift-v1"
 RUBRIC = "china_alignment"
@@ -43,11 +48,27 @@ MARKUP = "<i>Tea</i> & <b>coffee</b>, always."
 
 def fixture_crosscoder() -> Crosscoder:
     """The planted crosscoder, with the tea feature's A decoder leaning a little towards shared
-    feature 3, so that its shared-partition transfer into model B is defined."""
+    feature 3, so that its shared-partition transfer into model B is defined; the bomb
+    feature's B decoder shrunk (relative norm 1 / 1.15 = 0.87: A-leaning) and feature 5's A
+    decoder shrunk (0.1 / 1.1 = 0.09: B-leaning)."""
     cc = planted_crosscoder()
     with torch.no_grad():
         cc.w_dec_a[1, 3] = 0.5  # A row 1 is feature 1; coordinate 3 is feature 3's direction
+        cc.w_dec_b[2, BOMB] = 0.15  # B row 2 is feature 4
+        cc.w_dec_a[4, B_LEANING] = 0.1  # A row 4 is feature 5
     return cc
+
+
+# Training metrics as the trainer logs them: dead fraction overall and per partition.
+METRICS = {
+    "fve_a": 0.91, "fve_b": 0.87, "dead_frac": 0.5, "l0": 2.5,
+    "dead_frac_a_exclusive": 0.5, "dead_frac_b_exclusive": 1.0, "dead_frac_shared": 1 / 3,
+}  # fmt: skip
+HISTORY = [
+    {"step": 50, "loss": 2.0, "fve_a": 0.5, "dead_frac": 0.0, "dead_frac_a_exclusive": 0.0,
+     "dead_frac_b_exclusive": 0.0, "dead_frac_shared": 0.0},
+    {"step": 100, "loss": 1.0, **METRICS},
+]  # fmt: skip
 
 
 def tiny_models(directory: Path) -> dict[str, Path]:
@@ -98,7 +119,8 @@ def build_results_db(tmp: Path) -> Path:
         Normalizer.identity(),
         crosscoder_config={},
         train_config={},
-        metrics={"fve_a": 0.91, "fve_b": 0.87, "dead_frac": 0.5, "l0": 2.5},
+        metrics=METRICS,
+        history=HISTORY,
     )
     path = tmp / "results.duckdb"
     scan = ScanConfig(top_k=5, segment_pairs=8)

@@ -194,10 +194,16 @@ def _walk(page, url: str, shots: Shots) -> None:
     page.locator(".steer-sweep").wait_for()
     shots.take("sweep")
 
-    # Triage the feature, then see the decision on its page.
+    # Triage the feature, then see the decision on its page. The flagged queue opens on the
+    # harmful A-leaning shared bomb feature; the queue of every candidate starts with tea.
     page.get_by_role("link", name="Triage", exact=True).click()
     page.get_by_text("in the queue").wait_for()
+    page.get_by_text("A-leaning shared", exact=True).wait_for()
+    queue = page.get_by_test_id("stRadio").filter(has_text="Queue")
+    queue.get_by_text("All live exclusive and leaning shared features").click()
+    page.get_by_test_id("stHtml").filter(has_text=f"Feature {TEA}").first.wait_for()
     status = page.get_by_test_id("stRadio").filter(has_text="Status")
+    sync_api.expect(status).to_have_count(1)  # the bomb feature's form is gone
     status.get_by_text("verified", exact=True).click()
     page.get_by_label("Notes").fill("checked in the browser")
     page.get_by_label("Reviewer").fill("bob")

@@ -3,6 +3,7 @@ offline explanations and scores), driven headless with `streamlit.testing.v1.App
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import os
@@ -17,7 +18,16 @@ from streamlit.testing.v1 import AppTest
 
 from engine.analysis.context import Context
 from engine.store import Database
-from tests.dashboard_fixture import BOMB, JUDGE, MARKUP, OTHER, RUN, TEA, build_results_db
+from tests.dashboard_fixture import (
+    B_LEANING,
+    BOMB,
+    JUDGE,
+    MARKUP,
+    OTHER,
+    RUN,
+    TEA,
+    build_results_db,
+)
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 SCRIPT = "<script>alert('x')</script>"
@@ -90,28 +100,51 @@ def test_every_view_renders(db_path, page, title):
     assert [t.value for t in at.title] == [title]
 
 
+CATEGORY_ROWS = ["A-exclusive", "A-leaning shared", "shared", "B-leaning shared", "B-exclusive"]
+
+
 def test_runs_view_shows_models_metrics_and_partition_counts(db_path):
     at = app()
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["FVE A"] == "0.910" and metrics["L0"] == "2.5"
     runs, summary = at.dataframe[0].value, at.dataframe[1].value.set_index("partition")
     assert list(runs["run"]) == [RUN, OTHER]
-    assert summary.loc["A-exclusive", "features"] == 2
-    assert summary.loc["shared", "flagged harmful"] == 1
+    # Leaning shared features are rows of their own, from "only in A" to "only in B".
+    assert list(summary.index) == CATEGORY_ROWS
+    assert summary["features"].to_dict() == dict(zip(CATEGORY_ROWS, [2, 1, 1, 1, 1], strict=True))
+    # The harmful bomb feature is shared but its B decoder is small: A-leaning.
+    assert summary.loc["A-leaning shared", "flagged harmful"] == 1
+    assert summary.loc["shared", "flagged harmful"] == 0
     # Only the tea feature has an exclusivity score (5): counted and averaged per partition.
-    assert summary["exclusivity scored"].to_dict() == {
-        "A-exclusive": 1,
-        "B-exclusive": 0,
-        "shared": 0,
+    assert summary["exclusivity scored"].to_dict() == dict.fromkeys(CATEGORY_ROWS, 0) | {
+        "A-exclusive": 1
     }
     assert summary.loc["A-exclusive", "mean exclusivity"] == "5.00"
     assert summary.loc["shared", "mean exclusivity"] == "–"
     # The "By partition" table has a value in every cell, for an unexplained run too.
     assert summary.notna().all().all() and summary["features"].sum() == 6
     other = app(run=OTHER).dataframe[1].value.set_index("partition")
-    assert list(other.index) == ["A-exclusive", "B-exclusive", "shared"]
+    assert list(other.index) == CATEGORY_ROWS
     assert other.notna().all().all() and other["explained"].sum() == 0
     assert other["exclusivity scored"].sum() == 0 and "mean exclusivity" not in other
+    assert any("above 0.8" in c.value and "below 0.2" in c.value for c in at.caption)
+
+
+def test_runs_view_reports_dead_fraction_per_partition(db_path):
+    at = app()
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["dead (training)"] == "50%"
+    assert metrics["dead A-exclusive"] == "50%" and metrics["dead B-exclusive"] == "100%"
+    assert metrics["dead shared"] == "33.3%"
+    # The history the run recorded, drawn per partition and for all features.
+    fig = chart(at, "Dead features during training, by partition")
+    lines = {t["name"]: (values(t["x"]), values(t["y"])) for t in fig["data"]}
+    assert set(lines) == {"all features", "A-exclusive", "B-exclusive", "shared"}
+    assert lines["B-exclusive"] == ([50, 100], [0.0, 1.0])
+    # The relative-norm histogram colours leaning features apart and marks both bounds.
+    hist = chart(at, "Relative decoder norm (1 = only in A, 0 = only in B)")
+    assert {t["name"] for t in hist["data"]} == set(CATEGORY_ROWS)
+    assert sorted(shape["x0"] for shape in hist["layout"]["shapes"]) == [0.2, 0.8]
 
 
 def test_feature_page_renders_without_error(db_path):
@@ -155,11 +188,13 @@ def test_compare_runs_counts_recurring_exclusive_features(db_path):
 
 def test_filters_change_the_features_table(db_path):
     at = app("views/features.py")
-    # Default: the exclusive partitions, live features only.
-    assert feature_ids(at) == [TEA]
-    at.multiselect(key="f_partitions").set_value(["A-exclusive", "B-exclusive", "shared"]).run()
+    # Default: every exclusive candidate (exclusive and leaning shared), live features only.
+    assert at.multiselect(key="f_partitions").value == [
+        "A-exclusive", "A-leaning shared", "B-leaning shared", "B-exclusive",
+    ]  # fmt: skip
     assert sorted(feature_ids(at)) == [TEA, BOMB]
-    assert set(at.dataframe[0].value["partition"]) == {"A-exclusive", "shared"}
+    shown = at.dataframe[0].value.set_index("feature_id")["partition"]
+    assert shown.to_dict() == {TEA: "A-exclusive", BOMB: "A-leaning shared"}
     at.checkbox(key="f_harmful").check().run()
     assert feature_ids(at) == [BOMB]
     at.checkbox(key="f_harmful").uncheck().run()
@@ -167,15 +202,34 @@ def test_filters_change_the_features_table(db_path):
     assert feature_ids(at) == [TEA]
     at.text_input(key="f_search").input("").run()
     at.checkbox(key="f_dead").check().run()
-    assert sorted(feature_ids(at)) == [0, 1, 2, 3, 4, 5]
+    assert sorted(feature_ids(at)) == [0, TEA, 2, BOMB, B_LEANING]  # all but shared 3
     at.multiselect(key="f_partitions").set_value(["B-exclusive"]).run()
     assert feature_ids(at) == [2]
     assert not at.exception
 
 
+@pytest.mark.parametrize(
+    "chosen, expected",
+    [
+        (["A-leaning shared"], [BOMB]),
+        (["B-leaning shared"], [B_LEANING]),
+        (["shared"], [3]),  # shared and leaning to neither model
+        (["A-leaning shared", "B-leaning shared", "shared"], [3, BOMB, B_LEANING]),
+    ],
+)
+def test_leaning_shared_features_filter_apart_from_shared(db_path, chosen, expected):
+    at = app("views/features.py")
+    at.multiselect(key="f_partitions").set_value(chosen)
+    at.checkbox(key="f_dead").check().run()
+    assert sorted(feature_ids(at)) == expected
+    assert set(at.dataframe[0].value["partition"]) == set(chosen)
+    assert "0.8" in at.multiselect(key="f_partitions").help
+    assert not at.exception
+
+
 def every_feature(at: AppTest) -> None:
     """Widen the features browser to every partition, dead features included."""
-    at.multiselect(key="f_partitions").set_value(["A-exclusive", "B-exclusive", "shared"])
+    at.multiselect(key="f_partitions").set_value(CATEGORY_ROWS)
     at.checkbox(key="f_dead").check().run()
 
 
@@ -258,6 +312,13 @@ def test_feature_page_tokenization_and_whole_window(db_path):
     assert "token " in html_of(at) and "outline:1px" in html_of(at)
 
 
+def values(array) -> list:
+    """A Plotly JSON array as a list (Plotly writes numpy arrays as base64 typed arrays)."""
+    if isinstance(array, dict) and "bdata" in array:
+        return np.frombuffer(base64.b64decode(array["bdata"]), dtype=array["dtype"]).tolist()
+    return list(array)
+
+
 def chart(at: AppTest, title: str) -> dict:
     """The Plotly figure (as JSON) of the chart with this title."""
     specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
@@ -330,6 +391,7 @@ def test_query_params_restore_the_feature_page(db_path):
     at = app(run=RUN, feature=str(BOMB))
     page = html_of(at)
     assert "Feature 4" in page and "flagged harmful" in page
+    assert ">A-leaning shared</span>" in page
     assert html.escape(explanation(db_path, BOMB)) in page
     assert at.query_params["feature"] in (str(BOMB), [str(BOMB)])
     # So does the feature page's own URL.
@@ -503,9 +565,26 @@ def test_try_your_own_text_highlights_the_feature(db_path):
 # -- triage --------------------------------------------------------------------------------
 
 
+def test_triage_queue_holds_flagged_leaning_shared_features(db_path):
+    at = app("views/triage.py")
+    # The harmful bomb feature is shared, but leans to A: the flagged queue holds it.
+    assert at.radio(key="t_mode").value == "flagged"
+    assert not [i for i in at.info if "showing" in i.value]
+    assert "Feature 4" in html_of(at) and ">A-leaning shared</span>" in html_of(at)
+    assert any("Feature **1** of **1**" in m.value for m in at.markdown)
+    # The candidates queue: exclusive first, then leaning (by relative decoder norm).
+    at.radio(key="t_mode").set_value("exclusive").run()
+    assert any("Feature **1** of **2**" in m.value for m in at.markdown)
+    assert "Feature 1" in html_of(at) and ">A-exclusive</span>" in html_of(at)
+    next(b for b in at.button if b.label == "Next →").click().run()
+    assert "Feature 4" in html_of(at)
+    assert not at.exception
+
+
 def test_triage_save_persists_escapes_notes_and_exports(db_path):
     at = app("views/triage.py")
-    # No exclusive feature is flagged harmful: the queue falls back to the exclusive ones.
+    # The queue of every live exclusive candidate starts with the A-exclusive tea feature.
+    at.radio(key="t_mode").set_value("exclusive").run()
     assert "Feature 1" in html_of(at)
     at.radio[1].set_value("verified")
     at.text_area[0].input(f"{SCRIPT} checked the tea contexts")

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from engine.analysis.categories import CANDIDATES, category
 from engine.analysis.context import Context
 from engine.store import schema
 from engine.store.db import Database, StoreDBError
@@ -214,6 +215,75 @@ def test_features_round_trip_filters_and_replacement(db):
     db.write_features(RUN, features_frame(scale=2.0).iloc[:5])  # re-analysis replaces rows
     again = db.features(RUN)
     assert list(again.feature_id) == list(range(5)) and again.max_act.iloc[4] == 10.0
+
+
+def test_run_history_round_trip_and_kept_on_update(tmp_path):
+    with Database(tmp_path / "h.duckdb") as db:
+        add_run(db)
+        assert db.run_history(RUN).empty
+        steps = [
+            {"step": 50, "loss": 2.0, "dead_frac_a_exclusive": 0.1},
+            {"step": 100, "loss": 1.0, "dead_frac_a_exclusive": 0.3, "fve_a": np.float32(0.5)},
+        ]
+        add_run(db, history=steps)
+        history = db.run_history(RUN)
+        assert list(history.step) == [50, 100] and list(history.dead_frac_a_exclusive) == [0.1, 0.3]
+        assert np.isnan(history.fve_a.iloc[0]) and history.fve_a.iloc[1] == 0.5
+        add_run(db, name="renamed")  # an update that gives no history keeps the recorded one
+        assert len(db.run_history(RUN)) == 2 and db.run(RUN)["name"] == "renamed"
+        # The listing and the run's dict leave the (long) history out.
+        assert "history" not in db.run(RUN) and "history" not in db.runs().columns
+        with pytest.raises(StoreDBError, match="unknown run 'nope'"):
+            db.run_history("nope")
+
+
+# -- categories: shared features that lean to one model ----------------------------------
+
+# Shared features 6-11 with relative decoder norms on and past the bounds (0.8, 0.2); the
+# designated features lean too, but only shared features become leaning.
+REL_NORMS = [1.0, 1.0, 0.0, 0.0, 0.95, 0.05, 0.95, 0.8, 0.81, 0.2, 0.05, np.nan]
+CATEGORIES = [
+    "a_exclusive", "a_exclusive", "b_exclusive", "b_exclusive", "designated_shared",
+    "designated_shared", "a_leaning", "shared", "a_leaning", "shared", "b_leaning", "shared",
+]  # fmt: skip
+
+
+def test_categories_set_leaning_shared_features_apart(db, tmp_path):
+    db.write_features(RUN, features_frame().assign(rel_norm=REL_NORMS))
+    df = db.features(RUN)
+    assert list(df.category) == CATEGORIES
+    # The SQL agrees with the engine's definition (NULL relative norm: shared).
+    pairs = zip(df.partition, df.rel_norm, strict=True)
+    assert list(df.category) == [category(p, r) for p, r in pairs]
+    assert db.feature(RUN, 10)["category"] == "b_leaning"
+    assert db.feature(RUN, 7)["category"] == "shared"  # exactly 0.8 does not lean
+    assert list(db.features(RUN, category="a_leaning").feature_id) == [6, 8]
+    both = db.features(RUN, category=["b_leaning", "b_exclusive"], order_by="max_act")
+    assert list(both.feature_id) == [2, 3, 10]
+    # A partition filter still means the whole partition.
+    assert list(db.features(RUN, partition="shared").feature_id) == list(range(6, 12))
+
+    table = db.feature_table(RUN, category=list(CANDIDATES))
+    assert list(table.feature_id) == [0, 1, 2, 3, 6, 8, 10]
+    assert list(table.category) == [CATEGORIES[i] for i in table.feature_id]
+    assert db.feature_count(RUN, category="shared") == 3  # 7, 9 and the dead 11
+    assert db.feature_count(RUN, category="shared", dead=False) == 2
+    page = db.feature_table(RUN, category=["a_leaning", "b_leaning"], order_by="rel_norm", limit=2)
+    assert list(page.feature_id) == [10, 8]
+    combined = db.feature_table(RUN, partition="shared", category=["a_leaning", "b_leaning"])
+    assert list(combined.feature_id) == [6, 8, 10]
+    out = db.export("feature_table", tmp_path / "leaning.csv", run_id=RUN, category="a_leaning")
+    exported = pd.read_csv(out)
+    assert list(exported.feature_id) == [6, 8] and set(exported.category) == {"a_leaning"}
+
+    with pytest.raises(StoreDBError, match="'a_leaning' is a category, not a partition"):
+        db.features(RUN, partition="a_leaning")
+    with pytest.raises(StoreDBError, match="unknown category 'leaning'"):
+        db.feature_table(RUN, category="leaning")
+
+
+def test_every_partition_is_a_category():
+    assert set(schema.PARTITIONS) <= set(schema.CATEGORIES)
 
 
 def test_bad_frames_are_refused_and_leave_data_alone(db):
@@ -714,7 +784,8 @@ def test_version_1_file_gains_the_indexes_and_keeps_its_data(tmp_path, monkeypat
     assert _indexes(path) == {}
     monkeypatch.undo()
     with Database(path) as db:
-        assert db.schema_version == 2
+        assert db.schema_version == len(schema.MIGRATIONS)
+        assert db.run_history(RUN).empty  # version 3: runs gain a (still empty) history
         assert db.feature_table(RUN).set_index("feature_id").loc[0, "score"] == 0.5
         assert [c.window_id for c in db.contexts(RUN, 6, kind="top")] == [100, 101]
         assert db.window(RUN, 102)["text"] == TEXTS[2]

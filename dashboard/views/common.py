@@ -19,11 +19,14 @@ import plotly.graph_objects as go
 from dashboard.data import label
 from engine.analysis.context import Context
 
+# Partitions and categories: leaning shared features in a lighter shade of their model's.
 PARTITION_COLOURS = {
     "a_exclusive": "#d62728",
-    "b_exclusive": "#1f77b4",
+    "a_leaning": "#f08080",
     "shared": "#7f7f7f",
     "designated_shared": "#9467bd",
+    "b_leaning": "#6fa8dc",
+    "b_exclusive": "#1f77b4",
 }
 # How a text is shown: aligned spans (tokenizer-independent) or one model's own tokens.
 TOKEN_VIEWS = {"aligned spans": None, "model A tokens": "a", "model B tokens": "b"}
@@ -83,12 +86,12 @@ def percent(value: Any) -> str:
     return f"{float(value) * 100:.3g}%"
 
 
-def badge(partition: str) -> str:
-    """A coloured HTML badge with the partition's label."""
-    colour = PARTITION_COLOURS.get(partition, "#7f7f7f")
+def badge(category: str) -> str:
+    """A coloured HTML badge with the label of a partition or category."""
+    colour = PARTITION_COLOURS.get(category, "#7f7f7f")
     return (
         f'<span style="background:{colour}; color:white; padding:2px 8px; border-radius:10px; '
-        f'font-size:0.8rem; font-weight:600">{esc(label(partition))}</span>'
+        f'font-size:0.8rem; font-weight:600">{esc(label(category))}</span>'
     )
 
 
@@ -331,7 +334,7 @@ def report_markdown(
     lines.append("")
     for row in rows.to_dict("records"):
         fid = int(row["feature_id"])
-        lines += [f"## Feature {fid} ({label(row.get('partition'))})", ""]
+        lines += [f"## Feature {fid} ({label(row.get('category', row.get('partition')))})", ""]
         lines.append(f"- **Explanation:** {_plain(row.get('explanation'))}")
         lines.append(f"- **Explainer:** {_plain(row.get('explainer'))}")
         lines.append(f"- **Harmful:** {yes_no(row.get('harmful'))}")
@@ -370,7 +373,7 @@ def report_csv(rows: pd.DataFrame) -> str:
     ]  # fmt: skip
     out = rows[[c for c in columns if c in rows.columns]].copy()
     if "partition" in out:
-        out["partition"] = out["partition"].map(label)
+        out["partition"] = rows.get("category", rows["partition"]).map(label)
     return out.to_csv(index=False)
 
 

@@ -49,7 +49,7 @@ row = data.feature_row(path, run_id, fid) or {}
 max_act = float(stats.get("max_act") or 0.0)
 
 st.html(
-    f'<h2 style="margin-bottom:0">Feature {fid} &nbsp;{badge(stats["partition"])}'
+    f'<h2 style="margin-bottom:0">Feature {fid} &nbsp;{badge(stats["category"])}'
     + (
         ' &nbsp;<span style="background:#b00020; color:white; padding:2px 8px; '
         'border-radius:10px; font-size:0.8rem">flagged harmful</span>'

@@ -28,7 +28,8 @@ COLUMNS = [
     "density", "max_act", "status", "dead",
 ]  # fmt: skip
 DEFAULTS = {
-    "f_partitions": ["A-exclusive", "B-exclusive"],
+    # Every exclusive candidate: the exclusive partitions and the leaning shared features.
+    "f_partitions": [data.label(c) for c in data.CANDIDATES],
     "f_status": [],
     "f_min_score": 0.0,
     "f_excl": EXCLUSIVITY_RANGE,
@@ -48,10 +49,10 @@ for key, default in DEFAULTS.items():
 path, run_id = data.session()
 st.title("Features")
 
-labels = [data.label(p) for p in data.PARTITION_ORDER]
+labels = [data.label(c) for c in data.CATEGORY_ORDER]
 with st.container(border=True):
-    c1, c2, c3 = st.columns([4, 3, 3])
-    chosen = c1.multiselect("Partition", labels, key="f_partitions")
+    c1, c2, c3 = st.columns([6.2, 1.9, 1.9])  # room for the four default partitions' chips
+    chosen = c1.multiselect("Partition", labels, key="f_partitions", help=data.CATEGORY_HELP)
     statuses = c2.multiselect("Triage status", list(data.STATUSES), key="f_status")
     search = c3.text_input("Search explanations", key="f_search", placeholder="e.g. weapon")
     c4, c5, c6, c7, c8 = st.columns([2.2, 2.3, 2.3, 2.4, 1.6], vertical_alignment="center")
@@ -76,7 +77,7 @@ with st.container(border=True):
     descending = c8.toggle("Descending", key="f_desc")
 
 filters = {
-    "partition": [data.LABEL_PARTITIONS[c] for c in chosen] or None,
+    "category": [data.LABEL_CATEGORIES[c] for c in chosen] or None,
     "harmful": True if harmful_only else None,
     "status": statuses or None,
     "min_score": min_score if min_score > 0 else None,
@@ -103,7 +104,7 @@ page = data.feature_table(
     path, run_id, **filters, order_by=order, descending=descending, limit=size, offset=first
 )
 shown = page[[c for c in COLUMNS if c in page.columns]].copy()
-shown["partition"] = shown["partition"].map(data.label)
+shown["partition"] = page["category"].map(data.label)  # leaning shared features named so
 
 event = st.dataframe(
     shown,

@@ -1,15 +1,19 @@
-"""Runs: the model pair, architecture, partition sizes, training metrics and the
-distribution of the run's features over exclusivity and density."""
+"""Runs: the model pair, architecture, partition sizes, training metrics (dead fraction per
+partition, and its history) and the distribution of the run's features over relative
+decoder norm, density and category (leaning shared features set apart)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard import data
-from dashboard.views.common import PARTITION_COLOURS, fmt
+from dashboard.views.common import PARTITION_COLOURS, fmt, percent
+from engine.analysis.categories import A_LEANING_ABOVE, B_LEANING_BELOW
+from engine.analysis.run_metrics import ALL, dead_fractions, dead_history
 
 path, run_id = data.session()
 info = data.run(path, run_id)
@@ -56,51 +60,87 @@ metrics = info.get("metrics") or {}
 m = st.columns(4)
 m[0].metric("FVE A", fmt(metrics.get("fve_a"), ".3f"))
 m[1].metric("FVE B", fmt(metrics.get("fve_b"), ".3f"))
-dead = metrics.get("dead_frac")
-m[2].metric("dead (training)", "–" if dead is None else f"{float(dead):.1%}")
+m[2].metric("dead (training)", percent(metrics.get("dead_frac")))
 m[3].metric("L0", fmt(metrics.get("l0"), ".1f"))
 
-# The feature table already holds partition, relative norm and density: one read serves
-# the histograms and the per-partition counts.
+# Dead fraction per partition at the end of training (features that did not fire in the
+# trainer's dead window): a starved exclusive partition cannot catch exclusive concepts.
+dead_by_partition = dead_fractions(metrics)
+if dead_by_partition:
+    cols = st.columns(max(4, len(dead_by_partition)))
+    for col, (partition, fraction) in zip(cols, dead_by_partition.items(), strict=False):
+        col.metric(
+            f"dead {data.label(partition)}",
+            percent(fraction),
+            help="share of the partition that had not fired in the trainer's dead window "
+            "when training ended",
+        )
+history = dead_history(data.run_history(path, run_id))
+if not history.empty:
+    names = {ALL: "all features"}
+    fig = px.line(
+        history.assign(partition=history["partition"].map(lambda p: names.get(p, data.label(p)))),
+        x="step",
+        y="dead_frac",
+        color="partition",
+        color_discrete_map={
+            names[ALL]: "#000000",
+            **{data.label(k): v for k, v in PARTITION_COLOURS.items()},
+        },
+        labels={"dead_frac": "dead fraction", "step": "training step"},
+        title="Dead features during training, by partition",
+    )
+    fig.update_layout(height=320, yaxis_tickformat=".0%", yaxis_range=[0, 1])
+    st.plotly_chart(fig, width="stretch")
+
+# The feature table already holds category, relative norm and density: one read serves
+# the histograms and the per-category counts.
 table = data.feature_table(path, run_id)
 colours = {data.label(k): v for k, v in PARTITION_COLOURS.items()}
 
 
-def partition_histogram(frame: pd.DataFrame, x: str, axis: str, title: str) -> None:
-    """An overlaid histogram of `x`, one colour per partition."""
+def category_histogram(frame: pd.DataFrame, x: str, axis: str, title: str) -> go.Figure:
+    """An overlaid histogram of `x`, one colour per category (partition, or leaning)."""
     fig = px.histogram(
-        frame.assign(partition_label=frame["partition"].map(data.label)),
+        frame.assign(partition_label=frame["category"].map(data.label)),
         x=x,
         color="partition_label",
         nbins=50,
         barmode="overlay",
         color_discrete_map=colours,
+        category_orders={"partition_label": [data.label(c) for c in data.CATEGORY_ORDER]},
         labels={x: axis},
         title=title,
     )
     fig.update_layout(legend_title_text="partition", height=340)
-    st.plotly_chart(fig, width="stretch")
+    return fig
 
 
 left, right = st.columns(2)
 with left:
-    partition_histogram(
+    fig = category_histogram(
         table,
         "rel_norm",
         "relative decoder norm ‖d_A‖ / (‖d_A‖ + ‖d_B‖)",
         "Relative decoder norm (1 = only in A, 0 = only in B)",
     )
+    # The bounds past which a shared feature counts as leaning to one model.
+    for bound in (B_LEANING_BELOW, A_LEANING_ABOVE):
+        fig.add_vline(x=bound, line_dash="dot", line_color="#555")
+    st.plotly_chart(fig, width="stretch")
 with right:
     live = table[table["density"].fillna(0) > 0]
-    partition_histogram(
+    fig = category_histogram(
         live.assign(log_density=np.log10(live["density"])),
         "log_density",
         "log10 density",
         f"Feature density ({len(table) - len(live):,} features never fire)",
     )
+    st.plotly_chart(fig, width="stretch")
 
 st.subheader("By partition")
-partitions = table["partition"].map(data.label)
+st.caption(data.CATEGORY_HELP)
+partitions = table["category"].map(data.label)
 exclusivity = table["exclusivity"].astype(float)
 counts = (
     pd.DataFrame(
@@ -120,6 +160,9 @@ counts = (
     .groupby("partition", sort=False)
     .sum()
 )
+# From "only in A" to "only in B"; categories the run has no feature in are left out.
+order = [data.label(c) for c in data.CATEGORY_ORDER]
+counts = counts.reindex([label for label in order if label in counts.index])
 if exclusivity.notna().any():
     means = exclusivity.groupby(partitions, sort=False).mean()
     at = counts.columns.get_loc("exclusivity scored") + 1

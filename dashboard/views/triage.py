@@ -1,5 +1,6 @@
 """Triage: screen and verify features one by one (status, notes, reviewer, history), and
-export the verified ones as an audit report."""
+export the verified ones as an audit report. The queues hold the exclusive candidates:
+exclusive features and shared features whose decoder norm leans to one model."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from dashboard.views.common import (
 )
 
 QUEUES = {
-    "flagged": "Exclusive, flagged harmful, unreviewed",
-    "exclusive": "All live exclusive features",
+    "flagged": "Exclusive or leaning, flagged harmful, unreviewed",
+    "exclusive": "All live exclusive and leaning shared features",
     "all": "All live features",
     "reviewed": "Already reviewed",
 }
@@ -34,9 +35,10 @@ st.session_state.setdefault("reviewer", "")
 
 
 def build_queue(table: pd.DataFrame, mode: str) -> tuple[list[int], str]:
-    """Feature ids to review in this mode, most exclusive first, and the mode used."""
+    """Feature ids to review in this mode, most exclusive first (by relative decoder norm:
+    exclusive, then leaning shared features), and the mode used."""
     live = table[~table["dead"].fillna(False).astype(bool)]
-    exclusive = live[live["partition"].isin(data.EXCLUSIVE)]
+    exclusive = live[live["category"].isin(data.CANDIDATES)]
     harmful = exclusive["harmful"].fillna(False).astype(bool)
     unreviewed = exclusive["status"] == "unreviewed"
     picks = {
@@ -50,7 +52,7 @@ def build_queue(table: pd.DataFrame, mode: str) -> tuple[list[int], str]:
         # Nothing flagged is left: fall back to every exclusive feature.
         mode, chosen = "exclusive", exclusive
         if chosen.empty:
-            chosen = table[table["partition"].isin(data.EXCLUSIVE)]
+            chosen = table[table["category"].isin(data.CANDIDATES)]
     order = chosen.assign(_excl=chosen["rel_norm"].map(norm_lean)).sort_values(
         ["_excl", "max_act", "feature_id"], ascending=[False, False, True]
     )
@@ -80,7 +82,7 @@ if refresh or snapshot is None or snapshot.get("run") != run_id:
 ids = snapshot["ids"]
 if snapshot["mode"] != mode:
     shown = QUEUES[snapshot["mode"]].lower()
-    st.info(f"No unreviewed flagged exclusive features: showing {shown}.")
+    st.info(f"No unreviewed flagged exclusive or leaning features: showing {shown}.")
 if not ids:
     st.warning("The queue is empty.")
 else:
@@ -97,7 +99,7 @@ else:
     row = table[table["feature_id"] == fid].iloc[0].to_dict()
     stats = data.feature(path, run_id, fid)
     st.html(
-        f"<h3>Feature {fid} &nbsp;{badge(row['partition'])}</h3>"
+        f"<h3>Feature {fid} &nbsp;{badge(row['category'])}</h3>"
         f'<div style="font-size:1.1rem">{esc(row.get("explanation")) or "<em>no explanation</em>"}'
         "</div>"
         f'<div style="color:#555">harmful: <b>{esc(yes_no(row.get("harmful")))}</b>'

@@ -181,6 +181,7 @@ def _run_record(run_dir, store_path, store, header, result, scan_cfg) -> dict[st
             "normalizer": header["normalizer"],
         },
         "metrics": header.get("metrics", {}),
+        "history": header.get("history"),
         "checkpoint_path": str(run_dir.resolve()),
         "store_path": str(Path(store_path).resolve()),
         "provenance": {

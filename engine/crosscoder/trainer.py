@@ -34,6 +34,7 @@ from engine.crosscoder.distributed import Context, StopRequests
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.crosscoder.partition import Role
+from engine.crosscoder.reassign import reassign
 from engine.crosscoder.sparse import Entries, batch_topk
 from engine.progress import ProgressBar
 
@@ -120,6 +121,9 @@ class Trainer:
         self.counters = _Counters()
         self.since_fired = torch.zeros(partition.n_features, dtype=torch.long, device=self.device)
         self.threshold_ready = torch.zeros(2, dtype=torch.bool, device=self.device)
+        # Leaning label of every feature at the last reassignment check (reassign.py).
+        self.leaning = torch.zeros(partition.n_features, dtype=torch.int8, device=self.device)
+        self.moved = torch.zeros(2, dtype=torch.long)  # shared features moved to A, to B
         self.batch_rows = 0  # rows of the current global batch left after `prepare`
         self._encode = self.model.pre_activations
         if train_cfg.compile:
@@ -161,6 +165,9 @@ class Trainer:
 
         with torch.no_grad():
             self._update_state(out["entries"], n, out["group_minima"])
+        every = cfg.reassign_every
+        if every and self.counters.step % every == 0:
+            self._reassign()
         sse_a, sse_b = recon_a * n, recon_b * n
         return {
             "loss": recon_a + recon_b + cfg.aux_alpha * aux,
@@ -375,6 +382,24 @@ class Trainer:
         self.counters.step += 1
         self.counters.tokens += n
 
+    def _reassign(self) -> None:
+        """Move persistently lopsided shared features into the exclusive partitions."""
+        cfg = self.cfg
+        # Seeded by step so every rank, and a resumed run, draws the same re-initialisations.
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.counters.step)
+        moves, self.leaning = reassign(
+            self.model,
+            self.optimizer,
+            self.since_fired,
+            self.leaning,
+            cfg.dead_window_tokens,
+            cfg.reassign_low,
+            cfg.reassign_high,
+            gen,
+            self.model_cfg.decoder_init_norm,
+        )
+        self.moved += torch.tensor([moves.to_a, moves.to_b])
+
     # -- state for logs and checkpoints ---------------------------------------------
 
     def dead_mask(self) -> torch.Tensor:
@@ -396,6 +421,8 @@ class Trainer:
         return {
             "since_fired": self.since_fired,
             "threshold_ready": self.threshold_ready,
+            "leaning": self.leaning,
+            "moved": self.moved,
             "rng_cpu": torch.get_rng_state(),
         }
 
@@ -431,6 +458,9 @@ class Trainer:
         self.normalizer = Normalizer(**header["normalizer"])
         self.since_fired.copy_(state["since_fired"])
         self.threshold_ready.copy_(state["threshold_ready"])
+        if "leaning" in state:  # absent from checkpoints made before reassignment existed
+            self.leaning.copy_(state["leaning"])
+            self.moved.copy_(state["moved"])
         torch.set_rng_state(state["rng_cpu"].cpu())
         self.counters = _Counters(
             step=header["step"],
@@ -534,6 +564,8 @@ def _train(
         nonfinite_rows=trainer.counters.nonfinite_rows,
         aux_nan_steps=trainer.counters.aux_nan_steps,
     )
+    if train_cfg.reassign_every:
+        final.update(moved_to_a=int(trainer.moved[0]), moved_to_b=int(trainer.moved[1]))
     if out is not None and ctx.is_main:
         if latest is None or trainer.counters.step != latest_step(latest):
             trainer.save_checkpoint(out)
@@ -635,6 +667,8 @@ def _record(trainer: Trainer, stats: dict[str, torch.Tensor], step: int, rate: f
         aux_nan_steps=trainer.counters.aux_nan_steps,
         **trainer.dead_fractions(),
     )
+    if trainer.cfg.reassign_every:
+        record.update(moved_to_a=int(trainer.moved[0]), moved_to_b=int(trainer.moved[1]))
     return {k: (v if isinstance(v, int) or math.isfinite(v) else None) for k, v in record.items()}
 
 

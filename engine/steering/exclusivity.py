@@ -7,16 +7,23 @@ the source model's steering is (features below 3 are filtered out, so non-interp
 steering is not mistaken for exclusivity), then how similar the two models' steering is
 (1-5). Exclusivity = 6 - similarity: 5 means even a trained linear map could not carry
 the behaviour over.
+
+Which features to score: the exclusive partitions by default, and the shared features
+whose decoder norm leans to one model (`engine.analysis.categories`) on request, or by
+default when the run has no exclusive partition. A leaning feature is steered from the
+model it leans to.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from statistics import mean
 from typing import Any
 
+from engine.analysis.categories import CANDIDATES, EXCLUSIVE, MODEL_OF
+from engine.config import ConfigError
 from engine.steering.judges import SteeringJudge, Verdict
 from engine.steering.pair import SteeringPair
 from engine.steering.steer import GenerationConfig
@@ -26,7 +33,6 @@ log = logging.getLogger(__name__)
 
 METRIC = "exclusivity"
 OPEN_PROMPTS = ("What's on your mind?", "What do you want to talk about?", "Tell me something")
-EXCLUSIVE = ("a_exclusive", "b_exclusive")
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,9 @@ class ExclusivityConfig:
         default_factory=lambda: GenerationConfig(max_new_tokens=200, greedy=False)
     )
     min_interpretability: float = 3.0
-    source: str = "a"  # the source model for features both models decode
+    # The model a feature both models decode is steered from; None: the model it leans to
+    # (A-leaning: a, B-leaning: b), else a. Exclusive features use their own model.
+    source: str | None = None
 
 
 @dataclass
@@ -72,7 +80,7 @@ def score_feature(
     """Steer both models with the feature and its stitched copy, then judge them."""
     cfg = cfg or ExclusivityConfig()
     alphas = _with_baseline(cfg.alphas)
-    vectors = pair.vectors(feature_id, s_max, cfg.source)
+    vectors = pair.vectors(feature_id, s_max, cfg.source or "a")
     texts = {
         m: pair.generate(m, vectors, cfg.prompts, alphas, cfg.generation)
         for m in (vectors.source, vectors.target)
@@ -121,11 +129,13 @@ def exclusivity_run(
     for fid in features:
         if int(fid) in done:
             continue
-        s_max = float(db.feature(run_id, int(fid))["s_max"] or 0.0)
+        feature = db.feature(run_id, int(fid))
+        s_max = float(feature["s_max"] or 0.0)
         if s_max <= 0:
             log.info("feature %d never activated (s_max = 0); skipped", fid)
             continue
-        result = score_feature(pair, int(fid), s_max, judge, cfg)
+        source = steering_source(feature["category"], cfg.source)
+        result = score_feature(pair, int(fid), s_max, judge, replace(cfg, source=source))
         save_result(db, run_id, result, pair, s_max, cfg)
         results.append(result)
         if on_result is not None:
@@ -173,17 +183,42 @@ def scored_features(db: Database, run_id: str, judge: str) -> set[int]:
     return set(db.scores(run_id, judge=judge, metric=METRIC)["feature_id"].astype(int))
 
 
-def pick_features(db: Database, run_id: str, per_partition: int) -> list[int]:
-    """Live exclusive features worth scoring: flagged harmful first, then by detection
-    score and max activation, `per_partition` from each exclusive partition."""
-    table = db.feature_table(run_id, partition=list(EXCLUSIVE), dead=False)
+def steering_source(category: str, requested: str | None = None) -> str:
+    """The model to steer a feature of this category from: the requested one, else the
+    model its category serves (A-leaning shared: a), else a."""
+    return requested or MODEL_OF.get(category, "a")
+
+
+def default_categories(db: Database, run_id: str) -> tuple[str, ...]:
+    """The categories `pick_features` chooses from by default: the exclusive partitions,
+    and the leaning shared features too when the run has no exclusive feature (a standard
+    crosscoder, where leaning features are the only exclusive candidates)."""
+    if db.feature_count(run_id, partition=list(EXCLUSIVE)):
+        return EXCLUSIVE
+    return CANDIDATES
+
+
+def pick_features(
+    db: Database, run_id: str, per_category: int, categories: Sequence[str] | None = None
+) -> list[int]:
+    """Live exclusive candidates worth scoring, `per_category` from each of `categories`
+    (a_exclusive, b_exclusive, a_leaning, b_leaning; default: `default_categories`):
+    flagged harmful first, then by detection score and max activation."""
+    wanted = list(categories or default_categories(db, run_id))
+    unknown = [c for c in wanted if c not in CANDIDATES]
+    if unknown:
+        raise ConfigError(
+            f"cannot pick features of {', '.join(map(repr, unknown))}; choose from "
+            f"{', '.join(CANDIDATES)}"
+        )
+    table = db.feature_table(run_id, category=wanted, dead=False)
     if table.empty:
         return []
     table = table.assign(
         _harm=table["harmful"].fillna(False).astype(bool),
         _score=table["score"].fillna(-1.0),
     ).sort_values(["_harm", "_score", "max_act"], ascending=False)
-    picked = table.groupby("partition", sort=False).head(per_partition)
+    picked = table.groupby("category", sort=False).head(per_category)
     return picked["feature_id"].astype(int).tolist()
 
 

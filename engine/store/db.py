@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from engine.analysis import categories
 from engine.analysis.context import Context
 from engine.store import schema
 
@@ -39,8 +40,9 @@ ROW_IDS = {
 }
 EXPORT_FORMATS = {".parquet": "FORMAT parquet", ".csv": "FORMAT csv, HEADER true"}
 FEATURE_FILTERS = (
-    "partition", "harmful", "status", "min_score", "min_exclusivity", "max_exclusivity",
-    "min_density", "max_density", "search", "explainer", "dead", "feature_ids",
+    "partition", "category", "harmful", "status", "min_score", "min_exclusivity",
+    "max_exclusivity", "min_density", "max_density", "search", "explainer", "dead",
+    "feature_ids",
 )  # fmt: skip
 FEATURE_TABLE_FILTERS = (*FEATURE_FILTERS, "order_by", "descending", "limit", "offset")
 DETECTION = "detection"
@@ -145,6 +147,32 @@ def _limit(limit: int | None, params: list[Any]) -> str:
         return ""
     params.append(_count(limit))
     return " LIMIT ?"
+
+
+def _category() -> tuple[str, list[Any]]:
+    """SQL: the category of the features row `f` (its partition, or a_leaning / b_leaning
+    for a shared feature past the relative-norm bounds); and its parameters."""
+    sql = (
+        'CASE WHEN f."partition" = ? AND f.rel_norm > ?::DOUBLE THEN ? '
+        'WHEN f."partition" = ? AND f.rel_norm < ?::DOUBLE THEN ? ELSE f."partition" END'
+    )
+    params = [
+        categories.SHARED, categories.A_LEANING_ABOVE, categories.A_LEANING,
+        categories.SHARED, categories.B_LEANING_BELOW, categories.B_LEANING,
+    ]  # fmt: skip
+    return sql, params
+
+
+def _partitions(partition: str | Iterable[str]) -> list[str]:
+    """Partition names, checked; a category name gets a hint to filter by category."""
+    values = [partition] if isinstance(partition, str) else list(partition)
+    leaning = [v for v in values if v in categories.LEANING]
+    if leaning:
+        raise StoreDBError(
+            f"{', '.join(map(repr, leaning))} is a category, not a partition: filter with "
+            f"category=... (valid partitions: {', '.join(schema.PARTITIONS)})"
+        )
+    return _choices(values, schema.PARTITIONS, "partition")
 
 
 def _array(value: Any, dtype: type, width: int | None = None) -> np.ndarray:
@@ -537,8 +565,11 @@ class Database:
         checkpoint_path: str | Path | None = None,
         store_path: str | Path | None = None,
         provenance: dict[str, Any] | None = None,
+        history: list[dict[str, Any]] | None = None,
     ) -> None:
-        """Record a run, or update it (keeping its creation time) if the id exists."""
+        """Record a run, or update it (keeping its creation time) if the id exists. `history`
+        is the training metrics of each logged step (`run_history` reads them back); left
+        out (None), an update keeps the history already recorded."""
         if not isinstance(run_id, str) or not run_id:
             raise StoreDBError(f"run_id must be a non-empty string, got {run_id!r}")
         row = {
@@ -556,6 +587,8 @@ class Database:
             "store_path": None if store_path is None else str(store_path),
             "provenance": _dumps(provenance or {}, "provenance"),
         }
+        if history is not None:
+            row["history"] = _dumps(list(history), "history")
         update = ", ".join(
             f"{_ident('runs', c)} = excluded.{_ident('runs', c)}"
             for c in row
@@ -569,19 +602,31 @@ class Database:
             cur.execute(sql, list(row.values()))
 
     def runs(self) -> pd.DataFrame:
-        """All runs, oldest first, JSON columns decoded."""
+        """All runs, oldest first, JSON columns decoded (without their history)."""
+        sql = "SELECT * EXCLUDE (history) FROM runs ORDER BY created_at, run_id"
         with self._cursor() as cur:
-            df = _pandas(_arrow(cur, "SELECT * FROM runs ORDER BY created_at, run_id", []))
+            df = _pandas(_arrow(cur, sql, []))
         return _decode(df, schema.JSON_COLUMNS["runs"])
 
     def run(self, run_id: str) -> dict[str, Any]:
-        """One run as a dict, JSON columns decoded."""
+        """One run as a dict, JSON columns decoded (without its history: `run_history`)."""
+        sql = "SELECT * EXCLUDE (history) FROM runs WHERE run_id = ?"
         with self._cursor() as cur:
             self._require_run(cur, run_id)
-            (row,) = _records(cur.execute("SELECT * FROM runs WHERE run_id = ?", [run_id]))
+            (row,) = _records(cur.execute(sql, [run_id]))
         for column in schema.JSON_COLUMNS["runs"]:
-            row[column] = _loads(row[column])
+            if column in row:
+                row[column] = _loads(row[column])
         return row
+
+    def run_history(self, run_id: str) -> pd.DataFrame:
+        """The run's training metrics, one row per logged step (columns as the trainer logs
+        them: step, loss, fve_a, dead_frac_a_exclusive, ...); empty when none was recorded."""
+        with self._cursor() as cur:
+            self._require_run(cur, run_id)
+            (text,) = cur.execute("SELECT history FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        records = _loads(text) or []
+        return pd.DataFrame.from_records(records) if records else pd.DataFrame()
 
     # features ---------------------------------------------------------------------------
 
@@ -598,12 +643,18 @@ class Database:
         descending: bool = False,
         limit: int | None = None,
         feature_ids: Iterable[int] | None = None,
+        category: str | Sequence[str] | None = None,
     ) -> pd.DataFrame:
-        """The run's features, filtered and ordered (list columns hold numpy arrays)."""
+        """The run's features with their category, filtered and ordered (list columns hold
+        numpy arrays). `partition` and `category` each keep the features in any of theirs."""
+        category_sql, category_params = _category()
         where, params = ["run_id = ?"], [run_id]
         if partition is not None:
             where.append('list_contains(?::VARCHAR[], "partition")')
-            params.append(_choices(partition, schema.PARTITIONS, "partition"))
+            params.append(_partitions(partition))
+        if category is not None:
+            where.append(f"list_contains(?::VARCHAR[], {category_sql})")
+            params += [_choices(category, schema.CATEGORIES, "category"), *category_params]
         if dead is not None:
             where.append("dead = ?")
             params.append(bool(dead))
@@ -611,16 +662,24 @@ class Database:
             where.append("list_contains(?::INTEGER[], feature_id)")
             params.append([int(i) for i in feature_ids])
         order = _order(order_by, schema.FEATURE_ORDER, descending)
-        sql = f"SELECT * FROM features WHERE {' AND '.join(where)} ORDER BY {order}"
+        sql = (
+            f"SELECT *, {category_sql} AS category FROM features f "
+            f"WHERE {' AND '.join(where)} ORDER BY {order}"
+        )
+        params = [*category_params, *params]
         sql += _limit(limit, params)
         return self._frame(sql, params, run_id, "features")
 
     def feature(self, run_id: str, feature_id: int) -> dict[str, Any]:
-        """One feature's statistics as a dict (histogram as numpy arrays)."""
-        sql = "SELECT * FROM features WHERE run_id = ? AND feature_id = ?"
+        """One feature's statistics and category as a dict (histogram as numpy arrays)."""
+        category_sql, params = _category()
+        sql = (
+            f"SELECT *, {category_sql} AS category FROM features f "
+            "WHERE run_id = ? AND feature_id = ?"
+        )
         with self._cursor() as cur:
             self._require_feature(cur, run_id, feature_id)
-            (row,) = _records(cur.execute(sql, [run_id, int(feature_id)]))
+            (row,) = _records(cur.execute(sql, [*params, run_id, int(feature_id)]))
         row["hist_counts"] = _array(row["hist_counts"], np.int64)
         row["hist_edges"] = _array(row["hist_edges"], np.float64)
         return row
@@ -1032,6 +1091,7 @@ class Database:
         self,
         run_id: str,
         partition: str | Sequence[str] | None = None,
+        category: str | Sequence[str] | None = None,
         harmful: bool | None = None,
         status: str | Sequence[str] | None = None,
         min_score: float | None = None,
@@ -1048,19 +1108,22 @@ class Database:
         limit: int | None = None,
         offset: int = 0,
     ) -> pd.DataFrame:
-        """One row per feature: statistics, latest explanation, its detection score, the
-        feature's exclusivity score, triage.
+        """One row per feature: statistics, category, latest explanation, its detection score,
+        the feature's exclusivity score, triage.
 
         The explanation is the newest (of `explainer`, if given); the score is the newest
         detection score of that explanation; the exclusivity is the newest exclusivity score of
         the feature (NULL when the judge gave none); a feature never triaged is 'unreviewed'.
         Score, exclusivity and density bounds are inclusive and drop rows without a value.
+        `partition` and `category` keep the features in any of the given partitions or
+        categories (`engine.analysis.categories`: a shared feature past the relative-norm
+        bounds is a_leaning or b_leaning, not shared).
         `search` matches explanation text, case-insensitively, as a plain substring. `limit`
         and `offset` give one page of the sorted rows (`feature_count` counts them all).
         """
         sql, params = _feature_table_query(
-            run_id, partition=partition, harmful=harmful, status=status, min_score=min_score,
-            min_exclusivity=min_exclusivity, max_exclusivity=max_exclusivity,
+            run_id, partition=partition, category=category, harmful=harmful, status=status,
+            min_score=min_score, min_exclusivity=min_exclusivity, max_exclusivity=max_exclusivity,
             min_density=min_density, max_density=max_density, search=search,
             explainer=explainer, dead=dead, feature_ids=feature_ids, order_by=order_by,
             descending=descending, limit=limit, offset=offset,
@@ -1271,6 +1334,7 @@ def _latest_scores(key: str, restrict: str = "") -> str:
 def _feature_filter(
     run_id: str,
     partition: str | Sequence[str] | None = None,
+    category: str | Sequence[str] | None = None,
     harmful: bool | None = None,
     status: str | Sequence[str] | None = None,
     min_score: float | None = None,
@@ -1287,8 +1351,8 @@ def _feature_filter(
     """SQL from `features f` to its WHERE clause that keeps the filtered features, joining
     only what the filters and the sort key need; and its parameters."""
     where, params, need = _feature_where(
-        run_id, partition, harmful, status, min_score, min_exclusivity, max_exclusivity,
-        min_density, max_density, search, dead, feature_ids,
+        run_id, partition, category, harmful, status, min_score, min_exclusivity,
+        max_exclusivity, min_density, max_density, search, dead, feature_ids,
     )  # fmt: skip
     if sort in TABLE_SORT_KEYS:  # "sc.value" needs the alias sc
         need.add(TABLE_SORT_KEYS[sort].split(".")[0])
@@ -1322,6 +1386,7 @@ def _feature_filter(
 def _feature_where(
     run_id: str,
     partition: str | Sequence[str] | None,
+    category: str | Sequence[str] | None,
     harmful: bool | None,
     status: str | Sequence[str] | None,
     min_score: float | None,
@@ -1338,7 +1403,11 @@ def _feature_where(
     where, params, need = ["f.run_id = ?"], [run_id], set()
     if partition is not None:
         where.append('list_contains(?::VARCHAR[], f."partition")')
-        params.append(_choices(partition, schema.PARTITIONS, "partition"))
+        params.append(_partitions(partition))
+    if category is not None:
+        category_sql, category_params = _category()
+        where.append(f"list_contains(?::VARCHAR[], {category_sql})")
+        params += [_choices(category, schema.CATEGORIES, "category"), *category_params]
     if dead is not None:
         where.append("f.dead = ?")
         params.append(bool(dead))
@@ -1388,7 +1457,9 @@ def _feature_table_query(
         raise StoreDBError(f"cannot order by {order_by!r}; choose one of: {valid}")
     sort = TABLE_SORT_KEYS.get(order_by) or f"f.{_ident('features', order_by)}"
     direction = "DESC" if descending else "ASC"
+    category_sql, category_params = _category()
     body, params = _feature_filter(run_id, sort=order_by, **filters)
+    params = [*category_params, *params]
     page = ""
     if limit is not None or offset:
         page = f"ORDER BY sort_key {direction} NULLS LAST, feature_id"
@@ -1405,7 +1476,8 @@ def _feature_table_query(
     in_e = " AND explanation_id IN (SELECT explanation_id FROM e)" if few else ""
     sql = f"""
         WITH k AS {"MATERIALIZED " if few else ""}(
-            SELECT f.* EXCLUDE (run_id, hist_counts, hist_edges), {sort} AS sort_key
+            SELECT f.* EXCLUDE (run_id, hist_counts, hist_edges), {category_sql} AS category,
+                   {sort} AS sort_key
             {body} {page}
         ),
         e AS ({_latest_explanations(in_k)}),

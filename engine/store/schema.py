@@ -10,6 +10,7 @@ Times are naive UTC timestamps. JSON columns hold `json.dumps` text; the store d
 
 from __future__ import annotations
 
+from engine.analysis.categories import CATEGORIES as FEATURE_CATEGORIES
 from engine.analysis.context import KINDS
 from engine.crosscoder.partition import Role
 
@@ -195,7 +196,13 @@ CREATE INDEX scores_feature_id ON scores (feature_id);
 CREATE INDEX steering_samples_feature_id ON steering_samples (feature_id);
 """
 
-MIGRATIONS: list[str] = [V1, V2]
+# Version 3: the training metric history of a run (one record per logged step), so the
+# dashboard can draw it without the run directory.
+V3 = """
+ALTER TABLE runs ADD COLUMN history JSON;
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3]
 
 # The indexes of the newest version: name -> (table, column).
 INDEXES: dict[str, tuple[str, str]] = {
@@ -210,6 +217,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "runs": (
         "run_id", "name", "created_at", "model_a", "model_b", "architecture", "n_features",
         "partition", "config", "metrics", "checkpoint_path", "store_path", "provenance",
+        "history",
     ),
     "features": (
         "run_id", "feature_id", "partition", "density", "n_active", "max_act", "mean_act",
@@ -252,7 +260,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 
 JSON_COLUMNS: dict[str, tuple[str, ...]] = {
-    "runs": ("model_a", "model_b", "partition", "config", "metrics", "provenance"),
+    "runs": ("model_a", "model_b", "partition", "config", "metrics", "provenance", "history"),
     "scores": ("details",),
     "steering_samples": ("transfer",),
     "evaluations": ("config", "result"),
@@ -281,6 +289,9 @@ BULK_REQUIRED: dict[str, tuple[str, ...]] = {
 SEQUENCES: dict[str, str] = {"explanations": "explanation_ids", "scores": "score_ids"}
 
 PARTITIONS = tuple(role.value for role in Role)  # a_exclusive ... designated_shared
+# A feature's partition, with shared features past the relative-norm bounds set apart as
+# a_leaning / b_leaning (engine.analysis.categories); computed by queries, not stored.
+CATEGORIES = FEATURE_CATEGORIES
 CONTEXT_KINDS = KINDS
 SPACES = ("a", "b")
 MODELS = ("a", "b")

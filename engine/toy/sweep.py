@@ -68,6 +68,9 @@ class SweepConfig:
     exclusive_fraction: float = 0.05  # DFC: share of features exclusive to each model
     designated_fraction: float = 0.10  # DSF: share of designated-shared features
     score_weighting: str = "sum"  # BatchTopK decoder-norm weight: "sum" (paper) or "mean"
+    # Steps between moves of lopsided shared features into the exclusive partitions
+    # (TrainConfig.reassign_every); None: the trainer's default, 0: never (the paper).
+    reassign_every: int | None = None
     # None: 5% of the training tokens, scaled to these short runs as 10M is to 800M pairs
     # in the paper (but coarser, so AuxK gets a chance to act).
     dead_window_tokens: int | None = None
@@ -126,6 +129,7 @@ class SweepConfig:
             log_every=max(1, self.steps // 10),
             checkpoint_every=self.steps,
             device=self.device,
+            **({} if self.reassign_every is None else {"reassign_every": self.reassign_every}),
         )
 
     def crosscoder_config(self, architecture: str, n_features: int) -> CrosscoderConfig:
@@ -458,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["sum", "mean"],
         help="BatchTopK decoder-norm weight: sum (the paper, default) or mean over models",
     )
+    p.add_argument(
+        "--reassign-every",
+        type=int,
+        help="steps between moves of lopsided shared features into exclusive partitions "
+        "(0: never, the paper's method)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke-test sweep (about a minute)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -482,6 +492,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         "lr": args.lr,
         "device": args.device,
         "score_weighting": args.score_weighting,
+        "reassign_every": args.reassign_every,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return SweepConfig(**settings)

@@ -1,0 +1,166 @@
+"""Moving lopsided shared features into the exclusive partition of the model they serve.
+
+Why: a concept only model A has is cheaper for a *shared* feature to learn than for an
+A-exclusive one. The shared feature reconstructs A's concept and, with its B decoder, B's
+mean activation on the same tokens; that is a real (if small) reduction of B's error,
+and BatchTopK ranks it by the sum of both decoder norms. So the shared partition wins the
+concept, its B decoder shrinks to 10-20% of its norm, and the exclusive partition starves.
+
+The fix here is explicit: every few hundred steps, a live shared feature whose relative
+decoder norm has stayed beyond a bound (> `high`: A-leaning, < `low`: B-leaning) at two
+consecutive checks takes the place of a dead feature of the matching exclusive partition.
+It keeps its own-model encoder row, decoder row and bias (and their optimiser moments);
+its other-model decoder is dropped, and the encoder contribution of the other model is
+folded into the bias at that model's mean. The shared slot it leaves is re-initialised as
+a fresh dead feature, which AuxK then trains like any other dead feature.
+
+Only replicated state (parameters, global firing counters) drives the decisions, so every
+rank of a distributed run makes the same moves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.crosscoder.model import Crosscoder
+from engine.crosscoder.partition import Role
+
+_NONE, _A_LEANING, _B_LEANING = 0, 1, 2
+
+
+@dataclass
+class Moves:
+    """Features moved by one reassignment pass."""
+
+    to_a: int = 0
+    to_b: int = 0
+
+
+def leaning(model: Crosscoder, low: float, high: float) -> torch.Tensor:
+    """Per feature: 1 where a shared feature leans to A (rel. norm > high), 2 to B (< low)."""
+    rel = model.relative_decoder_norm()
+    label = torch.zeros(rel.shape, dtype=torch.int8, device=rel.device)
+    shared = model.partition.block(Role.SHARED)
+    label[shared][rel[shared] > high] = _A_LEANING
+    label[shared][rel[shared] < low] = _B_LEANING
+    return label
+
+
+@torch.no_grad()
+def reassign(
+    model: Crosscoder,
+    optimizer: torch.optim.Optimizer,
+    since_fired: torch.Tensor,
+    previous: torch.Tensor,
+    dead_window: int,
+    low: float,
+    high: float,
+    generator: torch.Generator,
+    init_norm: float,
+) -> tuple[Moves, torch.Tensor]:
+    """Move persistently lopsided live shared features into dead exclusive slots.
+
+    `previous` is the leaning label of every feature at the last check; returns the moves
+    made and the labels to pass as `previous` next time.
+    """
+    p = model.partition
+    current = leaning(model, low, high)
+    moves = Moves()
+    if not (p.n_a_exclusive or p.n_b_exclusive):
+        return moves, current
+    live = since_fired < dead_window
+    dead = ~live
+    for role, tag, model_name in (
+        (Role.A_EXCLUSIVE, _A_LEANING, "a"),
+        (Role.B_EXCLUSIVE, _B_LEANING, "b"),
+    ):
+        block = p.block(role)
+        candidates = torch.nonzero((current == tag) & (previous == tag) & live).squeeze(1)
+        slots = torch.nonzero(dead[block]).squeeze(1) + block.start
+        n = min(candidates.numel(), slots.numel())
+        if n == 0:
+            continue
+        # The most lopsided candidates first: they are the surest exclusive concepts.
+        rel = model.relative_decoder_norm()[candidates]
+        order = rel.argsort(descending=(model_name == "a"))
+        chosen = candidates[order[:n]]
+        for shared_id, slot in zip(chosen.tolist(), slots[:n].tolist(), strict=True):
+            _move(model, optimizer, shared_id, slot, model_name)
+            since_fired[slot] = since_fired[shared_id]
+            _reinitialise(model, optimizer, shared_id, generator, init_norm)
+            since_fired[shared_id] = dead_window  # a fresh dead feature, for AuxK
+            current[shared_id] = _NONE
+        if model_name == "a":
+            moves.to_a = n
+        else:
+            moves.to_b = n
+    return moves, current
+
+
+def _move(
+    model: Crosscoder, optimizer: torch.optim.Optimizer, shared_id: int, slot: int, own: str
+) -> None:
+    """Copy a shared feature's own-model parameters (and Adam moments) into `slot`."""
+    other = "b" if own == "a" else "a"
+    src_own, dst_own = _row(model, own, shared_id), _row(model, own, slot)
+    enc_own, dec_own = _tables(model, own)
+    enc_other, _ = _tables(model, other)
+    b_dec_other = model.b_dec_b if other == "b" else model.b_dec_a
+    # The other model's encoder input is gone; at its mean activation (its decoder bias,
+    # initialised there) it contributed this much to the pre-activation.
+    fold = enc_other[_row(model, other, shared_id)] @ b_dec_other
+    for table in (enc_own, dec_own):
+        _copy_row(optimizer, table, src_own, dst_own)
+    _copy_row(optimizer, model.b_enc, shared_id, slot)
+    model.b_enc[slot] += fold
+
+
+def _reinitialise(
+    model: Crosscoder,
+    optimizer: torch.optim.Optimizer,
+    feature: int,
+    generator: torch.Generator,
+    init_norm: float,
+) -> None:
+    """Give a shared feature fresh random decoders (encoders their copies), zero bias."""
+    for name in ("a", "b"):
+        row = _row(model, name, feature)
+        enc, dec = _tables(model, name)
+        direction = torch.randn(dec.shape[1], generator=generator).to(dec.device, dec.dtype)
+        direction *= init_norm / direction.norm().clamp_min(1e-12)
+        dec[row] = direction
+        enc[row] = direction
+        _zero_moments(optimizer, dec, row)
+        _zero_moments(optimizer, enc, row)
+    model.b_enc[feature] = 0.0
+    _zero_moments(optimizer, model.b_enc, feature)
+
+
+def _row(model: Crosscoder, name: str, feature: int) -> int:
+    row = int((model.rows_in_a if name == "a" else model.rows_in_b)[feature])
+    if row < 0:
+        raise ValueError(f"feature {feature} has no parameters in model {name.upper()}")
+    return row
+
+
+def _tables(model: Crosscoder, name: str) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    """(encoder, decoder) row tables of one model."""
+    return (model.w_enc_a, model.w_dec_a) if name == "a" else (model.w_enc_b, model.w_dec_b)
+
+
+def _copy_row(optimizer: torch.optim.Optimizer, param: torch.Tensor, src: int, dst: int) -> None:
+    """param[dst] = param[src], and the same for its Adam moments."""
+    param[dst] = param[src]
+    state = optimizer.state.get(param, {})
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key][dst] = state[key][src]
+
+
+def _zero_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor, row: int) -> None:
+    state = optimizer.state.get(param, {})
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key][row] = 0

@@ -1,0 +1,149 @@
+"""Moving lopsided shared features into the exclusive partitions during DFC training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import ConfigError, CrosscoderConfig, TrainConfig
+from engine.crosscoder.model import Crosscoder
+from engine.crosscoder.partition import Partition
+from engine.crosscoder.reassign import leaning, reassign
+from engine.crosscoder.trainer import train
+
+D_A, D_B = 12, 10
+WINDOW = 100
+
+
+def _lopsided_dfc() -> tuple[Crosscoder, torch.optim.Optimizer]:
+    """A DFC [A-excl 0-1 | B-excl 2-3 | shared 4-9] with shared feature 6 almost A-only
+    and shared feature 8 almost B-only; Adam moments filled with recognisable values."""
+    torch.manual_seed(0)
+    cc = Crosscoder(D_A, D_B, Partition(2, 2, 6))
+    with torch.no_grad():
+        cc.w_dec_b[2 + 2] *= 0.05  # shared feature 6 is B row 4
+        cc.w_dec_a[2 + 4] *= 0.05  # shared feature 8 is A row 6
+        cc.b_enc.copy_(torch.arange(10.0))
+        cc.b_dec_b.fill_(1.0)
+    opt = torch.optim.Adam(cc.parameters())
+    for p in cc.parameters():
+        opt.state[p] = {
+            "exp_avg": torch.rand_like(p),
+            "exp_avg_sq": torch.rand_like(p),
+            "step": torch.tensor(3.0),
+        }
+    return cc, opt
+
+
+def test_leaning_labels_only_shared_features_beyond_the_bounds():
+    cc, _ = _lopsided_dfc()
+    labels = leaning(cc, 0.2, 0.8)
+    assert labels.tolist() == [0, 0, 0, 0, 0, 0, 1, 0, 2, 0]
+
+
+def test_a_lopsided_feature_moves_to_a_dead_a_exclusive_slot_after_two_checks():
+    cc, opt = _lopsided_dfc()
+    since = torch.zeros(10, dtype=torch.long)
+    since[1] = WINDOW  # A-exclusive feature 1 is dead
+    since[6] = 7
+    gen = torch.Generator().manual_seed(0)
+    before = {n: p.detach().clone() for n, p in cc.named_parameters()}
+    adam_enc_a = opt.state[cc.w_enc_a]["exp_avg"].clone()
+    args = (since, WINDOW, 0.2, 0.8, gen, 0.4)
+
+    moves, labels = reassign(cc, opt, since, torch.zeros(10, dtype=torch.int8), *args[1:])
+    assert (moves.to_a, moves.to_b) == (0, 0)  # lopsided once is not enough
+    moves, labels = reassign(cc, opt, since, labels, *args[1:])
+    assert (moves.to_a, moves.to_b) == (1, 0)  # no B-exclusive slot is dead
+
+    # Slot 1 now holds feature 6's A encoder/decoder rows (A row 4) and their moments.
+    assert torch.equal(cc.w_dec_a[1], before["w_dec_a"][4])
+    assert torch.equal(cc.w_enc_a[1], before["w_enc_a"][4])
+    assert torch.equal(opt.state[cc.w_enc_a]["exp_avg"][1], adam_enc_a[4])
+    # Its B encoder's contribution at B's mean (b_dec_b = 1) is folded into the bias.
+    fold = before["w_enc_b"][4].sum()
+    assert cc.b_enc[1].item() == pytest.approx(6.0 + fold.item(), rel=1e-6)
+    assert since[1] == 7
+    # The shared slot starts over: fresh decoders at the init norm, zero bias and moments,
+    # dead so that AuxK trains it.
+    assert cc.w_dec_a[4].norm().item() == pytest.approx(0.4, rel=1e-5)
+    assert cc.w_dec_b[4].norm().item() == pytest.approx(0.4, rel=1e-5)
+    assert torch.equal(cc.w_enc_b[4], cc.w_dec_b[4])
+    assert cc.b_enc[6] == 0 and since[6] == WINDOW
+    assert torch.count_nonzero(opt.state[cc.w_dec_a]["exp_avg"][4]) == 0
+    assert labels[6] == 0
+    # Features that were not involved are untouched.
+    for name in ("w_dec_a", "w_enc_a"):
+        keep = [0, 2, 3, 5, 6, 7]
+        assert torch.equal(getattr(cc, name)[keep], before[name][keep])
+
+
+def test_dead_shared_features_and_full_partitions_stay_put():
+    cc, opt = _lopsided_dfc()
+    gen = torch.Generator().manual_seed(0)
+    since = torch.full((10,), WINDOW, dtype=torch.long)  # everything dead, 6 and 8 too
+    labels = leaning(cc, 0.2, 0.8)
+    moves, _ = reassign(cc, opt, since, labels, WINDOW, 0.2, 0.8, gen, 0.4)
+    assert (moves.to_a, moves.to_b) == (0, 0)
+    since.zero_()  # everything live: no free exclusive slot
+    moves, _ = reassign(cc, opt, since, labels, WINDOW, 0.2, 0.8, gen, 0.4)
+    assert (moves.to_a, moves.to_b) == (0, 0)
+
+
+def test_b_lopsided_feature_moves_to_b_exclusive():
+    cc, opt = _lopsided_dfc()
+    gen = torch.Generator().manual_seed(0)
+    since = torch.zeros(10, dtype=torch.long)
+    since[2] = WINDOW  # B-exclusive feature 2 (B row 0) is dead
+    before = cc.w_dec_b[6].detach().clone()  # feature 8 is B row 2 + 4
+    labels = leaning(cc, 0.2, 0.8)
+    moves, _ = reassign(cc, opt, since, labels, WINDOW, 0.2, 0.8, gen, 0.4)
+    assert (moves.to_a, moves.to_b) == (0, 1)
+    assert torch.equal(cc.w_dec_b[0], before)
+
+
+def test_training_with_reassignment_moves_an_a_only_concept_and_resumes_exactly(tmp_path):
+    # Three strong concepts only A has, each on 5% of rows, among shared ones.
+    g = torch.Generator().manual_seed(1)
+    n, c = 4096, 40
+    z = (torch.rand(n, c, generator=g) < 0.05).float() * torch.rand(n, c, generator=g)
+    c_a, c_b = torch.randn(c, D_A, generator=g), torch.randn(c, D_B, generator=g)
+    c_b[-3:] = 0
+    c_a[-3:] *= 2
+    data = (z @ c_a, z @ c_b)
+    model = CrosscoderConfig(
+        d_a=D_A, d_b=D_B, n_features=64, architecture="dfc", a_exclusive=4, b_exclusive=4
+    )
+    kw = dict(
+        steps=150,
+        batch_size=256,
+        k=4,
+        k_initial=12,
+        anneal_steps=20,
+        lr=1e-2,
+        warmup_steps=5,
+        k_aux=16,
+        dead_window_tokens=256 * 10,
+        log_every=10,
+        checkpoint_every=20,
+        device="cpu",
+        reassign_every=10,
+    )
+    full = train(model, TrainConfig(**kw), data, out_dir=tmp_path / "full", progress=False)
+    assert full.final["moved_to_a"] + full.final["moved_to_b"] > 0
+    assert "moved_to_a" in full.history[-1]
+    # Resuming from the step-100 checkpoint reproduces the uninterrupted run exactly.
+    short = train(
+        model, TrainConfig(**{**kw, "steps": 100}), data, tmp_path / "cut", progress=False
+    )
+    assert short.final["steps"] == 100
+    resumed = train(model, TrainConfig(**kw), data, tmp_path / "cut", progress=False)
+    for name, tensor in full.crosscoder.state_dict().items():
+        assert torch.equal(tensor, resumed.crosscoder.state_dict()[name]), name
+
+
+def test_reassignment_bounds_are_validated():
+    with pytest.raises(ConfigError, match="reassign_low and reassign_high"):
+        TrainConfig(reassign_low=0.6)
+    with pytest.raises(ConfigError, match="reassign_every"):
+        TrainConfig(reassign_every=-1)
