@@ -23,9 +23,7 @@ from engine.config import ConfigError
 from engine.harvest.store import StoreError
 from engine.planted import KINDS
 from engine.planted.sweep import PlantedConfig, format_table, run_planted, summarize
-from engine.planted.variants import parse_variant
-
-PAPER_DFC = "dfc-paper:architecture=dfc,reassign_every=0"
+from engine.planted.variants import DEFAULT_VARIANTS, parse_variant
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output directory (default runs/planted-KIND)")
     p.add_argument("--kind", choices=KINDS, default="residual")
     # The paper's DFC beside the default one (with reassignment) and the standard baseline.
-    p.add_argument("--variants", nargs="+", default=["standard", PAPER_DFC, "dfc"])
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--strengths", nargs="+", type=float, help="default: the kind's sweep")
     p.add_argument("--quick", action="store_true", help="1 seed, 2 strengths, 500 steps")

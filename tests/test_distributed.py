@@ -40,7 +40,17 @@ def dirty_data(n: int = 2048, **kw) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dfc_run(steps: int):
-    return model_cfg(), train_cfg(steps=steps, log_every=2, checkpoint_every=4)
+    # Reassignment every 3 steps with bounds so tight that features do move in 12 steps, so
+    # its decisions (and their resumption) are checked across ranks too.
+    cfg = train_cfg(
+        steps=steps,
+        log_every=2,
+        checkpoint_every=4,
+        reassign_every=3,
+        reassign_low=0.49,
+        reassign_high=0.51,
+    )
+    return model_cfg(), cfg
 
 
 def dsf_run():
@@ -107,6 +117,7 @@ def test_two_processes_train_what_one_process_trains_and_resume(tmp_path, monkey
     single_dfc = train(*dfc_run(12), dirty_data(), progress=False)
     assert single_dfc.final["nonfinite_rows"] > 0 and single_dfc.final["masked_outliers"] > 0
     assert single_dfc.final["dead_frac"] > 0  # AuxK was active
+    assert single_dfc.final["moved_to_a"] + single_dfc.final["moved_to_b"] > 0
     rows = assert_same_training(single_dfc, tmp_path, "dfc")
     # Half of each 128-row batch per rank, for 8 steps and then the 4 left after resuming.
     assert rows == [[64] * 12, [64] * 12]

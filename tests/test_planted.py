@@ -337,15 +337,16 @@ def test_sweep_writes_one_row_per_run_and_resumes(store, tmp_path):
     )  # fmt: skip
     lines: list[str] = []
     results = run_planted(cfg, progress=False, log=lines.append)
-    assert len(results) == 4 and len(lines) == 5  # a header and one line per run
-    assert set(results["variant"]) == {"standard", "dfc"} and set(results["into"]) == {"a", "b"}
+    assert len(results) == 6 and len(lines) == 7  # a header and one line per run
+    assert set(results["variant"]) == {"standard", "dfc-paper", "dfc"}
+    assert set(results["into"]) == {"a", "b"}
     for name in ("results.csv", "results.json", "summary.csv", "figure.html"):
         assert (tmp_path / "out" / name).is_file()
     payload = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert len(payload["results"]) == 4 and payload["config"]["kind"] == "residual"
+    assert len(payload["results"]) == 6 and payload["config"]["kind"] == "residual"
     assert "standard" in format_table(summarize(results))
     lines.clear()
-    assert len(run_planted(cfg, progress=False, log=lines.append)) == 4 and not lines
+    assert len(run_planted(cfg, progress=False, log=lines.append)) == 6 and not lines
     changed = PlantedConfig(**{**cfg.to_dict(), "steps": 30})
     with pytest.raises(PlantedError, match="different settings \\(steps\\)"):
         run_planted(changed, progress=False, log=lines.append)
@@ -408,7 +409,7 @@ def test_residual_benchmark_end_to_end(tiny_pair_store, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "best F1" in printed and "figure:" in printed
     results = json.loads((out / "results.json").read_text())["results"]
-    assert len(results) == 4  # 2 models x 2 variants
+    assert len(results) == 6  # 2 models x 3 variants
     for row in results:
         assert 0 <= row["best_f1"] <= 1 and row["best_role"] in (
             "a_exclusive",
@@ -417,7 +418,7 @@ def test_residual_benchmark_end_to_end(tiny_pair_store, tmp_path, capsys):
         )
         assert row["n_triggers"] > 100 and row["fve_a"] is not None
         assert row["correct"] == (row["best_f1"] >= 0.8 and row["best_label"] == row["into"])
-        if row["variant"] == "dfc":
+        if row["variant"] in ("dfc", "dfc-paper"):
             assert row["right_f1"] is not None and row["dead_frac_a_exclusive"] is not None
     strong = [r for r in results if r["variant"] == "standard" and r["strength"] == 1.0]
     assert all(r["best_f1"] >= 0.8 and r["best_cosine"] > 0.8 for r in strong)

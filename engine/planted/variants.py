@@ -20,10 +20,11 @@ Variant = tuple[Overrides, Overrides]
 
 KNOWN_VARIANTS: dict[str, Variant] = {
     "standard": ({"architecture": "standard"}, {}),
-    "dfc": ({"architecture": "dfc"}, {}),
+    "dfc": ({"architecture": "dfc"}, {}),  # the default method: with reassignment
+    "dfc-paper": ({"architecture": "dfc"}, {"reassign_every": 0}),  # the paper's method
     "dfc-mean": ({"architecture": "dfc", "score_weighting": "mean"}, {}),
 }
-DEFAULT_VARIANTS = ("standard", "dfc")
+DEFAULT_VARIANTS = ("standard", "dfc-paper", "dfc")
 # Set from the activations, never by a variant.
 _FIXED = {"d_a", "d_b"}
 _SECTIONS = {"crosscoder": CrosscoderConfig, "train": TrainConfig}

@@ -71,6 +71,8 @@ class SweepConfig:
     # Steps between moves of lopsided shared features into the exclusive partitions
     # (TrainConfig.reassign_every); None: the trainer's default, 0: never (the paper).
     reassign_every: int | None = None
+    reassign_low: float | None = None  # None: the trainer's defaults
+    reassign_high: float | None = None
     # None: 5% of the training tokens, scaled to these short runs as 10M is to 800M pairs
     # in the paper (but coarser, so AuxK gets a chance to act).
     dead_window_tokens: int | None = None
@@ -129,8 +131,13 @@ class SweepConfig:
             log_every=max(1, self.steps // 10),
             checkpoint_every=self.steps,
             device=self.device,
-            **({} if self.reassign_every is None else {"reassign_every": self.reassign_every}),
+            **self._reassignment(),
         )
+
+    def _reassignment(self) -> dict[str, Any]:
+        """The reassignment settings this sweep sets (the rest keep TrainConfig's defaults)."""
+        names = ("reassign_every", "reassign_low", "reassign_high")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def crosscoder_config(self, architecture: str, n_features: int) -> CrosscoderConfig:
         """Crosscoder shape of one run."""
@@ -468,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps between moves of lopsided shared features into exclusive partitions "
         "(0: never, the paper's method)",
     )
+    p.add_argument(
+        "--reassign-bounds",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="relative decoder norms beyond which a shared feature moves to B / to A",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke-test sweep (about a minute)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -493,6 +507,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         "device": args.device,
         "score_weighting": args.score_weighting,
         "reassign_every": args.reassign_every,
+        "reassign_low": args.reassign_bounds[0] if args.reassign_bounds else None,
+        "reassign_high": args.reassign_bounds[1] if args.reassign_bounds else None,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return SweepConfig(**settings)
