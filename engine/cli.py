@@ -140,6 +140,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"B {f.get('fve_b', float('nan')):.3f}, L0 {f.get('l0', float('nan')):.1f}, "
         f"dead {f['dead_frac']:.1%} -> {args.out}"
     )
+    if "moved_to_a" in f and result.crosscoder.partition.architecture.value == "dfc":
+        print(
+            f"reassigned {f['moved_to_a']} lopsided shared features to A-exclusive and "
+            f"{f['moved_to_b']} to B-exclusive; dead A-exclusive "
+            f"{f.get('dead_frac_a_exclusive', float('nan')):.1%}, B-exclusive "
+            f"{f.get('dead_frac_b_exclusive', float('nan')):.1%}"
+        )
 
 
 def _training_data(args: argparse.Namespace):

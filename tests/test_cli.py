@@ -67,6 +67,7 @@ def test_train_writes_a_loadable_crosscoder_and_reruns_are_cached(files):
     first = modeldiff(*args)
     assert first.returncode == 0, first.stderr
     assert "trained dfc crosscoder: 20 steps" in first.stdout
+    assert "reassigned 0 lopsided shared features to A-exclusive" in first.stdout
     cc, _, header = load_crosscoder(files / "run")
     assert header["metrics"]["steps"] == 20 and cc.partition.n_a_exclusive == 3
     again = modeldiff(*args, "--steps", "30")
