@@ -38,9 +38,13 @@ class Moves:
     to_b: int = 0
 
 
-def leaning(model: Crosscoder, low: float, high: float) -> torch.Tensor:
-    """Per feature: 1 where a shared feature leans to A (rel. norm > high), 2 to B (< low)."""
-    rel = model.relative_decoder_norm()
+def leaning(
+    model: Crosscoder, low: float, high: float, rel: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per feature: 1 where a shared feature leans to A (rel. norm > high), 2 to B (< low).
+
+    `rel` is the model's relative decoder norm when the caller has it already."""
+    rel = model.relative_decoder_norm() if rel is None else rel
     label = torch.zeros(rel.shape, dtype=torch.int8, device=rel.device)
     shared = model.partition.block(Role.SHARED)
     label[shared][rel[shared] > high] = _A_LEANING
@@ -66,7 +70,8 @@ def reassign(
     made and the labels to pass as `previous` next time.
     """
     p = model.partition
-    current = leaning(model, low, high)
+    rel = model.relative_decoder_norm()
+    current = leaning(model, low, high, rel)
     moves = Moves()
     if not (p.n_a_exclusive or p.n_b_exclusive):
         return moves, current
@@ -83,8 +88,7 @@ def reassign(
         if n == 0:
             continue
         # The most lopsided candidates first: they are the surest exclusive concepts.
-        rel = model.relative_decoder_norm()[candidates]
-        order = rel.argsort(descending=(model_name == "a"))
+        order = rel[candidates].argsort(descending=(model_name == "a"))
         chosen = candidates[order[:n]]
         for shared_id, slot in zip(chosen.tolist(), slots[:n].tolist(), strict=True):
             _move(model, optimizer, shared_id, slot, model_name)

@@ -400,6 +400,12 @@ class Trainer:
         )
         self.moved += torch.tensor([moves.to_a, moves.to_b])
 
+    def moves(self) -> dict[str, int]:
+        """Shared features moved to each exclusive partition so far (empty when off)."""
+        if not self.cfg.reassign_every:
+            return {}
+        return {"moved_to_a": int(self.moved[0]), "moved_to_b": int(self.moved[1])}
+
     # -- state for logs and checkpoints ---------------------------------------------
 
     def dead_mask(self) -> torch.Tensor:
@@ -564,8 +570,7 @@ def _train(
         nonfinite_rows=trainer.counters.nonfinite_rows,
         aux_nan_steps=trainer.counters.aux_nan_steps,
     )
-    if train_cfg.reassign_every:
-        final.update(moved_to_a=int(trainer.moved[0]), moved_to_b=int(trainer.moved[1]))
+    final.update(trainer.moves())
     if out is not None and ctx.is_main:
         if latest is None or trainer.counters.step != latest_step(latest):
             trainer.save_checkpoint(out)
@@ -667,8 +672,7 @@ def _record(trainer: Trainer, stats: dict[str, torch.Tensor], step: int, rate: f
         aux_nan_steps=trainer.counters.aux_nan_steps,
         **trainer.dead_fractions(),
     )
-    if trainer.cfg.reassign_every:
-        record.update(moved_to_a=int(trainer.moved[0]), moved_to_b=int(trainer.moved[1]))
+    record.update(trainer.moves())
     return {k: (v if isinstance(v, int) or math.isfinite(v) else None) for k, v in record.items()}
 
 

@@ -44,6 +44,7 @@ from engine.planted.variants import (
     split_overrides,
     variant_configs,
 )
+from engine.sweep_results import append_row, json_records, load_results, write_csv
 
 KEYS = ["kind", "into", "strength", "rate", "seed", "variant"]
 # Residual strengths are in units of the model's median activation norm, embedding
@@ -245,7 +246,7 @@ def run_planted(cfg: PlantedConfig, progress: bool = True, log: Log = _stderr) -
     check_runs(cfg, (store.d_a, store.d_b))
     out.mkdir(parents=True, exist_ok=True)
     _check_same_sweep(out, cfg)
-    results = _load_results(out)
+    results = load_results(out, KEYS)
     done = {_key(r) for r in results[KEYS].itertuples(index=False)} if len(results) else set()
     todo: dict[tuple, list[str]] = {}
     for seed in cfg.seeds:
@@ -274,12 +275,12 @@ def run_planted(cfg: PlantedConfig, progress: bool = True, log: Log = _stderr) -
                 cfg, pairs, rows, shift, into, seed, variant, run_dir, progress
             )}  # fmt: skip
             row["seconds"] = time.perf_counter() - start
-            results = _append(results, row)
+            results = append_row(results, row)
             # Written after every run so an interruption loses at most the current one.
-            _write_csv(results, out / "results.csv")
+            write_csv(results, out / "results.csv")
             log(f"[{count}/{total}] {describe(row)}")
     # Read back, so fresh and resumed sweeps return the same column types.
-    selected = _select(_load_results(out), cfg)
+    selected = _select(load_results(out, KEYS), cfg)
     write_outputs(selected, cfg, out)
     return selected
 
@@ -349,20 +350,6 @@ def _check_same_sweep(out: Path, cfg: PlantedConfig) -> None:
     atomic_write_text(path, json.dumps({**current, "variants": variants}, indent=2))
 
 
-def _append(results: pd.DataFrame, row: dict[str, Any]) -> pd.DataFrame:
-    new = pd.DataFrame([row])
-    return new if not len(results) else pd.concat([results, new], ignore_index=True)
-
-
-def _load_results(out: Path) -> pd.DataFrame:
-    path = out / "results.csv"
-    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=KEYS)
-
-
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    atomic_write_text(path, frame.to_csv(index=False))
-
-
 # -- outputs ----------------------------------------------------------------------------
 
 GROUP = ["variant", "into", "strength", "rate"]
@@ -416,8 +403,12 @@ def write_outputs(results: pd.DataFrame, cfg: PlantedConfig, out: Path) -> None:
     if not len(results):
         return
     summary = summarize(results)
-    _write_csv(summary, out / "summary.csv")
-    payload = {"config": cfg.to_dict(), "results": _records(results), "summary": _records(summary)}
+    write_csv(summary, out / "summary.csv")
+    payload = {
+        "config": cfg.to_dict(),
+        "results": json_records(results),
+        "summary": json_records(summary),
+    }
     atomic_write_text(out / "results.json", json.dumps(payload, indent=2))
     figure(results, cfg).write_html(out / "figure.html", include_plotlyjs=True)
 
@@ -515,16 +506,3 @@ def _hover(r: dict[str, Any]) -> str:
         f"rel. norm {r['best_rel_norm']:.2f}, cos {f['best_cosine']}<br>"
         f"FVE A {f['fve_a']}, B {f['fve_b']}"
     )
-
-
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """JSON-safe rows (NaN becomes null)."""
-    return [{k: _json_value(v) for k, v in row.items()} for row in frame.to_dict("records")]
-
-
-def _json_value(value: Any) -> Any:
-    if hasattr(value, "item"):  # numpy scalars
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

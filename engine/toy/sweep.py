@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ import pandas as pd
 from engine.config import CrosscoderConfig, TrainConfig
 from engine.files import atomic_write_text
 from engine.progress import ProgressBar
+from engine.sweep_results import append_row, json_records, load_results, write_csv
 from engine.toy.evaluate import evaluate_recovery
 from engine.toy.model import ToyConfig, ToyModel
 
@@ -197,7 +197,7 @@ def run_sweep(
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_same_sweep(out, cfg)
-    results = _load_results(out)
+    results = load_results(out, KEYS)
     done = {tuple(r) for r in results[KEYS].itertuples(index=False)} if len(results) else set()
     todo = [
         (arch, size, seed)
@@ -217,9 +217,9 @@ def run_sweep(
             row = {"architecture": arch, "n_features": size, "seed": seed}
             row.update(run_fn(cfg, toy, arch, size, seed))
             row["seconds"] = time.perf_counter() - start
-            results = _append(results, row)
+            results = append_row(results, row)
             # Written after every run so an interruption loses at most the current one.
-            _write_csv(results, out / "results.csv")
+            write_csv(results, out / "results.csv")
             bar.update(advance=1)
     selected = _select(results, cfg)
     write_outputs(selected, cfg, out)
@@ -254,18 +254,6 @@ def _check_same_sweep(out: Path, cfg: SweepConfig) -> None:
         atomic_write_text(path, json.dumps(current, indent=2))
 
 
-def _append(results: pd.DataFrame, row: dict[str, Any]) -> pd.DataFrame:
-    """Results with one more run."""
-    new = pd.DataFrame([row])
-    return new if not len(results) else pd.concat([results, new], ignore_index=True)
-
-
-def _load_results(out: Path) -> pd.DataFrame:
-    """Rows finished by earlier invocations (empty frame if none)."""
-    path = out / "results.csv"
-    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=KEYS)
-
-
 # -- outputs ----------------------------------------------------------------------------
 
 
@@ -286,8 +274,12 @@ def write_outputs(results: pd.DataFrame, cfg: SweepConfig, out: Path) -> None:
     if not len(results):
         return
     summary = summarize(results)
-    _write_csv(summary, out / "summary.csv")
-    payload = {"config": cfg.to_dict(), "results": _records(results), "summary": _records(summary)}
+    write_csv(summary, out / "summary.csv")
+    payload = {
+        "config": cfg.to_dict(),
+        "results": json_records(results),
+        "summary": json_records(summary),
+    }
     atomic_write_text(out / "results.json", json.dumps(payload, indent=2))
     figure(summary, cfg).write_html(out / "figure.html", include_plotlyjs=True)
 
@@ -396,24 +388,6 @@ def _add_false_positives(fig: Any, part: pd.DataFrame, arch: str) -> None:
 def _rgba(hex_colour: str, alpha: float) -> str:
     r, g, b = (int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
     return f"rgba({r},{g},{b},{alpha})"
-
-
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """JSON-safe rows (NaN becomes null)."""
-    rows = frame.to_dict(orient="records")
-    return [{k: _json_value(v) for k, v in row.items()} for row in rows]
-
-
-def _json_value(value: Any) -> Any:
-    if hasattr(value, "item"):  # numpy scalars
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    atomic_write_text(path, frame.to_csv(index=False))
 
 
 # -- command line -----------------------------------------------------------------------
