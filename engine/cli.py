@@ -140,12 +140,21 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"B {f.get('fve_b', float('nan')):.3f}, L0 {f.get('l0', float('nan')):.1f}, "
         f"dead {f['dead_frac']:.1%} -> {args.out}"
     )
-    if "moved_to_a" in f and result.crosscoder.partition.architecture.value == "dfc":
+    partition = result.crosscoder.partition
+    if "moved_to_a" in f and partition.architecture.value == "dfc":
+        recycled = (
+            f"; {f['recycled_to_shared']} dead exclusive features went back to shared"
+            if "recycled_to_shared" in f
+            else ""
+        )
         print(
             f"reassigned {f['moved_to_a']} lopsided shared features to A-exclusive and "
-            f"{f['moved_to_b']} to B-exclusive; dead A-exclusive "
-            f"{f.get('dead_frac_a_exclusive', float('nan')):.1%}, B-exclusive "
-            f"{f.get('dead_frac_b_exclusive', float('nan')):.1%}"
+            f"{f['moved_to_b']} to B-exclusive{recycled}; final partitions "
+            f"{partition.n_a_exclusive} A-exclusive "
+            f"({f.get('dead_frac_a_exclusive', float('nan')):.0%} dead), "
+            f"{partition.n_b_exclusive} B-exclusive "
+            f"({f.get('dead_frac_b_exclusive', float('nan')):.0%} dead), "
+            f"{partition.n_shared} shared"
         )
 
 

@@ -112,6 +112,10 @@ class TrainConfig:
     reassign_every: int = 100
     reassign_low: float = 0.35
     reassign_high: float = 0.65
+    # With reassignment on: partition sizes adapt. A moving feature changes role in place
+    # (no dead slot needed) and dead exclusive features return to the shared block as
+    # fresh features, so no exclusive partition stays mostly dead (docs/training.md).
+    adapt_partitions: bool = True
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "k", "log_every", "checkpoint_every", "keep_checkpoints")

@@ -8,7 +8,8 @@ import torch
 from engine.config import ConfigError, CrosscoderConfig, TrainConfig
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.partition import Partition
-from engine.crosscoder.reassign import leaning, reassign
+from engine.crosscoder.reassign import adapt, leaning, reassign
+from engine.crosscoder.relayout import resize
 from engine.crosscoder.trainer import train
 
 D_A, D_B = 12, 10
@@ -102,7 +103,83 @@ def test_b_lopsided_feature_moves_to_b_exclusive():
     assert torch.equal(cc.w_dec_b[0], before)
 
 
-def test_training_with_reassignment_moves_an_a_only_concept_and_resumes_exactly(tmp_path):
+def _pre(cc: Crosscoder, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return cc.pre_activations(x_a, x_b)
+
+
+def test_adaptive_move_changes_the_role_in_place_and_keeps_every_other_feature():
+    cc, opt = _lopsided_dfc()
+    since = torch.zeros(10, dtype=torch.long)
+    since[6] = 7
+    gen = torch.Generator().manual_seed(0)
+    x_a, x_b = torch.randn(5, D_A), torch.randn(5, D_B)
+    pre_before, dec_a_before = _pre(cc, x_a, x_b), cc.decoder_matrix("a")
+    adam_before = opt.state[cc.w_enc_a]["exp_avg"].clone()
+    enc_b_6 = cc.w_enc_b[4].detach().clone()
+
+    labels = leaning(cc, 0.2, 0.8)
+    full = adapt(cc, opt, since, labels, WINDOW, 0.2, 0.8, gen, 0.4, (2, 2))
+    assert full[2] is None  # both exclusive partitions are at their configured size
+    moves, labels, order = adapt(cc, opt, since, labels, WINDOW, 0.2, 0.8, gen, 0.4, (3, 3))
+    # Below capacity no dead slot is needed: 6 becomes A-exclusive, 8 B-exclusive.
+    assert (moves.to_a, moves.to_b, moves.recycled) == (1, 1, 0)
+    assert cc.partition == Partition(3, 3, 4)
+    assert order.tolist() == [0, 1, 6, 2, 3, 8, 4, 5, 7, 9]
+    assert since[2] == 7 and labels[2] == 0 and labels[5] == 0
+    assert cc.rows_in_b[2] == -1 and cc.rows_in_a[5] == -1
+    assert cc.w_dec_a.shape == (7, D_A) and cc.w_dec_b.shape == (7, D_B)
+    # The moved feature keeps its A decoder and Adam moments (A row 4 before, 2 now) ...
+    assert torch.equal(cc.decoder_matrix("a")[2], dec_a_before[6])
+    assert torch.equal(opt.state[cc.w_enc_a]["exp_avg"][2], adam_before[4])
+    # ... and reads the same pre-activation at B's mean (b_dec_b = 1) as before.
+    assert cc.b_enc[2].item() == pytest.approx(6.0 + enc_b_6.sum().item(), rel=1e-6)
+    # Every feature that kept its role computes exactly what it did.
+    pre_after = _pre(cc, x_a, x_b)
+    kept = [i for i in range(10) if order[i] not in (6, 8)]
+    assert torch.allclose(pre_after[:, kept], pre_before[:, order[kept]], atol=1e-6)
+    assert torch.equal(cc.decoder_matrix("a")[kept], dec_a_before[order[kept]])
+
+
+def test_adaptive_partitions_recycle_dead_exclusive_features_into_shared_but_keep_one():
+    cc, opt = _lopsided_dfc()
+    gen = torch.Generator().manual_seed(0)
+    since = torch.zeros(10, dtype=torch.long)
+    since[[0, 1, 3]] = WINDOW  # both A-exclusive features and one B-exclusive are dead
+    nothing = torch.zeros(10, dtype=torch.int8)
+    moves, labels, order = adapt(cc, opt, since, nothing, WINDOW, 0.2, 0.8, gen, 0.4, (2, 2))
+    assert (moves.to_a, moves.to_b, moves.recycled) == (0, 0, 2)
+    assert cc.partition == Partition(1, 1, 8)  # one dead A-exclusive feature stays
+    assert order.tolist()[:4] == [0, 2, 1, 3]  # shared block starts with the recycled
+    # The recycled features start over as shared: both decoders at the init norm,
+    # encoders their copies, zero bias and moments, dead (AuxK trains them).
+    for new in (2, 3):
+        assert cc.decoder_matrix("a")[new].norm().item() == pytest.approx(0.4, rel=1e-5)
+        assert cc.decoder_matrix("b")[new].norm().item() == pytest.approx(0.4, rel=1e-5)
+        assert cc.b_enc[new] == 0 and since[new] == WINDOW
+        row = int(cc.rows_in_b[new])
+        assert torch.equal(cc.w_enc_b[row], cc.w_dec_b[row])
+        assert torch.count_nonzero(opt.state[cc.w_dec_b]["exp_avg"][row]) == 0
+    # Nothing to do: no relayout.
+    since.zero_()
+    labels = torch.zeros(10, dtype=torch.int8)
+    moves, _, order = adapt(cc, opt, since, labels, WINDOW, 0.2, 0.8, gen, 0.4, (2, 2))
+    assert order is None and (moves.to_a, moves.to_b, moves.recycled) == (0, 0, 0)
+
+
+def test_resize_gives_the_block_sizes_of_a_checkpoint():
+    cc, opt = _lopsided_dfc()
+    resize(cc, opt, Partition(1, 4, 5))
+    assert cc.w_dec_a.shape == (6, D_A) and cc.w_dec_b.shape == (9, D_B)
+    assert cc.b_enc.shape == (10,) and cc.partition == Partition(1, 4, 5)
+    with pytest.raises(ValueError, match="cannot resize"):
+        resize(cc, opt, Partition(1, 1, 5))
+
+
+@pytest.mark.parametrize("adapt_partitions", [True, False])
+def test_training_with_reassignment_moves_an_a_only_concept_and_resumes_exactly(
+    tmp_path, adapt_partitions
+):
     # Three strong concepts only A has, each on 5% of rows, among shared ones.
     g = torch.Generator().manual_seed(1)
     n, c = 4096, 40
@@ -128,6 +205,7 @@ def test_training_with_reassignment_moves_an_a_only_concept_and_resumes_exactly(
         checkpoint_every=20,
         device="cpu",
         reassign_every=10,
+        adapt_partitions=adapt_partitions,
     )
     full = train(model, TrainConfig(**kw), data, out_dir=tmp_path / "full", progress=False)
     assert full.final["moved_to_a"] + full.final["moved_to_b"] > 0
@@ -138,8 +216,11 @@ def test_training_with_reassignment_moves_an_a_only_concept_and_resumes_exactly(
     )
     assert short.final["steps"] == 100
     resumed = train(model, TrainConfig(**kw), data, tmp_path / "cut", progress=False)
+    assert resumed.crosscoder.partition == full.crosscoder.partition
     for name, tensor in full.crosscoder.state_dict().items():
         assert torch.equal(tensor, resumed.crosscoder.state_dict()[name]), name
+    if adapt_partitions:  # the partitions adapted before the checkpoint it resumed from
+        assert short.crosscoder.partition != model.partition()
 
 
 def test_reassignment_bounds_are_validated():

@@ -14,6 +14,11 @@ its other-model decoder is dropped, and the encoder contribution of the other mo
 folded into the bias at that model's mean. The shared slot it leaves is re-initialised as
 a fresh dead feature, which AuxK then trains like any other dead feature.
 
+With adaptive partitions (`adapt`, the default) no dead slot is needed: the moving feature
+changes role in place, and exclusive features that have died go back to the shared block
+as fresh features. The partitions then end at the sizes the data asked for, instead of a
+B-exclusive block that is 80-90% dead on a pair where B has few concepts of its own.
+
 Only replicated state (parameters, global firing counters) drives the decisions, so every
 rank of a distributed run makes the same moves.
 """
@@ -26,6 +31,7 @@ import torch
 
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.partition import Role
+from engine.crosscoder.relayout import ROLE_ORDER, relayout, role_codes
 
 _NONE, _A_LEANING, _B_LEANING = 0, 1, 2
 
@@ -36,6 +42,7 @@ class Moves:
 
     to_a: int = 0
     to_b: int = 0
+    recycled: int = 0  # dead exclusive features given back to the shared block (adapt)
 
 
 def leaning(
@@ -168,3 +175,68 @@ def _zero_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor, row: in
     for key in ("exp_avg", "exp_avg_sq"):
         if key in state:
             state[key][row] = 0
+
+
+@torch.no_grad()
+def adapt(
+    model: Crosscoder,
+    optimizer: torch.optim.Optimizer,
+    since_fired: torch.Tensor,
+    previous: torch.Tensor,
+    dead_window: int,
+    low: float,
+    high: float,
+    generator: torch.Generator,
+    init_norm: float,
+    capacity: tuple[int, int],
+) -> tuple[Moves, torch.Tensor, torch.Tensor | None]:
+    """Adaptive partitions: dead exclusive features return to the shared block as fresh
+    features, and lopsided shared features change role while their exclusive partition
+    is below `capacity` (its configured size: A, B).
+
+    Returns the moves, the leaning labels for the next check, and the new feature order
+    (new feature i was feature order[i]; None when nothing changed) for the caller's own
+    per-feature state. An exclusive partition keeps at least one feature, so a DFC stays
+    a DFC.
+    """
+    p = model.partition
+    rel = model.relative_decoder_norm()
+    current = leaning(model, low, high, rel)
+    moves = Moves()
+    if not (p.n_a_exclusive or p.n_b_exclusive):
+        return moves, current, None
+    roles = role_codes(p).to(since_fired.device)
+    fresh = torch.zeros_like(roles, dtype=torch.bool)
+    live = since_fired < dead_window
+    shared = ROLE_ORDER.index(Role.SHARED)
+    for role, tag, cap in (
+        (Role.A_EXCLUSIVE, _A_LEANING, capacity[0]),
+        (Role.B_EXCLUSIVE, _B_LEANING, capacity[1]),
+    ):
+        block = p.block(role)
+        if cap == 0:
+            continue  # the user asked for no features of this kind
+        dead = torch.zeros_like(fresh)
+        dead[block] = ~live[block]
+        candidates = torch.nonzero((current == tag) & (previous == tag) & live).squeeze(1)
+        n_move = min(candidates.numel(), cap - (block.stop - block.start - int(dead.sum())))
+        # The most lopsided candidates first: they are the surest exclusive concepts.
+        order = rel[candidates].argsort(descending=role is Role.A_EXCLUSIVE)
+        movers = candidates[order[: max(n_move, 0)]]
+        if n_move <= 0 and int(dead.sum()) == block.stop - block.start:
+            dead[torch.nonzero(dead).squeeze(1)[0]] = False  # keep one
+        roles[movers] = ROLE_ORDER.index(role)
+        roles[dead] = shared
+        fresh |= dead
+        current[movers] = _NONE
+        if role is Role.A_EXCLUSIVE:
+            moves.to_a = movers.numel()
+        else:
+            moves.to_b = movers.numel()
+        moves.recycled += int(dead.sum())
+    if not (moves.to_a or moves.to_b or moves.recycled):
+        return moves, current, None
+    order = relayout(model, optimizer, roles.cpu(), fresh.cpu(), generator, init_norm)
+    order = order.to(since_fired.device)
+    since_fired.copy_(torch.where(fresh[order], dead_window, since_fired[order]))
+    return moves, current[order], order

@@ -33,8 +33,9 @@ from engine.crosscoder.data import RankSlice, as_source, check_pair_shapes, fini
 from engine.crosscoder.distributed import Context, StopRequests
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
-from engine.crosscoder.partition import Role
-from engine.crosscoder.reassign import reassign
+from engine.crosscoder.partition import Partition, Role
+from engine.crosscoder.reassign import adapt, reassign
+from engine.crosscoder.relayout import resize
 from engine.crosscoder.sparse import Entries, batch_topk
 from engine.progress import ProgressBar
 
@@ -123,7 +124,8 @@ class Trainer:
         self.threshold_ready = torch.zeros(2, dtype=torch.bool, device=self.device)
         # Leaning label of every feature at the last reassignment check (reassign.py).
         self.leaning = torch.zeros(partition.n_features, dtype=torch.int8, device=self.device)
-        self.moved = torch.zeros(2, dtype=torch.long)  # shared features moved to A, to B
+        # Shared features moved to A, to B; dead exclusive features recycled into shared.
+        self.moved = torch.zeros(3, dtype=torch.long)
         self.batch_rows = 0  # rows of the current global batch left after `prepare`
         self._encode = self.model.pre_activations
         if train_cfg.compile:
@@ -387,7 +389,7 @@ class Trainer:
         cfg = self.cfg
         # Seeded by step so every rank, and a resumed run, draws the same re-initialisations.
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.counters.step)
-        moves, self.leaning = reassign(
+        args = (
             self.model,
             self.optimizer,
             self.since_fired,
@@ -398,13 +400,24 @@ class Trainer:
             gen,
             self.model_cfg.decoder_init_norm,
         )
-        self.moved += torch.tensor([moves.to_a, moves.to_b])
+        if cfg.adapt_partitions:
+            configured = self.model_cfg.partition()
+            capacity = (configured.n_a_exclusive, configured.n_b_exclusive)
+            moves, self.leaning, order = adapt(*args, capacity)
+            if order is not None:
+                self._groups = self._selection_groups()
+        else:
+            moves, self.leaning = reassign(*args)
+        self.moved += torch.tensor([moves.to_a, moves.to_b, moves.recycled])
 
     def moves(self) -> dict[str, int]:
         """Shared features moved to each exclusive partition so far (empty when off)."""
         if not self.cfg.reassign_every:
             return {}
-        return {"moved_to_a": int(self.moved[0]), "moved_to_b": int(self.moved[1])}
+        out = {"moved_to_a": int(self.moved[0]), "moved_to_b": int(self.moved[1])}
+        if self.cfg.adapt_partitions:
+            out["recycled_to_shared"] = int(self.moved[2])
+        return out
 
     # -- state for logs and checkpoints ---------------------------------------------
 
@@ -460,13 +473,18 @@ class Trainer:
         """Restore everything `save_checkpoint` wrote, refusing a different configuration."""
         header = ckpt.read_checkpoint_header(path)
         _check_same_run(header, self.model_cfg, self.cfg, path)
+        saved = Partition(**header["partition"])
+        if saved != self.model.partition:  # adaptive partitions had changed sizes
+            resize(self.model, self.optimizer, saved)
+            self._groups = self._selection_groups()
         state = ckpt.load_training_checkpoint(path, self.model, self.optimizer)
         self.normalizer = Normalizer(**header["normalizer"])
         self.since_fired.copy_(state["since_fired"])
         self.threshold_ready.copy_(state["threshold_ready"])
         if "leaning" in state:  # absent from checkpoints made before reassignment existed
             self.leaning.copy_(state["leaning"])
-            self.moved.copy_(state["moved"])
+            moved = state["moved"]  # two entries before adaptive partitions existed
+            self.moved[: moved.numel()].copy_(moved)
         torch.set_rng_state(state["rng_cpu"].cpu())
         self.counters = _Counters(
             step=header["step"],

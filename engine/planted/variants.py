@@ -20,7 +20,8 @@ Variant = tuple[Overrides, Overrides]
 
 KNOWN_VARIANTS: dict[str, Variant] = {
     "standard": ({"architecture": "standard"}, {}),
-    "dfc": ({"architecture": "dfc"}, {}),  # the default method: with reassignment
+    "dfc": ({"architecture": "dfc"}, {}),  # the default: reassignment, adaptive partitions
+    "dfc-fixed": ({"architecture": "dfc"}, {"adapt_partitions": False}),  # fixed sizes
     "dfc-paper": ({"architecture": "dfc"}, {"reassign_every": 0}),  # the paper's method
     "dfc-mean": ({"architecture": "dfc", "score_weighting": "mean"}, {}),
 }
