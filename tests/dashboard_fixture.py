@@ -64,10 +64,12 @@ METRICS = {
     "fve_a": 0.91, "fve_b": 0.87, "dead_frac": 0.5, "l0": 2.5,
     "dead_frac_a_exclusive": 0.5, "dead_frac_b_exclusive": 1.0, "dead_frac_shared": 1 / 3,
 }  # fmt: skip
+# Adaptive partitions log the exclusive partition sizes at every step.
 HISTORY = [
     {"step": 50, "loss": 2.0, "fve_a": 0.5, "dead_frac": 0.0, "dead_frac_a_exclusive": 0.0,
-     "dead_frac_b_exclusive": 0.0, "dead_frac_shared": 0.0},
-    {"step": 100, "loss": 1.0, **METRICS},
+     "dead_frac_b_exclusive": 0.0, "dead_frac_shared": 0.0, "n_a_exclusive": 3,
+     "n_b_exclusive": 3},
+    {"step": 100, "loss": 1.0, **METRICS, "n_a_exclusive": 2, "n_b_exclusive": 1},
 ]  # fmt: skip
 
 

@@ -18,7 +18,12 @@ from engine.analysis.categories import (
     LABELS,
     category,
 )
-from engine.analysis.run_metrics import ALL, dead_fractions, dead_history
+from engine.analysis.run_metrics import (
+    ALL,
+    dead_fractions,
+    dead_history,
+    partition_size_history,
+)
 from engine.config import ConfigError
 from engine.steering.exclusivity import (
     ExclusivityConfig,
@@ -201,3 +206,15 @@ def test_dead_history_in_long_form():
                     (100, "b_exclusive"): 0.9}  # fmt: skip
     assert dead_history(pd.DataFrame()).empty
     assert dead_history(history[["step", "loss"]]).empty
+
+
+def test_partition_size_history_in_long_form():
+    history = pd.DataFrame(
+        {"step": [50, 100], "loss": [2.0, 1.0], "n_a_exclusive": [205, 210],
+         "n_b_exclusive": [205, 31]}
+    )  # fmt: skip
+    long = partition_size_history(history)
+    rows = {(r.step, r.partition): r.features for r in long.itertuples()}
+    assert rows == {(50, "a_exclusive"): 205, (100, "a_exclusive"): 210,
+                    (50, "b_exclusive"): 205, (100, "b_exclusive"): 31}  # fmt: skip
+    assert partition_size_history(history[["step", "loss"]]).empty

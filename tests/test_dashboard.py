@@ -141,6 +141,9 @@ def test_runs_view_reports_dead_fraction_per_partition(db_path):
     lines = {t["name"]: (values(t["x"]), values(t["y"])) for t in fig["data"]}
     assert set(lines) == {"all features", "A-exclusive", "B-exclusive", "shared"}
     assert lines["B-exclusive"] == ([50, 100], [0.0, 1.0])
+    sizes = chart(at, "Exclusive partition sizes during training (adaptive partitions)")
+    lines = {t["name"]: (values(t["x"]), values(t["y"])) for t in sizes["data"]}
+    assert lines == {"A-exclusive": ([50, 100], [3, 2]), "B-exclusive": ([50, 100], [3, 1])}
     # The relative-norm histogram colours leaning features apart and marks both bounds.
     hist = chart(at, "Relative decoder norm (1 = only in A, 0 = only in B)")
     assert {t["name"] for t in hist["data"]} == set(CATEGORY_ROWS)

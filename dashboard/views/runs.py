@@ -13,7 +13,7 @@ import streamlit as st
 from dashboard import data
 from dashboard.views.common import PARTITION_COLOURS, fmt, percent
 from engine.analysis.categories import A_LEANING_ABOVE, B_LEANING_BELOW
-from engine.analysis.run_metrics import ALL, dead_fractions, dead_history
+from engine.analysis.run_metrics import ALL, dead_fractions, dead_history, partition_size_history
 
 path, run_id = data.session()
 info = data.run(path, run_id)
@@ -75,7 +75,8 @@ if dead_by_partition:
             help="share of the partition that had not fired in the trainer's dead window "
             "when training ended",
         )
-history = dead_history(data.run_history(path, run_id))
+run_history = data.run_history(path, run_id)
+history = dead_history(run_history)
 if not history.empty:
     names = {ALL: "all features"}
     fig = px.line(
@@ -91,6 +92,21 @@ if not history.empty:
         title="Dead features during training, by partition",
     )
     fig.update_layout(height=320, yaxis_tickformat=".0%", yaxis_range=[0, 1])
+    st.plotly_chart(fig, width="stretch")
+# Adaptive partitions: dead exclusive features went back to the shared block, lopsided
+# shared features came in.
+sizes = partition_size_history(run_history)
+if not sizes.empty:
+    fig = px.line(
+        sizes.assign(partition=sizes["partition"].map(data.label)),
+        x="step",
+        y="features",
+        color="partition",
+        color_discrete_map={data.label(k): v for k, v in PARTITION_COLOURS.items()},
+        labels={"features": "features", "step": "training step"},
+        title="Exclusive partition sizes during training (adaptive partitions)",
+    )
+    fig.update_layout(height=280)
     st.plotly_chart(fig, width="stretch")
 
 # The feature table already holds category, relative norm and density: one read serves

@@ -1,7 +1,9 @@
-"""A run's training metrics, read back for reports: dead fraction per partition.
+"""A run's training metrics, read back for reports: dead fraction per partition, and the
+sizes of adaptive exclusive partitions.
 
 The trainer logs `dead_frac` (all features) and `dead_frac_<partition>` for each non-empty
-partition, in the final metrics and in every logged step of the history.
+partition, in the final metrics and in every logged step of the history; a DFC with
+adaptive partitions also logs `n_a_exclusive` and `n_b_exclusive` at every step.
 """
 
 from __future__ import annotations
@@ -41,6 +43,20 @@ def dead_history(history: pd.DataFrame) -> pd.DataFrame:
     wide = history[["step", *present]].rename(columns=columns)
     long = wide.melt(id_vars="step", var_name="partition", value_name="dead_frac")
     return long.dropna(subset=["dead_frac"]).reset_index(drop=True)
+
+
+SIZE_COLUMNS = {"n_a_exclusive": Role.A_EXCLUSIVE.value, "n_b_exclusive": Role.B_EXCLUSIVE.value}
+
+
+def partition_size_history(history: pd.DataFrame) -> pd.DataFrame:
+    """Exclusive partition sizes over training in long form: step, partition, features;
+    empty when the partitions did not adapt."""
+    present = [c for c in SIZE_COLUMNS if c in history.columns]
+    if "step" not in history.columns or not present:
+        return pd.DataFrame(columns=["step", "partition", "features"])
+    wide = history[["step", *present]].rename(columns=SIZE_COLUMNS)
+    long = wide.melt(id_vars="step", var_name="partition", value_name="features")
+    return long.dropna(subset=["features"]).reset_index(drop=True)
 
 
 def _number(value: Any) -> bool:

@@ -691,6 +691,9 @@ def _record(trainer: Trainer, stats: dict[str, torch.Tensor], step: int, rate: f
         **trainer.dead_fractions(),
     )
     record.update(trainer.moves())
+    if trainer.cfg.adapt_partitions and trainer.cfg.reassign_every:
+        p = trainer.model.partition  # sizes change during training
+        record.update(n_a_exclusive=p.n_a_exclusive, n_b_exclusive=p.n_b_exclusive)
     return {k: (v if isinstance(v, int) or math.isfinite(v) else None) for k, v in record.items()}
 
 
