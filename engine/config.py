@@ -116,9 +116,14 @@ class TrainConfig:
     # (no dead slot needed) and dead exclusive features return to the shared block as
     # fresh features, so no exclusive partition stays mostly dead (docs/training.md).
     adapt_partitions: bool = True
+    # Adaptive partitions: dead windows an exclusive feature stays silent before it returns
+    # to the shared block (1: as soon as it is dead; more gives AuxK time to revive it as
+    # an exclusive feature).
+    recycle_after_windows: int = 1
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "k", "log_every", "checkpoint_every", "keep_checkpoints")
+        positive += ("recycle_after_windows",)
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -263,7 +268,14 @@ def load_run_config(path: str | Path, dims: tuple[int, int] | None = None) -> Ru
             f"config file not found: {path}; give a TOML file or a preset "
             f"({', '.join(preset_names())})"
         )
-    return _parse_run_config(path.read_text(), str(path), dims, preset=False)
+    try:
+        text = path.read_text(encoding="utf-8")  # TOML is UTF-8, whatever the locale
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path} is not a UTF-8 text file (byte {err.start}: {err.reason}); save the "
+            "config as UTF-8 TOML"
+        ) from None
+    return _parse_run_config(text, str(path), dims, preset=False)
 
 
 def preset_names() -> list[str]:

@@ -147,6 +147,9 @@ def test_adaptive_partitions_recycle_dead_exclusive_features_into_shared_but_kee
     since = torch.zeros(10, dtype=torch.long)
     since[[0, 1, 3]] = WINDOW  # both A-exclusive features and one B-exclusive are dead
     nothing = torch.zeros(10, dtype=torch.int8)
+    # With patience, features dead for one window only stay (AuxK may revive them).
+    patient = adapt(cc, opt, since, nothing, WINDOW, 0.2, 0.8, gen, 0.4, (2, 2), 2 * WINDOW)
+    assert patient[2] is None and cc.partition == Partition(2, 2, 6)
     moves, labels, order = adapt(cc, opt, since, nothing, WINDOW, 0.2, 0.8, gen, 0.4, (2, 2))
     assert (moves.to_a, moves.to_b, moves.recycled) == (0, 0, 2)
     assert cc.partition == Partition(1, 1, 8)  # one dead A-exclusive feature stays

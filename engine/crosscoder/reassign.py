@@ -189,10 +189,12 @@ def adapt(
     generator: torch.Generator,
     init_norm: float,
     capacity: tuple[int, int],
+    recycle_after: int | None = None,
 ) -> tuple[Moves, torch.Tensor, torch.Tensor | None]:
-    """Adaptive partitions: dead exclusive features return to the shared block as fresh
-    features, and lopsided shared features change role while their exclusive partition
-    is below `capacity` (its configured size: A, B).
+    """Adaptive partitions: exclusive features that have not fired for `recycle_after`
+    tokens (default: the dead window) return to the shared block as fresh features, and
+    lopsided shared features change role while their exclusive partition is below
+    `capacity` (its configured size: A, B).
 
     Returns the moves, the leaning labels for the next check, and the new feature order
     (new feature i was feature order[i]; None when nothing changed) for the caller's own
@@ -217,7 +219,7 @@ def adapt(
         if cap == 0:
             continue  # the user asked for no features of this kind
         dead = torch.zeros_like(fresh)
-        dead[block] = ~live[block]
+        dead[block] = since_fired[block] >= (recycle_after or dead_window)
         candidates = torch.nonzero((current == tag) & (previous == tag) & live).squeeze(1)
         n_move = min(candidates.numel(), cap - (block.stop - block.start - int(dead.sum())))
         # The most lopsided candidates first: they are the surest exclusive concepts.

@@ -403,7 +403,8 @@ class Trainer:
         if cfg.adapt_partitions:
             configured = self.model_cfg.partition()
             capacity = (configured.n_a_exclusive, configured.n_b_exclusive)
-            moves, self.leaning, order = adapt(*args, capacity)
+            recycle_after = cfg.recycle_after_windows * cfg.dead_window_tokens
+            moves, self.leaning, order = adapt(*args, capacity, recycle_after)
             if order is not None:
                 self._groups = self._selection_groups()
         else:
