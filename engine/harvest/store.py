@@ -68,6 +68,19 @@ MANIFEST = "manifest.json"
 RANKS = "ranks"
 _RANK_MANIFEST = re.compile(r"manifest-(\d+)-of-(\d+)\.json")
 ACTIVATION_KEYS = ("a", "b")
+# The files a manifest may name, relative to the store: only these are ever read, so a
+# manifest cannot point a reader outside its store ("../victim.txt").
+_SHARD_FILE = re.compile(r"shards/(rank-\d{3,}-)?shard-\d{6,}\.safetensors")
+_DOCUMENT_FILE = re.compile(r"documents/(rank-\d{3,}-)?part-\d{6,}\.jsonl")
+# The files a store writes in each of its folders ("" is the store itself), with the
+# temporary files of an atomic write (a leading dot and a random tail) and shards set aside
+# as .bad; `--fresh` removes these and nothing else.
+_OWN_FILES = {
+    "": re.compile(r"\.?manifest\.json(\..+)?"),
+    RANKS: re.compile(r"\.?manifest-\d{3,}-of-\d{3,}\.json(\..+)?"),
+    "shards": re.compile(r"\.?(rank-\d{3,}-)?shard-\d{6,}\.safetensors(\..+)?"),
+    "documents": re.compile(r"\.?(rank-\d{3,}-)?part-\d{6,}\.jsonl(\..+)?"),
+}
 
 
 class StoreError(ValueError):
@@ -339,7 +352,9 @@ class StoreWriter:
                 "shard %s is %s; its windows will be harvested again", record["file"], problem
             )
             bad.append(f"{record['file']}: {problem}")
-            (self.path / record["file"]).replace(self.path / f"{record['file']}.bad")
+            file = self.path / record["file"]
+            if file.exists():  # a shard deleted by hand has nothing to set aside
+                file.replace(self.path / f"{record['file']}.bad")
             self.manifest["shards"].remove(record)
             for s, e in record["windows"]:
                 self.manifest["progress"]["done_windows"] = remove_interval(self.done, s, e)
@@ -433,18 +448,82 @@ def _check_layout(path: Path, world_size: int) -> None:
 
 def _clear(path: Path, rank: int = 0, world_size: int = 1) -> None:
     """Remove what a fresh harvest by this rank replaces: its manifest, shards and document
-    logs; rank 0 also removes what no rank of this world size owns."""
+    logs; rank 0 also removes what no rank of this world size owns. Only a store (or a
+    folder holding nothing else) is cleared, and only of the files a store writes."""
+    _check_clearable(path)
     (path / manifest_name(rank, world_size)).unlink(missing_ok=True)
     if rank == 0:
         # Leftovers of a harvest with another number of processes.
         (path / MANIFEST).unlink(missing_ok=True)
         for (_, world), file in _rank_files(path):
             if world != world_size:
-                file.unlink()
+                file.unlink(missing_ok=True)  # (another rank may be clearing it too)
     for sub in ("shards", "documents"):
         for file in (path / sub).glob("*"):
-            if _cleared_by(file.name, rank, world_size):
-                file.unlink()
+            if _owned(sub, file) and _cleared_by(file.name, rank, world_size):
+                file.unlink(missing_ok=True)
+
+
+def _owned(folder: str, file: Path) -> bool:
+    """Whether `file`, in the store's `folder`, is one a store writes."""
+    return file.is_file() and _OWN_FILES[folder].fullmatch(file.name) is not None
+
+
+def _check_clearable(path: Path) -> None:
+    """Refuse to clear anything but an activation store, or a folder holding only what a
+    store writes (a new or emptied one)."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise StoreError(f"--fresh refuses to clear {path}: it is a file, not a store directory")
+    manifests = [path / MANIFEST] if (path / MANIFEST).exists() else []
+    manifests += [file for _, file in _rank_files(path)]
+    foreign = [m for m in manifests if not _is_store_manifest(m)]
+    if foreign:
+        raise StoreError(
+            f"--fresh refuses to clear {path}: {foreign[0].relative_to(path)} is not an "
+            "activation-store manifest, so the folder is not a modeldiff store; choose a new "
+            "or empty --out directory"
+        )
+    if manifests:
+        return  # a store: its own files go, anything else put in it stays
+    others = _foreign_entries(path)
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise StoreError(
+            f"--fresh refuses to clear {path}: it is not an activation store (it holds "
+            f"{shown}); choose a new or empty --out directory"
+        )
+
+
+def _foreign_entries(path: Path) -> list[str]:
+    """What a folder holds that a store does not write, relative to it."""
+    found = []
+    for entry in sorted(path.iterdir()):
+        if entry.is_dir() and entry.name in _OWN_FILES:
+            found += [
+                f"{entry.name}/{f.name}"
+                for f in sorted(entry.iterdir())
+                if not _owned(entry.name, f)
+            ]
+        elif not _owned("", entry):
+            found.append(entry.name + ("/" if entry.is_dir() else ""))
+    return found
+
+
+def _is_store_manifest(file: Path) -> bool:
+    """Whether `file` is a store manifest, whole or damaged (its start names the format)."""
+    try:
+        data = file.read_bytes()
+    except OSError:
+        return False
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        # A damaged manifest (a crash in the middle of a copy) is still the store's: the
+        # writer puts the format first.
+        return f'"format": "{FORMAT}"'.encode() in data[:200]
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
 def _cleared_by(name: str, rank: int, world_size: int) -> bool:
@@ -583,7 +662,25 @@ def _load_manifest(file: Path, store: Path) -> dict[str, Any]:
             f"{store} was written by a newer modeldiff (store version {manifest['version']}, "
             f"this one reads {VERSION}); upgrade modeldiff"
         )
+    _check_file_names(manifest, file)
     return manifest
+
+
+def _check_file_names(manifest: dict[str, Any], file: Path) -> None:
+    """Refuse a manifest that names files other than the store's own shards and logs."""
+    shard = (_SHARD_FILE, "shard", "shards/shard-000000.safetensors")
+    names = [
+        (r.get("file") if isinstance(r, dict) else r, *shard) for r in manifest.get("shards", [])
+    ]
+    log_file = (_DOCUMENT_FILE, "document log", "documents/part-000000.jsonl")
+    names += [(n, *log_file) for n in manifest.get("document_logs", [])]
+    for name, pattern, what, example in names:
+        if not isinstance(name, str) or pattern.fullmatch(name) is None:
+            raise StoreError(
+                f"{file} names {name!r} as a {what}, which is not a file of the store (like "
+                f"{example}); the manifest was edited by hand or is not from modeldiff: "
+                "harvest the store again with --fresh"
+            )
 
 
 def merge_rank_manifests(
