@@ -25,7 +25,8 @@ from engine.analysis.geometry import decoder_stats, neighbors
 from engine.analysis.scan import EntryCache, ScanConfig, ScanResult, scan
 from engine.crosscoder.checkpoint import CheckpointError, check_models, load_crosscoder
 from engine.harvest.store import ActivationStore
-from engine.store import Database
+from engine.run_ids import RUN_ID_RULE, run_id_problem
+from engine.store import Database, StoreDBError
 
 TEMP_PREFIX = "modeldiff-analyze-"
 
@@ -67,6 +68,12 @@ def analyze(
     """Analyse every feature of the crosscoder in `run_dir` on the store at `store_path`."""
     run_dir, store_path = Path(run_dir), Path(store_path)
     run_id = run_id or run_dir.resolve().name
+    if run_id_problem(run_id):
+        # Before the scan, not after it: the id is written to rows and file names.
+        raise StoreDBError(
+            f"{run_id_problem(run_id)} (the run directory's name): a run id has "
+            f"{RUN_ID_RULE}; pass --run-id NAME"
+        )
     cc, normalizer, header = load_crosscoder(run_dir)
     store = ActivationStore(store_path)
     if (store.d_a, store.d_b) != (cc.d_a, cc.d_b):

@@ -10,6 +10,7 @@ Values reach SQL only as `?` parameters; table and column names only from the al
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import threading
@@ -26,6 +27,7 @@ import pyarrow as pa
 
 from engine.analysis import categories
 from engine.analysis.context import Context
+from engine.run_ids import check_run_id
 from engine.store import schema
 
 Cursor = duckdb.DuckDBPyConnection
@@ -45,6 +47,18 @@ FEATURE_FILTERS = (
     "feature_ids",
 )  # fmt: skip
 FEATURE_TABLE_FILTERS = (*FEATURE_FILTERS, "order_by", "descending", "limit", "offset")
+# The value type of each feature-table filter, for filters given as text ("list": a
+# comma-separated list of names, "ints": of integers).
+FEATURE_TABLE_FILTER_TYPES = {
+    "partition": "list", "category": "list", "harmful": "bool", "status": "list",
+    "min_score": "float", "min_exclusivity": "float", "max_exclusivity": "float",
+    "min_density": "float", "max_density": "float", "search": "str", "explainer": "str",
+    "dead": "bool", "feature_ids": "ints", "order_by": "str", "descending": "bool",
+    "limit": "int", "offset": "int",
+}  # fmt: skip
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+# Parquet key-value metadata naming the table an exported file holds.
+EXPORT_MARK = "modeldiff_export"
 DETECTION = "detection"
 EXCLUSIVITY = "exclusivity"
 # Feature-table sort keys that are not columns of `features`, as expressions of the query.
@@ -321,12 +335,13 @@ def _frame_columns(table: str, keys: dict[str, Any], df: pd.DataFrame) -> list[s
 class Database:
     """The results database in one DuckDB file; safe to share between threads."""
 
-    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+    def __init__(self, path: str | Path, read_only: bool = False, create: bool = True) -> None:
+        """Open (with `create`, also create) the database file at `path`."""
         self.path = Path(path)
         self.read_only = read_only
         self._lock = threading.RLock()  # serialises writes (DuckDB allows one writer at a time)
         self._tx: Cursor | None = None  # the open `transaction()`'s cursor, if any
-        self._conn: duckdb.DuckDBPyConnection | None = _connect(str(path), read_only)
+        self._conn: duckdb.DuckDBPyConnection | None = _connect(str(path), read_only, create)
         try:
             self._version = self._prepare()
         except BaseException:
@@ -570,8 +585,7 @@ class Database:
         """Record a run, or update it (keeping its creation time) if the id exists. `history`
         is the training metrics of each logged step (`run_history` reads them back); left
         out (None), an update keeps the history already recorded."""
-        if not isinstance(run_id, str) or not run_id:
-            raise StoreDBError(f"run_id must be a non-empty string, got {run_id!r}")
+        check_run_id(run_id, StoreDBError)
         row = {
             "run_id": run_id,
             "name": name or run_id,
@@ -1160,10 +1174,45 @@ class Database:
             if run_id is not None:
                 filters = {"run_id": run_id, **filters}
             sql, params = _table_query(what, filters)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix.lower() == ".parquet":
+            # Marks the file as an export of `what`, so a later export may replace it.
+            options += f", KV_METADATA {{{EXPORT_MARK}: '{what}'}}"
         with self._cursor() as cur:
-            cur.execute(f"COPY ({sql}) TO ? ({options})", [*params, str(path)])
+            if run_id is not None:
+                self._require_run(cur, run_id)  # not a header-only file for a typo
+            columns = [
+                d[0] for d in cur.execute(f"SELECT * FROM ({sql}) LIMIT 0", params).description
+            ]
+            _check_replaceable(cur, path, what, columns)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Written beside the target and renamed: a failed export leaves the old file.
+            tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+            try:
+                cur.execute(f"COPY ({sql}) TO ? ({options})", [*params, str(tmp)])
+                tmp.replace(path)
+            finally:
+                tmp.unlink(missing_ok=True)
         return path
+
+    def parse_filters(self, what: str, texts: dict[str, str]) -> dict[str, Any]:
+        """Filters given as text (`modeldiff export --where column=value`) converted to the
+        type of their column or feature-table filter; a value that does not parse is refused."""
+        if what == "feature_table":
+            types = FEATURE_TABLE_FILTER_TYPES
+        else:
+            with self._cursor() as cur:
+                rows = cur.execute(
+                    "SELECT column_name, data_type FROM duckdb_columns() "
+                    "WHERE database_name = current_database() AND schema_name = 'main' "
+                    "AND table_name = ?",
+                    [what],
+                ).fetchall()
+            types = {name: _column_kind(kind) for name, kind in rows}
+        # Unknown names pass through unchanged: the export names the valid ones.
+        return {
+            name: _parse_value(name, text, types[name]) if name in types else text
+            for name, text in texts.items()
+        }
 
 
 # -- helpers that need no instance -------------------------------------------------------
@@ -1174,22 +1223,24 @@ def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def _connect(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
+# DuckDB installs and loads extensions on demand: opening a SQLite file as a database
+# would download the sqlite extension from the network. A results file needs none.
+_NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _connect(path: str, read_only: bool, create: bool = True) -> duckdb.DuckDBPyConnection:
     """Open the DuckDB file, with clear errors for the usual mistakes."""
     if path == ":memory:":
         if read_only:
             raise StoreDBError("an in-memory database cannot be read-only")
-        return duckdb.connect(path)
+        return duckdb.connect(path, config=_NO_EXTENSIONS)
     file = Path(path)
-    if read_only and not file.is_file():
-        raise StoreDBError(
-            f"no results database at {file}; run `modeldiff analyze` to create one, "
-            "or check the path"
-        )
+    _check_file(file, read_only or not create)
     if not read_only:
         file.parent.mkdir(parents=True, exist_ok=True)
     try:
-        conn = duckdb.connect(path, read_only=read_only)
+        conn = duckdb.connect(path, read_only=read_only, config=_NO_EXTENSIONS)
     except duckdb.IOException as err:
         if _is_damage(err):
             raise StoreDBError(_damaged(file, err)) from None
@@ -1213,6 +1264,33 @@ def _connect(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
         conn.close()
         raise StoreDBError(_unreadable(file, err)) from None
     return conn
+
+
+def _check_file(file: Path, must_exist: bool) -> None:
+    """Refuse, saying what it is, a path that is not a DuckDB file (a directory, a SQLite
+    file), and a missing one unless it may be created."""
+    if file.is_dir():
+        raise StoreDBError(
+            f"{file} is a directory, not a results database; give the path of a .duckdb file "
+            "(`modeldiff analyze --db FILE` creates one)"
+        )
+    if not file.exists():
+        if must_exist:
+            raise StoreDBError(
+                f"no results database at {file}; run `modeldiff analyze` to create one, "
+                "or check the path"
+            )
+        return
+    try:
+        with file.open("rb") as fh:
+            head = fh.read(len(_SQLITE_MAGIC))
+    except OSError as err:
+        raise StoreDBError(f"cannot open {file}: {err.strerror or err}") from None
+    if head == _SQLITE_MAGIC:
+        raise StoreDBError(
+            f"{file} is a SQLite database, not a DuckDB results database; give the .duckdb "
+            "file `modeldiff analyze` wrote"
+        )
 
 
 # How DuckDB reports a damaged file (a truncated one, a block failing its checksum).
@@ -1303,6 +1381,81 @@ def _table_query(table: str, filters: dict[str, Any]) -> tuple[str, list[Any]]:
     where = [f"{_ident(table, c)} = ?" for c in filters]
     sql = f"SELECT * FROM {_ident(table)}" + (f" WHERE {' AND '.join(where)}" if where else "")
     return sql, list(filters.values())
+
+
+def _column_kind(data_type: str) -> str:
+    """How a filter value for a column of this DuckDB type is parsed."""
+    if data_type == "BOOLEAN":
+        return "bool"
+    if data_type in ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UBIGINT", "UINTEGER"):
+        return "int"
+    if data_type in ("FLOAT", "DOUBLE", "REAL") or data_type.startswith("DECIMAL"):
+        return "float"
+    if data_type == "VARCHAR" or data_type.startswith(("TIMESTAMP", "DATE")):
+        return "str"  # DuckDB casts text to a timestamp in the comparison
+    return f"unfilterable {data_type}"
+
+
+def _parse_value(name: str, text: str, kind: str) -> Any:
+    """A filter's text as a value of `kind`, or a StoreDBError that says what was expected."""
+    value = text.strip()
+    try:
+        if kind == "bool":
+            if value.lower() in _TRUE + _FALSE:
+                return value.lower() in _TRUE
+            raise ValueError
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            number = float(value)
+            if math.isnan(number):
+                raise ValueError
+            return number
+        if kind == "ints":
+            return [int(v) for v in value.split(",")]
+        if kind == "list":
+            names = [v.strip() for v in value.split(",") if v.strip()]
+            if not names:
+                raise ValueError
+            return names
+    except ValueError:
+        wanted = {
+            "bool": "true or false", "int": "an integer", "float": "a number",
+            "ints": "integers separated by commas", "list": "names separated by commas",
+        }[kind]  # fmt: skip
+        raise StoreDBError(f"filter {name}={text!r}: expected {wanted}") from None
+    if kind.startswith("unfilterable"):
+        raise StoreDBError(f"cannot filter on {name}: its values are {kind.split()[1]}")
+    return text
+
+
+def _check_replaceable(cur: Cursor, path: Path, what: str, columns: list[str]) -> None:
+    """Refuse to replace an existing file unless it is an earlier export of the same table
+    (a Parquet file marked as one, a CSV file whose header is these columns)."""
+    if path.is_dir():
+        raise StoreDBError(f"cannot export to {path}: it is a directory; name a file")
+    if not path.exists():
+        return
+    ours = False
+    if path.suffix.lower() == ".parquet":
+        try:
+            rows = cur.execute(
+                "SELECT key::VARCHAR, value::VARCHAR FROM parquet_kv_metadata(?)", [str(path)]
+            ).fetchall()
+            ours = (EXPORT_MARK, what) in rows
+        except duckdb.Error:
+            ours = False  # not a Parquet file
+    else:
+        try:
+            with path.open(newline="", encoding="utf-8") as fh:
+                ours = next(csv.reader(fh), None) == columns
+        except (OSError, UnicodeDecodeError, csv.Error):
+            ours = False
+    if not ours:
+        raise StoreDBError(
+            f"refusing to replace {path}: it is not an earlier `{what}` export; remove it "
+            "yourself or choose another --out"
+        )
 
 
 def _check_filters(filters: dict[str, Any], valid: Sequence[str]) -> None:
