@@ -7,10 +7,21 @@ and exit with status 2; an interrupted run exits with 130 and resumes when rerun
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
+from engine.cli_types import (
+    any_int,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    port,
+    positive_int,
+    run_id,
+)
 from engine.config import ConfigError, HarvestConfig, RunConfig, load_run_config
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
@@ -122,6 +133,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg.train.__post_init__()  # re-validate overrides
     if normalizer is not None:
         normalizer = Normalizer.from_median_norms(*normalizer, *dims)
+    if args.fresh:  # once the config and data are known good: a typo must not cost the run
+        _clear_run(args.out)
     result = train(
         cfg.crosscoder,
         cfg.train,
@@ -156,6 +169,63 @@ def cmd_train(args: argparse.Namespace) -> None:
             f"({f.get('dead_frac_b_exclusive', float('nan')):.0%} dead), "
             f"{partition.n_shared} shared"
         )
+
+
+# The files `modeldiff train` writes in a run directory (a leading dot and a tail: the
+# temporary files of an atomic write), and in its checkpoints/ folder.
+_RUN_FILES = re.compile(
+    r"\.?(crosscoder\.json|crosscoder\.safetensors|feature_stats\.safetensors)(\..+)?"
+)
+_CHECKPOINT_ENTRIES = re.compile(r"\.?(latest|step-\d+)(\..+)?")
+
+
+def _clear_run(out: Path) -> None:
+    """For --fresh: remove a run directory's crosscoder and checkpoints (so no checkpoint
+    of the old run outlives the new one's), refusing a folder that is not a training run."""
+    import shutil
+
+    from engine.crosscoder.distributed import is_main_process
+
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--fresh refuses to clear {out}: it is a file, not a run directory")
+    checkpoints = out / "checkpoints"
+    own = [e for e in out.iterdir() if _RUN_FILES.fullmatch(e.name) and e.is_file()]
+    if checkpoints.is_dir():
+        own += [e for e in checkpoints.iterdir() if _CHECKPOINT_ENTRIES.fullmatch(e.name)]
+    foreign = [e for e in out.iterdir() if e not in own and e != checkpoints]
+    if checkpoints.is_dir():
+        foreign += [e for e in checkpoints.iterdir() if e not in own]
+    if foreign and not _is_run(out):
+        shown = ", ".join(str(e.relative_to(out)) for e in sorted(foreign)[:3])
+        raise ConfigError(
+            f"--fresh refuses to clear {out}: it is not a training run directory (it holds "
+            f"{shown}{', ...' if len(foreign) > 3 else ''}); choose a new or empty --out"
+        )
+    if not is_main_process():  # rank 0 clears; the others only write nothing there
+        return
+    for entry in own:
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _is_run(out: Path) -> bool:
+    """Whether `out` holds a training run: a crosscoder or a checkpoint of modeldiff's."""
+    import json
+
+    from engine.crosscoder.checkpoint import FORMAT
+
+    headers = [out / "crosscoder.json", *(out / "checkpoints").glob("step-*/checkpoint.json")]
+    for file in headers:
+        try:
+            if json.loads(file.read_text()).get("format") == FORMAT:
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue  # damaged or foreign: look at the next one
+    return False
 
 
 def _training_data(args: argparse.Namespace):
@@ -204,7 +274,7 @@ def _match(db_path: Path, run_id: str, other: str, threshold: float = 0.7) -> No
     from engine.crosscoder.checkpoint import load_crosscoder
     from engine.store import Database
 
-    with Database(db_path) as db:
+    with Database(db_path, create=False) as db:
         ours = load_crosscoder(db.run(run_id)["checkpoint_path"])[0]
         theirs = load_crosscoder(db.run(other)["checkpoint_path"])[0]
         table = match_runs(ours, theirs)
@@ -223,7 +293,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
     from engine.interp.run import explain_run, ordered_features
     from engine.store import Database
 
-    with Database(args.db) as db:
+    with Database(args.db, create=False) as db:
         db.run(args.run_id)  # a clear error for an unknown run
         if args.explainer == "anthropic":
             from engine.interp.anthropic import AnthropicExplainer, describe_cost, estimate_cost
@@ -264,7 +334,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         from engine.interp.offline import OfflineJudge
 
         judge = OfflineJudge()
-    with Database(args.db) as db:
+    with Database(args.db, create=False) as db:
         db.run(args.run_id)
         run = score_run(
             db,
@@ -281,13 +351,15 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Export a results table (or the feature table) to Parquet or CSV."""
     from engine.store import Database
 
-    filters = {}
+    texts = {}
     for item in args.where or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--where takes column=value, got {item!r}")
-        filters[key] = value
+        texts[key] = value
     with Database(args.db, read_only=True) as db:
+        # Typed, so `dead=false` is False (not the true-ish string "false").
+        filters = db.parse_filters(args.what, texts)
         path = db.export(args.what, args.out, run_id=args.run_id, **filters)
     print(f"wrote {path}")
 
@@ -307,12 +379,31 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             f"no results database at {db}; create one with `modeldiff analyze --run RUN "
             f"--store STORE --db {db}` (see docs/analysis.md)"
         )
+    if not is_loopback(args.host):
+        print(
+            f"warning: --host {args.host} serves the dashboard, which can write triage and "
+            "run models, to other machines on the network, with no login; use 127.0.0.1 "
+            "unless they are trusted",
+            file=sys.stderr,
+        )
     command = dashboard_command(db.resolve(), args.host, args.port)
     print(f"modeldiff dashboard on http://{args.host}:{args.port} (Ctrl-C stops it)")
     try:
         return subprocess.call(command)
     except KeyboardInterrupt:
         return 0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address to bind is reachable from this machine only."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
 
 
 def _env_db() -> Path | None:
@@ -344,7 +435,7 @@ def cmd_steer(args: argparse.Namespace) -> None:
     from engine.store import Database
 
     cfg = generation_settings(args, greedy_default=True)
-    with Database(args.db) as db:
+    with Database(args.db, create=False) as db:
         result = steer_feature(
             db, args.run_id, args.feature, args.prompt, model=args.model, alphas=args.alphas,
             cfg=cfg, positions=args.positions, save=args.save, author=args.author,
@@ -392,8 +483,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_dashboard(args)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (no usage block; `--help` shows it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="modeldiff",
         description="Cross-architecture model diffing with Dedicated Feature Crosscoders.",
     )
@@ -411,20 +509,26 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="text sources: demo:chitchat demo:pydoc demo:kjv fineweb lmsys or file paths",
     )
-    p.add_argument("--weights", nargs="+", type=float, help="share of each source (characters)")
-    p.add_argument("--max-pairs", type=int, help="stop after this many aligned pairs")
-    p.add_argument("--context-length", type=int, help="tokens per window per model")
-    p.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass")
+    p.add_argument(
+        "--weights", nargs="+", type=non_negative_float, help="share of each source (characters)"
+    )
+    p.add_argument("--max-pairs", type=positive_int, help="stop after this many aligned pairs")
+    p.add_argument("--context-length", type=positive_int, help="tokens per window per model")
+    p.add_argument("--batch-tokens", type=positive_int, help="padded tokens per forward pass")
     p.add_argument("--store-dtype", help="float32 | bfloat16 | float16")
     p.add_argument("--model-dtype", help="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--alignment", help="offsets (default) | windows (the paper's Algorithm 1)")
     p.add_argument("--fresh", action="store_true", help="discard an existing store in --out")
     p.add_argument(
-        "--rank", type=int, help="this process's share of a split harvest (default $RANK or 0)"
+        "--rank",
+        type=non_negative_int,
+        help="this process's share of a split harvest (default $RANK or 0)",
     )
     p.add_argument(
-        "--world-size", type=int, help="processes sharing the harvest (default $WORLD_SIZE or 1)"
+        "--world-size",
+        type=positive_int,
+        help="processes sharing the harvest (default $WORLD_SIZE or 1)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_harvest)
@@ -444,8 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, type=Path, help="run directory (resumed if present)")
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in --out")
-    p.add_argument("--steps", type=int, default=None, help="override [train] steps")
-    p.add_argument("--batch-size", type=int, default=None, help="override [train] batch_size")
+    p.add_argument("--steps", type=positive_int, default=None, help="override [train] steps")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=None, help="override [train] batch_size"
+    )
     p.add_argument("--device", default=None, help="override [train] device (auto|cpu|cuda)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -454,26 +560,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, type=Path, help="run directory of modeldiff train")
     p.add_argument("--store", required=True, type=Path, help="the activation store it used")
     p.add_argument("--db", required=True, type=Path, help="DuckDB results file (created)")
-    p.add_argument("--run-id", help="name of the run in the database (default: the run dir)")
-    p.add_argument("--top-k", type=int, default=20, help="max-activating contexts per feature")
-    p.add_argument("--random", type=int, default=10, help="non-activating contexts per feature")
     p.add_argument(
-        "--context-pairs", type=int, default=32, help="aligned tokens per context (default 32)"
+        "--run-id", type=run_id, help="name of the run in the database (default: the run dir)"
     )
-    p.add_argument("--match", metavar="RUN_ID", help="also match features against this run")
+    p.add_argument(
+        "--top-k", type=positive_int, default=20, help="max-activating contexts per feature"
+    )
+    p.add_argument(
+        "--random", type=non_negative_int, default=10, help="non-activating contexts per feature"
+    )
+    p.add_argument(
+        "--context-pairs",
+        type=positive_int,
+        default=32,
+        help="aligned tokens per context (default 32)",
+    )
+    p.add_argument(
+        "--match", type=run_id, metavar="RUN_ID", help="also match features against this run"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("match", help=cmd_match.__doc__, description=cmd_match.__doc__)
     p.add_argument("--db", required=True, type=Path)
-    p.add_argument("--run-id", required=True)
-    p.add_argument("--other", required=True, help="run id of the other run")
+    p.add_argument("--run-id", required=True, type=run_id)
+    p.add_argument("--other", required=True, type=run_id, help="run id of the other run")
     p.set_defaults(func=cmd_match)
 
     for name, func in (("explain", cmd_explain), ("score", cmd_score)):
         p = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
         p.add_argument("--db", required=True, type=Path)
-        p.add_argument("--run-id", required=True)
+        p.add_argument("--run-id", required=True, type=run_id)
         who = "explainer" if name == "explain" else "judge"
         p.add_argument(
             f"--{who}",
@@ -482,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="offline (no key, deterministic) or anthropic (needs ANTHROPIC_API_KEY)",
         )
         p.add_argument("--model", default="claude-opus-4-1-20250805", help="Claude model")
-        p.add_argument("--limit", type=int, help="at most this many features")
+        p.add_argument("--limit", type=positive_int, help="at most this many features")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "explain":
             p.add_argument("--partitions", nargs="+", help="only these partitions")
@@ -501,13 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", required=True, type=Path)
     p.add_argument("--what", required=True, help="a table name, or feature_table")
     p.add_argument("--out", required=True, type=Path, help="a .parquet or .csv path")
-    p.add_argument("--run-id", help="only this run's rows")
+    p.add_argument("--run-id", type=run_id, help="only this run's rows")
     p.add_argument("--where", nargs="+", metavar="COLUMN=VALUE", help="equality filters")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("dashboard", help=cmd_dashboard.__doc__, description=cmd_dashboard.__doc__)
     p.add_argument("--db", type=Path, help="DuckDB results file (default: $MODELDIFF_DB)")
-    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument("--port", type=port, default=8501, help="port (default 8501)")
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
@@ -515,21 +632,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("steer", help=cmd_steer.__doc__, description=cmd_steer.__doc__)
     p.add_argument("--db", required=True, type=Path)
-    p.add_argument("--run-id", required=True)
-    p.add_argument("--feature", required=True, type=int)
+    p.add_argument("--run-id", required=True, type=run_id)
+    p.add_argument("--feature", required=True, type=non_negative_int)
     p.add_argument("--prompt", required=True)
     p.add_argument("--model", choices=("a", "b"), default="a", help="the model to steer")
     p.add_argument(
         "--alphas",
         nargs="+",
-        type=float,
+        type=finite_float,
         default=[0.0, 2.0, 4.0, 6.0, 8.0, 10.0],
         help="strengths in units of the feature's s_max",
     )
     p.add_argument("--positions", choices=("all", "prompt", "generated"), default="all")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument(
+        "--temperature", type=non_negative_float, default=0.0, help="0: greedy (default)"
+    )
+    p.add_argument("--seed", type=any_int, default=0)
     p.add_argument("--save", action="store_true", help="record the samples in the database")
     p.add_argument("--author", default="", help="who made the samples (saved with them)")
     p.set_defaults(func=cmd_steer)
@@ -550,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--no-dashboard", action="store_true", help="stop after the pipeline")
     p.add_argument("--host", default="127.0.0.1", help="dashboard address (default localhost)")
-    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--port", type=port, default=8501)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
     return parser

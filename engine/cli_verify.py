@@ -11,14 +11,25 @@ import argparse
 from pathlib import Path
 
 from engine.analysis.categories import CANDIDATES
+from engine.cli_types import (
+    any_int,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    open_fraction,
+    positive_float,
+    positive_int,
+    run_id,
+)
 from engine.interp.anthropic import DEFAULT_MODEL as DEFAULT_CLAUDE
 
 
 def cmd_stitch(args: argparse.Namespace) -> None:
     """Fit affine maps A->B and B->A on a store's paired activations (model stitching)."""
     from engine.harvest.store import ActivationStore
-    from engine.steering.stitching import train_stitch
+    from engine.steering.stitching import check_stitch_target, train_stitch
 
+    check_stitch_target(args.out)  # before the fit, not after it
     store = ActivationStore(args.store)
     d_a, d_b = store.d_a, store.d_b
     batch_size = min(args.batch_size, len(store))  # a small store is still usable
@@ -63,7 +74,7 @@ def cmd_exclusivity(args: argparse.Namespace) -> None:
         generation=generation_settings(args, greedy_default=False),
         source=args.source,
     )
-    with Database(args.db) as db:
+    with Database(args.db, create=False) as db:
         db.run(args.run_id)
         features = args.features or pick_features(db, args.run_id, args.top, args.categories)
         if not features:
@@ -121,7 +132,7 @@ def cmd_steer_eval(args: argparse.Namespace) -> None:
         source=args.source,
         models=tuple(args.models),
     )
-    with Database(args.db) as db:
+    with Database(args.db, create=False) as db:
         db.run(args.run_id)
         pair = SteeringPair.open(db, args.run_id, args.stitch, device=args.device)
         total = len(cfg.models) * len(load_prompts(cfg.prompts or rub.prompt_set)[: cfg.limit])
@@ -146,19 +157,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stitch", help=cmd_stitch.__doc__, description=cmd_stitch.__doc__)
     p.add_argument("--store", required=True, type=Path, help="activation store to fit on")
     p.add_argument("--out", required=True, type=Path, help="output .safetensors file")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--holdout", type=float, default=0.1, help="fraction of pairs held out")
-    p.add_argument("--samples", type=int, default=32768, help="pairs drawn for fit + hold-out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, default=500)
+    p.add_argument("--batch-size", type=positive_int, default=1024)
+    p.add_argument("--lr", type=positive_float, default=1e-4)
+    p.add_argument("--holdout", type=open_fraction, default=0.1, help="fraction of pairs held out")
+    p.add_argument(
+        "--samples", type=positive_int, default=32768, help="pairs drawn for fit + hold-out"
+    )
+    p.add_argument("--seed", type=any_int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_stitch)
 
     for name, func in (("exclusivity", cmd_exclusivity), ("steer-eval", cmd_steer_eval)):
         p = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
         p.add_argument("--db", required=True, type=Path)
-        p.add_argument("--run-id", required=True)
+        p.add_argument("--run-id", required=True, type=run_id)
         p.add_argument("--stitch", required=True, type=Path, help="from `modeldiff stitch`")
         p.add_argument(
             "--judge",
@@ -174,22 +187,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             help="the model to steer shared features from"
             + (" (default: the model a feature leans to, else a)" if name == "exclusivity" else ""),
         )
-        p.add_argument("--max-new-tokens", type=int, default=200)
+        p.add_argument("--max-new-tokens", type=positive_int, default=200)
         p.add_argument(
             "--temperature",
-            type=float,
+            type=non_negative_float,
             default=None,
             help="0 = greedy (default: 0.7 with top-p 0.9 for exclusivity, greedy for steer-eval)",
         )
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=any_int, default=0)
         p.add_argument("--device", default="auto")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.set_defaults(func=func)
         if name == "exclusivity":
-            p.add_argument("--features", nargs="+", type=int, help="feature ids to score")
+            p.add_argument(
+                "--features", nargs="+", type=non_negative_int, help="feature ids to score"
+            )
             p.add_argument(
                 "--top",
-                type=int,
+                type=positive_int,
                 default=5,
                 help="without --features: this many per category (flagged first)",
             )
@@ -201,14 +216,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                 help=f"without --features: pick from these ({', '.join(CANDIDATES)}; default: "
                 "the exclusive partitions, all four when the run has none)",
             )
-            p.add_argument("--alphas", nargs="+", type=float, default=[float(a) for a in range(11)])
+            p.add_argument(
+                "--alphas", nargs="+", type=finite_float, default=[float(a) for a in range(11)]
+            )
             p.add_argument("--force", action="store_true", help="rescore features already done")
         else:
-            p.add_argument("--feature", required=True, type=int)
+            p.add_argument("--feature", required=True, type=non_negative_int)
             p.add_argument("--rubric", required=True, help="e.g. china_alignment (see docs)")
             p.add_argument("--prompts", help="prompt-set name or file (default: the rubric's)")
-            p.add_argument("--limit", type=int, help="only the first N prompts")
-            p.add_argument("--alphas", nargs="+", type=float, help="default: the paper's grid")
+            p.add_argument("--limit", type=positive_int, help="only the first N prompts")
+            p.add_argument(
+                "--alphas", nargs="+", type=finite_float, help="default: the paper's grid"
+            )
             p.add_argument(
                 "--models",
                 nargs="+",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -435,3 +436,129 @@ def test_matching_runs_on_different_model_pairs_is_refused(tmp_path, tiny, capsy
     line = one_line_error(capsys, "match", "--db", db, "--run-id", "ours", "--other", "relayered")
     assert "model B" in line and "layer 0" in line and "same model pair" in line
     assert main(["match", "--db", str(db), "--run-id", "ours", "--other", tiny.run_id]) == 0
+
+
+# -- what --fresh clears, a shard deleted by hand, and what a manifest may name ------------
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The two tiny models of tests.test_harvest, built in code (nothing loaded from disk)."""
+    from engine.models.tokenizers import load_tokenizer
+    from tests.test_harvest import tiny_gemma, tiny_llama, wrap
+
+    tok_a, tok_b = load_tokenizer("smollm2"), load_tokenizer("gemma3")
+    return wrap(tiny_llama(tok_a), tok_a, "tiny-llama"), wrap(
+        tiny_gemma(tok_b), tok_b, "tiny-gemma"
+    )
+
+
+def small_harvest(pair, out: Path, fresh: bool = False):
+    """Harvest a few shards of one short text into `out`."""
+    from engine.harvest.pipeline import harvest
+    from tests.test_harvest import config
+
+    text = out.parent / "text.txt"
+    text.write_text(" ".join(f"The river {i} runs past the stone." for i in range(30)))
+    return harvest(config([text], shard_pairs=40), out, models=pair, fresh=fresh, progress=False)
+
+
+def test_fresh_clears_only_a_store_and_only_its_own_files(tmp_path, pair):
+    from engine.harvest.store import StoreError
+
+    # A folder that is not a store: nothing in it is touched, and the error names it.
+    folder = tmp_path / "work"
+    (folder / "documents").mkdir(parents=True)
+    (folder / "documents" / "thesis.docx").write_bytes(b"three years")
+    (folder / "manifest.json").write_text('{"name": "my-package"}')
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with pytest.raises(StoreError, match=re.escape(f"refuses to clear {folder}")):
+        small_harvest(pair, folder, fresh=True)
+    (folder / "manifest.json").unlink()
+    del before[folder / "manifest.json"]
+    with pytest.raises(StoreError, match=re.escape("documents/thesis.docx")):
+        small_harvest(pair, folder, fresh=True)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    # A store: --fresh replaces its shards and logs, and keeps what else was put in it.
+    store = tmp_path / "store"
+    first = small_harvest(pair, store)
+    (store / "notes.txt").write_text("keep me")
+    (store / "shards" / "README").write_text("keep me too")
+    again = small_harvest(pair, store, fresh=True)
+    assert again.new_pairs == again.pairs == first.pairs
+    assert (store / "notes.txt").read_text() == "keep me"
+    assert (store / "shards" / "README").read_text() == "keep me too"
+    # An empty folder is fine.
+    (tmp_path / "empty").mkdir()
+    assert small_harvest(pair, tmp_path / "empty", fresh=True).pairs == first.pairs
+
+
+def test_a_shard_deleted_by_hand_is_harvested_again_on_resume(tmp_path, pair):
+    from engine.harvest.store import ActivationStore
+
+    store = tmp_path / "store"
+    first = small_harvest(pair, store)
+    shards = read_manifest(store)["shards"]
+    assert len(shards) >= 2
+    (store / shards[0]["file"]).unlink()
+    again = small_harvest(pair, store)  # used to fail renaming the missing file to .bad
+    assert again.pairs == first.pairs and again.new_pairs == shards[0]["pairs"]
+    assert ActivationStore(store).verify() == []
+    assert small_harvest(pair, store).new_pairs == 0  # and later resumes work too
+
+
+@pytest.mark.parametrize("entry", ["shard", "document log"])
+def test_a_manifest_naming_files_outside_the_store_is_refused(tmp_path, pair, entry):
+    from engine.harvest.store import ActivationStore, StoreError
+
+    store = tmp_path / "store"
+    small_harvest(pair, store)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not a shard")
+    manifest = json.loads((store / "manifest.json").read_text())
+    if entry == "shard":
+        manifest["shards"][0]["file"] = "../victim.txt"
+    else:
+        manifest["document_logs"][0] = "../victim.txt"
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=re.escape("victim.txt")):
+        list(ActivationStore(store).documents())
+    with pytest.raises(StoreError, match=re.escape("victim.txt")):
+        small_harvest(pair, store)  # a resume would have renamed it to victim.txt.bad
+    assert victim.read_text() == "not a shard"
+
+
+def test_train_fresh_clears_only_a_run_directory(tmp_path, capsys):
+    from engine.crosscoder.pairs import save_pairs
+
+    save_pairs(tmp_path / "pairs.safetensors", torch.randn(256, 8), torch.randn(256, 6))
+    toml = tmp_path / "run.toml"
+    toml.write_text(TRAIN_TOML.format(steps=40))
+    args = ["train", "--pairs", tmp_path / "pairs.safetensors", "--config", toml, "--quiet"]
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "thesis.docx").write_bytes(b"three years")
+    line = one_line_error(capsys, *args, "--out", folder, "--fresh")
+    assert f"refuses to clear {folder}" in line and "thesis.docx" in line
+    assert (folder / "thesis.docx").read_bytes() == b"three years"
+    # A run: --fresh removes its checkpoints (a stale step-40 would outlive a new 20-step
+    # run's pruning and be resumed from), and keeps a note put beside them.
+    run = tmp_path / "run"
+    assert main([*map(str, args), "--out", str(run)]) == 0
+    (run / "notes.txt").write_text("keep me")
+    toml.write_text(TRAIN_TOML.format(steps=20))
+    assert main([*map(str, args), "--out", str(run), "--fresh"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000020"]
+    assert (run / "notes.txt").read_text() == "keep me"
+    assert json.loads((run / "crosscoder.json").read_text())["metrics"]["steps"] == 20
+
+
+def test_a_stitch_replaces_only_a_stitch(tmp_path):
+    from engine.config import ConfigError
+    from engine.steering.stitching import check_stitch_target
+
+    theirs = tmp_path / "weights.safetensors"
+    theirs.write_bytes(b"someone else's file")
+    with pytest.raises(ConfigError, match="not a stitch"):
+        check_stitch_target(theirs)
+    check_stitch_target(tmp_path / "new.safetensors")  # a new file is fine

@@ -100,10 +100,7 @@ class Stitch:
     def save(self, path: str | Path) -> Path:
         """Write one .safetensors file; settings and FVE go in its JSON metadata header."""
         path = Path(path)
-        if path.suffix != ".safetensors":
-            raise ConfigError(f"stitch files are .safetensors; got {path}")
-        if path.is_dir():
-            raise ConfigError(f"{path} is a directory; give a file name like stitch.safetensors")
+        check_stitch_target(path)
         header = {
             "format": FORMAT,
             "version": VERSION,
@@ -137,6 +134,27 @@ class Stitch:
             scale_b=float(header["scale_b"]),
             fve=header.get("fve", {}),
             info=header.get("info", {}),
+        )
+
+
+def check_stitch_target(path: Path) -> None:
+    """Refuse a path a stitch cannot be saved to: not .safetensors, a directory, or an
+    existing file that is not a stitch (only an earlier stitch is replaced)."""
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"stitch files are .safetensors; got {path}")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; give a file name like stitch.safetensors")
+    if not path.exists():
+        return
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            ours = FORMAT in (fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        ours = False
+    if not ours:
+        raise ConfigError(
+            f"refusing to replace {path}: it is not a stitch file; remove it yourself or "
+            "choose another --out"
         )
 
 

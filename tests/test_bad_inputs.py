@@ -1,0 +1,309 @@
+"""Bad input to every `modeldiff` sub-command: one `error:` line, status 2, no traceback,
+and nothing created or changed on disk.
+
+The commands run as real processes on a small real results database (one run of 20
+features, written through the engine's `Database`); typed export filters and the dashboard's
+escaping are checked on the same database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from engine.cli import is_loopback
+from engine.crosscoder.pairs import save_pairs
+from engine.store import Database, StoreDBError
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+RUN = "r"
+N_FEATURES = 20
+DEAD = {3, 7}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """A folder with a results database, a pairs file, a SQLite file and a non-UTF-8 TOML."""
+    root = tmp_path_factory.mktemp("bad")
+    with Database(root / "r.duckdb") as db:
+        db.add_run(
+            RUN,
+            model_a={"name": "a"},
+            model_b={"name": "b"},
+            architecture="dfc",
+            n_features=N_FEATURES,
+            partition={},
+        )
+        db.write_features(
+            RUN,
+            pd.DataFrame(
+                {
+                    "feature_id": range(N_FEATURES),
+                    "partition": ["a_exclusive"] * 4 + ["shared"] * (N_FEATURES - 4),
+                    "density": [0.01 * i for i in range(N_FEATURES)],
+                    "dead": [i in DEAD for i in range(N_FEATURES)],
+                }
+            ),
+        )
+    save_pairs(root / "pairs.safetensors", torch.randn(64, 8), torch.randn(64, 8))
+    con = sqlite3.connect(root / "other.sqlite")
+    con.execute("CREATE TABLE t (x)")
+    con.commit()
+    con.close()
+    (root / "latin1.toml").write_bytes("[train]\n# Größe\nsteps = 10\n".encode("latin-1"))
+    (root / "folder.duckdb").mkdir()
+    return root
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under `root` with a hash of its content."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "/"
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def modeldiff(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`modeldiff ARGS` as a separate process."""
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args],
+        env=ENV,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+# (sub-command arguments, text the error line must contain); {root} is the fixture folder.
+ANALYZE = ["analyze", "--run", "{root}/run", "--store", "{root}/store", "--db", "{root}/new.duckdb"]
+EXPORT = ["export", "--db", "{root}/r.duckdb", "--what", "features", "--out", "{root}/f.csv"]
+FT_EXPORT = [*EXPORT[:4], "feature_table", "--run-id", RUN, "--out", "{root}/ft.csv"]
+TRAIN = ["train", "--pairs", "{root}/pairs.safetensors", "--out", "{root}/run-out"]
+CASES = {
+    "analyze --top-k -1": ([*ANALYZE, "--top-k", "-1"], "--top-k"),
+    "analyze --top-k abc": ([*ANALYZE, "--top-k", "abc"], "--top-k"),
+    "analyze --context-pairs 0": ([*ANALYZE, "--context-pairs", "0"], "--context-pairs"),
+    "analyze --random -1": ([*ANALYZE, "--random", "-1"], "--random"),
+    "analyze --run-id escaping": ([*ANALYZE, "--run-id", "x/../../escaped"], "run id"),
+    "analyze --run-id ..": ([*ANALYZE, "--run-id", ".."], "run id"),
+    "explain --run-id escaping": (
+        ["explain", "--db", "{root}/r.duckdb", "--run-id", "x/../../escaped", "--batch"],
+        "run id",
+    ),
+    "explain --limit 0": (
+        ["explain", "--db", "{root}/r.duckdb", "--run-id", RUN, "--limit", "0"],
+        "--limit",
+    ),
+    "harvest --max-pairs 0": (["harvest", "--out", "{root}/s", "--max-pairs", "0"], "--max-pairs"),
+    "harvest --world-size 0": (["harvest", "--out", "{root}/s", "--world-size", "0"], "world"),
+    "train --steps -5": ([*TRAIN, "--config", "demo", "--steps", "-5"], "--steps"),
+    "train non-UTF-8 config": ([*TRAIN, "--config", "{root}/latin1.toml"], "UTF-8"),
+    "steer --max-new-tokens 0": (
+        [
+            "steer",
+            "--db",
+            "{root}/r.duckdb",
+            "--run-id",
+            RUN,
+            "--feature",
+            "1",
+            "--prompt",
+            "x",
+            "--max-new-tokens",
+            "0",
+        ],
+        "--max-new-tokens",
+    ),
+    "steer --alphas nan": (
+        [
+            "steer",
+            "--db",
+            "{root}/r.duckdb",
+            "--run-id",
+            RUN,
+            "--feature",
+            "1",
+            "--prompt",
+            "x",
+            "--alphas",
+            "nan",
+        ],
+        "--alphas",
+    ),
+    "stitch --holdout 1.5": (
+        ["stitch", "--store", "{root}/store", "--out", "{root}/s.safetensors", "--holdout", "1.5"],
+        "--holdout",
+    ),
+    "exclusivity --top 0": (
+        ["exclusivity", "--db", "{root}/r.duckdb", "--run-id", RUN, "--stitch", "x", "--top", "0"],
+        "--top",
+    ),
+    "dashboard --port 0": (["dashboard", "--db", "{root}/r.duckdb", "--port", "0"], "--port"),
+    # A mistyped --db: only `analyze` creates a database file.
+    "explain, no database": (
+        ["explain", "--db", "{root}/typo.duckdb", "--run-id", RUN],
+        "no results database",
+    ),
+    "score, no database": (
+        ["score", "--db", "{root}/typo.duckdb", "--run-id", RUN],
+        "no results database",
+    ),
+    "match, no database": (
+        ["match", "--db", "{root}/typo.duckdb", "--run-id", RUN, "--other", "s"],
+        "no results database",
+    ),
+    "steer, no database": (
+        ["steer", "--db", "{root}/typo.duckdb", "--run-id", RUN, "--feature", "1", "--prompt", "x"],
+        "no results database",
+    ),
+    "steer-eval, no database": (
+        [
+            "steer-eval",
+            "--db",
+            "{root}/typo.duckdb",
+            "--run-id",
+            RUN,
+            "--stitch",
+            "x",
+            "--feature",
+            "1",
+            "--rubric",
+            "china_alignment",
+        ],
+        "no results database",
+    ),
+    "export, no database": ([*EXPORT[:2], "{root}/typo.duckdb", *EXPORT[3:]], "no results"),
+    # Files that are not a results database say what they are.
+    "a SQLite file as --db": ([*EXPORT[:2], "{root}/other.sqlite", *EXPORT[3:]], "SQLite"),
+    "a directory as --db": ([*EXPORT[:2], "{root}/folder.duckdb", *EXPORT[3:]], "directory"),
+    "score, a directory as --db": (
+        ["score", "--db", "{root}/folder.duckdb", "--run-id", RUN],
+        "directory",
+    ),
+    # Export filters are typed, and an unknown run is not a header-only file.
+    "export --where feature_id=abc": ([*EXPORT, "--where", "feature_id=abc"], "integer"),
+    "export --where dead=maybe": ([*EXPORT, "--where", "dead=maybe"], "true or false"),
+    "export feature_table --where limit=x": ([*FT_EXPORT, "--where", "limit=x"], "integer"),
+    "export --where without =": ([*EXPORT, "--where", "dead"], "column=value"),
+    "export --run-id no-such-run": ([*EXPORT, "--run-id", "no-such-run"], "unknown run"),
+    "export feature_table --run-id no-such-run": (
+        [*FT_EXPORT[:6], "no-such-run", *FT_EXPORT[7:]],
+        "unknown run",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_error_line_and_changes_nothing(root, name):
+    args, needle = CASES[name]
+    before = snapshot(root)
+    result = modeldiff(*(a.format(root=root) for a in args), cwd=root)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert needle in lines[0]
+    assert snapshot(root) == before  # no file created (a database, a ledger) or changed
+    assert not (root.parent / "escaped").exists()
+
+
+# -- typed export filters ----------------------------------------------------------------
+
+
+def export(root: Path, tmp_path: Path, *args: str) -> pd.DataFrame:
+    """`modeldiff export ARGS` in this process, read back."""
+    from engine.cli import main
+
+    out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}.csv"  # a new file each time
+    assert main(["export", "--db", str(root / "r.duckdb"), "--out", str(out), *args]) == 0
+    return pd.read_csv(out)
+
+
+def test_export_filters_have_their_types(root, tmp_path):
+    ft = ["--what", "feature_table", "--run-id", RUN]
+    live = export(root, tmp_path, *ft, "--where", "dead=false")
+    assert set(live["feature_id"]) == set(range(N_FEATURES)) - DEAD
+    assert set(export(root, tmp_path, *ft, "--where", "dead=true")["feature_id"]) == DEAD
+    assert list(export(root, tmp_path, *ft, "--where", "feature_ids=14")["feature_id"]) == [14]
+    assert list(export(root, tmp_path, *ft, "--where", "feature_ids=1,4")["feature_id"]) == [1, 4]
+    page = [*ft, "--where", "order_by=density", "limit=3"]
+    assert list(export(root, tmp_path, *page, "descending=false")["feature_id"]) == [0, 1, 2]
+    assert list(export(root, tmp_path, *page, "descending=true")["feature_id"]) == [19, 18, 17]
+    # A table's columns take their database type.
+    rows = export(root, tmp_path, "--what", "features", "--where", "dead=false", "feature_id=14")
+    assert list(rows["feature_id"]) == [14]
+    assert export(root, tmp_path, "--what", "features", "--where", "dead=0").shape[0] == 18
+
+
+def test_export_replaces_only_an_earlier_export(root, tmp_path):
+    from engine.cli import main
+
+    theirs = tmp_path / "thesis.csv"
+    theirs.write_text("chapter,words\n1,5000\n")
+    args = ["export", "--db", str(root / "r.duckdb"), "--what", "features", "--out"]
+    assert main([*args, str(theirs)]) == 2
+    assert theirs.read_text() == "chapter,words\n1,5000\n"
+    for name in ("f.csv", "f.parquet"):
+        ours = tmp_path / name
+        assert main([*args, str(ours)]) == 0
+        assert main([*args, str(ours), "--where", "dead=true"]) == 0  # an export: replaced
+        assert len(pd.read_csv(ours) if name.endswith("csv") else pd.read_parquet(ours)) == 2
+    (tmp_path / "data.parquet").write_bytes(b"PAR1 not ours")
+    assert main([*args, str(tmp_path / "data.parquet")]) == 2
+
+
+def test_the_api_refuses_run_ids_that_are_not_file_name_safe(tmp_path):
+    with Database(tmp_path / "x.duckdb") as db:
+        for bad in ("x/../../escaped", "..", ".", "", "a b", "run\n"):
+            with pytest.raises(StoreDBError, match="run id"):
+                db.add_run(bad, model_a={}, model_b={}, architecture="dfc", n_features=1,
+                           partition={})  # fmt: skip
+        db.add_run("seed-1.v2_ok", model_a={}, model_b={}, architecture="dfc", n_features=1,
+                   partition={})  # fmt: skip
+
+
+# -- the dashboard -----------------------------------------------------------------------
+
+
+def test_dashboard_binds_this_machine_and_warns_about_other_hosts(root):
+    import tomllib
+
+    config = tomllib.loads((Path(__file__).parents[1] / ".streamlit/config.toml").read_text())
+    assert config["server"]["address"] == "127.0.0.1"
+    assert config["server"]["fileWatcherType"] == "none"
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
+
+
+def test_untrusted_names_are_escaped_for_markdown_and_spreadsheets():
+    from dashboard.markdown import md, md_code
+    from dashboard.views.common import report_csv, report_markdown
+
+    image = "![x](https://attacker.example/t.png)"
+    assert "![" not in md(image) and "](" not in md(image)  # no image or link syntax left
+    assert md_code("a`b") == "``a`b``" and md_code("`x") == "`` `x ``"
+    rows = pd.DataFrame(
+        {
+            "feature_id": [1],
+            "partition": ["a_exclusive"],
+            "explanation": ['=HYPERLINK("https://attacker.example")'],
+            "notes": [f"see {image}"],
+            "reviewer": ["@admin"],
+            "score": [-0.5],
+        }
+    )
+    csv = report_csv(rows)
+    assert "'=HYPERLINK" in csv and "'@admin" in csv and ",-0.5" in csv
+    lines = report_markdown(f"run`{image}", rows, {}).splitlines()
+    assert lines[0] == f"# modeldiff audit report: run ``run`{image}``"  # a code span
+    notes = next(line for line in lines if line.startswith("- **Notes:**"))
+    assert "![" not in notes and "](" not in notes
