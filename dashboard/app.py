@@ -18,6 +18,7 @@ if _ROOT not in sys.path:
 import streamlit as st  # noqa: E402
 
 from dashboard import data  # noqa: E402
+from dashboard.markdown import md_code  # noqa: E402
 
 st.set_page_config(layout="wide", page_title="modeldiff", page_icon="🔬")
 # An analyst's tool, not an app under development: no "Deploy" button or developer menu.
@@ -40,7 +41,7 @@ page = st.navigation(list(PAGES.values()))
 data.keep_widget_state()
 
 db_path = data.require_db()
-st.sidebar.caption(f"Database: `{db_path}`")
+st.sidebar.caption(f"Database: {md_code(db_path)}")
 data.select_run(db_path)
 
 # A shared link to the landing page with `?feature=` opens that feature (first load only).

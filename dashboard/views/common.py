@@ -17,6 +17,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from dashboard.data import label
+from dashboard.markdown import md, md_code, spreadsheet_safe
 from engine.analysis.context import Context
 
 # Partitions and categories: leaning shared features in a lighter shade of their model's.
@@ -329,7 +330,7 @@ def report_markdown(
     """A Markdown audit report of reviewed features: partition, explanation, harmful reason,
     detection score, exclusivity score (if any), top contexts with «» around active text,
     and the reviewer's notes."""
-    lines = [f"# modeldiff audit report: run `{run_id}`", ""]
+    lines = [f"# modeldiff audit report: run {md_code(run_id)}", ""]
     lines.append(f"{len(rows)} feature(s).")
     lines.append("")
     for row in rows.to_dict("records"):
@@ -358,10 +359,11 @@ def report_markdown(
 
 
 def _plain(value: Any) -> str:
-    """A cell as one line of report text."""
+    """A cell as one line of literal report text (Markdown in it is escaped: a note or an
+    explanation must not turn into a link or an image where the report is rendered)."""
     if value is None or _missing(value) or value == "":
         return "–"
-    return " ".join(str(value).split())
+    return md(value)
 
 
 def report_csv(rows: pd.DataFrame) -> str:
@@ -374,6 +376,9 @@ def report_csv(rows: pd.DataFrame) -> str:
     out = rows[[c for c in columns if c in rows.columns]].copy()
     if "partition" in out:
         out["partition"] = rows.get("category", rows["partition"]).map(label)
+    # Text cells only (a negative number stays a number): no cell runs as a formula.
+    for column in out.columns:
+        out[column] = out[column].map(spreadsheet_safe)
     return out.to_csv(index=False)
 
 

@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data
+from dashboard.markdown import md_code
 
 path, run_id = data.session()
 st.title("Compare runs")
@@ -14,8 +15,8 @@ st.title("Compare runs")
 others = [r for r in data.run_ids(path) if r != run_id]
 if not others:
     st.info(
-        f"The database holds only run `{run_id}`. Analyse another run of the same model pair "
-        "(another seed or partition size) into the same file, then match them:"
+        f"The database holds only run {md_code(run_id)}. Analyse another run of the same "
+        "model pair (another seed or partition size) into the same file, then match them:"
     )
     st.code(
         f"modeldiff analyze --run runs/OTHER --store STORE --db {path} --run-id OTHER\n"
@@ -27,7 +28,7 @@ if not others:
 other = st.selectbox("Compare with", others, key="cmp_other")
 table = data.matches(path, run_id, other)
 if table.empty:
-    st.info(f"No matches from `{run_id}` to `{other}` yet. Create them with:")
+    st.info(f"No matches from {md_code(run_id)} to {md_code(other)} yet. Create them with:")
     st.code(f"modeldiff match --db {path} --run-id {run_id} --other {other}", language="bash")
     st.stop()
 

@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data
+from dashboard.markdown import md_code
 from dashboard.views.common import (
     TOKEN_VIEWS,
     activation_histogram,
@@ -29,7 +30,7 @@ info = data.run(path, run_id)
 n_features = int(info["n_features"] or 0)
 fid = data.current_feature(path, run_id)
 if fid is None:
-    st.warning(f"Run `{run_id}` has no features.")
+    st.warning(f"Run {md_code(run_id)} has no features.")
     st.stop()
 
 
@@ -69,7 +70,8 @@ explanation = row.get("explanation")
 if explanation is None or pd.isna(explanation):
     st.info(
         "No explanation yet. Create them with "
-        f"`modeldiff explain --db {path} --run-id {run_id}`, then `modeldiff score ...`."
+        f"{md_code(f'modeldiff explain --db {path} --run-id {run_id}')}, then "
+        "`modeldiff score ...`."
     )
 else:
     flag = yes_no(row.get("harmful"))

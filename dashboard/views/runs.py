@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard import data
+from dashboard.markdown import md, md_code
 from dashboard.views.common import PARTITION_COLOURS, fmt, percent
 from engine.analysis.categories import A_LEANING_ABOVE, B_LEANING_BELOW
 from engine.analysis.run_metrics import ALL, dead_fractions, dead_history, partition_size_history
@@ -33,20 +34,20 @@ if len(overview) > 1:
     )
     st.dataframe(table, hide_index=True, width="stretch")
 
-st.header(f"Run `{run_id}`")
+st.header(f"Run {md_code(run_id)}")
 model_a, model_b = info.get("model_a") or {}, info.get("model_b") or {}
 cols = st.columns(2)
 for col, name, model in ((cols[0], "A", model_a), (cols[1], "B", model_b)):
     with col:
         st.subheader(f"Model {name}")
         st.markdown(
-            f"**{model.get('name', 'unnamed')}** · layer {model.get('layer', '–')}"
-            f" of {model.get('n_layers', '–')} · d_model {model.get('d_model', '–')}"
+            f"**{md(model.get('name', 'unnamed'))}** · layer {md(model.get('layer', '–'))}"
+            f" of {md(model.get('n_layers', '–'))} · d_model {md(model.get('d_model', '–'))}"
         )
 
 partition = info.get("partition") or {}
 st.markdown(
-    f"**Architecture:** {info.get('architecture', '–')} · **features:** "
+    f"**Architecture:** {md(info.get('architecture', '–'))} · **features:** "
     f"{int(info.get('n_features') or 0):,} · A-exclusive {partition.get('n_a_exclusive', 0):,} · "
     f"B-exclusive {partition.get('n_b_exclusive', 0):,} · shared {partition.get('n_shared', 0):,}"
     + (

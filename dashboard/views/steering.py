@@ -17,6 +17,7 @@ from typing import Any
 import streamlit as st
 
 from dashboard import data, models
+from dashboard.markdown import md_code
 from dashboard.views.common import TEXT_STYLE, esc, fmt
 from engine.config import ConfigError
 from engine.steering.run import SteeringPlan, plan_steering, steering_problem, stream_text
@@ -213,7 +214,7 @@ def _pair_layout(
 ) -> tuple[str, str]:
     """One model's header, transfer note, and baseline | steered columns."""
     model = row["model"]
-    st.markdown(f"**Model {model.upper()}** · `{names[model]}` · layer {row['layer']}")
+    st.markdown(f"**Model {model.upper()}** · {md_code(names[model])} · layer {row['layer']}")
     if row["note"]:
         st.info(row["note"], icon=":material/swap_horiz:")
     cols = st.columns(2)

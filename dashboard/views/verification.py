@@ -14,6 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data
+from dashboard.markdown import md, md_code
 from dashboard.views.common import exclusivity_html, fmt, steered_texts_html, timestamp
 from engine.config import ConfigError
 from engine.steering.evaluate import KIND, evaluation_figure, summary_of
@@ -30,15 +31,23 @@ def verification_panel(path: str, run_id: str, feature_id: int) -> None:
         evaluations = evaluations[evaluations["kind"].str.startswith(f"{KIND}:")]
     if scores.empty:
         st.caption(
-            "No exclusivity score yet. Score it with `modeldiff exclusivity --db "
-            f"{path} --run-id {run_id} --stitch STITCH --features {feature_id}`."
+            "No exclusivity score yet. Score it with "
+            + md_code(
+                f"modeldiff exclusivity --db {path} --run-id {run_id} --stitch STITCH "
+                f"--features {feature_id}"
+            )
+            + "."
         )
     else:
         _exclusivity(scores)
     if evaluations.empty:
         st.caption(
-            "No steering evaluation yet. Run one with `modeldiff steer-eval --db "
-            f"{path} --run-id {run_id} --stitch STITCH --feature {feature_id} --rubric RUBRIC`."
+            "No steering evaluation yet. Run one with "
+            + md_code(
+                f"modeldiff steer-eval --db {path} --run-id {run_id} --stitch STITCH "
+                f"--feature {feature_id} --rubric RUBRIC"
+            )
+            + "."
         )
         return
     latest = evaluations.drop_duplicates("kind", keep="last")
@@ -51,7 +60,7 @@ def _exclusivity(scores: pd.DataFrame) -> None:
     latest = scores.iloc[-1].to_dict()
     st.html(exclusivity_html(latest))
     if len(scores) > 1:
-        judges = ", ".join(f"`{j}`" for j in scores["judge"].unique())
+        judges = ", ".join(md_code(j) for j in scores["judge"].unique())
         st.caption(f"Latest of {len(scores)} exclusivity scores (judges: {judges}).")
     details = latest.get("details") or {}
     prompts = details.get("per_prompt") or []
@@ -82,7 +91,7 @@ def _evaluation(row: dict[str, Any], feature_id: int, n_runs: int) -> None:
     try:
         rub = rubric(name)
     except ConfigError:
-        st.caption(f"Steering evaluation `{name}`: unknown rubric, not drawn.")
+        st.caption(f"Steering evaluation {md_code(name)}: unknown rubric, not drawn.")
         return
     fig = evaluation_figure(summary_of(row), rub.metric, f"{rub.title}: feature {feature_id}")
     # The shaded intervals are lines only (Plotly would mark their corners with dots).
@@ -91,8 +100,8 @@ def _evaluation(row: dict[str, Any], feature_id: int, n_runs: int) -> None:
     st.plotly_chart(fig, width="stretch", key=f"eval_{row['eval_id']}")
     config = row.get("config") or {}
     st.caption(
-        f"`{row['kind']}`: {config.get('n_prompts', '–')} prompts, judge "
-        f"`{config.get('judge', '–')}`, s_max {fmt(config.get('s_max'))}, "
+        f"{md_code(row['kind'])}: {md(config.get('n_prompts', '–'))} prompts, judge "
+        f"{md_code(config.get('judge', '–'))}, s_max {fmt(config.get('s_max'))}, "
         f"{timestamp(row.get('created_at'))}. Solid: {rub.metric.lower().replace('_', ' ')}; "
         "dotted: coherence; shaded: 95% confidence interval."
         + (f" Latest of {n_runs} runs of this evaluation." if n_runs > 1 else "")
