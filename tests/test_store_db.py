@@ -710,18 +710,24 @@ def test_bulk_explanations_and_scores_are_numbered_in_order(db):
 
 def test_values_with_quotes_and_sql_are_harmless(tmp_path):
     with Database(tmp_path / "nasty.duckdb") as db:
-        add_run(db, NASTY, name=NASTY)
-        db.write_features(NASTY, features_frame())
-        db.set_triage(NASTY, 0, "screening", notes=NASTY, reviewer="o'neil")
-        db.add_explanation(NASTY, 0, explainer=NASTY, prompt_version=NASTY, explanation=NASTY)
-        assert db.run(NASTY)["name"] == NASTY
-        assert len(db.features(NASTY)) == N
-        assert db.explained_features(NASTY, NASTY, NASTY) == {0}
-        assert db.feature_table(NASTY, search=NASTY).feature_id.tolist() == [0]
-        assert db.triage_history(NASTY).notes.tolist() == [NASTY]
-        path = db.export("features", tmp_path / "it's.csv", run_id=NASTY)
+        # A run id becomes part of file names, so it is refused; every other value is kept.
+        with pytest.raises(StoreDBError, match="invalid run id"):
+            add_run(db, NASTY)
+        run = "o.neil_run-1"
+        add_run(db, run, name=NASTY)
+        db.write_features(run, features_frame())
+        db.set_triage(run, 0, "screening", notes=NASTY, reviewer="o'neil")
+        db.add_explanation(run, 0, explainer=NASTY, prompt_version=NASTY, explanation=NASTY)
+        assert db.run(run)["name"] == NASTY
+        assert len(db.features(run)) == N
+        assert db.explained_features(run, NASTY, NASTY) == {0}
+        assert db.feature_table(run, search=NASTY).feature_id.tolist() == [0]
+        assert db.triage_history(run).notes.tolist() == [NASTY]
+        path = db.export("features", tmp_path / "it's.csv", run_id=run)
         assert len(pd.read_csv(path)) == N
-        assert db.runs().run_id.tolist() == [NASTY]
+        assert db.runs().run_id.tolist() == [run]
+        with pytest.raises(StoreDBError, match="unknown run"):
+            db.features(NASTY)  # in a read, a nasty id is only a parameter
 
 
 def test_export_parquet_and_csv(db, tmp_path):
