@@ -7,7 +7,6 @@ and exit with status 2; an interrupted run exits with 130 and resumes when rerun
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 import sys
 from pathlib import Path
@@ -133,8 +132,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg.train.__post_init__()  # re-validate overrides
     if normalizer is not None:
         normalizer = Normalizer.from_median_norms(*normalizer, *dims)
-    if args.fresh:  # once the config and data are known good: a typo must not cost the run
-        _clear_run(args.out)
+    # With --fresh, train clears the run directory once the config and data are known good
+    # (a typo must not cost the run), and refuses a folder that is not a training run.
     result = train(
         cfg.crosscoder,
         cfg.train,
@@ -169,63 +168,6 @@ def cmd_train(args: argparse.Namespace) -> None:
             f"({f.get('dead_frac_b_exclusive', float('nan')):.0%} dead), "
             f"{partition.n_shared} shared"
         )
-
-
-# The files `modeldiff train` writes in a run directory (a leading dot and a tail: the
-# temporary files of an atomic write), and in its checkpoints/ folder.
-_RUN_FILES = re.compile(
-    r"\.?(crosscoder\.json|crosscoder\.safetensors|feature_stats\.safetensors)(\..+)?"
-)
-_CHECKPOINT_ENTRIES = re.compile(r"\.?(latest|step-\d+)(\..+)?")
-
-
-def _clear_run(out: Path) -> None:
-    """For --fresh: remove a run directory's crosscoder and checkpoints (so no checkpoint
-    of the old run outlives the new one's), refusing a folder that is not a training run."""
-    import shutil
-
-    from engine.crosscoder.distributed import is_main_process
-
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ConfigError(f"--fresh refuses to clear {out}: it is a file, not a run directory")
-    checkpoints = out / "checkpoints"
-    own = [e for e in out.iterdir() if _RUN_FILES.fullmatch(e.name) and e.is_file()]
-    if checkpoints.is_dir():
-        own += [e for e in checkpoints.iterdir() if _CHECKPOINT_ENTRIES.fullmatch(e.name)]
-    foreign = [e for e in out.iterdir() if e not in own and e != checkpoints]
-    if checkpoints.is_dir():
-        foreign += [e for e in checkpoints.iterdir() if e not in own]
-    if foreign and not _is_run(out):
-        shown = ", ".join(str(e.relative_to(out)) for e in sorted(foreign)[:3])
-        raise ConfigError(
-            f"--fresh refuses to clear {out}: it is not a training run directory (it holds "
-            f"{shown}{', ...' if len(foreign) > 3 else ''}); choose a new or empty --out"
-        )
-    if not is_main_process():  # rank 0 clears; the others only write nothing there
-        return
-    for entry in own:
-        if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-
-
-def _is_run(out: Path) -> bool:
-    """Whether `out` holds a training run: a crosscoder or a checkpoint of modeldiff's."""
-    import json
-
-    from engine.crosscoder.checkpoint import FORMAT
-
-    headers = [out / "crosscoder.json", *(out / "checkpoints").glob("step-*/checkpoint.json")]
-    for file in headers:
-        try:
-            if json.loads(file.read_text()).get("format") == FORMAT:
-                return True
-        except (OSError, ValueError, AttributeError):
-            continue  # damaged or foreign: look at the next one
-    return False
 
 
 def _training_data(args: argparse.Namespace):

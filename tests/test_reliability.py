@@ -539,7 +539,7 @@ def test_train_fresh_clears_only_a_run_directory(tmp_path, capsys):
     folder.mkdir()
     (folder / "thesis.docx").write_bytes(b"three years")
     line = one_line_error(capsys, *args, "--out", folder, "--fresh")
-    assert f"refuses to clear {folder}" in line and "thesis.docx" in line
+    assert f"refusing to clear {folder}" in line and "thesis.docx" in line
     assert (folder / "thesis.docx").read_bytes() == b"three years"
     # A run: --fresh removes its checkpoints (a stale step-40 would outlive a new 20-step
     # run's pruning and be resumed from), and keeps a note put beside them.
@@ -551,6 +551,33 @@ def test_train_fresh_clears_only_a_run_directory(tmp_path, capsys):
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000020"]
     assert (run / "notes.txt").read_text() == "keep me"
     assert json.loads((run / "crosscoder.json").read_text())["metrics"]["steps"] == 20
+
+
+def test_train_without_resume_starts_over_in_the_same_directory(tmp_path):
+    from engine.config import CrosscoderConfig, TrainConfig
+    from engine.crosscoder.checkpoint import CheckpointError, latest_checkpoint
+    from engine.crosscoder.trainer import train
+
+    data = (torch.randn(256, 8), torch.randn(256, 6))
+    model = CrosscoderConfig(d_a=8, d_b=6, n_features=32)
+    kw = dict(batch_size=64, k=4, k_initial=None, warmup_steps=0, checkpoint_every=20)
+    train(model, TrainConfig(steps=40, **kw), data, tmp_path / "run", progress=False)
+    # With keep_checkpoints = 2, pruning by name would have kept the old run's step-40
+    # next to the new run's step-20, and a later resume would have picked the old one.
+    short = train(
+        model, TrainConfig(steps=20, **kw), data, tmp_path / "run", resume=False, progress=False
+    )
+    assert short.final["steps"] == 20
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000020"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == [
+        "step-00000020"
+    ]
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "thesis.docx").write_bytes(b"three years")
+    with pytest.raises(CheckpointError, match="not a training run"):
+        train(model, TrainConfig(steps=20, **kw), data, folder, resume=False, progress=False)
+    assert (folder / "thesis.docx").read_bytes() == b"three years"
 
 
 def test_a_stitch_replaces_only_a_stitch(tmp_path):

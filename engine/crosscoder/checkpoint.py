@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -210,6 +211,59 @@ def _load_state(model: Crosscoder, tensors: dict[str, torch.Tensor], source: Pat
             f"weights in {source} do not match the architecture in its JSON "
             f"({_first_line(err)}); {_fix(source / 'crosscoder.safetensors')}"
         ) from None
+
+
+# -- clearing a run directory ----------------------------------------------------------
+
+# The files training writes in a run directory (a leading dot and a tail: the temporary
+# files of an atomic write), and in its checkpoints/ folder.
+_RUN_FILES = re.compile(
+    r"\.?(crosscoder\.json|crosscoder\.safetensors|feature_stats\.safetensors)(\..+)?"
+)
+_CHECKPOINT_ENTRIES = re.compile(r"\.?(latest|step-\d+)(\..+)?")
+
+
+def clear_run(run_dir: Path, remove: bool = True) -> None:
+    """Remove a run directory's crosscoder and checkpoints (so no checkpoint of an old run
+    outlives a new one's), refusing a folder that is not a training run. With
+    `remove=False` only check (ranks other than 0 of a distributed run)."""
+    out = Path(run_dir)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"refusing to clear {out}: it is a file, not a run directory")
+    checkpoints = out / "checkpoints"
+    own = [e for e in out.iterdir() if _RUN_FILES.fullmatch(e.name) and e.is_file()]
+    if checkpoints.is_dir():
+        own += [e for e in checkpoints.iterdir() if _CHECKPOINT_ENTRIES.fullmatch(e.name)]
+    foreign = [e for e in out.iterdir() if e not in own and e != checkpoints]
+    if checkpoints.is_dir():
+        foreign += [e for e in checkpoints.iterdir() if e not in own]
+    if foreign and not _is_run(out):
+        shown = ", ".join(str(e.relative_to(out)) for e in sorted(foreign)[:3])
+        raise CheckpointError(
+            f"refusing to clear {out}: it is not a training run directory (it holds "
+            f"{shown}{', ...' if len(foreign) > 3 else ''}); choose a new or empty output folder"
+        )
+    if not remove:
+        return
+    for entry in own:
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _is_run(out: Path) -> bool:
+    """Whether `out` holds a training run: a crosscoder or a checkpoint of modeldiff's."""
+    headers = [out / "crosscoder.json", *(out / "checkpoints").glob("step-*/checkpoint.json")]
+    for file in headers:
+        try:
+            if json.loads(file.read_text()).get("format") == FORMAT:
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue  # damaged or foreign: look at the next one
+    return False
 
 
 # -- training checkpoints --------------------------------------------------------------

@@ -570,6 +570,9 @@ def _train(
 ) -> TrainResult:
     out = Path(out_dir) if out_dir is not None else None
     trainer = Trainer(model_cfg, train_cfg, normalizer, ctx)
+    if out is not None and not resume:  # an old run's checkpoint must not outlive this one
+        ckpt.clear_run(out, remove=ctx.is_main)
+        ctx.barrier()
     latest = ckpt.latest_checkpoint(out) if out is not None and resume else None
     if latest is not None:
         trainer.load_checkpoint(latest)  # every rank reads it: a shared file system
