@@ -19,11 +19,14 @@ import torch.nn.functional as F
 
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
-from engine.crosscoder.partition import Role
+from engine.crosscoder.partition import Partition, Role
 from engine.planted import PlantedError
 from engine.planted.pairs import PlantedPairs
 
 FINAL_KEYS = ("fve", "fve_a", "fve_b", "l0", "dead_frac")
+# Reassignment counts (DFC): features moved into each exclusive partition, and dead
+# exclusive features given back to the shared block (adaptive partitions).
+MOVE_KEYS = ("moved_to_a", "moved_to_b", "recycled_to_shared")
 
 
 @dataclass
@@ -181,7 +184,7 @@ def evaluate_planted(
     report["eval_fve_a"], report["eval_fve_b"] = scores.fve["a"], scores.fve["b"]
     report["learned"] = report["best_f1"] >= threshold
     report["correct"] = report["learned"] and labels[best] == model
-    report.update(_training_figures(final or {}))
+    report.update(_training_figures(final or {}, crosscoder.partition))
     return report
 
 
@@ -195,7 +198,10 @@ def _feature(prefix: str, feature: int, scores: FeatureScores) -> dict[str, Any]
     }
 
 
-def _training_figures(final: dict[str, Any]) -> dict[str, Any]:
-    """FVE, L0 and dead fractions (overall and per partition) from a training result."""
-    keys = [*FINAL_KEYS, *(f"dead_frac_{role.value}" for role in Role)]
-    return {k: final.get(k) for k in keys}
+def _training_figures(final: dict[str, Any], partition: Partition) -> dict[str, Any]:
+    """FVE, L0, dead fractions (overall and per partition), reassignment counts and the
+    final exclusive partition sizes of a training result."""
+    keys = [*FINAL_KEYS, *(f"dead_frac_{role.value}" for role in Role), *MOVE_KEYS]
+    out = {k: final.get(k) for k in keys}
+    out.update(n_a_exclusive=partition.n_a_exclusive, n_b_exclusive=partition.n_b_exclusive)
+    return out
