@@ -1,9 +1,13 @@
-"""The dashboard's access to the results database: one cached connection, cached reads.
+"""The dashboard's access to the results database: short-lived connections, cached reads.
 
-Every read goes through a `Database` method (the dashboard writes no SQL); query results are
-cached per (database, arguments) with `st.cache_data`, and a triage write clears the caches
-that show triage. The chosen run and feature live in `st.query_params` (so a URL restores
-the view) and in session state (Streamlit clears query parameters on page changes).
+Every read goes through a `Database` method (the dashboard writes no SQL). The `Database`
+holds no connection between calls: each query opens the file read-only and closes it, and
+each write opens it for writing only while it writes, so `modeldiff explain`, `score` and
+the other commands can write while the dashboard is open. Query results are cached per
+(database, state of the file, arguments) with `st.cache_data`, so rows another process
+writes show on the next rerun; a triage write also clears the caches that show triage.
+The chosen run and feature live in `st.query_params` (so a URL restores the view) and in
+session state (Streamlit clears query parameters on page changes).
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import pandas as pd
@@ -38,7 +43,10 @@ PAGE_SIZE = 50  # rows per page of the features browser
 RECUR = 0.7  # decoder cosine at which a feature recurs in another run
 STATUSES = TRIAGE_STATUSES
 _WRITE_LOCK = threading.Lock()  # one triage write at a time across sessions
-_OPENED: list[Database] = []  # every connection the resource cache opened (see close_all)
+_OPENED: list[Database] = []  # every Database the resource cache made (see close_all)
+# Seconds a query or write waits for a `modeldiff` command that is writing to the file.
+LOCK_WAIT_S = 20.0
+T = TypeVar("T")
 
 CREATE_HELP = """\
 modeldiff harvest --out stores/demo --model-a smollm2 --model-b gemma3 --sources demo:chitchat
@@ -70,9 +78,10 @@ def db_path_from_args(argv: list[str] | None = None) -> str | None:
 
 @st.cache_resource(show_spinner=False)
 def _open(path: str) -> Database:
-    """The one shared connection to the file (writable, so triage can be saved)."""
-    db = Database(path, read_only=False, create=False)  # never an empty file for a typo
-    _OPENED.append(db)
+    """The shared `Database` of the file: it holds no connection (nor the file's lock)
+    between calls, and may write (triage, steering samples)."""
+    db = Database(path, read_only=False, create=False, hold=False, wait=LOCK_WAIT_S)
+    _OPENED.append(db)  # never an empty file for a typo (create=False)
     return db
 
 
@@ -120,52 +129,84 @@ def _stop(problem: str) -> None:
     st.stop()
 
 
-# -- cached reads (keyed by the database path) -------------------------------------------
+# -- cached reads (keyed by the database path and the state of its file) ----------------
 
 
-@st.cache_data(show_spinner=False)
+def file_state(path: str) -> tuple[int, ...]:
+    """Modification time and size of the file and its write-ahead log: they change with
+    every commit, by this process or another."""
+    state: list[int] = []
+    for name in (path, f"{path}.wal"):
+        try:
+            stat = os.stat(name)
+            state += [stat.st_mtime_ns, stat.st_size]
+        except OSError:
+            state += [0, 0]
+    return tuple(state)
+
+
+def cached(fn: Callable[..., T]) -> Callable[..., T]:
+    """`st.cache_data` for a read of the database at its first argument, keyed also on the
+    file's state, so that a rerun after another process wrote reads the new rows."""
+
+    def stamped(path: str, state: tuple[int, ...], *args: Any, **kwargs: Any) -> T:
+        return fn(path, *args, **kwargs)
+
+    # Streamlit keys a cache on the function's module and qualified name (and source).
+    stamped.__module__, stamped.__qualname__ = fn.__module__, f"{fn.__qualname__}.stamped"
+    reader = st.cache_data(show_spinner=False)(stamped)
+
+    def read(path: str, *args: Any, **kwargs: Any) -> T:
+        return reader(path, file_state(path), *args, **kwargs)
+
+    read.__name__, read.__qualname__, read.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    read.clear = reader.clear  # type: ignore[attr-defined]
+    return read
+
+
+@cached
 def run_ids(path: str) -> list[str]:
     """Ids of the runs in the database, oldest first."""
     return [str(r) for r in database(path).runs()["run_id"]]
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def runs(path: str) -> pd.DataFrame:
     """All runs (JSON columns decoded)."""
     return database(path).runs()
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def run(path: str, run_id: str) -> dict[str, Any]:
     """One run as a dict."""
     return database(path).run(run_id)
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def features(path: str, run_id: str) -> pd.DataFrame:
     """Per-feature statistics of the run (with histograms)."""
     return database(path).features(run_id)
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def feature_table(path: str, run_id: str, **filters: Any) -> pd.DataFrame:
     """`Database.feature_table` with the given filters (and page: limit, offset)."""
     return database(path).feature_table(run_id, **filters)
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def feature_count(path: str, run_id: str, **filters: Any) -> int:
     """How many rows `feature_table` has with these filters (`Database.feature_count`)."""
     return database(path).feature_count(run_id, **filters)
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def run_history(path: str, run_id: str) -> pd.DataFrame:
     """The run's training metrics per logged step (empty when none was recorded)."""
     return database(path).run_history(run_id)
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def feature(path: str, run_id: str, feature_id: int) -> dict[str, Any]:
     """One feature's statistics."""
     return database(path).feature(run_id, feature_id)
@@ -177,7 +218,7 @@ def feature_row(path: str, run_id: str, feature_id: int) -> dict[str, Any] | Non
     return None if rows.empty else rows.iloc[0].to_dict()
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def default_feature(path: str, run_id: str) -> int | None:
     """The strongest live exclusive feature, else the strongest live leaning shared one,
     else the strongest live one, else any one."""
@@ -195,61 +236,61 @@ def default_feature(path: str, run_id: str) -> int | None:
     return None
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def contexts(path: str, run_id: str, feature_id: int) -> list[Context]:
     """All contexts of a feature (top, quantile, random)."""
     return database(path).contexts(run_id, feature_id)
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def contexts_of(path: str, run_id: str, feature_ids: tuple[int, ...], kind: str) -> dict:
     """Contexts of several features of one kind: {feature_id: [Context]}."""
     return database(path).contexts_of(run_id, list(feature_ids), kind)
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def windows(path: str, run_id: str, window_ids: tuple[int, ...]) -> dict[int, dict[str, Any]]:
     """Several windows with both models' token ids and offsets, in one query: {id: window}."""
     return database(path).windows(run_id, window_ids)
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def neighbors(path: str, run_id: str, feature_id: int) -> pd.DataFrame:
     """A feature's nearest features in both decoder spaces."""
     return database(path).neighbors(run_id, feature_id)
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def explanations(path: str, run_id: str, feature_id: int) -> pd.DataFrame:
     """Every explanation of a feature (all explainers, all versions)."""
     return database(path).explanations(run_id, feature_id, latest=False)
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def matches(path: str, run_id: str, other: str, feature_id: int | None = None) -> pd.DataFrame:
     """Feature matches from one run to another (of one feature, if given), best first."""
     return database(path).matches(run_id, other, feature_id=feature_id)
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def scores(path: str, run_id: str, feature_id: int, metric: str) -> pd.DataFrame:
     """A feature's scores of one metric (e.g. exclusivity), oldest first, details decoded."""
     return database(path).scores(run_id, feature_id=feature_id, metric=metric)
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def evaluations(path: str, run_id: str, feature_id: int) -> pd.DataFrame:
     """A feature's stored evaluations (e.g. steer-eval:<rubric>), oldest first."""
     return database(path).evaluations(run_id, feature_id=feature_id)
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def triage(path: str, run_id: str) -> pd.DataFrame:
     """Current triage rows of the run."""
     return database(path).triage(run_id)
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def triage_history(path: str, run_id: str, feature_id: int | None = None) -> pd.DataFrame:
     """Triage changes of the run (or of one feature), oldest first."""
     return database(path).triage_history(run_id, feature_id)
@@ -265,7 +306,7 @@ def save_triage(
         cached.clear()
 
 
-@st.cache_data(show_spinner=False)
+@cached
 def steering_samples(path: str, run_id: str, feature_id: int) -> pd.DataFrame:
     """Saved steering samples of one feature, oldest first."""
     return database(path).steering_samples(run_id, feature_id)

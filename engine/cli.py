@@ -216,7 +216,7 @@ def _match(db_path: Path, run_id: str, other: str, threshold: float = 0.7) -> No
     from engine.crosscoder.checkpoint import load_crosscoder
     from engine.store import Database
 
-    with Database(db_path, create=False) as db:
+    with Database(db_path, create=False, hold=False) as db:
         ours = load_crosscoder(db.run(run_id)["checkpoint_path"])[0]
         theirs = load_crosscoder(db.run(other)["checkpoint_path"])[0]
         table = match_runs(ours, theirs)
@@ -235,7 +235,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
     from engine.interp.run import explain_run, ordered_features
     from engine.store import Database
 
-    with Database(args.db, create=False) as db:
+    with Database(args.db, create=False, hold=False) as db:
         db.run(args.run_id)  # a clear error for an unknown run
         if args.explainer == "anthropic":
             from engine.interp.anthropic import AnthropicExplainer, describe_cost, estimate_cost
@@ -276,7 +276,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         from engine.interp.offline import OfflineJudge
 
         judge = OfflineJudge()
-    with Database(args.db, create=False) as db:
+    with Database(args.db, create=False, hold=False) as db:
         db.run(args.run_id)
         run = score_run(
             db,
@@ -299,7 +299,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         if not sep:
             raise ConfigError(f"--where takes column=value, got {item!r}")
         texts[key] = value
-    with Database(args.db, read_only=True) as db:
+    with Database(args.db, read_only=True, hold=False) as db:
         # Typed, so `dead=false` is False (not the true-ish string "false").
         filters = db.parse_filters(args.what, texts)
         path = db.export(args.what, args.out, run_id=args.run_id, **filters)
@@ -377,7 +377,7 @@ def cmd_steer(args: argparse.Namespace) -> None:
     from engine.store import Database
 
     cfg = generation_settings(args, greedy_default=True)
-    with Database(args.db, create=False) as db:
+    with Database(args.db, create=False, hold=False) as db:
         result = steer_feature(
             db, args.run_id, args.feature, args.prompt, model=args.model, alphas=args.alphas,
             cfg=cfg, positions=args.positions, save=args.save, author=args.author,

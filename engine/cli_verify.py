@@ -74,7 +74,7 @@ def cmd_exclusivity(args: argparse.Namespace) -> None:
         generation=generation_settings(args, greedy_default=False),
         source=args.source,
     )
-    with Database(args.db, create=False) as db:
+    with Database(args.db, create=False, hold=False) as db:
         db.run(args.run_id)
         features = args.features or pick_features(db, args.run_id, args.top, args.categories)
         if not features:
@@ -132,7 +132,7 @@ def cmd_steer_eval(args: argparse.Namespace) -> None:
         source=args.source,
         models=tuple(args.models),
     )
-    with Database(args.db, create=False) as db:
+    with Database(args.db, create=False, hold=False) as db:
         db.run(args.run_id)
         pair = SteeringPair.open(db, args.run_id, args.stitch, device=args.device)
         total = len(cfg.models) * len(load_prompts(cfg.prompts or rub.prompt_set)[: cfg.limit])

@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data
+from dashboard.markdown import md
 from dashboard.views.common import (
     badge,
     contexts_html,
@@ -19,6 +20,7 @@ from dashboard.views.common import (
     triage_note_html,
     yes_no,
 )
+from engine.store import StoreDBError
 
 QUEUES = {
     "flagged": "Exclusive or leaning, flagged harmful, unreviewed",
@@ -130,9 +132,13 @@ else:
         reviewer = st.text_input("Reviewer", key="reviewer")
         saved = st.form_submit_button("Save", type="primary")
     if saved:
-        data.save_triage(path, run_id, fid, status, note, reviewer)
-        st.success(f"Saved feature {fid} as {status!r}.")
-        row = data.feature_row(path, run_id, fid) or row
+        try:
+            data.save_triage(path, run_id, fid, status, note, reviewer)
+        except StoreDBError as err:  # the file stayed locked by another process
+            st.error(f"Not saved: {md(err)}")
+        else:
+            st.success(f"Saved feature {fid} as {status!r}.")
+            row = data.feature_row(path, run_id, fid) or row
 
     st.html(
         triage_note_html(

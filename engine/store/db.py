@@ -1,8 +1,13 @@
 """The results database: every read and write of the DuckDB file, in parameterised SQL.
 
-One `Database` holds one DuckDB connection and is safe to share between threads (a
-Streamlit app caches one per process): each call runs on its own cursor, and writes take a
-lock and run in one transaction, so a reader never sees half of a replacement.
+A `Database` is safe to share between threads: each call runs on its own cursor, and writes
+take a lock and run in one transaction, so a reader never sees half of a replacement.
+
+DuckDB lets one process hold a file open for writing, or several processes for reading. A
+`Database(..., hold=False)` therefore holds no connection between calls: each call opens
+the file (read-only for a read), runs and closes it, so the dashboard and the `modeldiff`
+commands can take turns on one file. Opening waits, with back-off, while another process
+holds the lock.
 
 Values reach SQL only as `?` parameters; table and column names only from the allow-list in
 `engine.store.schema`.
@@ -13,7 +18,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -63,6 +70,9 @@ DETECTION = "detection"
 EXCLUSIVITY = "exclusivity"
 # Feature-table sort keys that are not columns of `features`, as expressions of the query.
 TABLE_SORT_KEYS = {"score": "sc.value", "exclusivity": "xs.value", "updated_at": "t.updated_at"}
+# Seconds to wait for another process (the dashboard, a `modeldiff` command) to release the
+# file before giving up: its writes are short, so this is only exceeded by a stuck process.
+LOCK_WAIT_S = 60.0
 
 
 class StoreDBError(ValueError):
@@ -335,18 +345,34 @@ def _frame_columns(table: str, keys: dict[str, Any], df: pd.DataFrame) -> list[s
 class Database:
     """The results database in one DuckDB file; safe to share between threads."""
 
-    def __init__(self, path: str | Path, read_only: bool = False, create: bool = True) -> None:
-        """Open (with `create`, also create) the database file at `path`."""
+    def __init__(
+        self,
+        path: str | Path,
+        read_only: bool = False,
+        create: bool = True,
+        hold: bool = True,
+        wait: float = LOCK_WAIT_S,
+    ) -> None:
+        """Open (with `create`, also create) the database file at `path`; with `hold=False`,
+        check it and close it again until a call needs it."""
         self.path = Path(path)
         self.read_only = read_only
+        self.wait = wait
         self._lock = threading.RLock()  # serialises writes (DuckDB allows one writer at a time)
         self._tx: Cursor | None = None  # the open `transaction()`'s cursor, if any
-        self._conn: duckdb.DuckDBPyConnection | None = _connect(str(path), read_only, create)
+        self._local = threading.local()  # hold=False: this thread's open connection, if any
+        self._closed = False
+        self._conn: duckdb.DuckDBPyConnection | None = _connect(
+            str(path), read_only, create, wait=wait
+        )
         try:
             self._version = self._prepare()
         except BaseException:
             self.close()
             raise
+        if not hold and str(path) != ":memory:":  # an in-memory database lives in its connection
+            self._conn.close()
+            self._conn = None
 
     def __enter__(self) -> Database:
         return self
@@ -360,6 +386,7 @@ class Database:
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
+        self._closed = True
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -372,20 +399,45 @@ class Database:
     # connection plumbing ----------------------------------------------------------------
 
     @contextmanager
-    def _cursor(self) -> Iterator[Cursor]:
-        """A fresh cursor of the shared connection, closed afterwards."""
-        if self._conn is None:
+    def _connection(self, write: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The held connection; with hold=False, this thread's open one, or one opened for
+        this call (read-only unless it writes) and closed after it, releasing the file."""
+        if self._closed:
             raise StoreDBError(f"the database {self.path} is closed; open a new Database")
-        cur = self._conn.cursor()
+        if self._conn is not None:
+            yield self._conn
+            return
+        pinned = getattr(self._local, "conn", None)
+        if pinned is not None:
+            # A read inside a write (or a write inside a transaction) uses the open
+            # connection: opening the file again with other settings would wait on itself.
+            if write and not self._local.writes:
+                raise StoreDBError("cannot write to the database from inside a read")
+            yield pinned
+            return
+        read_only = self.read_only or not write
+        conn = _connect(str(self.path), read_only, create=False, wait=self.wait, check=False)
+        self._local.conn, self._local.writes = conn, not read_only
         try:
-            yield cur
-        except duckdb.Error as err:
-            # Damage in a block only shows when a query reads it.
-            if _is_damage(err):
-                raise StoreDBError(_damaged(self.path, err)) from None
-            raise
+            yield conn
         finally:
-            cur.close()
+            self._local.conn = None
+            conn.close()
+
+    @contextmanager
+    def _cursor(self, write: bool = False) -> Iterator[Cursor]:
+        """A fresh cursor of the connection, closed afterwards."""
+        with self._connection(write) as conn:
+            cur = conn.cursor()
+            try:
+                yield cur
+            except duckdb.Error as err:
+                # Damage in a block only shows when a query reads it.
+                if _is_damage(err):
+                    raise StoreDBError(_damaged(self.path, err)) from None
+                raise
+            finally:
+                cur.close()
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -410,7 +462,7 @@ class Database:
             if self._tx is not None:  # the lock is held by this thread's transaction
                 yield self._tx
                 return
-        with self._lock, self._cursor() as cur:
+        with self._lock, self._cursor(write=True) as cur:
             cur.execute("BEGIN TRANSACTION")
             try:
                 yield cur
@@ -1229,8 +1281,11 @@ _NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensi
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
-def _connect(path: str, read_only: bool, create: bool = True) -> duckdb.DuckDBPyConnection:
-    """Open the DuckDB file, with clear errors for the usual mistakes."""
+def _connect(
+    path: str, read_only: bool, create: bool = True, wait: float = 0.0, check: bool = True
+) -> duckdb.DuckDBPyConnection:
+    """Open the DuckDB file, with clear errors for the usual mistakes; wait up to `wait`
+    seconds while another connection holds the file; `check` reads the catalog."""
     if path == ":memory:":
         if read_only:
             raise StoreDBError("an in-memory database cannot be read-only")
@@ -1239,31 +1294,55 @@ def _connect(path: str, read_only: bool, create: bool = True) -> duckdb.DuckDBPy
     _check_file(file, read_only or not create)
     if not read_only:
         file.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        conn = duckdb.connect(path, read_only=read_only, config=_NO_EXTENSIONS)
-    except duckdb.IOException as err:
-        if _is_damage(err):
-            raise StoreDBError(_damaged(file, err)) from None
-        raise StoreDBError(
-            f"cannot open {file}: {_first_line(err)}. DuckDB lets one process write a file, or "
-            "several only read it: stop the other process (an analysis or the dashboard) or open "
-            "both read-only"
-        ) from None
-    except duckdb.ConnectionException as err:
-        raise StoreDBError(
-            f"cannot open {file}: {_first_line(err)}. This process already has it open with "
-            "read_only set differently; share one Database per file"
-        ) from None
-    except duckdb.Error as err:
-        raise StoreDBError(_unreadable(file, err)) from None
-    try:
-        # Reading the catalog reads its blocks: a damaged file fails here, not half-way
-        # through a command.
-        conn.execute("SELECT count(*) FROM duckdb_columns()").fetchall()
-    except duckdb.Error as err:
-        conn.close()
-        raise StoreDBError(_unreadable(file, err)) from None
+    deadline = time.monotonic() + max(wait, 0.0)
+    delay = 0.02
+    while True:
+        try:
+            conn = duckdb.connect(path, read_only=read_only, config=_NO_EXTENSIONS)
+            break
+        except (duckdb.IOException, duckdb.ConnectionException) as err:
+            if not _is_lock_conflict(err) or time.monotonic() + delay > deadline:
+                raise StoreDBError(_open_error(file, err, wait)) from None
+            # Jitter, so that two waiting processes do not retry in step.
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 0.5)
+        except duckdb.Error as err:
+            raise StoreDBError(_unreadable(file, err)) from None
+    if check:
+        try:
+            # Reading the catalog reads its blocks: a damaged file fails here, not half-way
+            # through a command.
+            conn.execute("SELECT count(*) FROM duckdb_columns()").fetchall()
+        except duckdb.Error as err:
+            conn.close()
+            raise StoreDBError(_unreadable(file, err)) from None
     return conn
+
+
+# How DuckDB reports a file held by another process (a file lock), or by this process with
+# other settings (a read-only connection while this one writes, or the reverse).
+_LOCK_CONFLICT = ("Could not set lock", "Conflicting lock", "different configuration")
+
+
+def _is_lock_conflict(err: BaseException) -> bool:
+    return any(sign in str(err) for sign in _LOCK_CONFLICT)
+
+
+def _open_error(file: Path, err: BaseException, wait: float) -> str:
+    """The message for a file DuckDB could not open."""
+    if _is_damage(err):
+        return _damaged(file, err)
+    if isinstance(err, duckdb.ConnectionException):
+        return (
+            f"cannot open {file}: {_first_line(err)}. This process still had it open with "
+            f"read_only set differently after {wait:g} s; share one Database per file"
+        )
+    waited = f" after waiting {wait:g} s" if wait > 0 and _is_lock_conflict(err) else ""
+    return (
+        f"cannot open {file}{waited}: {_first_line(err)}. DuckDB lets one process write a "
+        "file, or several only read it: stop the other process (an analysis or a stuck "
+        "command) or open both read-only"
+    )
 
 
 def _check_file(file: Path, must_exist: bool) -> None:
