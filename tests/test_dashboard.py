@@ -8,6 +8,9 @@ import html
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,8 @@ from tests.dashboard_fixture import (
     build_results_db,
 )
 
-APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+ROOT = str(Path(__file__).resolve().parents[1])
+APP = str(Path(ROOT) / "dashboard" / "app.py")
 SCRIPT = "<script>alert('x')</script>"
 TRANSFER_NOTE = (
     "Model B has no decoder for this A-exclusive feature: steered with its shared-partition "
@@ -622,6 +626,111 @@ def test_triage_save_persists_escapes_notes_and_exports(db_path):
     assert "«" in report and "alice" in report
     assert "- **Exclusivity score:** 5.0 / 5" in report
     assert any("Markdown" in d.label for d in at.get("download_button"))
+
+
+# -- the dashboard and the modeldiff commands on one file ----------------------------------
+
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """`modeldiff ARGS` started as a separate process."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", *args],
+        env=CLI_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen) -> str:
+    """The output of a started command, which must succeed."""
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return out
+
+
+def test_commands_write_while_the_dashboard_is_open(db_path, tmp_path, monkeypatch):
+    # A copy of the test database, so that the other tests keep theirs unchanged.
+    path = tmp_path / "results.duckdb"
+    shutil.copy(db_path, path)
+    monkeypatch.setenv("MODELDIFF_DB", str(path))
+    page = app("views/feature.py", run=OTHER, feature=str(TEA))
+    with Database(path, read_only=True) as db:
+        assert db.explanations(OTHER).empty and db.triage_history(OTHER).empty
+        theirs = str(db.explanations(RUN, TEA)["explanation"].iloc[0])
+    assert html.escape(theirs) not in html_of(page)
+
+    # Another process holds the file for writing (as an analysis does) while `explain`
+    # starts and the dashboard reads a page it has not cached: both wait for it.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    explain = start_cli("explain", "--db", str(path), "--run-id", OTHER, "--quiet")
+    triage = app("views/triage.py", run=OTHER)
+    assert holder.wait(timeout=60) == 0
+    assert "2 explained" in finish(explain)
+
+    # The dashboard shows the rows `explain` wrote on its next rerun (no stale cache).
+    page.run()
+    assert not page.exception
+    with Database(path, read_only=True) as db:
+        ours = db.explanations(OTHER)
+    assert len(ours) == 2
+    assert html.escape(str(ours.set_index("feature_id").loc[TEA, "explanation"])) in html_of(page)
+
+    # `score` writes while the dashboard saves a triage decision: neither is lost.
+    score = start_cli("score", "--db", str(path), "--run-id", OTHER, "--quiet")
+    triage.radio(key="t_mode").set_value("exclusive").run()
+    triage.radio[1].set_value("verified")
+    triage.text_input(key="reviewer").input("bob")
+    next(b for b in triage.button if b.label == "Save").click().run()
+    assert not triage.exception
+    assert any("Saved feature" in s.value for s in triage.success)
+    assert "2 scored" in finish(score)
+    with Database(path, read_only=True) as db:
+        assert list(db.triage_history(OTHER)["reviewer"]) == ["bob"]
+        assert len(db.scores(OTHER)) == 2
+        assert len(db.explanations(OTHER)) == 2
+    page.run()
+    assert not page.exception
+
+
+def test_explain_holds_no_lock_during_its_cost_prompt(db_path, tmp_path):
+    path = tmp_path / "results.duckdb"
+    shutil.copy(db_path, path)
+    explain = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "explain", "--db", str(path), "--run-id", OTHER,
+         "--explainer", "anthropic"],
+        env={**CLI_ENV, "ANTHROPIC_API_KEY": "never-sent"},
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    shown = ""
+    while not shown.endswith("[y/N] "):
+        char = explain.stdout.read(1)
+        assert char, explain.stderr.read()
+        shown += char
+    # While the analyst reads the cost, others can write: no waiting (wait=0).
+    with Database(path, wait=0) as db:
+        db.set_triage(OTHER, TEA, "screening", "", "carol")
+    out, err = explain.communicate("n\n", timeout=60)
+    assert explain.returncode == 0, err
+    assert "nothing sent" in out
+    with Database(path, read_only=True) as db:
+        assert list(db.triage_history(OTHER)["reviewer"]) == ["carol"]
+        assert db.explanations(OTHER).empty
+
+
+# Holds a results file open for writing for 1.5 s (`python -c HOLD_LOCK PATH`).
+HOLD_LOCK = """
+import sys, time, duckdb
+conn = duckdb.connect(sys.argv[1])
+print("locked", flush=True)
+time.sleep(1.5)
+conn.close()
+"""
 
 
 # -- pure helpers --------------------------------------------------------------------------
