@@ -495,3 +495,71 @@ def test_train_reads_a_store_with_widths_and_norms_from_it(tmp_path, models, cor
     target = (32 + 24) ** 0.5 / 2
     assert normalizer.scale_a == pytest.approx(target / norm_a)
     assert normalizer.scale_b == pytest.approx(target / norm_b)
+
+
+# -- checks before the models load ---------------------------------------------------------
+
+
+def harvest_error(capsys, *args: str) -> str:
+    """`modeldiff harvest ARGS` run here: its one-line error."""
+    from engine.cli import main
+
+    started = time.perf_counter()
+    status = main(["harvest", *map(str, args)])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert time.perf_counter() - started < 30  # no model was loaded
+    return err
+
+
+def test_harvest_checks_sources_and_output_before_loading_models(tmp_path, capsys):
+    # The models do not exist: loading them would fail with another error than the one
+    # expected, so each error below was found before any model loaded.
+    models = ["--model-a", tmp_path / "no-model-a", "--model-b", tmp_path / "no-model-b"]
+    text = tmp_path / "text.txt"
+    text.write_text("Some text to harvest.\n")
+    err = harvest_error(capsys, "--out", tmp_path / "s", *models, "--sources", tmp_path / "x.txt")
+    assert "text source" in err and "x.txt" in err and "no-model" not in err
+    assert not (tmp_path / "s").exists()
+    # An --out that is a file, or under one.
+    err = harvest_error(capsys, "--out", text, *models, "--sources", text)
+    assert "is a file" in err and "no-model" not in err
+    err = harvest_error(capsys, "--out", text / "s", *models, "--sources", text)
+    assert "is a file" in err and "no-model" not in err
+    # --fresh on a folder that is not a store.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("mine")
+    err = harvest_error(capsys, "--out", tmp_path / "mine", *models, "--sources", text, "--fresh")
+    assert "refuses to clear" in err and (tmp_path / "mine" / "notes.md").exists()
+
+
+def test_harvest_checks_a_store_to_resume_before_loading_models(tmp_path, capsys):
+    from engine.harvest.pipeline import _data_settings
+    from engine.harvest.store import StoreWriter
+
+    text = tmp_path / "text.txt"
+    text.write_text("Some text to harvest.\n")
+    names = {"a": str(tmp_path / "no-model-a"), "b": str(tmp_path / "no-model-b")}
+    cfg = HarvestConfig(model_a=names["a"], model_b=names["b"], sources=[str(text)])
+    header = {
+        "models": {
+            k: {"name": n, "layer": 1, "n_layers": 2, "d_model": 8} for k, n in names.items()
+        },
+        "data": _data_settings(cfg)[0],
+        "provenance": {},
+    }
+    StoreWriter(tmp_path / "s", header, cfg.store_dtype).close(complete=False)
+    before = (tmp_path / "s" / "manifest.json").read_bytes()
+    models = ["--model-a", names["a"], "--model-b", names["b"]]
+    common = ["--out", tmp_path / "s", "--sources", text]
+    err = harvest_error(capsys, *common, *models, "--context-length", "64")
+    assert "different 'data'" in err and "--fresh" in err
+    err = harvest_error(capsys, *common, "--model-a", tmp_path / "other", "--model-b", names["b"])
+    assert "model A name" in err and "other" in err
+    err = harvest_error(capsys, *common, *models, "--layer-b", "0")
+    assert "model B layer 1, not 0" in err
+    assert (tmp_path / "s" / "manifest.json").read_bytes() == before
+    # The same settings pass every check and fail only at loading the (missing) models.
+    err = harvest_error(capsys, *common, *models, "--layer-a", "1", "--layer-b", "-1")
+    assert "no-model-a" in err

@@ -15,6 +15,7 @@ process with the same settings.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -29,12 +30,15 @@ import torch
 
 from engine.config import HarvestConfig, to_dict
 from engine.harvest.store import (
+    StoreError,
     StoreWriter,
     WindowRecord,
     bytes_per_pair,
+    check_compatible,
     check_rank,
     median_norms,
     read_manifest,
+    resumed_manifest,
 )
 from engine.harvest.text import Mixture, source_from_spec
 from engine.harvest.windows import Side, StreamWindow, numbered_windows, side
@@ -91,6 +95,11 @@ def harvest(
     `rank` of a harvest split by documents; cfg.max_pairs counts the pairs of all ranks.
     """
     check_rank(rank, world_size)
+    # Everything that can be checked without the models is checked first: loading two
+    # large models takes minutes, and a typo in a source path must not cost them.
+    mixture = Mixture([source_from_spec(s) for s in cfg.sources], cfg.weights)
+    names = (cfg.model_a, cfg.model_b) if models is None else (models[0].name, models[1].name)
+    _check_out(cfg, Path(out), names, fresh, rank, world_size)
     if models is None:
         device = rank_device(cfg.device, rank, world_size)
         models = (
@@ -103,7 +112,6 @@ def harvest(
         out, _header(cfg, a, b), cfg.store_dtype, cfg.shard_pairs, fresh, rank, world_size
     )
     before = writer.pairs
-    mixture = Mixture([source_from_spec(s) for s in cfg.sources], cfg.weights)
     stream = numbered_windows(
         mixture.documents(), a.side, b.side, cfg.context_length, cfg.alignment, cfg.dedupe
     )
@@ -166,9 +174,49 @@ def _prepare(loaded: LoadedModel, layer: int | str, capture: Callable) -> _Model
     return _Model(loaded, resolve_layer(loaded.n_layers, layer), side(loaded.tokenizer), capture)
 
 
+def _check_out(
+    cfg: HarvestConfig,
+    out: Path,
+    names: tuple[str, str],
+    fresh: bool,
+    rank: int,
+    world_size: int,
+) -> None:
+    """Refuse, before the models load, an output folder the harvest cannot write, and a store
+    to resume that was harvested with other models, layers or data settings."""
+    manifest = resumed_manifest(out, fresh, rank, world_size)
+    if manifest is None:
+        return
+    check_compatible(manifest, {"data": _data_settings(cfg)[0]}, cfg.store_dtype, out)
+    for key, name, layer in (("a", names[0], cfg.layer_a), ("b", names[1], cfg.layer_b)):
+        stored = (manifest.get("models") or {}).get(key) or {}
+        wanted: dict[str, Any] = {"name": name}
+        # The same model has the stored number of layers; a layer that does not resolve
+        # is reported against the loaded model instead.
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            wanted["layer"] = resolve_layer(int(stored["n_layers"]), layer)
+        for field, value in wanted.items():
+            if stored.get(field) != value:
+                raise StoreError(
+                    f"the store at {out} was harvested with model {key.upper()} "
+                    f"{field} {stored.get(field)!r}, not {value!r}; pass --fresh to start it "
+                    "over, or choose another output directory"
+                )
+
+
+def _data_settings(cfg: HarvestConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The settings that decide which pairs are harvested, and those that change only speed
+    or volume."""
+    data = to_dict(cfg)
+    for name in ("model_a", "model_b", "layer_a", "layer_b"):
+        data.pop(name)
+    speed = ("max_pairs", "batch_tokens", "shard_pairs", "device", "model_dtype", "store_dtype")
+    return data, {k: data.pop(k) for k in speed}
+
+
 def _header(cfg: HarvestConfig, a: _Model, b: _Model) -> dict[str, Any]:
     """What must match for a store to be resumed, plus provenance."""
-    data = to_dict(cfg)
+    data, run = _data_settings(cfg)
     models = {}
     for key in ("a", "b"):
         m = a if key == "a" else b
@@ -181,11 +229,6 @@ def _header(cfg: HarvestConfig, a: _Model, b: _Model) -> dict[str, Any]:
             "d_model": m.loaded.d_model,
             "chat_template": bool(getattr(m.loaded.tokenizer, "chat_template", None)),
         }
-        for name in (f"model_{key}", f"layer_{key}"):
-            data.pop(name)
-    # Settings that change speed or volume but not which pairs are harvested.
-    speed = ("max_pairs", "batch_tokens", "shard_pairs", "device", "model_dtype", "store_dtype")
-    run = {k: data.pop(k) for k in speed}
     provenance = {
         "run": run,
         "modeldiff": _version("modeldiff"),

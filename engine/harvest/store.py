@@ -42,6 +42,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import queue
 import re
 import threading
@@ -193,7 +194,7 @@ class StoreWriter:
             _check_layout(self.path, world_size)
         if self.manifest_file.is_file():
             self.manifest = _load_manifest(self.manifest_file, self.path)
-            _check_compatible(self.manifest, header, dtype, self.path)
+            check_compatible(self.manifest, header, dtype, self.path)
             self.bad_shards = self._drop_bad_shards()
         else:
             self.manifest = _new_manifest(header, dtype)
@@ -208,7 +209,7 @@ class StoreWriter:
         """Fail now, not when the store is read, if another rank harvested something else."""
         for (_, world), file in _rank_files(self.path):
             if file != self.manifest_file and world == self.world_size:
-                _check_compatible(_load_manifest(file, self.path), header, dtype, self.path)
+                check_compatible(_load_manifest(file, self.path), header, dtype, self.path)
 
     # progress ---------------------------------------------------------------------------
 
@@ -386,7 +387,37 @@ def _new_manifest(header: dict[str, Any], dtype: str) -> dict[str, Any]:
     }
 
 
-def _check_compatible(manifest: dict, header: dict, dtype: str, path: Path) -> None:
+def resumed_manifest(
+    path: str | Path, fresh: bool = False, rank: int = 0, world_size: int = 1
+) -> dict[str, Any] | None:
+    """Check, before a harvest loads its models, that it can write the store at `path` (a
+    directory it can create, one `fresh` may clear, laid out for this many processes); the
+    manifest it would resume, or None for a new or fresh store."""
+    path = Path(path)
+    _check_writable(path)
+    if fresh:
+        _check_clearable(path)
+        return None
+    _check_layout(path, world_size)
+    file = path / manifest_name(rank, world_size)
+    return _load_manifest(file, path) if file.is_file() else None
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse an output path that is a file, or whose nearest existing folder is a file or
+    cannot be written to."""
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"--out {path} is a file; give a directory for the activation store")
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StoreError(f"cannot create {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot write to {parent}; choose an --out directory you can write")
+
+
+def check_compatible(manifest: dict, header: dict, dtype: str, path: Path) -> None:
     """Refuse to resume a store harvested with other models, layers or data settings."""
     for key, value in {**header, "dtype": dtype}.items():
         if key == "provenance":
