@@ -49,13 +49,18 @@ def planted_crosscoder() -> Crosscoder:
     return cc
 
 
-def make_store(path, n_windows: int = 60, pairs: int = 40, seed: int = 0):
+def make_store(
+    path, n_windows: int = 60, pairs: int = 40, seed: int = 0, models=None, noise: float = 0.0
+):
     """Windows of words; a planted word puts its activation on its feature's coordinates.
+    `models` replaces the header's model records (which name no models); `noise` adds
+    Gaussian noise of that scale to every activation of both models.
 
     Returns {(feature, window, pair): activation} of every planted activation.
     """
     rng = np.random.default_rng(seed)
-    header = {"models": {"a": {"d_model": D_A}, "b": {"d_model": D_B}}, "data": {}}
+    models = models or {"a": {"d_model": D_A}, "b": {"d_model": D_B}}
+    header = {"models": models, "data": {}}
     writer = StoreWriter(path, header, dtype="float32", shard_pairs=500)
     truth = {}
     for w in range(n_windows):
@@ -71,6 +76,9 @@ def make_store(path, n_windows: int = 60, pairs: int = 40, seed: int = 0):
                 # Model A carries it (a shared feature sums both models' contributions).
                 x_a[p, f] = act
                 truth[(f, w, p)] = act
+        if noise:
+            x_a += noise * torch.from_numpy(rng.standard_normal((pairs, D_A))).float()
+            x_b += noise * torch.from_numpy(rng.standard_normal((pairs, D_B))).float()
         ids = np.arange(pairs + 1)
         offsets = np.concatenate([[[0, 0]], spans])
         rec = WindowRecord(

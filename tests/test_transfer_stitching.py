@@ -271,3 +271,67 @@ def test_stitch_bad_paths_and_inputs(tmp_path):
         train_stitch((x_a, x_b), S_A, S_B, holdout=1.5)
     with pytest.raises(ValueError, match="width"):
         train_stitch((x_a, x_b), S_B, S_A)
+
+
+# -- a stitch records its models and is checked against the run -------------------------
+
+
+def one_line_error(capsys, *args) -> str:
+    """`modeldiff ARGS` run here: its one-line error."""
+    from engine.cli import main
+
+    status = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_stitch_of_another_model_pair_or_layer_is_refused_before_models_load(tmp_path, capsys):
+    from engine.analysis.analyze import analyze
+    from engine.analysis.scan import ScanConfig
+    from engine.cli import main
+    from engine.crosscoder.checkpoint import save_crosscoder
+    from tests import test_analysis as planted
+
+    # Model names that do not exist: loading them fails with another error than the
+    # stitch's, so a stitch error proves the check ran before any model loaded.
+    missing_x, missing_y = str(tmp_path / "no-model-x"), str(tmp_path / "no-model-y")
+
+    def models(layer_b: int, name_a: str = missing_x) -> dict:
+        return {
+            "a": {"name": name_a, "layer": 1, "n_layers": 2, "d_model": planted.D_A},
+            "b": {"name": missing_y, "layer": layer_b, "n_layers": 2, "d_model": planted.D_B},
+        }
+
+    for name, spec in (("run", models(1)), ("layer", models(0)), ("pair", models(1, "z"))):
+        planted.make_store(tmp_path / f"store-{name}", n_windows=10, models=spec, noise=0.1)
+    save_crosscoder(
+        tmp_path / "cc", planted.planted_crosscoder(), Normalizer.identity(),
+        crosscoder_config={}, train_config={},
+    )  # fmt: skip
+    db = tmp_path / "results.duckdb"
+    scan = ScanConfig(top_k=5, segment_pairs=8)
+    analyze(tmp_path / "cc", tmp_path / "store-run", db, run_id="r", scan_cfg=scan, progress=False)
+    for name in ("run", "layer", "pair"):
+        status = main([
+            "stitch", "--store", str(tmp_path / f"store-{name}"), "--out",
+            str(tmp_path / f"{name}.safetensors"), "--steps", "3", "--samples", "300",
+        ])  # fmt: skip
+        assert status == 0, capsys.readouterr().err
+    assert Stitch.load(tmp_path / "run.safetensors").models == {
+        m: {k: v for k, v in spec.items() if k != "n_layers"} for m, spec in models(1).items()
+    }
+
+    verify = ["--db", db, "--run-id", "r", "--features", "1"]
+    err = one_line_error(capsys, "exclusivity", *verify, "--stitch", tmp_path / "layer.safetensors")
+    assert f"fitted for model B {missing_y!r} layer 0" in err and "layer 1" in err
+    err = one_line_error(
+        capsys, "steer-eval", "--db", db, "--run-id", "r", "--feature", "1",
+        "--rubric", "china_alignment", "--stitch", tmp_path / "pair.safetensors",
+    )  # fmt: skip
+    assert "fitted for model A 'z'" in err and repr(missing_x) in err
+    # The stitch fitted on the run's own store passes, and the command goes on to load the
+    # (missing) models.
+    err = one_line_error(capsys, "exclusivity", *verify, "--stitch", tmp_path / "run.safetensors")
+    assert f"{missing_x}: no such file" in err and "fitted for" not in err

@@ -82,6 +82,9 @@ class SteeringPair:
         crosscoder, normalizer, _ = load_crosscoder(run["checkpoint_path"])
         if not isinstance(stitch, Stitch):
             stitch = Stitch.load(stitch)
+        # Before the models load (minutes): a stitch of another pair or layer is refused now.
+        stitch.check_run(run, run_id)
+        _check_stitch(stitch, crosscoder)
         models = dict(models or {})
         for m in ("a", "b"):
             if m not in models:

@@ -54,6 +54,9 @@ class Stitch:
     scale_b: float
     fve: dict[str, float] = field(default_factory=dict)  # held-out, per direction
     info: dict[str, Any] = field(default_factory=dict)  # training settings (provenance)
+    # The models and layers fitted for: {"a": {"name", "layer", "d_model"}, "b": ...};
+    # empty when unknown (fitted on tensors rather than an activation store).
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def d_a(self) -> int:
@@ -108,6 +111,7 @@ class Stitch:
             "scale_b": self.scale_b,
             "fve": self.fve,
             "info": self.info,
+            "models": self.models,
         }
         tensors = {
             name: getattr(self, name).detach().float().cpu().contiguous() for name in TENSORS
@@ -134,7 +138,21 @@ class Stitch:
             scale_b=float(header["scale_b"]),
             fve=header.get("fve", {}),
             info=header.get("info", {}),
+            models=header.get("models") or {},
         )
+
+    def check_run(self, run: dict[str, Any], run_id: str) -> None:
+        """A ConfigError unless the stitch was fitted for the run's models at its layers
+        (a stitch that records none is checked only by width, when the models load)."""
+        for m in ("a", "b") if self.models else ():
+            ours, theirs = self.models.get(m) or {}, run.get(f"model_{m}") or {}
+            for key in ("name", "layer", "d_model"):
+                if key in ours and key in theirs and ours[key] != theirs[key]:
+                    raise ConfigError(
+                        f"the stitch was fitted for model {m.upper()} {_where(ours)}, but run "
+                        f"{run_id!r} uses {_where(theirs)}; fit one on this run's store with "
+                        "`modeldiff stitch --store STORE --out FILE`"
+                    )
 
 
 def check_stitch_target(path: Path) -> None:
@@ -224,8 +242,25 @@ def train_stitch(
         "heldout_pairs": held[0].shape[0],
     }
     stitch = Stitch(w_ab, b_ab, w_ba, b_ba, scale_a, scale_b, info=info)
+    stitch.models = fitted_models(source)
     stitch.fve = evaluate(stitch, *held)
     return stitch
+
+
+def fitted_models(source: Any) -> dict[str, dict[str, Any]]:
+    """The models and layers an activation store was harvested from, to record in a stitch
+    fitted on it (empty for other sources)."""
+    manifest = getattr(source, "manifest", None)
+    models = manifest.get("models") if isinstance(manifest, dict) else None
+    if not isinstance(models, dict):
+        return {}
+    keep = ("name", "layer", "d_model")
+    return {m: {k: models[m][k] for k in keep if k in models[m]} for m in ("a", "b") if m in models}
+
+
+def _where(model: dict[str, Any]) -> str:
+    """A model's name and layer, for messages."""
+    return f"{model.get('name')!r} layer {model.get('layer')} (width {model.get('d_model')})"
 
 
 def evaluate(stitch: Stitch, x_a: torch.Tensor, x_b: torch.Tensor) -> dict[str, float]:
