@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import duckdb
@@ -882,3 +884,51 @@ def test_readers_run_while_a_writer_writes(db):
     assert len(reads) > 2
     assert db.features(RUN).max_act.iloc[0] == 15.0
     assert len(db.triage_history(RUN)) == 15
+
+
+# -- sharing the file with other processes ----------------------------------------------
+
+# Holds the DuckDB file argv[1] open for writing for argv[2] seconds.
+HOLD_LOCK = """
+import sys, time, duckdb
+conn = duckdb.connect(sys.argv[1])
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.close()
+"""
+
+
+def hold_lock(path, seconds: float) -> subprocess.Popen:
+    """Another process holding the file for writing (started and holding on return)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(path), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_opening_waits_for_another_process_then_names_it(tmp_path):
+    path = tmp_path / "r.duckdb"
+    with Database(path) as db:
+        add_run(db)
+        db.write_features(RUN, features_frame())
+    holder = hold_lock(path, 2.0)
+    with pytest.raises(StoreDBError, match=r"after waiting 0.2 s: .*Conflicting lock"):
+        Database(path, create=False, wait=0.2)
+    # Waiting long enough gets the file once the other process lets go.
+    db = Database(path, create=False, hold=False, wait=30)
+    assert holder.wait(timeout=30) == 0
+    # Between calls a hold=False Database leaves the file to others, who can write it.
+    writer = "import sys, duckdb; duckdb.connect(sys.argv[1]).execute('CHECKPOINT').close()"
+    subprocess.run([sys.executable, "-c", writer, str(path)], check=True, timeout=60)
+    db.set_triage(RUN, 1, "verified", "", "dana")
+    assert list(db.triage(RUN)["reviewer"]) == ["dana"]
+    # A held Database (the default) keeps it.
+    held = Database(path, create=False)
+    command = [sys.executable, "-c", writer, str(path)]
+    blocked = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert blocked.returncode != 0 and "lock" in blocked.stderr
+    held.close()
+    db.close()
