@@ -17,11 +17,12 @@ from typing import Any
 import streamlit as st
 
 from dashboard import data, models
-from dashboard.markdown import md_code
+from dashboard.markdown import md, md_code
 from dashboard.views.common import TEXT_STYLE, esc, fmt
 from engine.config import ConfigError
 from engine.steering.run import SteeringPlan, plan_steering, steering_problem, stream_text
 from engine.steering.steer import GenerationConfig
+from engine.store import StoreDBError
 
 DEFAULTS = {
     "s_prompt": "Tell me about your favourite drink.",
@@ -310,6 +311,8 @@ def _save_button(path: str, run_id: str, feature_id: int, result: dict[str, Any]
     if result.get("saved"):
         st.success(f"Saved as steering sample(s) {', '.join(map(str, result['saved']))}.")
         return
+    if result.get("save_error"):
+        st.error(f"Not saved: {md(result['save_error'])}")
     st.button(
         "Save sample" if n == 1 else f"Save {n} samples",
         key="s_save",
@@ -324,9 +327,13 @@ def _save(path: str, run_id: str, feature_id: int, result: dict[str, Any]) -> No
     """Write the result's samples (the button's callback, so the rerun shows them saved)."""
     samples = [r["sample"] for r in result["rows"]] if "rows" in result else result["samples"]
     author = str(st.session_state.get("reviewer") or "")
-    result["saved"] = data.save_steering_samples(
-        path, run_id, feature_id, [{**s, "author": author} for s in samples]
-    )
+    try:
+        result["saved"] = data.save_steering_samples(
+            path, run_id, feature_id, [{**s, "author": author} for s in samples]
+        )
+        result.pop("save_error", None)
+    except StoreDBError as err:  # the file stayed locked by another process: try again
+        result["save_error"] = str(err)
 
 
 def _saved_samples(path: str, run_id: str, feature_id: int) -> None:
