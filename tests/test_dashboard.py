@@ -723,6 +723,44 @@ def test_explain_holds_no_lock_during_its_cost_prompt(db_path, tmp_path):
         assert db.explanations(OTHER).empty
 
 
+def test_a_blocked_save_says_so_and_can_be_retried(db_path, tmp_path, monkeypatch):
+    from dashboard import data
+
+    path = tmp_path / "results.duckdb"
+    shutil.copy(db_path, path)
+    monkeypatch.setenv("MODELDIFF_DB", str(path))
+    with Database(path, read_only=True) as db:
+        before = len(db.triage_history(RUN))  # (earlier tests may have triaged)
+    at = steering_app()
+    at.text_area(key="s_prompt").input("Blocked: a cup of")
+    button(at, "Generate").click().run()
+    triage = app("views/triage.py")
+    data.database(str(path.resolve())).wait = 0.3  # give up quickly
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    button(at, "Save sample").click().run()
+    triage.text_input(key="reviewer").input("erin")
+    next(b for b in triage.button if b.label == "Save").click().run()
+    assert holder.wait(timeout=60) == 0
+    # Each page says what was not saved and why, and keeps working.
+    assert not at.exception and not triage.exception
+    assert any("Not saved" in e.value and "lock" in e.value for e in at.error)
+    assert any("Not saved" in e.value and "lock" in e.value for e in triage.error)
+    with Database(path, read_only=True) as db:
+        assert len(db.triage_history(RUN)) == before
+        assert "Blocked: a cup of" not in set(db.steering_samples(RUN, TEA)["prompt"])
+    # Once the other process is done, saving again works.
+    button(at, "Save sample").click().run()
+    next(b for b in triage.button if b.label == "Save").click().run()
+    assert any("Saved as steering sample" in s.value for s in at.success)
+    assert any("Saved feature" in s.value for s in triage.success)
+    with Database(path, read_only=True) as db:
+        assert list(db.triage_history(RUN)["reviewer"])[before:] == ["erin"]
+        assert "Blocked: a cup of" in set(db.steering_samples(RUN, TEA)["prompt"])
+
+
 # Holds a results file open for writing for 1.5 s (`python -c HOLD_LOCK PATH`).
 HOLD_LOCK = """
 import sys, time, duckdb
