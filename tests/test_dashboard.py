@@ -761,6 +761,47 @@ def test_a_blocked_save_says_so_and_can_be_retried(db_path, tmp_path, monkeypatc
         assert "Blocked: a cup of" in set(db.steering_samples(RUN, TEA)["prompt"])
 
 
+def test_explain_batch_holds_no_lock_while_the_batch_runs(db_path, tmp_path):
+    pytest.importorskip("anthropic")
+    from engine.interp.anthropic import AnthropicExplainer
+    from engine.interp.run import explain_run, ordered_features
+    from tests.test_interp import GOOD, FakeAPI, batch, jsonl, message
+
+    path = tmp_path / "results.duckdb"
+    shutil.copy(db_path, path)
+    db = Database(path, create=False, hold=False)  # as `modeldiff explain` opens it
+    ids = ordered_features(db, OTHER, None, None)
+    # The Message Batches API (the network edge): one batch, in progress once, then ended.
+    api = FakeAPI()
+    api.on("POST", "/v1/messages/batches", batch("b1", "in_progress"))
+    api.on("GET", "/v1/messages/batches/b1", batch("b1", "in_progress"), batch("b1", "ended"))
+    good = {"type": "succeeded", "message": message(GOOD)}
+    api.on("GET", "/v1/messages/batches/b1/results", jsonl({f"feature-{i}": good for i in ids}))
+    writes: list[subprocess.CompletedProcess] = []
+
+    def poll_wait(seconds: float) -> None:
+        """While the batch runs, another process writes the file, without waiting."""
+        command = [sys.executable, "-c", WRITE_TRIAGE, str(path), OTHER, str(ids[0])]
+        writes.append(subprocess.run(command, env=CLI_ENV, capture_output=True, text=True))
+
+    ex = AnthropicExplainer(client=api.client(), batch=True, poll_interval=1.0, sleep=poll_wait)
+    explain_run(db, OTHER, ex, ledger=tmp_path / "batches.json", progress=False)
+    assert len(writes) == 1 and writes[0].returncode == 0, writes[0].stderr
+    assert set(db.explanations(OTHER)["feature_id"]) == set(ids)
+    assert list(db.triage_history(OTHER)["reviewer"]) == ["poller"]
+    db.close()
+
+
+# Records a triage decision (`python -c WRITE_TRIAGE PATH RUN FEATURE`), failing at once
+# if the file is locked.
+WRITE_TRIAGE = """
+import sys
+from engine.store import Database
+with Database(sys.argv[1], create=False, wait=0) as db:
+    db.set_triage(sys.argv[2], int(sys.argv[3]), "screening", "", "poller")
+"""
+
+
 # Holds a results file open for writing for 1.5 s (`python -c HOLD_LOCK PATH`).
 HOLD_LOCK = """
 import sys, time, duckdb
