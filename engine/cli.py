@@ -10,9 +10,9 @@ import argparse
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 from engine.cli_types import (
+    Parser,
     any_int,
     finite_float,
     non_negative_float,
@@ -211,14 +211,26 @@ def cmd_match(args: argparse.Namespace) -> None:
     _match(args.db, args.run_id, args.other)
 
 
+def _checkpoint_path(run: dict, run_id: str) -> str:
+    """The crosscoder directory a results run was analysed from, or a user error."""
+    path = run.get("checkpoint_path")
+    if not path:
+        raise ConfigError(
+            f"run {run_id!r} records no crosscoder directory; analyse it again with "
+            f"`modeldiff analyze --run RUN_DIR`"
+        )
+    return path
+
+
 def _match(db_path: Path, run_id: str, other: str, threshold: float = 0.7) -> None:
     from engine.analysis.geometry import match_runs
     from engine.crosscoder.checkpoint import load_crosscoder
     from engine.store import Database
 
     with Database(db_path, create=False, hold=False) as db:
-        ours = load_crosscoder(db.run(run_id)["checkpoint_path"])[0]
-        theirs = load_crosscoder(db.run(other)["checkpoint_path"])[0]
+        runs = {name: db.run(name) for name in (run_id, other)}  # both known, then loaded
+        paths = [_checkpoint_path(run, name) for name, run in runs.items()]
+        ours, theirs = (load_crosscoder(path)[0] for path in paths)
         table = match_runs(ours, theirs)
         db.write_matches(run_id, other, table)
     excl = table[table["partition"].isin(["a_exclusive", "b_exclusive"])]
@@ -423,13 +435,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"dashboard: {dashboard_url(args.host, args.port)}")
     args.db = demo.db
     return cmd_dashboard(args)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with the CLI's one-line errors (no usage block; `--help` shows it)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import NoReturn
 
 from engine.run_ids import RUN_ID_RULE, run_id_problem
 
@@ -85,3 +86,10 @@ def run_id(text: str) -> str:
     if problem:
         raise argparse.ArgumentTypeError(f"{problem}: a run id has {RUN_ID_RULE}")
     return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (no usage block; `--help` shows it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")

@@ -66,6 +66,7 @@ def cmd_exclusivity(args: argparse.Namespace) -> None:
     from engine.steering.exclusivity import ExclusivityConfig, exclusivity_run, pick_features
     from engine.steering.judges import steering_judge
     from engine.steering.pair import SteeringPair
+    from engine.steering.stitching import Stitch
     from engine.store import Database
 
     judge = steering_judge(args.judge, args.model)
@@ -74,13 +75,15 @@ def cmd_exclusivity(args: argparse.Namespace) -> None:
         generation=generation_settings(args, greedy_default=False),
         source=args.source,
     )
+    # A missing or damaged stitch is an error even when there is nothing to score.
+    stitch = Stitch.load(args.stitch)
     with Database(args.db, create=False, hold=False) as db:
         db.run(args.run_id)
         features = args.features or pick_features(db, args.run_id, args.top, args.categories)
         if not features:
             print("no live exclusive or leaning shared features to score")
             return
-        pair = SteeringPair.open(db, args.run_id, args.stitch, device=args.device)
+        pair = SteeringPair.open(db, args.run_id, stitch, device=args.device)
         with ProgressBar("exclusivity", len(features), enabled=not args.quiet) as bar:
             results = exclusivity_run(
                 db, args.run_id, pair, judge, features, cfg, force=args.force,

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 import pytest
 import torch
@@ -24,6 +25,19 @@ from engine.crosscoder.pairs import save_pairs
 from engine.store import Database, StoreDBError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# A valid training config for the fixture's 8-wide pairs.
+TINY_TOML = """
+[crosscoder]
+n_features = 32
+architecture = "dfc"
+
+[train]
+steps = 5
+batch_size = 16
+k = 2
+k_initial = 4
+device = "cpu"
+"""
 RUN = "r"
 N_FEATURES = 20
 DEAD = {3, 7}
@@ -60,6 +74,18 @@ def root(tmp_path_factory) -> Path:
     con.close()
     (root / "latin1.toml").write_bytes("[train]\n# Größe\nsteps = 10\n".encode("latin-1"))
     (root / "folder.duckdb").mkdir()
+    # Damaged inputs: empty, random bytes, a safetensors file cut short, a folder for a file.
+    (root / "empty.safetensors").write_bytes(b"")
+    (root / "garbage.safetensors").write_bytes(bytes(range(256)) * 2)
+    (root / "truncated.safetensors").write_bytes((root / "pairs.safetensors").read_bytes()[:200])
+    (root / "dir.safetensors").mkdir()
+    (root / "empty.toml").write_text("")
+    (root / "binary.toml").write_bytes(bytes(range(128, 256)))
+    (root / "tiny.toml").write_text(TINY_TOML)
+    (root / "notes.txt").write_text("not a store, not a database")
+    foreign = duckdb.connect(str(root / "foreign.duckdb"))
+    foreign.execute("CREATE TABLE t (x INTEGER)")
+    foreign.close()
     return root
 
 
@@ -88,6 +114,8 @@ ANALYZE = ["analyze", "--run", "{root}/run", "--store", "{root}/store", "--db", 
 EXPORT = ["export", "--db", "{root}/r.duckdb", "--what", "features", "--out", "{root}/f.csv"]
 FT_EXPORT = [*EXPORT[:4], "feature_table", "--run-id", RUN, "--out", "{root}/ft.csv"]
 TRAIN = ["train", "--pairs", "{root}/pairs.safetensors", "--out", "{root}/run-out"]
+TINY = ["train", "--config", "{root}/tiny.toml", "--out", "{root}/run-out"]
+DB = ["--db", "{root}/r.duckdb"]
 CASES = {
     "analyze --top-k -1": ([*ANALYZE, "--top-k", "-1"], "--top-k"),
     "analyze --top-k abc": ([*ANALYZE, "--top-k", "abc"], "--top-k"),
@@ -198,6 +226,117 @@ CASES = {
     "export feature_table --run-id no-such-run": (
         [*FT_EXPORT[:6], "no-such-run", *FT_EXPORT[7:]],
         "unknown run",
+    ),
+    # Training inputs: missing, empty, damaged or the wrong kind of file.
+    "train --pairs missing": ([*TINY, "--pairs", "{root}/missing.safetensors"], "missing"),
+    "train --pairs empty": ([*TINY, "--pairs", "{root}/empty.safetensors"], "empty"),
+    "train --pairs random bytes": ([*TINY, "--pairs", "{root}/garbage.safetensors"], "garbage"),
+    "train --pairs truncated": ([*TINY, "--pairs", "{root}/truncated.safetensors"], "truncated"),
+    "train --pairs a directory": ([*TINY, "--pairs", "{root}/dir.safetensors"], "dir"),
+    "train --config missing": ([*TRAIN, "--config", "{root}/missing.toml"], "not found"),
+    "train --config binary": ([*TRAIN, "--config", "{root}/binary.toml"], "UTF-8"),
+    "train --config empty (demo widths)": ([*TRAIN, "--config", "{root}/empty.toml"], "batch_size"),
+    "train --preset unknown": ([*TRAIN, "--preset", "nope"], "unknown preset"),
+    "train --batch-size 0": ([*TRAIN, "--config", "demo", "--batch-size", "0"], "--batch-size"),
+    "train --steps abc": ([*TRAIN, "--config", "demo", "--steps", "abc"], "--steps"),
+    "train --store missing": (
+        ["train", "--store", "{root}/nostore", "--config", "demo", "--out", "{root}/o"],
+        "not an activation store",
+    ),
+    "train --store a file": (
+        ["train", "--store", "{root}/notes.txt", "--config", "demo", "--out", "{root}/o"],
+        "not an activation store",
+    ),
+    "train pairs of other models than the preset's": ([*TRAIN, "--config", "demo"], "width 8"),
+    "train --out a file": ([*TINY[:3], *TRAIN[1:3], "--out", "{root}/notes.txt"], "notes.txt"),
+    # Unknown runs and features, runs without a crosscoder, foreign files as --db.
+    "explain unknown run": (["explain", *DB, "--run-id", "nope"], "unknown run"),
+    "score unknown run": (["score", *DB, "--run-id", "nope"], "unknown run"),
+    "steer unknown run": (
+        ["steer", *DB, "--run-id", "nope", "--feature", "1", "--prompt", "x"],
+        "unknown run",
+    ),
+    "steer unknown feature": (
+        ["steer", *DB, "--run-id", RUN, "--feature", "999", "--prompt", "x"],
+        "no feature 999",
+    ),
+    "steer --feature -1": (
+        ["steer", *DB, "--run-id", RUN, "--feature", "-1", "--prompt", "x"],
+        "--feature",
+    ),
+    "match, a run without a crosscoder": (
+        ["match", *DB, "--run-id", RUN, "--other", RUN],
+        "no crosscoder directory",
+    ),
+    "match unknown other run": (["match", *DB, "--run-id", RUN, "--other", "nope"], "unknown run"),
+    "export --what unknown": ([*EXPORT[:3], "--what", "nope", "--out", "{root}/f.csv"], "nope"),
+    "export --where unknown column": ([*EXPORT, "--where", "nope=1"], "no column"),
+    "export, a foreign DuckDB file": (
+        [*EXPORT[:2], "{root}/foreign.duckdb", *EXPORT[3:]],
+        "not a modeldiff results database",
+    ),
+    "score, a foreign DuckDB file": (
+        ["score", "--db", "{root}/foreign.duckdb", "--run-id", RUN],
+        "not a modeldiff results database",
+    ),
+    "export, a text file as --db": (
+        [*EXPORT[:2], "{root}/notes.txt", *EXPORT[3:]],
+        "not a valid DuckDB database",
+    ),
+    "dashboard, no database": (["dashboard", "--db", "{root}/typo.duckdb"], "no results database"),
+    "exclusivity --stitch missing": (
+        ["exclusivity", *DB, "--run-id", RUN, "--stitch", "{root}/missing.safetensors"],
+        "no stitch file",
+    ),
+    "exclusivity --stitch random bytes": (
+        ["exclusivity", *DB, "--run-id", RUN, "--stitch", "{root}/garbage.safetensors"],
+        "not a safetensors file",
+    ),
+    # Harvest settings, checked before any model loads.
+    "harvest --context-length 0": (
+        ["harvest", "--out", "{root}/s", "--context-length", "0"],
+        "--context-length",
+    ),
+    "harvest --batch-tokens -1": (
+        ["harvest", "--out", "{root}/s", "--batch-tokens", "-1"],
+        "--batch-tokens",
+    ),
+    "harvest --sources missing": (
+        ["harvest", "--out", "{root}/s", "--sources", "{root}/missing.txt"],
+        "does not exist",
+    ),
+    "harvest --weights for other sources": (
+        ["harvest", "--out", "{root}/s", "--sources", "demo:kjv", "--weights", "0.5", "0.5"],
+        "2 weights for 1 sources",
+    ),
+    "harvest --out a file": (["harvest", "--out", "{root}/notes.txt"], "is a file"),
+    "stitch --store missing": (
+        ["stitch", "--store", "{root}/nostore", "--out", "{root}/s.safetensors"],
+        "not an activation store",
+    ),
+    # Benchmarks: a bad setting fails before anything is written.
+    "planted --strengths -1": (
+        ["planted", "--store", "{root}/nostore", "--out", "{root}/p", "--strengths", "-1"],
+        "strengths",
+    ),
+    "planted --rates 2": (
+        ["planted", "--store", "{root}/nostore", "--out", "{root}/p", "--rates", "2"],
+        "rates",
+    ),
+    "planted --store missing": (
+        ["planted", "--store", "{root}/nostore", "--out", "{root}/p"],
+        "no activation store",
+    ),
+    "planted unknown variant setting": (
+        ["planted", "--store", "{root}/nostore", "--out", "{root}/p", "--variants", "x:nope=1"],
+        "unknown setting",
+    ),
+    "toy --sizes 0": (["toy", "--out", "{root}/t", "--sizes", "0"], "sizes"),
+    "toy --seeds abc": (["toy", "--out", "{root}/t", "--seeds", "abc"], "--seeds"),
+    "toy --steps -1": (["toy", "--out", "{root}/t", "--steps", "-1"], "steps"),
+    "toy --recycle-after 0": (
+        ["toy", "--out", "{root}/t", "--recycle-after", "0"],
+        "recycle_after_windows",
     ),
 }
 

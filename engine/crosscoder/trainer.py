@@ -569,6 +569,8 @@ def _train(
     progress: bool,
 ) -> TrainResult:
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ckpt.CheckpointError(f"{out} is a file; give a directory for the training run")
     trainer = Trainer(model_cfg, train_cfg, normalizer, ctx)
     if out is not None and not resume:  # an old run's checkpoint must not outlive this one
         ckpt.clear_run(out, remove=ctx.is_main)

@@ -21,7 +21,8 @@ from typing import Any
 
 import pandas as pd
 
-from engine.config import CrosscoderConfig, TrainConfig
+from engine.cli_types import Parser
+from engine.config import ConfigError, CrosscoderConfig, TrainConfig
 from engine.files import atomic_write_text
 from engine.progress import ProgressBar
 from engine.sweep_results import append_row, json_records, load_results, write_csv
@@ -197,6 +198,7 @@ def run_sweep(
     cfg: SweepConfig, progress: bool = True, run_fn: RunFn = train_and_evaluate
 ) -> pd.DataFrame:
     """Run every missing (architecture, size, seed) combination and write all outputs."""
+    _check_configs(cfg)  # a bad setting fails before anything is written
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_same_sweep(out, cfg)
@@ -239,6 +241,17 @@ def _select(results: pd.DataFrame, cfg: SweepConfig) -> pd.DataFrame:
         & results["seed"].isin(cfg.seeds)
     )
     return results[mask].sort_values(KEYS).reset_index(drop=True)
+
+
+def _check_configs(cfg: SweepConfig) -> None:
+    """Build every run's crosscoder and training config once, as a SweepError if one is bad."""
+    try:
+        for size in cfg.sizes:
+            cfg.train_config(cfg.seeds[0] if cfg.seeds else 0, size)
+            for arch in cfg.architectures:
+                cfg.crosscoder_config(arch, size)
+    except ConfigError as err:
+        raise SweepError(str(err)) from None
 
 
 def _check_same_sweep(out: Path, cfg: SweepConfig) -> None:
@@ -427,7 +440,7 @@ def _str_list(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of `modeldiff toy`."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="modeldiff toy",
         description="Sweep crosscoder architectures on the synthetic toy model (paper Fig. 4).",
     )
