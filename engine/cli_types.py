@@ -22,20 +22,22 @@ def _number(text: str, kind: type, what: str) -> int | float:
     return value
 
 
+def _checked(text: str, kind: type, what: str, ok) -> int | float:
+    """`text` as a number of `kind` for which `ok(value)` holds, else an argparse error."""
+    value = _number(text, kind, what)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer of at least 1."""
-    value = _number(text, int, "a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return _checked(text, int, "a positive integer", lambda v: v >= 1)
 
 
 def non_negative_int(text: str) -> int:
     """An integer of at least 0."""
-    value = _number(text, int, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _checked(text, int, "an integer >= 0", lambda v: v >= 0)
 
 
 def any_int(text: str) -> int:
@@ -50,34 +52,22 @@ def finite_float(text: str) -> float:
 
 def positive_float(text: str) -> float:
     """A finite number above 0."""
-    value = _number(text, float, "a number > 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+    return float(_checked(text, float, "a number > 0", lambda v: v > 0))
 
 
 def non_negative_float(text: str) -> float:
     """A finite number of at least 0."""
-    value = _number(text, float, "a number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+    return float(_checked(text, float, "a number >= 0", lambda v: v >= 0))
 
 
 def open_fraction(text: str) -> float:
     """A number strictly between 0 and 1 (a held-out share)."""
-    value = _number(text, float, "a number between 0 and 1")
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
-    return value
+    return float(_checked(text, float, "a number between 0 and 1", lambda v: 0 < v < 1))
 
 
 def port(text: str) -> int:
     """A TCP port number."""
-    value = _number(text, int, "a port number (1-65535)")
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number (1-65535), got {text!r}")
-    return value
+    return _checked(text, int, "a port number (1-65535)", lambda v: 1 <= v <= 65535)
 
 
 def run_id(text: str) -> str:

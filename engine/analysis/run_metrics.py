@@ -36,13 +36,7 @@ def dead_history(history: pd.DataFrame) -> pd.DataFrame:
     feature), dead_frac; empty when the history logs none."""
     columns = {"dead_frac": ALL}
     columns.update({f"{DEAD_PREFIX}{role.value}": role.value for role in Role})
-    present = [c for c in columns if c in history.columns]
-    if "step" not in history.columns or not present:
-        return pd.DataFrame(columns=["step", "partition", "dead_frac"])
-    # The logged columns, renamed to their partitions, then one row per (step, partition).
-    wide = history[["step", *present]].rename(columns=columns)
-    long = wide.melt(id_vars="step", var_name="partition", value_name="dead_frac")
-    return long.dropna(subset=["dead_frac"]).reset_index(drop=True)
+    return _by_partition(history, columns, "dead_frac")
 
 
 SIZE_COLUMNS = {"n_a_exclusive": Role.A_EXCLUSIVE.value, "n_b_exclusive": Role.B_EXCLUSIVE.value}
@@ -51,12 +45,19 @@ SIZE_COLUMNS = {"n_a_exclusive": Role.A_EXCLUSIVE.value, "n_b_exclusive": Role.B
 def partition_size_history(history: pd.DataFrame) -> pd.DataFrame:
     """Exclusive partition sizes over training in long form: step, partition, features;
     empty when the partitions did not adapt."""
-    present = [c for c in SIZE_COLUMNS if c in history.columns]
+    return _by_partition(history, SIZE_COLUMNS, "features")
+
+
+def _by_partition(history: pd.DataFrame, columns: dict[str, str], value: str) -> pd.DataFrame:
+    """Logged `columns` (name -> partition) in long form: step, partition, `value`; empty
+    when the history logs none of them."""
+    present = [c for c in columns if c in history.columns]
     if "step" not in history.columns or not present:
-        return pd.DataFrame(columns=["step", "partition", "features"])
-    wide = history[["step", *present]].rename(columns=SIZE_COLUMNS)
-    long = wide.melt(id_vars="step", var_name="partition", value_name="features")
-    return long.dropna(subset=["features"]).reset_index(drop=True)
+        return pd.DataFrame(columns=["step", "partition", value])
+    # The logged columns, renamed to their partitions, then one row per (step, partition).
+    wide = history[["step", *present]].rename(columns=columns)
+    long = wide.melt(id_vars="step", var_name="partition", value_name=value)
+    return long.dropna(subset=[value]).reset_index(drop=True)
 
 
 def _number(value: Any) -> bool:

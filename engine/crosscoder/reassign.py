@@ -89,14 +89,12 @@ def reassign(
         (Role.B_EXCLUSIVE, _B_LEANING, "b"),
     ):
         block = p.block(role)
-        candidates = torch.nonzero((current == tag) & (previous == tag) & live).squeeze(1)
+        candidates = _candidates(current, previous, live, rel, tag)
         slots = torch.nonzero(dead[block]).squeeze(1) + block.start
         n = min(candidates.numel(), slots.numel())
         if n == 0:
             continue
-        # The most lopsided candidates first: they are the surest exclusive concepts.
-        order = rel[candidates].argsort(descending=(model_name == "a"))
-        chosen = candidates[order[:n]]
+        chosen = candidates[:n]
         for shared_id, slot in zip(chosen.tolist(), slots[:n].tolist(), strict=True):
             _move(model, optimizer, shared_id, slot, model_name)
             since_fired[slot] = since_fired[shared_id]
@@ -108,6 +106,20 @@ def reassign(
         else:
             moves.to_b = n
     return moves, current
+
+
+def _candidates(
+    current: torch.Tensor,
+    previous: torch.Tensor,
+    live: torch.Tensor,
+    rel: torch.Tensor,
+    tag: int,
+) -> torch.Tensor:
+    """Live features leaning the `tag` way at this check and the last, the most lopsided
+    first: they are the surest exclusive concepts."""
+    candidates = torch.nonzero((current == tag) & (previous == tag) & live).squeeze(1)
+    order = rel[candidates].argsort(descending=tag == _A_LEANING)
+    return candidates[order]
 
 
 def _move(
@@ -220,11 +232,9 @@ def adapt(
             continue  # the user asked for no features of this kind
         dead = torch.zeros_like(fresh)
         dead[block] = since_fired[block] >= (recycle_after or dead_window)
-        candidates = torch.nonzero((current == tag) & (previous == tag) & live).squeeze(1)
+        candidates = _candidates(current, previous, live, rel, tag)
         n_move = min(candidates.numel(), cap - (block.stop - block.start - int(dead.sum())))
-        # The most lopsided candidates first: they are the surest exclusive concepts.
-        order = rel[candidates].argsort(descending=role is Role.A_EXCLUSIVE)
-        movers = candidates[order[: max(n_move, 0)]]
+        movers = candidates[: max(n_move, 0)]
         if n_move <= 0 and int(dead.sum()) == block.stop - block.start:
             dead[torch.nonzero(dead).squeeze(1)[0]] = False  # keep one
         roles[movers] = ROLE_ORDER.index(role)

@@ -131,6 +131,8 @@ class Trainer:
         if train_cfg.compile:
             self._encode = torch.compile(self.model.pre_activations, dynamic=True)
         self._groups = self._selection_groups()
+        # Adaptive partitions grow an exclusive partition up to its configured size.
+        self._capacity = (partition.n_a_exclusive, partition.n_b_exclusive)
 
     # -- one optimisation step -------------------------------------------------------
 
@@ -401,10 +403,8 @@ class Trainer:
             self.model_cfg.decoder_init_norm,
         )
         if cfg.adapt_partitions:
-            configured = self.model_cfg.partition()
-            capacity = (configured.n_a_exclusive, configured.n_b_exclusive)
             recycle_after = cfg.recycle_after_windows * cfg.dead_window_tokens
-            moves, self.leaning, order = adapt(*args, capacity, recycle_after)
+            moves, self.leaning, order = adapt(*args, self._capacity, recycle_after)
             if order is not None:
                 self._groups = self._selection_groups()
         else:
