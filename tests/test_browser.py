@@ -204,7 +204,9 @@ def _walk(page, url: str, shots: Shots) -> None:
     page.get_by_test_id("stHtml").filter(has_text=f"Feature {TEA}").first.wait_for()
     status = page.get_by_test_id("stRadio").filter(has_text="Status")
     sync_api.expect(status).to_have_count(1)  # the bomb feature's form is gone
-    status.get_by_text("verified", exact=True).click()
+    # Inside the radio group: the same text can also sit in a transient element of the
+    # widget while Streamlit reruns.
+    status.get_by_role("radiogroup").get_by_text("verified", exact=True).click()
     page.get_by_label("Notes").fill("checked in the browser")
     page.get_by_label("Reviewer").fill("bob")
     page.get_by_role("button", name="Save", exact=True).click()
