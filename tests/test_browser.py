@@ -131,6 +131,11 @@ def test_browse_open_probe_steer_save_and_triage(served, tmp_path):
         shots = Shots(page, tmp_path)
         try:
             _walk(page, url, shots)
+        except Exception as err:
+            # Say what the app showed: a timeout alone does not tell a lost click from an error.
+            alerts = page.get_by_test_id("stAlert").all_inner_texts()
+            errors = page.get_by_test_id("stException").all_inner_texts()
+            raise AssertionError(f"{err}\napp alerts: {alerts}\napp exceptions: {errors}") from err
         finally:
             shots.publish()
             browser.close()
@@ -146,6 +151,27 @@ def test_browse_open_probe_steer_save_and_triage(served, tmp_path):
     assert sorted(samples["model"]) == ["a", "b"]
     assert set(samples["prompt"]) == {"I would like a cup of"}
     assert samples.set_index("model").loc["b", "transfer"]["from"] == "a"
+
+
+# Streamlit marks the elements of the previous run stale while a script reruns, and shows a
+# running icon in its status widget.
+_RUNNING = (
+    "[data-stale=true], [data-testid=stStatusWidgetRunningIcon], "
+    "[data-testid=stStatusWidgetRunningManIcon]"
+)
+
+
+def _settled(page, quiet_ms: int = 500) -> None:
+    """Wait until the app's script run has ended and stayed ended for `quiet_ms`."""
+    page.wait_for_function(
+        """([selector, quiet]) => {
+            const now = performance.now();
+            if (document.querySelector(selector)) { window.__busy = now; return false; }
+            return now - (window.__busy ?? 0) > quiet;
+        }""",
+        arg=[_RUNNING, quiet_ms],
+        polling=100,
+    )
 
 
 def _walk(page, url: str, shots: Shots) -> None:
@@ -202,13 +228,16 @@ def _walk(page, url: str, shots: Shots) -> None:
     queue = page.get_by_test_id("stRadio").filter(has_text="Queue")
     queue.get_by_text("All live exclusive and leaning shared features").click()
     page.get_by_test_id("stHtml").filter(has_text=f"Feature {TEA}").first.wait_for()
+    # Until the rerun ends, the bomb feature's form can still stand (stale) where the tea
+    # feature's will be drawn: a click on it would be lost.
+    _settled(page)
     status = page.get_by_test_id("stRadio").filter(has_text="Status")
     sync_api.expect(status).to_have_count(1)  # the bomb feature's form is gone
-    # Inside the radio group: the same text can also sit in a transient element of the
-    # widget while Streamlit reruns.
     status.get_by_role("radiogroup").get_by_text("verified", exact=True).click()
+    sync_api.expect(status.get_by_role("radio", name="verified")).to_be_checked()
     page.get_by_label("Notes").fill("checked in the browser")
     page.get_by_label("Reviewer").fill("bob")
+    sync_api.expect(page.get_by_label("Reviewer")).to_have_value("bob")
     page.get_by_role("button", name="Save", exact=True).click()
     page.get_by_text(f"Saved feature {TEA} as 'verified'").wait_for()
     shots.take("triage")
