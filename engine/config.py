@@ -25,6 +25,9 @@ class ConfigError(ValueError):
     """A configuration value a user supplied is invalid."""
 
 
+RECYCLE_INITS = ("random", "residual")
+
+
 @dataclass
 class CrosscoderConfig:
     """Shape of a crosscoder: widths, dictionary size, architecture and partition."""
@@ -120,6 +123,9 @@ class TrainConfig:
     # to the shared block (1: as soon as it is dead; more gives AuxK time to revive it as
     # an exclusive feature).
     recycle_after_windows: int = 1
+    # How a recycled feature starts: "random" direction, or "residual": the reconstruction
+    # error of an example drawn by its squared error (where the crosscoder is worst).
+    recycle_init: str = "random"
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "k", "log_every", "checkpoint_every", "keep_checkpoints")
@@ -149,6 +155,11 @@ class TrainConfig:
             raise ConfigError(
                 f"reassign_low and reassign_high must satisfy 0 <= low < 0.5 < high <= 1, got "
                 f"{self.reassign_low} and {self.reassign_high}"
+            )
+        if self.recycle_init not in RECYCLE_INITS:
+            raise ConfigError(
+                f"unknown recycle_init {self.recycle_init!r}; choose one of: "
+                f"{', '.join(RECYCLE_INITS)}"
             )
 
     def k_at(self, step: int) -> int:

@@ -170,6 +170,33 @@ def test_adaptive_partitions_recycle_dead_exclusive_features_into_shared_but_kee
     assert order is None and (moves.to_a, moves.to_b, moves.recycled) == (0, 0, 0)
 
 
+def test_recycled_features_can_start_from_the_worst_reconstructed_examples():
+    cc, opt = _lopsided_dfc()
+    gen = torch.Generator().manual_seed(0)
+    since = torch.zeros(10, dtype=torch.long)
+    since[[0, 3]] = WINDOW  # one dead feature in each exclusive partition
+    nothing = torch.zeros(10, dtype=torch.int8)
+    # Only example 2 is badly reconstructed: every recycled feature starts from its errors.
+    err_a, err_b = torch.zeros(5, D_A), torch.zeros(5, D_B)
+    err_a[2], err_b[2] = torch.randn(D_A), torch.randn(D_B)
+    moves, _, _ = adapt(
+        cc, opt, since, nothing, WINDOW, 0.2, 0.8, gen, 0.4, (2, 2), None, (err_a, err_b)
+    )
+    assert moves.recycled == 2 and cc.partition == Partition(1, 1, 8)
+    for new in (2, 3):  # the recycled features open the shared block
+        for name, err in (("a", err_a[2]), ("b", err_b[2])):
+            row = cc.decoder_matrix(name)[new]
+            assert row.norm().item() == pytest.approx(0.4, rel=1e-5)
+            cos = torch.nn.functional.cosine_similarity(row, err, dim=0)
+            assert cos.item() == pytest.approx(1.0, abs=1e-5)
+        assert cc.b_enc[new] == 0
+
+
+def test_recycle_init_is_validated():
+    with pytest.raises(ConfigError, match="recycle_init"):
+        TrainConfig(recycle_init="zeros")
+
+
 def test_resize_gives_the_block_sizes_of_a_checkpoint():
     cc, opt = _lopsided_dfc()
     resize(cc, opt, Partition(1, 4, 5))
@@ -179,9 +206,11 @@ def test_resize_gives_the_block_sizes_of_a_checkpoint():
         resize(cc, opt, Partition(1, 1, 5))
 
 
-@pytest.mark.parametrize("adapt_partitions", [True, False])
+@pytest.mark.parametrize(
+    ("adapt_partitions", "recycle_init"), [(True, "random"), (False, "random"), (True, "residual")]
+)
 def test_training_with_reassignment_moves_an_a_only_concept_and_resumes_exactly(
-    tmp_path, adapt_partitions
+    tmp_path, adapt_partitions, recycle_init
 ):
     # Three strong concepts only A has, each on 5% of rows, among shared ones.
     g = torch.Generator().manual_seed(1)
@@ -209,6 +238,7 @@ def test_training_with_reassignment_moves_an_a_only_concept_and_resumes_exactly(
         device="cpu",
         reassign_every=10,
         adapt_partitions=adapt_partitions,
+        recycle_init=recycle_init,
     )
     full = train(model, TrainConfig(**kw), data, out_dir=tmp_path / "full", progress=False)
     assert full.final["moved_to_a"] + full.final["moved_to_b"] > 0

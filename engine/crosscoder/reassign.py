@@ -202,11 +202,14 @@ def adapt(
     init_norm: float,
     capacity: tuple[int, int],
     recycle_after: int | None = None,
+    residual: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[Moves, torch.Tensor, torch.Tensor | None]:
     """Adaptive partitions: exclusive features that have not fired for `recycle_after`
     tokens (default: the dead window) return to the shared block as fresh features, and
     lopsided shared features change role while their exclusive partition is below
-    `capacity` (its configured size: A, B).
+    `capacity` (its configured size: A, B). With `residual` (a batch's reconstruction
+    errors per model) recycled features start from the errors of badly reconstructed
+    examples instead of random directions.
 
     Returns the moves, the leaning labels for the next check, and the new feature order
     (new feature i was feature order[i]; None when nothing changed) for the caller's own
@@ -248,7 +251,7 @@ def adapt(
         moves.recycled += int(dead.sum())
     if not (moves.to_a or moves.to_b or moves.recycled):
         return moves, current, None
-    order = relayout(model, optimizer, roles.cpu(), fresh.cpu(), generator, init_norm)
+    order = relayout(model, optimizer, roles.cpu(), fresh.cpu(), generator, init_norm, residual)
     order = order.to(since_fired.device)
     since_fired.copy_(torch.where(fresh[order], dead_window, since_fired[order]))
     return moves, current[order], order

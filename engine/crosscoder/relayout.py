@@ -34,10 +34,14 @@ def relayout(
     fresh: torch.Tensor,
     generator: torch.Generator,
     init_norm: float,
+    residual: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Give every feature the role `new_roles[f]` (an index into ROLE_ORDER).
 
-    Features marked `fresh` restart as new random features in their new role. A feature
+    Features marked `fresh` restart as new features in their new role: random directions,
+    or with `residual` (the reconstruction errors of a batch, per model) the error of an
+    example drawn in proportion to its squared error, so they start where the crosscoder
+    is worst. A feature
     that keeps its role keeps everything; one that changes role keeps its rows in the
     models it still owns, and the encoder contribution it loses (the other model's, at
     that model's mean activation, its decoder bias) is folded into its encoder bias.
@@ -54,6 +58,7 @@ def relayout(
     new_rows = {"a": _row_map(new, "a"), "b": _row_map(new, "b")}
     fresh = fresh.cpu()[order]
     fold = _lost_encoder_input(model, old_rows, new_rows, order)
+    picks = _draw_examples(residual, int(fresh.sum()), generator) if residual else None
     for name in ("a", "b"):
         # Row of the new table <- row of the old table, -1 where the row starts fresh.
         owned = new_rows[name] >= 0
@@ -61,6 +66,10 @@ def relayout(
         source[fresh[owned]] = -1
         enc, dec = (model.w_enc_a, model.w_dec_a) if name == "a" else (model.w_enc_b, model.w_dec_b)
         start = _random_rows(int(owned.sum()), dec.shape[1], init_norm, generator)
+        if picks is not None:
+            error = residual[0 if name == "a" else 1][picks[owned[fresh]]].float().cpu()
+            scale = init_norm / error.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            start[fresh[owned]] = error * scale
         _rebuild(optimizer, dec, source, start)
         _rebuild(optimizer, enc, source, start)
     keep = torch.where(fresh, -1, torch.arange(old.n_features)[order])
@@ -90,6 +99,17 @@ def _lost_encoder_input(
         if lost.any():
             fold[lost] = (enc[before[lost].to(enc.device)] @ mean).float().cpu()
     return fold
+
+
+def _draw_examples(
+    residual: tuple[torch.Tensor, torch.Tensor], n: int, generator: torch.Generator
+) -> torch.Tensor:
+    """`n` example indices drawn in proportion to their squared reconstruction error."""
+    weight = (residual[0].float().pow(2).sum(1) + residual[1].float().pow(2).sum(1)).cpu()
+    if n == 0 or not bool((weight > 0).any()):
+        return torch.zeros(n, dtype=torch.long)
+    replace = n > int((weight > 0).sum())
+    return torch.multinomial(weight, n, replacement=replace, generator=generator)
 
 
 def _rebuild(

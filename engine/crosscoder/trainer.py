@@ -171,7 +171,7 @@ class Trainer:
             self._update_state(out["entries"], n, out["group_minima"])
         every = cfg.reassign_every
         if every and self.counters.step % every == 0:
-            self._reassign()
+            self._reassign(out["errors"])
         sse_a, sse_b = recon_a * n, recon_b * n
         return {
             "loss": recon_a + recon_b + cfg.aux_alpha * aux,
@@ -219,6 +219,7 @@ class Trainer:
             "aux_b": zero,
             "entries": main,
             "group_minima": group_minima,
+            "errors": (err_a.detach(), err_b.detach()),
         }
         if aux is not None:
             dead_ids, pre_dead, keep = aux
@@ -386,8 +387,9 @@ class Trainer:
         self.counters.step += 1
         self.counters.tokens += n
 
-    def _reassign(self) -> None:
-        """Move persistently lopsided shared features into the exclusive partitions."""
+    def _reassign(self, errors: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Move persistently lopsided shared features into the exclusive partitions
+        (`errors`: this step's reconstruction errors per model)."""
         cfg = self.cfg
         # Seeded by step so every rank, and a resumed run, draws the same re-initialisations.
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.counters.step)
@@ -404,12 +406,17 @@ class Trainer:
         )
         if cfg.adapt_partitions:
             recycle_after = cfg.recycle_after_windows * cfg.dead_window_tokens
-            moves, self.leaning, order = adapt(*args, self._capacity, recycle_after)
+            residual = self._gathered(errors) if cfg.recycle_init == "residual" else None
+            moves, self.leaning, order = adapt(*args, self._capacity, recycle_after, residual)
             if order is not None:
                 self._groups = self._selection_groups()
         else:
             moves, self.leaning = reassign(*args)
         self.moved += torch.tensor([moves.to_a, moves.to_b, moves.recycled])
+
+    def _gathered(self, errors: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The global batch's reconstruction errors (every rank draws from the same rows)."""
+        return tuple(self.ctx.gather_rows(e.float()) for e in errors)
 
     def moves(self) -> dict[str, int]:
         """Shared features moved to each exclusive partition so far (empty when off)."""
