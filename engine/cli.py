@@ -250,7 +250,8 @@ def cmd_explain(args: argparse.Namespace) -> None:
     with Database(args.db, create=False, hold=False) as db:
         db.run(args.run_id)  # a clear error for an unknown run
         if args.explainer == "anthropic":
-            from engine.interp.anthropic import AnthropicExplainer, describe_cost, estimate_cost
+            from engine.interp.anthropic.client import describe_cost, estimate_cost
+            from engine.interp.anthropic.explainer import AnthropicExplainer
 
             explainer = AnthropicExplainer(model=args.model, batch=args.batch)
             n = len(ordered_features(db, args.run_id, args.partitions, args.limit))
@@ -281,7 +282,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     from engine.store import Database
 
     if args.judge == "anthropic":
-        from engine.interp.anthropic import AnthropicJudge
+        from engine.interp.anthropic.judge import AnthropicJudge
 
         judge = AnthropicJudge(model=args.model)
     else:

@@ -21,7 +21,7 @@ from engine.cli_types import (
     positive_int,
     run_id,
 )
-from engine.interp.anthropic import DEFAULT_MODEL as DEFAULT_CLAUDE
+from engine.interp.anthropic.client import DEFAULT_MODEL as DEFAULT_CLAUDE
 
 
 def cmd_stitch(args: argparse.Namespace) -> None:

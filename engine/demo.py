@@ -290,7 +290,8 @@ def _use_anthropic() -> bool:
 def _explainer(db, limit: int):
     """Anthropic explainer with a key (after the cost is shown and accepted), else offline."""
     if _use_anthropic():
-        from engine.interp.anthropic import AnthropicExplainer, describe_cost, estimate_cost
+        from engine.interp.anthropic.client import describe_cost, estimate_cost
+        from engine.interp.anthropic.explainer import AnthropicExplainer
 
         print(describe_cost(estimate_cost(limit, AnthropicExplainer().model)))
         if not sys.stdin.isatty() or input("explain with Claude? [y/N] ").lower() == "y":
@@ -304,7 +305,7 @@ def _explainer(db, limit: int):
 def _detection_judge():
     """Anthropic detection judge with a key, else the offline one."""
     if _use_anthropic():
-        from engine.interp.anthropic import AnthropicJudge
+        from engine.interp.anthropic.judge import AnthropicJudge
 
         return AnthropicJudge()
     from engine.interp.offline import OfflineJudge

@@ -763,7 +763,7 @@ def test_a_blocked_save_says_so_and_can_be_retried(db_path, tmp_path, monkeypatc
 
 def test_explain_batch_holds_no_lock_while_the_batch_runs(db_path, tmp_path):
     pytest.importorskip("anthropic")
-    from engine.interp.anthropic import AnthropicExplainer
+    from engine.interp.anthropic.explainer import AnthropicExplainer
     from engine.interp.run import explain_run, ordered_features
     from tests.test_interp import GOOD, FakeAPI, batch, jsonl, message
 

@@ -252,7 +252,7 @@ def api() -> FakeAPI:
 
 
 def explainer(api: FakeAPI, sleeps: list[float] | None = None, **kwargs):
-    from engine.interp.anthropic import AnthropicExplainer
+    from engine.interp.anthropic.explainer import AnthropicExplainer
 
     record: Callable[[float], None] = sleeps.append if sleeps is not None else lambda s: None
     return AnthropicExplainer(client=api.client(), sleep=record, **kwargs)
@@ -423,7 +423,7 @@ def test_anthropic_batch_resumes_from_ledger(api: FakeAPI, tmp_path) -> None:
 
 
 def test_cost_estimate(monkeypatch) -> None:
-    from engine.interp import anthropic as mod
+    from engine.interp.anthropic import client as mod
 
     prefix = -(-mod.prefix_chars() // 4)
     est = mod.estimate_cost(100, MODEL, prompt_chars=4000, output_tokens=200)
@@ -446,7 +446,8 @@ def test_cost_estimate(monkeypatch) -> None:
 
 def test_missing_key(monkeypatch) -> None:
     pytest.importorskip("anthropic")
-    from engine.interp.anthropic import AnthropicExplainer, AnthropicJudge
+    from engine.interp.anthropic.explainer import AnthropicExplainer
+    from engine.interp.anthropic.judge import AnthropicJudge
 
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     with pytest.raises(ConfigError, match=r"ANTHROPIC_API_KEY.*--explainer offline"):
@@ -456,7 +457,7 @@ def test_missing_key(monkeypatch) -> None:
 
 
 def test_missing_package(monkeypatch) -> None:
-    from engine.interp.anthropic import AnthropicExplainer
+    from engine.interp.anthropic.explainer import AnthropicExplainer
 
     monkeypatch.setitem(sys.modules, "anthropic", None)  # import fails as if not installed
     with pytest.raises(ConfigError, match=r'pip install -e "\.\[app\]"'):
@@ -467,7 +468,7 @@ def test_missing_package(monkeypatch) -> None:
 
 
 def test_anthropic_judge(api: FakeAPI) -> None:
-    from engine.interp.anthropic import AnthropicJudge
+    from engine.interp.anthropic.judge import AnthropicJudge
 
     top, random = planted(0, ["tea"], n=2)
     contexts = [top[0], random[0], top[1]]

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from engine.interp.anthropic import DEFAULT_MODEL, Caller, cached_system
+from engine.interp.anthropic.client import DEFAULT_MODEL, Caller, cached_system
 from engine.interp.embeddings import SentenceEncoder, shared_encoder
 from engine.steering.rubrics import Rubric, parse_scores, score_from_count
 
