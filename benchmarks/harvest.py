@@ -21,7 +21,7 @@ import torch
 
 from engine.config import HarvestConfig
 from engine.harvest.pipeline import harvest
-from engine.harvest.store import bytes_per_pair
+from engine.harvest.store_stats import bytes_per_pair
 from engine.models.loading import load_model
 
 

@@ -20,7 +20,8 @@ import torch
 
 from engine.config import CrosscoderConfig, TrainConfig
 from engine.crosscoder.trainer import train
-from engine.harvest.store import ActivationStore, StoreWriter, WindowRecord
+from engine.harvest.store import ActivationStore, StoreWriter
+from engine.harvest.store_shards import WindowRecord
 
 D_A, D_B = 576, 640
 

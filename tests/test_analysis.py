@@ -20,7 +20,8 @@ from engine.crosscoder.checkpoint import save_crosscoder
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.crosscoder.partition import Partition
-from engine.harvest.store import ActivationStore, StoreWriter, WindowRecord
+from engine.harvest.store import ActivationStore, StoreWriter
+from engine.harvest.store_shards import WindowRecord
 from engine.store import Database
 
 D_A, D_B = 8, 6

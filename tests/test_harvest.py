@@ -16,7 +16,8 @@ import torch
 
 from engine.config import HarvestConfig, load_run_config
 from engine.harvest.pipeline import harvest, summary
-from engine.harvest.store import ActivationStore, StoreError, read_manifest
+from engine.harvest.store import ActivationStore, StoreError
+from engine.harvest.store_reader import read_manifest
 from engine.harvest.windows import side
 from engine.models.capture import capture_residual
 from engine.models.loading import LoadedModel, load_model

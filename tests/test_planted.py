@@ -14,7 +14,8 @@ from engine.cli import main
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.crosscoder.partition import Partition
-from engine.harvest.store import ActivationStore, StoreWriter, WindowRecord
+from engine.harvest.store import ActivationStore, StoreWriter
+from engine.harvest.store_shards import WindowRecord
 from engine.models.loading import LoadedModel
 from engine.planted import PlantedError
 from engine.planted.embedding import measure_shift, plant_embeddings, planted_harvest_config

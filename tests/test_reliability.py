@@ -26,7 +26,7 @@ import torch
 
 from engine.cli import main
 from engine.crosscoder.checkpoint import load_crosscoder
-from engine.harvest.store import read_manifest
+from engine.harvest.store_reader import read_manifest
 from tests.tiny_run import TinyRun, build_tiny_run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

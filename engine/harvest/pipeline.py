@@ -29,17 +29,12 @@ from typing import Any
 import torch
 
 from engine.config import HarvestConfig, to_dict
-from engine.harvest.store import (
-    StoreError,
-    StoreWriter,
-    WindowRecord,
-    bytes_per_pair,
-    check_compatible,
-    check_rank,
-    median_norms,
-    read_manifest,
-    resumed_manifest,
-)
+from engine.harvest.store_layout import resumed_manifest
+from engine.harvest.store_manifest import StoreError, check_compatible, check_rank
+from engine.harvest.store_reader import read_manifest
+from engine.harvest.store_shards import WindowRecord
+from engine.harvest.store_stats import bytes_per_pair, median_norms
+from engine.harvest.store_writer import StoreWriter
 from engine.harvest.text import Mixture, source_from_spec
 from engine.harvest.windows import Side, StreamWindow, numbered_windows, side
 from engine.interrupts import deferred_interrupts

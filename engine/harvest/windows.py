@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from engine.harvest.align import Alignment, align, align_windows, tokenize
-from engine.harvest.store import WindowRecord
+from engine.harvest.store_shards import WindowRecord
 from engine.harvest.text import Document, RenderError, render
 
 OVERFLOW = "gap wider than a window"
