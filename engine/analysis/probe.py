@@ -19,7 +19,7 @@ from engine.analysis.context import Context
 from engine.config import ConfigError
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
-from engine.harvest.text import Document
+from engine.harvest.text_documents import Document
 from engine.harvest.windows import document_windows, side
 from engine.models.capture import capture_residual
 from engine.models.loading import LoadedModel

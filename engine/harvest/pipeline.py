@@ -35,7 +35,8 @@ from engine.harvest.store_reader import read_manifest
 from engine.harvest.store_shards import WindowRecord
 from engine.harvest.store_stats import bytes_per_pair, median_norms
 from engine.harvest.store_writer import StoreWriter
-from engine.harvest.text import Mixture, source_from_spec
+from engine.harvest.text import source_from_spec
+from engine.harvest.text_mixture import Mixture
 from engine.harvest.windows import Side, StreamWindow, numbered_windows, side
 from engine.interrupts import deferred_interrupts
 from engine.models.capture import capture_residual
