@@ -126,6 +126,9 @@ class TrainConfig:
     # How a recycled feature starts: "random" direction, or "residual": the reconstruction
     # error of an example drawn by its squared error (where the crosscoder is worst).
     recycle_init: str = "random"
+    # Adaptive partitions: share of each exclusive partition's configured size it starts
+    # with (at least one feature); moves grow it up to the configured size.
+    exclusive_start: float = 1.0
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "k", "log_every", "checkpoint_every", "keep_checkpoints")
@@ -156,6 +159,8 @@ class TrainConfig:
                 f"reassign_low and reassign_high must satisfy 0 <= low < 0.5 < high <= 1, got "
                 f"{self.reassign_low} and {self.reassign_high}"
             )
+        if not 0 < self.exclusive_start <= 1:
+            raise ConfigError(f"exclusive_start must be in (0, 1], got {self.exclusive_start}")
         if self.recycle_init not in RECYCLE_INITS:
             raise ConfigError(
                 f"unknown recycle_init {self.recycle_init!r}; choose one of: "

@@ -10,7 +10,7 @@ from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.partition import Partition
 from engine.crosscoder.reassign import adapt, leaning, reassign
 from engine.crosscoder.relayout import resize
-from engine.crosscoder.trainer import train
+from engine.crosscoder.trainer import Trainer, train
 
 D_A, D_B = 12, 10
 WINDOW = 100
@@ -192,9 +192,24 @@ def test_recycled_features_can_start_from_the_worst_reconstructed_examples():
         assert cc.b_enc[new] == 0
 
 
-def test_recycle_init_is_validated():
+def test_exclusive_start_shrinks_only_adaptive_exclusive_blocks_to_at_least_one():
+    cfg = CrosscoderConfig(d_a=D_A, d_b=D_B, n_features=64, a_exclusive=8, b_exclusive=3)
+    start = Trainer(
+        cfg, TrainConfig(exclusive_start=0.25, k=4, k_initial=None, device="cpu")
+    ).model.partition
+    assert start == Partition(2, 1, 61)
+    fixed = TrainConfig(
+        exclusive_start=0.25, adapt_partitions=False, k=4, k_initial=None, device="cpu"
+    )
+    assert Trainer(cfg, fixed).model.partition == Partition(8, 3, 53)
+
+
+def test_recycle_init_and_exclusive_start_are_validated():
     with pytest.raises(ConfigError, match="recycle_init"):
         TrainConfig(recycle_init="zeros")
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="exclusive_start"):
+            TrainConfig(exclusive_start=bad)
 
 
 def test_resize_gives_the_block_sizes_of_a_checkpoint():
@@ -207,10 +222,16 @@ def test_resize_gives_the_block_sizes_of_a_checkpoint():
 
 
 @pytest.mark.parametrize(
-    ("adapt_partitions", "recycle_init"), [(True, "random"), (False, "random"), (True, "residual")]
+    ("adapt_partitions", "recycle_init", "exclusive_start"),
+    [
+        (True, "random", 1.0),
+        (False, "random", 1.0),
+        (True, "residual", 1.0),
+        (True, "random", 0.25),
+    ],
 )
 def test_training_with_reassignment_moves_an_a_only_concept_and_resumes_exactly(
-    tmp_path, adapt_partitions, recycle_init
+    tmp_path, adapt_partitions, recycle_init, exclusive_start
 ):
     # Three strong concepts only A has, each on 5% of rows, among shared ones.
     g = torch.Generator().manual_seed(1)
@@ -239,6 +260,7 @@ def test_training_with_reassignment_moves_an_a_only_concept_and_resumes_exactly(
         reassign_every=10,
         adapt_partitions=adapt_partitions,
         recycle_init=recycle_init,
+        exclusive_start=exclusive_start,
     )
     full = train(model, TrainConfig(**kw), data, out_dir=tmp_path / "full", progress=False)
     assert full.final["moved_to_a"] + full.final["moved_to_b"] > 0
@@ -254,6 +276,10 @@ def test_training_with_reassignment_moves_an_a_only_concept_and_resumes_exactly(
         assert torch.equal(tensor, resumed.crosscoder.state_dict()[name]), name
     if adapt_partitions:  # the partitions adapted before the checkpoint it resumed from
         assert short.crosscoder.partition != model.partition()
+    final = full.crosscoder.partition
+    assert final.n_a_exclusive <= 4 and final.n_b_exclusive <= 4  # never beyond capacity
+    if exclusive_start < 1:  # started with one feature each, grew by moves
+        assert final.n_a_exclusive > 1 and full.final["moved_to_a"] >= final.n_a_exclusive - 1
 
 
 def test_reassignment_bounds_are_validated():

@@ -81,6 +81,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _starting_partition(partition: Partition, cfg: TrainConfig) -> Partition:
+    """The block sizes training starts from: adaptive partitions may start their exclusive
+    blocks smaller than configured (`exclusive_start`) and grow them by moves."""
+    adaptive = cfg.adapt_partitions and cfg.reassign_every and not partition.n_designated
+    if not adaptive or cfg.exclusive_start >= 1:
+        return partition
+
+    def start(n: int) -> int:
+        return min(n, max(1, round(n * cfg.exclusive_start)))
+
+    n_a, n_b = start(partition.n_a_exclusive), start(partition.n_b_exclusive)
+    n_shared = partition.n_shared + partition.n_a_exclusive + partition.n_b_exclusive - n_a - n_b
+    return Partition(n_a, n_b, n_shared, partition.n_designated)
+
+
 class Trainer:
     """Holds a crosscoder, its optimiser and training state; `step` trains on one batch."""
 
@@ -109,7 +124,7 @@ class Trainer:
         self.model = Crosscoder(
             model_cfg.d_a,
             model_cfg.d_b,
-            partition,
+            _starting_partition(partition, train_cfg),
             model_cfg.decoder_init_norm,
             gen,
             model_cfg.score_weighting,
