@@ -76,6 +76,7 @@ class SweepConfig:
     reassign_high: float | None = None
     adapt_partitions: bool | None = None  # None: the trainer's default (adaptive)
     recycle_after_windows: int | None = None  # None: the trainer's default
+    exclusive_start: float | None = None  # None: the trainer's default
     # None: 5% of the training tokens, scaled to these short runs as 10M is to 800M pairs
     # in the paper (but coarser, so AuxK gets a chance to act).
     dead_window_tokens: int | None = None
@@ -140,7 +141,7 @@ class SweepConfig:
     def _reassignment(self) -> dict[str, Any]:
         """The reassignment settings this sweep sets (the rest keep TrainConfig's defaults)."""
         names = ("reassign_every", "reassign_low", "reassign_high", "adapt_partitions")
-        names += ("recycle_after_windows",)
+        names += ("recycle_after_windows", "exclusive_start")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def crosscoder_config(self, architecture: str, n_features: int) -> CrosscoderConfig:
@@ -484,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WINDOWS",
         help="adaptive partitions: dead windows before an exclusive feature returns to shared",
     )
+    p.add_argument(
+        "--exclusive-start",
+        type=float,
+        metavar="SHARE",
+        help="adaptive partitions: share of each exclusive partition's size it starts with",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke-test sweep (about a minute)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -513,6 +520,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         "reassign_high": args.reassign_bounds[1] if args.reassign_bounds else None,
         "adapt_partitions": False if args.fixed_partitions else None,
         "recycle_after_windows": args.recycle_after,
+        "exclusive_start": args.exclusive_start,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return SweepConfig(**settings)
