@@ -28,11 +28,11 @@ from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.interp.offline import OfflineExplainer, OfflineJudge, background_from
 from engine.interp.run import explain_run, score_run
-from engine.models.tokenizers import load_tokenizer
 from engine.steering.evaluate import aggregate
 from engine.steering.rubrics import RUBRIC_VERSION, rubric
 from engine.steering.steer import GenerationConfig
 from engine.store import Database
+from tests.conftest import save_tiny_pair
 from tests.test_analysis import D_A, D_B, make_store, planted_crosscoder
 
 RUN = "planted"
@@ -75,40 +75,22 @@ HISTORY = [
 
 def tiny_models(directory: Path) -> dict[str, Path]:
     """Tiny random Llama (width D_A) and Gemma 3 (width D_B) with the demo tokenizers, saved."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
-
-    tok_a, tok_b = load_tokenizer("smollm2"), load_tokenizer("gemma3")
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=D_A,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=len(tok_a),
-            max_position_embeddings=512,
-        )
-    )
-    gemma = Gemma3ForCausalLM(
-        Gemma3TextConfig(
-            hidden_size=D_B,
-            intermediate_size=12,
-            num_hidden_layers=2,
-            num_attention_heads=1,
-            num_key_value_heads=1,
-            head_dim=D_B,
-            vocab_size=len(tok_b),
-            max_position_embeddings=512,
-            sliding_window=16,
-        )
-    )
-    out = {}
-    for key, model, tok in (("a", llama, tok_a), ("b", gemma, tok_b)):
-        out[key] = directory / f"tiny-{key}"
-        model.eval().save_pretrained(out[key])
-        tok.save_pretrained(out[key])
-    return out
+    llama = {
+        "hidden_size": D_A,
+        "intermediate_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
+    gemma = {
+        "hidden_size": D_B,
+        "intermediate_size": 12,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 1,
+        "num_key_value_heads": 1,
+        "head_dim": D_B,
+    }
+    return save_tiny_pair(directory, "tiny-", a=llama, b=gemma)
 
 
 def build_results_db(tmp: Path) -> Path:

@@ -1,4 +1,5 @@
-"""End-to-end harvests: tiny random models built in code with the real demo tokenizers."""
+"""End-to-end harvests: tiny random models built in code with the real demo tokenizers
+(tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ from engine.harvest.store import ActivationStore, StoreError
 from engine.harvest.store_reader import read_manifest
 from engine.harvest.windows import side
 from engine.models.capture import capture_residual
-from engine.models.loading import LoadedModel, load_model
-from engine.models.tokenizers import load_tokenizer
+from engine.models.loading import load_model
 
 CHATS = [
     {
@@ -38,55 +38,6 @@ CHATS = [
     },
     {"text": "def f(x):\n    return x ** 2  # square\n\nprint(f(12345))"},
 ]
-
-
-def tiny_llama(tokenizer) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_gemma(tokenizer) -> torch.nn.Module:
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(1)
-    cfg = Gemma3TextConfig(
-        hidden_size=24,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=12,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-        sliding_window=16,
-    )
-    return Gemma3ForCausalLM(cfg).eval()
-
-
-def wrap(model, tokenizer, name: str) -> LoadedModel:
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(
-        model, tokenizer, name, {"kind": "test", "name": name}, torch.device("cpu"), torch.float32
-    )
-
-
-@pytest.fixture(scope="module")
-def models():
-    tok_a, tok_b = load_tokenizer("smollm2"), load_tokenizer("gemma3")
-    a = wrap(tiny_llama(tok_a), tok_a, "tiny-llama")
-    return a, wrap(tiny_gemma(tok_b), tok_b, "tiny-gemma")
 
 
 @pytest.fixture
@@ -108,9 +59,12 @@ def config(sources, **kw) -> HarvestConfig:
     return HarvestConfig(sources=[str(s) for s in sources], **kw)
 
 
-def test_harvest_stores_the_activations_of_aligned_tokens(tmp_path, models, corpus):
+def test_harvest_stores_the_activations_of_aligned_tokens(tmp_path, tiny_pair, corpus):
     result = harvest(
-        config([corpus], layer_a=1, layer_b=-1), tmp_path / "store", models=models, progress=False
+        config([corpus], layer_a=1, layer_b=-1),
+        tmp_path / "store",
+        models=tiny_pair,
+        progress=False,
     )
     store = ActivationStore(tmp_path / "store")
     manifest = read_manifest(tmp_path / "store")
@@ -119,7 +73,7 @@ def test_harvest_stores_the_activations_of_aligned_tokens(tmp_path, models, corp
     assert al["documents"] == 4 and al["duplicate_windows"] >= 1 and al["failed_documents"] == 0
     assert manifest["models"]["a"]["layer"] == 1 and manifest["models"]["b"]["layer"] == 2
     assert manifest["models"]["a"]["chat_template"] is True
-    a, b = models
+    a, b = tiny_pair
     n_windows = 0
     for i in range(len(store.shards)):
         shard = store.load_shard(i)
@@ -152,11 +106,11 @@ def test_harvest_stores_the_activations_of_aligned_tokens(tmp_path, models, corp
     assert "aligned pairs" in summary(result)
 
 
-def test_windows_split_long_documents_and_cover_the_text(tmp_path, models):
+def test_windows_split_long_documents_and_cover_the_text(tmp_path, tiny_pair):
     text = tmp_path / "long.txt"
     body = " ".join(f"word{i} “quoted” — 1989;" for i in range(120))
     text.write_text(body)
-    harvest(config([text], context_length=16), tmp_path / "store", models=models, progress=False)
+    harvest(config([text], context_length=16), tmp_path / "store", models=tiny_pair, progress=False)
     store = ActivationStore(tmp_path / "store")
     windows = [w for i in range(len(store.shards)) for w in store.windows(i)]
     assert len(windows) > 10
@@ -166,29 +120,29 @@ def test_windows_split_long_documents_and_cover_the_text(tmp_path, models):
     assert body.startswith(joined) and len(joined) > 0.9 * len(body)
     # Later windows start with the BOS where the tokenizer adds one (Gemma), and a model
     # without one (SmolLM2) gets no pair at position 0.
-    prefix_a, prefix_b = (side(m.tokenizer).prefix for m in models)
-    assert prefix_a == () and prefix_b == (models[1].tokenizer.bos_token_id,)
+    prefix_a, prefix_b = (side(m.tokenizer).prefix for m in tiny_pair)
+    assert prefix_a == () and prefix_b == (tiny_pair[1].tokenizer.bos_token_id,)
     for w in windows[1:]:
         assert w["ids_b"][0] == prefix_b[0]
 
 
 def test_rerun_of_a_complete_harvest_does_nothing_and_more_pairs_extend_it(
-    tmp_path, models, corpus
+    tmp_path, tiny_pair, corpus
 ):
     out = tmp_path / "store"
-    first = harvest(config([corpus], max_pairs=30), out, models=models, progress=False)
+    first = harvest(config([corpus], max_pairs=30), out, models=tiny_pair, progress=False)
     assert first.pairs >= 30
-    again = harvest(config([corpus], max_pairs=30), out, models=models, progress=False)
+    again = harvest(config([corpus], max_pairs=30), out, models=tiny_pair, progress=False)
     assert again.new_pairs == 0 and again.pairs == first.pairs
-    more = harvest(config([corpus]), out, models=models, progress=False)
+    more = harvest(config([corpus]), out, models=tiny_pair, progress=False)
     assert more.pairs > first.pairs and more.manifest["progress"]["exhausted"]
-    full = harvest(config([corpus]), tmp_path / "full", models=models, progress=False)
+    full = harvest(config([corpus]), tmp_path / "full", models=tiny_pair, progress=False)
     assert full.pairs == more.pairs
 
 
-def test_alignment_reference_method_also_harvests(tmp_path, models, corpus):
+def test_alignment_reference_method_also_harvests(tmp_path, tiny_pair, corpus):
     result = harvest(
-        config([corpus], alignment="windows"), tmp_path / "s", models=models, progress=False
+        config([corpus], alignment="windows"), tmp_path / "s", models=tiny_pair, progress=False
     )
     assert result.pairs > 0
     assert read_manifest(tmp_path / "s")["data"]["alignment"] == "windows"
@@ -198,10 +152,10 @@ def test_alignment_reference_method_also_harvests(tmp_path, models, corpus):
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory, models):
+def model_dirs(tmp_path_factory, tiny_pair):
     root = tmp_path_factory.mktemp("models")
     dirs = []
-    for m, name in zip(models, ("llama", "gemma"), strict=True):
+    for m, name in zip(tiny_pair, ("llama", "gemma"), strict=True):
         m.model.save_pretrained(root / name)
         m.tokenizer.save_pretrained(root / name)
         dirs.append(root / name)
@@ -306,7 +260,7 @@ def same_pairs(got: Path, want: Path) -> None:
 
 
 def test_processes_split_a_harvest_by_document_and_store_what_one_process_would(
-    tmp_path, models, model_dirs, many_docs
+    tmp_path, tiny_pair, model_dirs, many_docs
 ):
     toml = tmp_path / "run.toml"
     toml.write_text(
@@ -333,7 +287,7 @@ def test_processes_split_a_harvest_by_document_and_store_what_one_process_would(
         ),
     ]
     # The same models in this process (model_dirs holds them) give the one-process store.
-    harvest(load_run_config(toml).harvest, tmp_path / "one", models=models, progress=False)
+    harvest(load_run_config(toml).harvest, tmp_path / "one", models=tiny_pair, progress=False)
     for proc in ranks:
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr
@@ -371,45 +325,45 @@ class _Interrupt:
         return capture_residual(*args, **kw)
 
 
-def test_each_rank_resumes_its_own_share(tmp_path, models, many_docs):
+def test_each_rank_resumes_its_own_share(tmp_path, tiny_pair, many_docs):
     out, cfg = tmp_path / "split", config([many_docs], max_pairs=60, context_length=16)
     for rank in (0, 1):
-        harvest(cfg, out, models=models, progress=False, rank=rank, world_size=2)
+        harvest(cfg, out, models=tiny_pair, progress=False, rank=rank, world_size=2)
     # A larger max_pairs extends both ranks; rank 1 is interrupted first and resumed.
     bigger = config([many_docs], context_length=16, shard_pairs=10, batch_tokens=32)
     with pytest.raises(KeyboardInterrupt):
-        harvest(bigger, out, models=models, progress=False, rank=1, world_size=2,
+        harvest(bigger, out, models=tiny_pair, progress=False, rank=1, world_size=2,
                 capture=_Interrupt(5))  # fmt: skip
     partial = read_manifest(out)
     assert not partial["progress"]["complete"] and partial["ranks"]["complete"] == [0]
     for rank in (1, 0):
-        harvest(bigger, out, models=models, progress=False, rank=rank, world_size=2)
-    harvest(bigger, tmp_path / "one", models=models, progress=False)
+        harvest(bigger, out, models=tiny_pair, progress=False, rank=rank, world_size=2)
+    harvest(bigger, tmp_path / "one", models=tiny_pair, progress=False)
     same_pairs(out, tmp_path / "one")
     merged, single = read_manifest(out)["progress"], read_manifest(tmp_path / "one")["progress"]
     assert merged["complete"] and merged["exhausted"]
     assert merged["done_windows"] == single["done_windows"]
-    again = harvest(bigger, out, models=models, progress=False, rank=0, world_size=2)
+    again = harvest(bigger, out, models=tiny_pair, progress=False, rank=0, world_size=2)
     assert again.new_pairs == 0
 
 
-def test_a_split_store_is_continued_only_by_as_many_processes(tmp_path, models, many_docs):
+def test_a_split_store_is_continued_only_by_as_many_processes(tmp_path, tiny_pair, many_docs):
     out, cfg = tmp_path / "split", config([many_docs], max_pairs=40, context_length=16)
-    harvest(cfg, out, models=models, progress=False, rank=1, world_size=2)
+    harvest(cfg, out, models=tiny_pair, progress=False, rank=1, world_size=2)
     # Rank 0 has not run: the store reads, but is not complete.
     merged = read_manifest(out)
     assert merged["ranks"]["found"] == [1] and not merged["progress"]["complete"]
     with pytest.raises(StoreError, match="--world-size 2"):
-        harvest(cfg, out, models=models, progress=False)
+        harvest(cfg, out, models=tiny_pair, progress=False)
     with pytest.raises(StoreError, match="world size"):
-        harvest(cfg, out, models=models, progress=False, rank=0, world_size=3)
+        harvest(cfg, out, models=tiny_pair, progress=False, rank=0, world_size=3)
     with pytest.raises(StoreError, match="impossible"):
-        harvest(cfg, out, models=models, progress=False, rank=2, world_size=2)
+        harvest(cfg, out, models=tiny_pair, progress=False, rank=2, world_size=2)
     # --fresh with one process replaces every rank's files.
-    harvest(cfg, out, models=models, progress=False, fresh=True)
+    harvest(cfg, out, models=tiny_pair, progress=False, fresh=True)
     assert not (out / "ranks").exists() or not list((out / "ranks").iterdir())
     assert all(p.name.startswith("shard-") for p in (out / "shards").iterdir())
-    harvest(cfg, tmp_path / "one", models=models, progress=False)
+    harvest(cfg, tmp_path / "one", models=tiny_pair, progress=False)
     same_pairs(out, tmp_path / "one")
 
 
@@ -460,8 +414,8 @@ def test_demo_models_harvest_a_few_thousand_pairs(tmp_path):
     assert x_a.float().norm(dim=1).max() < 20 * norm_a
 
 
-def test_train_reads_a_store_with_widths_and_norms_from_it(tmp_path, models, corpus):
-    harvest(config([corpus]), tmp_path / "store", models=models, progress=False)
+def test_train_reads_a_store_with_widths_and_norms_from_it(tmp_path, tiny_pair, corpus):
+    harvest(config([corpus]), tmp_path / "store", models=tiny_pair, progress=False)
     toml = tmp_path / "run.toml"
     toml.write_text(
         "[crosscoder]\nn_features = 64\n\n[train]\nsteps = 6\nbatch_size = 16\n"

@@ -380,16 +380,10 @@ def tiny_pair_store(tmp_path_factory) -> Path:
     """A store harvested from two tiny random models saved as directories."""
     from engine.config import HarvestConfig
     from engine.harvest.pipeline import harvest
-    from engine.models.tokenizers import load_tokenizer
-    from tests.test_harvest import tiny_gemma, tiny_llama
+    from tests.conftest import save_tiny_pair
 
     root = tmp_path_factory.mktemp("planted")
-    dirs = []
-    for name, build, spec in (("a", tiny_llama, "smollm2"), ("b", tiny_gemma, "gemma3")):
-        tokenizer = load_tokenizer(spec)
-        build(tokenizer).save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        dirs.append(str(root / name))
+    dirs = [str(d) for d in save_tiny_pair(root).values()]
     cfg = HarvestConfig(
         model_a=dirs[0], model_b=dirs[1], sources=["demo:pydoc"], max_pairs=4000,
         context_length=64, store_dtype="float32", shard_pairs=1000,

@@ -12,20 +12,10 @@ from engine.config import ConfigError
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.crosscoder.partition import Partition
-from engine.models.tokenizers import load_tokenizer
-from tests.test_harvest import tiny_gemma, tiny_llama, wrap
 
 TEXT = "The river runs past the old stone bridge, and the birds sing of tea at noon."
 LAYERS = {"a": 1, "b": 1}
 RUN = {"model_a": {"name": "tiny-llama", "layer": 1}, "model_b": {"name": "tiny-gemma", "layer": 1}}
-
-
-@pytest.fixture(scope="module")
-def models():
-    tok_a, tok_b = load_tokenizer("smollm2"), load_tokenizer("gemma3")
-    return wrap(tiny_llama(tok_a), tok_a, "tiny-llama"), wrap(
-        tiny_gemma(tok_b), tok_b, "tiny-gemma"
-    )
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +49,13 @@ def reference(models, crosscoder, text: str) -> tuple[list[tuple[int, int]], np.
     return list(zip([0, *ends[:-1]], ends, strict=True)), acts
 
 
-def test_activations_match_a_direct_computation(models, crosscoder):
-    spans, acts = reference(models, crosscoder, TEXT)
+def test_activations_match_a_direct_computation(tiny_pair, crosscoder):
+    spans, acts = reference(tiny_pair, crosscoder, TEXT)
     assert len(spans) > 10
     fired = []
     for feature in (0, 1, 5, 6, 9, 12, 15):  # A-exclusive, B-exclusive and shared ones
         probe = feature_activations_on_text(
-            RUN, feature, TEXT, models=models, crosscoder=crosscoder, normalizer=NORM
+            RUN, feature, TEXT, models=tiny_pair, crosscoder=crosscoder, normalizer=NORM
         )
         assert [tuple(s) for s in probe.context.spans.tolist()] == spans
         np.testing.assert_allclose(probe.context.acts, acts[:, feature], rtol=1e-4, atol=1e-5)
@@ -74,11 +64,11 @@ def test_activations_match_a_direct_computation(models, crosscoder):
     assert sum(fired) >= 4 and probe.context.text == TEXT
 
 
-def test_tokens_of_both_models_cover_the_text(models, crosscoder):
+def test_tokens_of_both_models_cover_the_text(tiny_pair, crosscoder):
     probe = feature_activations_on_text(
-        RUN, 5, TEXT, models=models, crosscoder=crosscoder, normalizer=NORM
+        RUN, 5, TEXT, models=tiny_pair, crosscoder=crosscoder, normalizer=NORM
     )
-    for key, loaded in zip("ab", models, strict=True):
+    for key, loaded in zip("ab", tiny_pair, strict=True):
         ids = probe.window[f"ids_{key}"].tolist()
         assert ids == loaded.tokenizer(TEXT)["input_ids"]
         offsets = probe.window[f"offsets_{key}"]
@@ -86,10 +76,10 @@ def test_tokens_of_both_models_cover_the_text(models, crosscoder):
         assert "".join(pieces) == TEXT
 
 
-def test_long_text_is_cut_into_windows_in_order(models, crosscoder):
+def test_long_text_is_cut_into_windows_in_order(tiny_pair, crosscoder):
     text = " ".join([TEXT] * 6)
     probe = feature_activations_on_text(
-        RUN, 3, text, models=models, crosscoder=crosscoder, normalizer=NORM, context_length=24
+        RUN, 3, text, models=tiny_pair, crosscoder=crosscoder, normalizer=NORM, context_length=24
     )
     spans = probe.context.spans
     # Spans run in order over the whole text, across window boundaries (a window of model A,
@@ -101,13 +91,13 @@ def test_long_text_is_cut_into_windows_in_order(models, crosscoder):
     assert np.isfinite(probe.context.acts).all()
 
 
-def test_bad_inputs_raise_clear_errors(models, crosscoder):
-    kw = {"models": models, "crosscoder": crosscoder, "normalizer": NORM}
+def test_bad_inputs_raise_clear_errors(tiny_pair, crosscoder):
+    kw = {"models": tiny_pair, "crosscoder": crosscoder, "normalizer": NORM}
     with pytest.raises(ConfigError, match="type some text"):
         feature_activations_on_text(RUN, 0, "   ", **kw)
     with pytest.raises(ConfigError, match="does not exist"):
         feature_activations_on_text(RUN, 99, TEXT, **kw)
     with pytest.raises(ConfigError, match="width"):
-        feature_activations_on_text(RUN, 0, TEXT, **{**kw, "models": models[::-1]})
+        feature_activations_on_text(RUN, 0, TEXT, **{**kw, "models": tiny_pair[::-1]})
     with pytest.raises(ConfigError, match="layer"):
         feature_activations_on_text({"model_a": {}, "model_b": {}}, 0, TEXT, **kw)

@@ -441,18 +441,6 @@ def test_matching_runs_on_different_model_pairs_is_refused(tmp_path, tiny, capsy
 # -- what --fresh clears, a shard deleted by hand, and what a manifest may name ------------
 
 
-@pytest.fixture(scope="module")
-def pair():
-    """The two tiny models of tests.test_harvest, built in code (nothing loaded from disk)."""
-    from engine.models.tokenizers import load_tokenizer
-    from tests.test_harvest import tiny_gemma, tiny_llama, wrap
-
-    tok_a, tok_b = load_tokenizer("smollm2"), load_tokenizer("gemma3")
-    return wrap(tiny_llama(tok_a), tok_a, "tiny-llama"), wrap(
-        tiny_gemma(tok_b), tok_b, "tiny-gemma"
-    )
-
-
 def small_harvest(pair, out: Path, fresh: bool = False):
     """Harvest a few shards of one short text into `out`."""
     from engine.harvest.pipeline import harvest
@@ -463,7 +451,7 @@ def small_harvest(pair, out: Path, fresh: bool = False):
     return harvest(config([text], shard_pairs=40), out, models=pair, fresh=fresh, progress=False)
 
 
-def test_fresh_clears_only_a_store_and_only_its_own_files(tmp_path, pair):
+def test_fresh_clears_only_a_store_and_only_its_own_files(tmp_path, tiny_pair):
     from engine.harvest.store import StoreError
 
     # A folder that is not a store: nothing in it is touched, and the error names it.
@@ -473,46 +461,46 @@ def test_fresh_clears_only_a_store_and_only_its_own_files(tmp_path, pair):
     (folder / "manifest.json").write_text('{"name": "my-package"}')
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     with pytest.raises(StoreError, match=re.escape(f"refuses to clear {folder}")):
-        small_harvest(pair, folder, fresh=True)
+        small_harvest(tiny_pair, folder, fresh=True)
     (folder / "manifest.json").unlink()
     del before[folder / "manifest.json"]
     with pytest.raises(StoreError, match=re.escape("documents/thesis.docx")):
-        small_harvest(pair, folder, fresh=True)
+        small_harvest(tiny_pair, folder, fresh=True)
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
     # A store: --fresh replaces its shards and logs, and keeps what else was put in it.
     store = tmp_path / "store"
-    first = small_harvest(pair, store)
+    first = small_harvest(tiny_pair, store)
     (store / "notes.txt").write_text("keep me")
     (store / "shards" / "README").write_text("keep me too")
-    again = small_harvest(pair, store, fresh=True)
+    again = small_harvest(tiny_pair, store, fresh=True)
     assert again.new_pairs == again.pairs == first.pairs
     assert (store / "notes.txt").read_text() == "keep me"
     assert (store / "shards" / "README").read_text() == "keep me too"
     # An empty folder is fine.
     (tmp_path / "empty").mkdir()
-    assert small_harvest(pair, tmp_path / "empty", fresh=True).pairs == first.pairs
+    assert small_harvest(tiny_pair, tmp_path / "empty", fresh=True).pairs == first.pairs
 
 
-def test_a_shard_deleted_by_hand_is_harvested_again_on_resume(tmp_path, pair):
+def test_a_shard_deleted_by_hand_is_harvested_again_on_resume(tmp_path, tiny_pair):
     from engine.harvest.store import ActivationStore
 
     store = tmp_path / "store"
-    first = small_harvest(pair, store)
+    first = small_harvest(tiny_pair, store)
     shards = read_manifest(store)["shards"]
     assert len(shards) >= 2
     (store / shards[0]["file"]).unlink()
-    again = small_harvest(pair, store)  # used to fail renaming the missing file to .bad
+    again = small_harvest(tiny_pair, store)  # used to fail renaming the missing file to .bad
     assert again.pairs == first.pairs and again.new_pairs == shards[0]["pairs"]
     assert ActivationStore(store).verify() == []
-    assert small_harvest(pair, store).new_pairs == 0  # and later resumes work too
+    assert small_harvest(tiny_pair, store).new_pairs == 0  # and later resumes work too
 
 
 @pytest.mark.parametrize("entry", ["shard", "document log"])
-def test_a_manifest_naming_files_outside_the_store_is_refused(tmp_path, pair, entry):
+def test_a_manifest_naming_files_outside_the_store_is_refused(tmp_path, tiny_pair, entry):
     from engine.harvest.store import ActivationStore, StoreError
 
     store = tmp_path / "store"
-    small_harvest(pair, store)
+    small_harvest(tiny_pair, store)
     victim = tmp_path / "victim.txt"
     victim.write_text("not a shard")
     manifest = json.loads((store / "manifest.json").read_text())
@@ -524,7 +512,7 @@ def test_a_manifest_naming_files_outside_the_store_is_refused(tmp_path, pair, en
     with pytest.raises(StoreError, match=re.escape("victim.txt")):
         list(ActivationStore(store).documents())
     with pytest.raises(StoreError, match=re.escape("victim.txt")):
-        small_harvest(pair, store)  # a resume would have renamed it to victim.txt.bad
+        small_harvest(tiny_pair, store)  # a resume would have renamed it to victim.txt.bad
     assert victim.read_text() == "not a shard"
 
 

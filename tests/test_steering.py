@@ -21,27 +21,14 @@ from engine.steering.steer import (
     stream,
     sweep,
 )
+from tests.conftest import tiny_llama, wrap
 
 
 @pytest.fixture(scope="module")
 def tiny() -> LoadedModel:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tok = load_tokenizer("smollm2")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    return LoadedModel(model, tok, "tiny", {"kind": "test"}, torch.device("cpu"), torch.float32)
+    model = tiny_llama(tok, num_hidden_layers=3, max_position_embeddings=256)
+    return wrap(model, tok, "tiny")
 
 
 def next_token_probs(m: LoadedModel, text: str, layer: int, vector, alpha: float) -> torch.Tensor:

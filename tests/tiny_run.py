@@ -1,7 +1,7 @@
 """An analysed run on tiny models saved to disk: harvest -> train -> analyze, end to end.
 
-The models are random (a 2-layer Llama and a Gemma 3 built in code) but use the real demo
-tokenizers, and they are saved as Hugging Face directories, so every command that loads
+The models are random (the tiny Llama and Gemma 3 of tests/conftest.py) but use the real
+demo tokenizers, and they are saved as Hugging Face directories, so every command that loads
 models by name works on them as it would on real ones.
 """
 
@@ -32,15 +32,9 @@ def build_tiny_run(tmp_path: Path, train_steps: int = 30) -> TinyRun:
     from engine.harvest.pipeline import harvest
     from engine.harvest.store import ActivationStore
     from engine.models.loading import load_model
-    from engine.models.tokenizers import load_tokenizer
-    from tests.test_harvest import tiny_gemma, tiny_llama
+    from tests.conftest import save_tiny_pair
 
-    dirs = []
-    for name, build, spec in (("a", tiny_llama, "smollm2"), ("b", tiny_gemma, "gemma3")):
-        tok = load_tokenizer(spec)
-        build(tok).save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-        dirs.append(str(tmp_path / name))
+    dirs = [str(d) for d in save_tiny_pair(tmp_path).values()]
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"The river {i} runs past the stone and the bird." for i in range(60)))
     cfg = HarvestConfig(
