@@ -145,7 +145,7 @@ def tokenize(
     Without `contents` the rendered text is the shared text. With `contents` (the message
     texts a chat template embedded), offsets map onto ``"".join(contents)`` and tokens that end
     in template text are ignored; `starts` gives each content's position in `rendered`
-    where the renderer knows it (engine.harvest.text.render does).
+    where the renderer knows it (engine.harvest.chat.render does).
     """
     if not getattr(tokenizer, "is_fast", False):
         raise AlignmentError(
