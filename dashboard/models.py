@@ -22,6 +22,7 @@ from engine.crosscoder.checkpoint import CheckpointError, load_crosscoder
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.models.loading import LoadedModel, load_model
+from engine.specs import PairSpec
 from engine.steering.run import steering_problem
 
 # What loading a model or checkpoint can raise for a reason outside the dashboard.
@@ -61,7 +62,7 @@ def _crosscoder(path: str) -> tuple[Crosscoder, Normalizer]:
 
 def model_name(run: dict[str, Any], key: str) -> str:
     """A short display name of the run's model `key` ('a' or 'b')."""
-    name = str((run.get(f"model_{key}") or {}).get("name") or f"model {key.upper()}")
+    name = str(PairSpec.from_run(run)[key].name or f"model {key.upper()}")
     return Path(name).name if "/" in name and Path(name).expanduser().exists() else name
 
 
@@ -85,7 +86,8 @@ def load(run: dict[str, Any], keys: tuple[str, ...]) -> RunModels:
     try:
         with st.spinner("Loading the crosscoder and models (first use only) ..."):
             cc, normalizer = _crosscoder(str(run["checkpoint_path"]))
-            models = {k: _model(str(run[f"model_{k}"]["name"])) for k in keys}
+            recorded = PairSpec.from_run(run)
+            models = {k: _model(str(recorded[k].name)) for k in keys}
     except LOAD_ERRORS as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise Unavailable(enable_help(f"loading failed ({first})")) from None

@@ -15,6 +15,13 @@ from dashboard.markdown import md, md_code
 from dashboard.views.common import PARTITION_COLOURS, fmt, percent
 from engine.analysis.categories import A_LEANING_ABOVE, B_LEANING_BELOW
 from engine.analysis.run_metrics import ALL, dead_fractions, dead_history, partition_size_history
+from engine.specs import SIDES, ModelSpec, PairSpec
+
+
+def _or_dash(value, missing: str = "–"):
+    """A recorded value, or what to show where the run does not record it."""
+    return missing if value is None else value
+
 
 path, run_id = data.session()
 info = data.run(path, run_id)
@@ -25,8 +32,8 @@ if len(overview) > 1:
     table = pd.DataFrame(
         {
             "run": overview["run_id"],
-            "model A": [(m or {}).get("name", "–") for m in overview["model_a"]],
-            "model B": [(m or {}).get("name", "–") for m in overview["model_b"]],
+            "model A": [_or_dash(ModelSpec.from_dict(m).name) for m in overview["model_a"]],
+            "model B": [_or_dash(ModelSpec.from_dict(m).name) for m in overview["model_b"]],
             "architecture": overview["architecture"],
             "features": overview["n_features"],
             "created": overview["created_at"],
@@ -35,14 +42,15 @@ if len(overview) > 1:
     st.dataframe(table, hide_index=True, width="stretch")
 
 st.header(f"Run {md_code(run_id)}")
-model_a, model_b = info.get("model_a") or {}, info.get("model_b") or {}
+recorded = PairSpec.from_run(info)
 cols = st.columns(2)
-for col, name, model in ((cols[0], "A", model_a), (cols[1], "B", model_b)):
+for col, key in zip(cols, SIDES, strict=True):
+    model = recorded[key]
     with col:
-        st.subheader(f"Model {name}")
+        st.subheader(f"Model {key.upper()}")
         st.markdown(
-            f"**{md(model.get('name', 'unnamed'))}** · layer {md(model.get('layer', '–'))}"
-            f" of {md(model.get('n_layers', '–'))} · d_model {md(model.get('d_model', '–'))}"
+            f"**{md(_or_dash(model.name, 'unnamed'))}** · layer {md(_or_dash(model.layer))}"
+            f" of {md(_or_dash(model.n_layers))} · d_model {md(_or_dash(model.d_model))}"
         )
 
 partition = info.get("partition") or {}

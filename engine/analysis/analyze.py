@@ -23,9 +23,15 @@ import pandas as pd
 from engine.analysis.examples import ExampleConfig, choose, read_examples
 from engine.analysis.geometry import decoder_stats, neighbors
 from engine.analysis.scan import EntryCache, ScanConfig, ScanResult, scan
-from engine.crosscoder.checkpoint import CheckpointError, check_models, load_crosscoder
+from engine.crosscoder.checkpoint import (
+    CheckpointError,
+    check_models,
+    header_models,
+    load_crosscoder,
+)
 from engine.harvest.store import ActivationStore
 from engine.run_ids import RUN_ID_RULE, run_id_problem
+from engine.specs import PairSpec
 from engine.store import Database, StoreDBError
 
 TEMP_PREFIX = "modeldiff-analyze-"
@@ -82,9 +88,10 @@ def analyze(
             f"{store_path} holds {store.d_a}/{store.d_b}; analyse it on the store it was "
             "trained on"
         )
+    models = PairSpec.from_dict(store.manifest["models"])
     check_models(
-        header.get("models"),
-        store.manifest["models"],
+        header_models(header),
+        models,
         f"the store at {store_path}",
         "analyse it on the store it was trained on",
     )
@@ -109,7 +116,9 @@ def analyze(
     # One transaction: a run in the database is always a complete one, even if this
     # process is killed while writing.
     with Database(db_path) as db, db.transaction():
-        db.add_run(run_id, **_run_record(run_dir, store_path, store, header, result, scan_cfg))
+        db.add_run(
+            run_id, **_run_record(run_dir, store_path, store, models, header, result, scan_cfg)
+        )
         db.write_features(run_id, features)
         db.write_windows(run_id, windows)
         db.write_contexts(run_id, contexts)
@@ -171,13 +180,13 @@ def feature_table(result: ScanResult, geometry: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([geometry.reset_index(drop=True), stats], axis=1)
 
 
-def _run_record(run_dir, store_path, store, header, result, scan_cfg) -> dict[str, Any]:
+def _run_record(
+    run_dir, store_path, store, models: PairSpec, header, result, scan_cfg
+) -> dict[str, Any]:
     """The runs-table row: models, partition, config, metrics, paths and provenance."""
-    models = store.manifest["models"]
     return {
         "name": run_dir.name,
-        "model_a": models["a"],
-        "model_b": models["b"],
+        **models.run_columns(),  # model_a, model_b
         "architecture": header["architecture"],
         "n_features": sum(header["partition"].values()),
         "partition": header["partition"],

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from engine.crosscoder.checkpoint import CheckpointError, check_models
+from engine.crosscoder.checkpoint import CheckpointError, check_models, trained_on
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.partition import Role
 
@@ -101,7 +101,8 @@ def neighbors(crosscoder: Crosscoder, k: int = 10) -> pd.DataFrame:
 
 
 def match_runs(ours: Crosscoder, theirs: Crosscoder, chunk: int = 2048) -> pd.DataFrame:
-    """For each of our features, the most similar feature of another run on the same models.
+    """For each of our features, the most similar feature of another run on the same models
+    (refused where the runs record other models: see `checkpoint.trained_on`).
 
     Similarity is the decoder cosine in the space(s) our feature decodes into, averaged over
     A and B when it has both; their features lacking a decoder in that space cannot match.
@@ -113,8 +114,8 @@ def match_runs(ours: Crosscoder, theirs: Crosscoder, chunk: int = 2048) -> pd.Da
             "runs on the same ones can be matched"
         )
     check_models(
-        getattr(ours, "trained_on", None),
-        getattr(theirs, "trained_on", None),
+        trained_on(ours),
+        trained_on(theirs),
         "the other run",
         "only runs on the same model pair and layers can be matched",
     )

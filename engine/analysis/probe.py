@@ -23,6 +23,7 @@ from engine.harvest.text_documents import Document
 from engine.harvest.windows import document_windows, side
 from engine.models.capture import capture_residual
 from engine.models.loading import LoadedModel
+from engine.specs import PairSpec
 
 MAX_CHARS = 20_000  # an interactive probe, not a harvest
 
@@ -91,16 +92,15 @@ def feature_activations_on_text(
 def _layers(run: dict[str, Any], models, crosscoder: Crosscoder) -> tuple[int, int]:
     """The run's captured layer of each model, after checking the models fit the crosscoder."""
     layers = []
+    recorded = PairSpec.from_run(run)
     for key, loaded, width in (("a", models[0], crosscoder.d_a), ("b", models[1], crosscoder.d_b)):
-        spec = run.get(f"model_{key}") or {}
-        if spec.get("layer") is None:
-            raise ConfigError(f"the run does not record model {key.upper()}'s layer")
+        layer = recorded.layer(key, ConfigError)
         if loaded.d_model != width:
             raise ConfigError(
                 f"model {key.upper()} ({loaded.name}) has width {loaded.d_model} but the "
                 f"crosscoder reads {width}; load the models the run was trained on"
             )
-        layers.append(int(spec["layer"]))
+        layers.append(layer)
     return layers[0], layers[1]
 
 

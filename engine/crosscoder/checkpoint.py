@@ -15,9 +15,11 @@ Every file is written to a temporary name and renamed into place, and a checkpoi
 directory is complete before `latest` points to it, so a crash at any moment leaves the
 previous checkpoint usable.
 
+The file names are defined once, below (HEADER_FILE, WEIGHTS_FILE, ...).
+
 A header may record the models the crosscoder was trained on under "models" (the activation
-store manifest's "models" entry); analysis and matching then refuse a store or a run of
-another model pair (`check_models`).
+store manifest's "models" entry, an `engine.specs.PairSpec`); analysis and matching then
+refuse a store or a run of another model pair (`check_models`, `trained_on`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +41,33 @@ from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.crosscoder.partition import Partition
 from engine.files import atomic_save_tensors, atomic_write_text
+from engine.specs import PairSpec
 
 FORMAT = "modeldiff.crosscoder"
 FORMAT_VERSION = 1
+
+# The files of a run directory ...
+HEADER_FILE = "crosscoder.json"
+WEIGHTS_FILE = "crosscoder.safetensors"
+STATS_FILE = "feature_stats.safetensors"
+CHECKPOINTS_DIR = "checkpoints"
+# ... and of its checkpoints/ folder: `latest` names the newest step-NNNNNNNN/ folder.
+LATEST_FILE = "latest"
+STEP_PREFIX = "step-"
+CHECKPOINT_HEADER_FILE = "checkpoint.json"
+CHECKPOINT_WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.safetensors"
+
+
+def step_name(step: int) -> str:
+    """The folder name of the checkpoint at `step` (step-00001000)."""
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def has_crosscoder(directory: str | Path) -> bool:
+    """Whether `directory` holds a trained crosscoder's description (cheap: nothing is read)."""
+    return (Path(directory) / HEADER_FILE).is_file()
 
 
 class CheckpointError(RuntimeError):
@@ -73,8 +100,8 @@ def _load_json(path: Path) -> dict[str, Any]:
 def _fix(path: Path) -> str:
     """What to do about a missing or damaged file of a run directory."""
     step, root = path.parent, path.parent.parent
-    if root.name == "checkpoints":
-        earlier = sorted(p.name for p in root.glob("step-*") if p.name < step.name)
+    if root.name == CHECKPOINTS_DIR:
+        earlier = sorted(p.name for p in root.glob(f"{STEP_PREFIX}*") if p.name < step.name)
         if not earlier:
             return "no earlier checkpoint is left: run `modeldiff train` with --fresh to start over"
         return (
@@ -123,37 +150,19 @@ def check_header(header: dict[str, Any], source: Path) -> None:
         )
 
 
-def check_models(
-    trained_on: dict[str, Any] | None, models: dict[str, Any] | None, what: str, fix: str
-) -> None:
+def check_models(trained_on: PairSpec | None, models: PairSpec | None, what: str, fix: str) -> None:
     """Refuse `what` (a store, another run) holding another model pair or layers than a
-    crosscoder was trained on; `trained_on` / `models` are store-manifest "models" entries,
-    and nothing is checked where either is unknown (runs that do not record them)."""
-    if not trained_on or not models:
+    crosscoder was trained on (by weights, layer and width); nothing is checked where either
+    pair is unknown (runs that do not record them)."""
+    if trained_on is None or models is None:
         return
-    for side in ("a", "b"):
-        ours, theirs = trained_on.get(side, {}), models.get(side, {})
-        if _model_key(ours) != _model_key(theirs):
-            raise CheckpointError(
-                f"the crosscoder was trained on model {side.upper()} {_model_text(ours)} but "
-                f"{what} has {_model_text(theirs)}; {fix}"
-            )
-
-
-def _model_key(model: dict[str, Any]) -> tuple:
-    """What identifies a captured model: where its weights come from, layer and width."""
-    src = model.get("source") or {}
-    if src.get("sha256"):
-        weights = src["sha256"]
-    elif src.get("kind") == "hub":
-        weights = f"{src.get('id')}@{src.get('revision')}"
-    else:
-        weights = src.get("path") or src.get("id") or model.get("name")
-    return weights, model.get("layer"), model.get("d_model")
-
-
-def _model_text(model: dict[str, Any]) -> str:
-    return f"{model.get('name')!r} (layer {model.get('layer')}, d {model.get('d_model')})"
+    found = trained_on.difference(models)
+    if found:
+        side, ours, theirs = found
+        raise CheckpointError(
+            f"the crosscoder was trained on model {side.upper()} {ours.label} but {what} has "
+            f"{theirs.label}; {fix}"
+        )
 
 
 def crosscoder_from_header(header: dict[str, Any]) -> Crosscoder:
@@ -171,7 +180,7 @@ def save_crosscoder(
 ) -> None:
     """Write the final crosscoder.safetensors + crosscoder.json + feature_stats.safetensors."""
     directory = Path(directory)
-    atomic_save_tensors(directory / "crosscoder.safetensors", crosscoder.state_dict())
+    atomic_save_tensors(directory / WEIGHTS_FILE, crosscoder.state_dict())
     norm_a, norm_b = crosscoder.decoder_norms()
     stats = {
         "relative_decoder_norm": crosscoder.relative_decoder_norm(),
@@ -179,28 +188,46 @@ def save_crosscoder(
         "decoder_norm_b": norm_b.detach(),
     }
     stats.update(extra.pop("feature_stats", {}))
-    atomic_save_tensors(directory / "feature_stats.safetensors", stats)
+    atomic_save_tensors(directory / STATS_FILE, stats)
     header = describe(crosscoder, normalizer, **extra)
-    atomic_write_text(directory / "crosscoder.json", json.dumps(header, indent=2))
+    atomic_write_text(directory / HEADER_FILE, json.dumps(header, indent=2))
 
 
 def load_crosscoder(
     directory: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[Crosscoder, Normalizer, dict[str, Any]]:
-    """Load a trained crosscoder; returns (model, normalizer, header)."""
+    """Load a trained crosscoder; returns (model, normalizer, header). `trained_on(model)`
+    then gives the models it was trained on (the header's "models")."""
     directory = Path(directory)
-    if not (directory / "crosscoder.json").is_file():
+    if not has_crosscoder(directory):
         raise CheckpointError(
-            f"no trained crosscoder in {directory} (crosscoder.json missing); run "
+            f"no trained crosscoder in {directory} ({HEADER_FILE} missing); run "
             f"`modeldiff train` first or point to the run directory"
         )
-    header = _load_json(directory / "crosscoder.json")
-    check_header(header, directory / "crosscoder.json")
+    header = _load_json(directory / HEADER_FILE)
+    check_header(header, directory / HEADER_FILE)
     model = crosscoder_from_header(header)
-    _load_state(model, _load_tensors(directory / "crosscoder.safetensors"), directory)
-    # The models it was trained on, where the run records them (see check_models).
-    model.trained_on = header.get("models")
+    _load_state(model, _load_tensors(directory / WEIGHTS_FILE), directory)
+    _TRAINED_ON[model] = header_models(header)
     return model.to(device), Normalizer(**header["normalizer"]), header
+
+
+def header_models(header: dict[str, Any]) -> PairSpec | None:
+    """The models a crosscoder.json says the crosscoder was trained on; None where it does
+    not record them (runs trained on tensors, and older runs)."""
+    models = header.get("models")
+    return PairSpec.from_dict(models) if models else None
+
+
+# The models each crosscoder loaded by `load_crosscoder` was trained on, kept beside the
+# module rather than on it (the entry goes when the crosscoder does).
+_TRAINED_ON: weakref.WeakKeyDictionary[Crosscoder, PairSpec | None] = weakref.WeakKeyDictionary()
+
+
+def trained_on(crosscoder: Crosscoder) -> PairSpec | None:
+    """The models a crosscoder loaded by `load_crosscoder` was trained on; None where its
+    run does not record them or it was not loaded from a run."""
+    return _TRAINED_ON.get(crosscoder)
 
 
 def _load_state(model: Crosscoder, tensors: dict[str, torch.Tensor], source: Path) -> None:
@@ -209,7 +236,7 @@ def _load_state(model: Crosscoder, tensors: dict[str, torch.Tensor], source: Pat
     except RuntimeError as err:
         raise CheckpointError(
             f"weights in {source} do not match the architecture in its JSON "
-            f"({_first_line(err)}); {_fix(source / 'crosscoder.safetensors')}"
+            f"({_first_line(err)}); {_fix(source / WEIGHTS_FILE)}"
         ) from None
 
 
@@ -218,9 +245,11 @@ def _load_state(model: Crosscoder, tensors: dict[str, torch.Tensor], source: Pat
 # The files training writes in a run directory (a leading dot and a tail: the temporary
 # files of an atomic write), and in its checkpoints/ folder.
 _RUN_FILES = re.compile(
-    r"\.?(crosscoder\.json|crosscoder\.safetensors|feature_stats\.safetensors)(\..+)?"
+    rf"\.?({'|'.join(map(re.escape, (HEADER_FILE, WEIGHTS_FILE, STATS_FILE)))})(\..+)?"
 )
-_CHECKPOINT_ENTRIES = re.compile(r"\.?(latest|step-\d+)(\..+)?")
+_CHECKPOINT_ENTRIES = re.compile(
+    rf"\.?({re.escape(LATEST_FILE)}|{re.escape(STEP_PREFIX)}\d+)(\..+)?"
+)
 
 
 def clear_run(run_dir: Path, remove: bool = True) -> None:
@@ -232,7 +261,7 @@ def clear_run(run_dir: Path, remove: bool = True) -> None:
         return
     if not out.is_dir():
         raise CheckpointError(f"refusing to clear {out}: it is a file, not a run directory")
-    checkpoints = out / "checkpoints"
+    checkpoints = out / CHECKPOINTS_DIR
     own = [e for e in out.iterdir() if _RUN_FILES.fullmatch(e.name) and e.is_file()]
     if checkpoints.is_dir():
         own += [e for e in checkpoints.iterdir() if _CHECKPOINT_ENTRIES.fullmatch(e.name)]
@@ -256,7 +285,10 @@ def clear_run(run_dir: Path, remove: bool = True) -> None:
 
 def _is_run(out: Path) -> bool:
     """Whether `out` holds a training run: a crosscoder or a checkpoint of modeldiff's."""
-    headers = [out / "crosscoder.json", *(out / "checkpoints").glob("step-*/checkpoint.json")]
+    headers = [
+        out / HEADER_FILE,
+        *(out / CHECKPOINTS_DIR).glob(f"{STEP_PREFIX}*/{CHECKPOINT_HEADER_FILE}"),
+    ]
     for file in headers:
         try:
             if json.loads(file.read_text()).get("format") == FORMAT:
@@ -280,18 +312,16 @@ def save_training_checkpoint(
     keep: int,
 ) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, prune old ones."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
+    name = step_name(step)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
-        save_file(_cpu(crosscoder.state_dict()), str(tmp / "model.safetensors"))
-        save_file(
-            _cpu(_optimizer_tensors(crosscoder, optimizer)), str(tmp / "optimizer.safetensors")
-        )
-        save_file(_cpu(state_tensors), str(tmp / "state.safetensors"))
+        save_file(_cpu(crosscoder.state_dict()), str(tmp / CHECKPOINT_WEIGHTS_FILE))
+        save_file(_cpu(_optimizer_tensors(crosscoder, optimizer)), str(tmp / OPTIMIZER_FILE))
+        save_file(_cpu(state_tensors), str(tmp / STATE_FILE))
         header = describe(crosscoder, normalizer, step=step, **state_json)
-        (tmp / "checkpoint.json").write_text(json.dumps(header, indent=2))
+        (tmp / CHECKPOINT_HEADER_FILE).write_text(json.dumps(header, indent=2))
         final = root / name
         if final.exists():
             shutil.rmtree(final)
@@ -299,22 +329,24 @@ def save_training_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(root / "latest", name + "\n")
+    atomic_write_text(root / LATEST_FILE, name + "\n")
     _prune(root, keep)
     return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """Directory of the newest complete checkpoint, or None if there is none."""
-    pointer = Path(run_dir) / "checkpoints" / "latest"
+    pointer = Path(run_dir) / CHECKPOINTS_DIR / LATEST_FILE
     if not pointer.is_file():
         return None
     name = pointer.read_text(errors="replace").strip()
     path = pointer.parent / name
-    if name.startswith("step-") and path.is_dir():
+    if name.startswith(STEP_PREFIX) and path.is_dir():
         return path
     # Its directory was deleted (e.g. because it was damaged): the newest one left.
-    earlier = sorted(p for p in pointer.parent.glob("step-*") if (p / "checkpoint.json").is_file())
+    earlier = sorted(
+        p for p in pointer.parent.glob(f"{STEP_PREFIX}*") if (p / CHECKPOINT_HEADER_FILE).is_file()
+    )
     if earlier:
         return earlier[-1]
     raise CheckpointError(
@@ -325,8 +357,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def read_checkpoint_header(path: Path) -> dict[str, Any]:
     """The JSON description of a training checkpoint, format-checked."""
-    header = _load_json(path / "checkpoint.json")
-    check_header(header, path / "checkpoint.json")
+    header = _load_json(path / CHECKPOINT_HEADER_FILE)
+    check_header(header, path / CHECKPOINT_HEADER_FILE)
     return header
 
 
@@ -335,9 +367,9 @@ def load_training_checkpoint(
 ) -> dict[str, torch.Tensor]:
     """Restore weights and optimiser state in place; returns the state tensors."""
     device = next(crosscoder.parameters()).device
-    _load_state(crosscoder, _load_tensors(path / "model.safetensors"), path)
-    _restore_optimizer(crosscoder, optimizer, _load_tensors(path / "optimizer.safetensors"), device)
-    return {k: v.to(device) for k, v in _load_tensors(path / "state.safetensors").items()}
+    _load_state(crosscoder, _load_tensors(path / CHECKPOINT_WEIGHTS_FILE), path)
+    _restore_optimizer(crosscoder, optimizer, _load_tensors(path / OPTIMIZER_FILE), device)
+    return {k: v.to(device) for k, v in _load_tensors(path / STATE_FILE).items()}
 
 
 def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -371,8 +403,8 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    done = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir())
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*"):  # temp dirs of a crashed save
+    for stale in root.glob(f".{STEP_PREFIX}*"):  # temp dirs of a crashed save
         shutil.rmtree(stale, ignore_errors=True)

@@ -43,6 +43,7 @@ from engine.models.capture import capture_residual
 from engine.models.layers import resolve_layer
 from engine.models.loading import LoadedModel, load_model
 from engine.progress import ProgressBar
+from engine.specs import ModelSpec, PairSpec
 
 
 @dataclass(frozen=True)
@@ -184,19 +185,20 @@ def _check_out(
     if manifest is None:
         return
     check_compatible(manifest, {"data": _data_settings(cfg)[0]}, cfg.store_dtype, out)
+    models = PairSpec.from_dict(manifest.get("models"))
     for key, name, layer in (("a", names[0], cfg.layer_a), ("b", names[1], cfg.layer_b)):
-        stored = (manifest.get("models") or {}).get(key) or {}
+        stored = models[key]
         wanted: dict[str, Any] = {"name": name}
         # The same model has the stored number of layers; a layer that does not resolve
-        # is reported against the loaded model instead.
+        # (or a store that does not record n_layers) is reported against the loaded model.
         with contextlib.suppress(KeyError, TypeError, ValueError):
-            wanted["layer"] = resolve_layer(int(stored["n_layers"]), layer)
+            wanted["layer"] = resolve_layer(int(stored.n_layers), layer)
         for field, value in wanted.items():
-            if stored.get(field) != value:
+            if getattr(stored, field) != value:
                 raise StoreError(
                     f"the store at {out} was harvested with model {key.upper()} "
-                    f"{field} {stored.get(field)!r}, not {value!r}; pass --fresh to start it "
-                    "over, or choose another output directory"
+                    f"{field} {getattr(stored, field)!r}, not {value!r}; pass --fresh to start "
+                    "it over, or choose another output directory"
                 )
 
 
@@ -213,18 +215,9 @@ def _data_settings(cfg: HarvestConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 def _header(cfg: HarvestConfig, a: _Model, b: _Model) -> dict[str, Any]:
     """What must match for a store to be resumed, plus provenance."""
     data, run = _data_settings(cfg)
-    models = {}
-    for key in ("a", "b"):
-        m = a if key == "a" else b
-        models[key] = {
-            "name": m.loaded.name,
-            "source": m.loaded.source,
-            "class": type(m.loaded.model).__name__,
-            "layer": m.layer,
-            "n_layers": m.loaded.n_layers,
-            "d_model": m.loaded.d_model,
-            "chat_template": bool(getattr(m.loaded.tokenizer, "chat_template", None)),
-        }
+    models = PairSpec(
+        ModelSpec.from_loaded(a.loaded, a.layer), ModelSpec.from_loaded(b.loaded, b.layer)
+    )
     provenance = {
         "run": run,
         "modeldiff": _version("modeldiff"),
@@ -234,7 +227,7 @@ def _header(cfg: HarvestConfig, a: _Model, b: _Model) -> dict[str, Any]:
         "devices": {k: str(m.loaded.device) for k, m in (("a", a), ("b", b))},
         "dtypes": {k: str(m.loaded.dtype) for k, m in (("a", a), ("b", b))},
     }
-    return {"models": models, "data": data, "provenance": provenance}
+    return {"models": models.to_dict(), "data": data, "provenance": provenance}
 
 
 def _version(dist: str) -> str:

@@ -20,6 +20,7 @@ from engine.crosscoder.checkpoint import load_crosscoder
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.models.loading import LoadedModel, load_model
+from engine.specs import SIDES, PairSpec
 from engine.steering.steer import GenerationConfig, feature_vector, generate
 from engine.steering.stitching import Stitch
 from engine.steering.transfer import other_model
@@ -63,7 +64,8 @@ class SteeringPair:
     ) -> None:
         self.run, self.crosscoder, self.normalizer = run, crosscoder, normalizer
         self.stitch, self.models = stitch, models
-        self.layers = {m: int(run[f"model_{m}"]["layer"]) for m in ("a", "b")}
+        recorded = PairSpec.from_run(run)
+        self.layers = {m: recorded.layer(m, ConfigError) for m in SIDES}
         _check_stitch(stitch, crosscoder)
 
     @classmethod
@@ -86,9 +88,10 @@ class SteeringPair:
         stitch.check_run(run, run_id)
         _check_stitch(stitch, crosscoder)
         models = dict(models or {})
-        for m in ("a", "b"):
+        recorded = PairSpec.from_run(run)
+        for m in SIDES:
             if m not in models:
-                models[m] = load_model(run[f"model_{m}"]["name"], device=device)
+                models[m] = load_model(recorded.require(m, ConfigError).name, device=device)
         return cls(run, crosscoder, normalizer, stitch, models)
 
     def vectors(self, feature_id: int, s_max: float, source: str = "a") -> FeatureVectors:

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from engine.config import ConfigError
-from engine.crosscoder.checkpoint import load_crosscoder
+from engine.crosscoder.checkpoint import has_crosscoder, load_crosscoder
 from engine.models.loading import HUB_ID, INSTALL, LoadedModel, load_model
 from engine.models.tokenizers import DEMO
+from engine.specs import SIDES, ModelSpec, PairSpec
 from engine.steering.steer import GenerationConfig, feature_vector, stream, sweep
 from engine.steering.transfer import transfer
 from engine.store import Database
@@ -67,10 +68,10 @@ def steer_feature(
             f"feature {feature_id} never activated in the analysis (s_max = 0); pick a live one"
         )
     cc, normalizer, _ = load_crosscoder(run["checkpoint_path"])
-    spec = run[f"model_{model}"]
+    spec = PairSpec.from_run(run).require(model, ConfigError)
     vector, moved = _vector(cc, normalizer, feature_id, model)
-    loaded = loaded or load_model(spec["name"])
-    texts = sweep(loaded, prompt, vector, int(spec["layer"]), s_max, [0.0, *alphas], positions, cfg)
+    loaded = loaded or load_model(spec.name)
+    texts = sweep(loaded, prompt, vector, int(spec.layer), s_max, [0.0, *alphas], positions, cfg)
     result = SteerResult(feature_id, model, prompt, s_max, alphas, texts[0], texts[1:], moved)
     if save:
         for alpha, text in zip(alphas, result.steered, strict=True):
@@ -207,11 +208,9 @@ def plan_steering(
         raise ConfigError(
             f"feature {feature_id} never activated in the analysis (s_max = 0); pick a live one"
         )
-    spec = run.get(f"model_{model}") or {}
-    if spec.get("layer") is None:
-        raise ConfigError(f"the run does not record model {model.upper()}'s layer")
+    layer = PairSpec.from_run(run).layer(model, ConfigError)
     vector, moved = _vector(crosscoder, normalizer, feature_id, model)
-    return SteeringPlan(feature_id, model, int(spec["layer"]), s_max, vector, moved)
+    return SteeringPlan(feature_id, model, layer, s_max, vector, moved)
 
 
 def steering_problem(run: dict[str, Any]) -> str | None:
@@ -225,17 +224,23 @@ def steering_problem(run: dict[str, Any]) -> str | None:
     checkpoint = run.get("checkpoint_path")
     if not checkpoint:
         return "the run records no crosscoder checkpoint"
-    if not (Path(checkpoint) / "crosscoder.json").is_file():
+    if not has_crosscoder(checkpoint):
         return f"no trained crosscoder at `{checkpoint}` (moved or deleted?)"
-    for key in ("a", "b"):
-        spec = run.get(f"model_{key}") or {}
-        name = spec.get("name")
-        if not name or spec.get("layer") is None:
-            return f"the run does not record which model {key.upper()} and layer it was trained on"
-        if name in DEMO:
-            if importlib.util.find_spec(DEMO[name].package) is None:
-                return f"demo model {name!r} is not installed (run: {DEMO[name].pip})"
-        elif not HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
-            # Not a hub id, so a path: it must be here (a hub id is only tried at load time).
-            return f"model {key.upper()} `{name}` does not exist on this machine"
+    models = PairSpec.from_run(run)
+    for key in SIDES:
+        problem = models.missing(key) or _model_problem(key, models[key])
+        if problem:
+            return problem
+    return None
+
+
+def _model_problem(key: str, spec: ModelSpec) -> str | None:
+    """Why a recorded model cannot be loaded here (cheap checks only), or None."""
+    name = spec.name
+    if name in DEMO:
+        if importlib.util.find_spec(DEMO[name].package) is None:
+            return f"demo model {name!r} is not installed (run: {DEMO[name].pip})"
+    elif not HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
+        # Not a hub id, so a path: it must be here (a hub id is only tried at load time).
+        return f"model {key.upper()} `{name}` does not exist on this machine"
     return None

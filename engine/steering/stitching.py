@@ -34,6 +34,7 @@ from engine.crosscoder.data import (
     finite_rows,
 )
 from engine.files import atomic_write_bytes
+from engine.specs import SIDES, PairSpec
 from engine.steering.transfer import other_model
 
 FORMAT = "modeldiff-stitch"
@@ -144,15 +145,15 @@ class Stitch:
     def check_run(self, run: dict[str, Any], run_id: str) -> None:
         """A ConfigError unless the stitch was fitted for the run's models at its layers
         (a stitch that records none is checked only by width, when the models load)."""
-        for m in ("a", "b") if self.models else ():
-            ours, theirs = self.models.get(m) or {}, run.get(f"model_{m}") or {}
-            for key in ("name", "layer", "d_model"):
-                if key in ours and key in theirs and ours[key] != theirs[key]:
-                    raise ConfigError(
-                        f"the stitch was fitted for model {m.upper()} {_where(ours)}, but run "
-                        f"{run_id!r} uses {_where(theirs)}; fit one on this run's store with "
-                        "`modeldiff stitch --store STORE --out FILE`"
-                    )
+        fitted, used = PairSpec.from_dict(self.models), PairSpec.from_run(run)
+        for m in SIDES:
+            ours, theirs = fitted[m], used[m]  # an unrecorded model conflicts with none
+            if ours.conflicts_with(theirs):
+                raise ConfigError(
+                    f"the stitch was fitted for model {m.upper()} {ours.where}, but run "
+                    f"{run_id!r} uses {theirs.where}; fit one on this run's store with "
+                    "`modeldiff stitch --store STORE --out FILE`"
+                )
 
 
 def check_stitch_target(path: Path) -> None:
@@ -252,15 +253,7 @@ def fitted_models(source: Any) -> dict[str, dict[str, Any]]:
     fitted on it (empty for other sources)."""
     manifest = getattr(source, "manifest", None)
     models = manifest.get("models") if isinstance(manifest, dict) else None
-    if not isinstance(models, dict):
-        return {}
-    keep = ("name", "layer", "d_model")
-    return {m: {k: models[m][k] for k in keep if k in models[m]} for m in ("a", "b") if m in models}
-
-
-def _where(model: dict[str, Any]) -> str:
-    """A model's name and layer, for messages."""
-    return f"{model.get('name')!r} layer {model.get('layer')} (width {model.get('d_model')})"
+    return PairSpec.from_dict(models).brief().to_dict()
 
 
 def evaluate(stitch: Stitch, x_a: torch.Tensor, x_b: torch.Tensor) -> dict[str, float]:
