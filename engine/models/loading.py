@@ -77,6 +77,7 @@ def load_model(
     hub ids, the hub download cache (default: the hub's own).
     """
     start = time.perf_counter()
+    quiet_transformers()  # every command that loads a model prints its own one line
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     directory, source = _resolve_spec(spec, cache_dir, revision)
