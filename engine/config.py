@@ -129,6 +129,9 @@ class TrainConfig:
     # Adaptive partitions: share of each exclusive partition's configured size it starts
     # with (at least one feature); moves grow it up to the configured size.
     exclusive_start: float = 1.0
+    # Step of the first reassignment check; None: the end of the k anneal, when features
+    # have settled (earlier checks fill small partitions with whatever leans first).
+    reassign_after: int | None = 0
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "k", "log_every", "checkpoint_every", "keep_checkpoints")
@@ -159,6 +162,12 @@ class TrainConfig:
                 f"reassign_low and reassign_high must satisfy 0 <= low < 0.5 < high <= 1, got "
                 f"{self.reassign_low} and {self.reassign_high}"
             )
+        if self.reassign_after is not None and (
+            not isinstance(self.reassign_after, int) or self.reassign_after < 0
+        ):
+            raise ConfigError(
+                f"reassign_after must be a step number (>= 0) or None, got {self.reassign_after!r}"
+            )
         if not 0 < self.exclusive_start <= 1:
             raise ConfigError(f"exclusive_start must be in (0, 1], got {self.exclusive_start}")
         if self.recycle_init not in RECYCLE_INITS:
@@ -166,6 +175,13 @@ class TrainConfig:
                 f"unknown recycle_init {self.recycle_init!r}; choose one of: "
                 f"{', '.join(RECYCLE_INITS)}"
             )
+
+    @property
+    def first_reassignment(self) -> int:
+        """Step of the first reassignment check."""
+        if self.reassign_after is not None:
+            return self.reassign_after
+        return self.anneal_steps if self.k_initial is not None else 0
 
     def k_at(self, step: int) -> int:
         """BatchTopK k per token at `step` (linear anneal from k_initial to k)."""

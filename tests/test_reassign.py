@@ -204,6 +204,32 @@ def test_exclusive_start_shrinks_only_adaptive_exclusive_blocks_to_at_least_one(
     assert Trainer(cfg, fixed).model.partition == Partition(8, 3, 53)
 
 
+def test_the_first_reassignment_check_waits_for_reassign_after():
+    assert (
+        TrainConfig(reassign_after=None, k=8, k_initial=64, anneal_steps=300).first_reassignment
+        == 300
+    )
+    assert TrainConfig(reassign_after=None, k_initial=None).first_reassignment == 0
+    assert TrainConfig(reassign_after=40).first_reassignment == 40
+    with pytest.raises(ConfigError, match="reassign_after"):
+        TrainConfig(reassign_after=-1)
+    # No check before it: nothing moves in a run that ends first.
+    g = torch.Generator().manual_seed(1)
+    data = (torch.randn(1024, D_A, generator=g), torch.randn(1024, D_B, generator=g))
+    model = CrosscoderConfig(
+        d_a=D_A, d_b=D_B, n_features=32, architecture="dfc", a_exclusive=4, b_exclusive=4
+    )
+    cfg = TrainConfig(
+        steps=30, batch_size=64, k=4, k_initial=None, lr=1e-2, k_aux=8, dead_window_tokens=64,
+        log_every=10, checkpoint_every=30, device="cpu", reassign_every=5, reassign_after=31,
+    )  # fmt: skip
+    run = train(model, cfg, data, progress=False)
+    assert (
+        run.final["moved_to_a"] == run.final["moved_to_b"] == run.final["recycled_to_shared"] == 0
+    )
+    assert run.crosscoder.partition == model.partition()
+
+
 def test_recycle_init_and_exclusive_start_are_validated():
     with pytest.raises(ConfigError, match="recycle_init"):
         TrainConfig(recycle_init="zeros")

@@ -184,8 +184,8 @@ class Trainer:
 
         with torch.no_grad():
             self._update_state(out["entries"], n, out["group_minima"])
-        every = cfg.reassign_every
-        if every and self.counters.step % every == 0:
+        every, step = cfg.reassign_every, self.counters.step
+        if every and step % every == 0 and step >= cfg.first_reassignment:
             self._reassign(out["errors"])
         sse_a, sse_b = recon_a * n, recon_b * n
         return {
