@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from engine import stages
 from engine.config import ConfigError, RunConfig, load_preset
 from engine.files import atomic_write_text
 
@@ -104,7 +105,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> Demo:
 
 def stage_harvest(demo: Demo) -> str:
     """Paired activations of the two demo models (resumes a partial store)."""
-    from engine.harvest.pipeline import harvest, summary
+    from engine.harvest.pipeline import summary
     from engine.harvest.store import ActivationStore, StoreError
 
     cfg = demo.config().harvest
@@ -114,38 +115,25 @@ def stage_harvest(demo: Demo) -> str:
         have = 0
     if have >= cfg.max_pairs:
         return f"cached: {have:,} pairs in {demo.store}"
-    from engine.models.loading import quiet_transformers
-
-    quiet_transformers()
-    return summary(harvest(cfg, demo.store, progress=demo.settings.progress))
+    return summary(stages.harvest(cfg, demo.store, progress=demo.settings.progress))
 
 
 def stage_train(demo: Demo) -> str:
     """A DFC on the store (resumes from its last checkpoint)."""
-    from engine.crosscoder.normalize import Normalizer
-    from engine.crosscoder.trainer import train
-    from engine.harvest.store import ActivationStore
-
     if (demo.run_dir / "crosscoder.safetensors").is_file():
         return f"cached: {demo.run_dir}"
-    store = ActivationStore(demo.store)
-    cfg = demo.config((store.d_a, store.d_b))
-    normalizer = Normalizer.from_median_norms(*store.median_norms(), store.d_a, store.d_b)
-    result = train(
-        cfg.crosscoder, cfg.train, store, out_dir=demo.run_dir, normalizer=normalizer,
-        progress=demo.settings.progress,
-    )  # fmt: skip
+    data = stages.training_data(store=demo.store)
+    cfg = demo.config(data.dims)
+    result = stages.train(cfg, data, demo.run_dir, progress=demo.settings.progress)
     fve = ", ".join(f"{k} {v:.3f}" for k, v in result.final.items() if k.startswith("fve"))
     return f"{cfg.train.steps:,} steps; {fve}"
 
 
 def stage_analyze(demo: Demo) -> str:
     """Feature statistics, contexts and geometry into the results database."""
-    from engine.analysis.analyze import analyze
-
     if _has_run(demo.db):
         return f"cached: run {RUN_ID!r} in {demo.db}"
-    result = analyze(
+    result = stages.analyze(
         demo.run_dir, demo.store, demo.db, run_id=RUN_ID, progress=demo.settings.progress
     )
     return result.summary()
@@ -153,12 +141,11 @@ def stage_analyze(demo: Demo) -> str:
 
 def stage_explain(demo: Demo) -> str:
     """Explanations and harmful flags, exclusive partitions first (resumable)."""
-    from engine.interp.run import explain_run
     from engine.store import Database
 
     with Database(demo.db) as db:
         explainer = _explainer(db, demo.settings.explain_limit)
-        run = explain_run(
+        run = stages.explain(
             db, RUN_ID, explainer, limit=demo.settings.explain_limit,
             progress=demo.settings.progress,
         )  # fmt: skip
@@ -167,46 +154,36 @@ def stage_explain(demo: Demo) -> str:
 
 def stage_score(demo: Demo) -> str:
     """Detection scores of the explanations (resumable)."""
-    from engine.interp.run import score_run
     from engine.store import Database
 
-    judge = _detection_judge()
+    judge = stages.detection_judge(_backend())
     with Database(demo.db) as db:
-        run = score_run(db, RUN_ID, judge, progress=demo.settings.progress)
+        run = stages.score(db, RUN_ID, judge, progress=demo.settings.progress)
     return f"{judge.name}: {run.summary()}"
 
 
 def stage_stitch(demo: Demo) -> str:
     """Affine maps between the models, fitted on the store without the crosscoder."""
-    from engine.harvest.store import ActivationStore
-    from engine.steering.stitching import Stitch, train_stitch
+    from engine.steering.stitching import Stitch
 
     if demo.stitch.is_file():
         fve = Stitch.load(demo.stitch).fve
         return f"cached: {demo.stitch} (held-out FVE {_fve(fve)})"
-    store = ActivationStore(demo.store)
-    stitch = train_stitch(store, store.d_a, store.d_b, steps=demo.settings.stitch_steps)
-    stitch.info["store"] = str(demo.store.resolve())
-    stitch.save(demo.stitch)
+    stitch, _ = stages.fit_stitch(demo.store, demo.stitch, steps=demo.settings.stitch_steps)
     return f"held-out FVE {_fve(stitch.fve)}"
 
 
 def stage_exclusivity(demo: Demo) -> str:
     """Exclusivity scores of the top exclusive features (resumable)."""
-    from engine.steering.exclusivity import ExclusivityConfig, exclusivity_run, pick_features
-    from engine.steering.pair import SteeringPair
-    from engine.steering.steer import GenerationConfig
+    from engine.steering.exclusivity import pick_features
     from engine.store import Database
 
     s = demo.settings
-    cfg = ExclusivityConfig(
-        generation=GenerationConfig(max_new_tokens=s.exclusivity_tokens, greedy=False)
-    )
-    judge = _steering_judge()
+    cfg = stages.exclusivity_config(max_new_tokens=s.exclusivity_tokens)
+    judge = stages.steering_judge(_backend())
     with Database(demo.db) as db:
         features = pick_features(db, RUN_ID, s.exclusivity_per_partition)
-        pair = SteeringPair.open(db, RUN_ID, demo.stitch)
-        exclusivity_run(db, RUN_ID, pair, judge, features, cfg)
+        stages.exclusivity(db, RUN_ID, demo.stitch, judge, features, cfg)
         scores = db.scores(RUN_ID, judge=judge.name, metric="exclusivity")
     lines = [
         f"feature {int(r.feature_id)}: "
@@ -218,16 +195,13 @@ def stage_exclusivity(demo: Demo) -> str:
 
 def stage_steer_eval(demo: Demo) -> str:
     """A small steering evaluation of the most exclusive scored feature."""
-    from engine.steering.evaluate import EvalConfig, evaluation_figure, steer_eval
     from engine.steering.exclusivity import pick_features
-    from engine.steering.pair import SteeringPair
     from engine.steering.rubrics import rubric
-    from engine.steering.steer import GenerationConfig
     from engine.store import Database
 
     s = demo.settings
     rub = rubric(s.eval_rubric)
-    judge = _steering_judge()
+    judge = stages.steering_judge(_backend())
     with Database(demo.db) as db:
         # The most exclusive scored feature; if none passed the interpretability filter,
         # the strongest exclusive one, so the demo still shows an evaluation.
@@ -240,18 +214,12 @@ def stage_steer_eval(demo: Demo) -> str:
         kind = f"steer-eval:{rub.name}"
         if not db.evaluations(RUN_ID, kind=kind, feature_id=feature).empty:
             return f"cached: feature {feature} on {rub.name}"
-        cfg = EvalConfig(
-            rubric=rub.name,
-            alphas=s.eval_alphas,
-            limit=s.eval_prompts,
-            generation=GenerationConfig(max_new_tokens=s.eval_tokens, greedy=True),
+        cfg = stages.eval_config(
+            rub.name, alphas=s.eval_alphas, limit=s.eval_prompts, max_new_tokens=s.eval_tokens
         )
-        pair = SteeringPair.open(db, RUN_ID, demo.stitch)
-        result = steer_eval(db, RUN_ID, pair, feature, judge, cfg)
+        result = stages.steer_eval(db, RUN_ID, demo.stitch, feature, judge, cfg)
     figure = demo.out / f"steer-eval-{feature}-{rub.name}.html"
-    evaluation_figure(result.summary, rub.metric, f"feature {feature}: {rub.title}").write_html(
-        figure
-    )
+    stages.eval_figure(result, feature, figure)
     return f"feature {feature} on {rub.name} ({s.eval_prompts} prompts) -> {figure}"
 
 
@@ -282,42 +250,20 @@ def _most_exclusive(db) -> int | None:
     return int(best["feature_id"].iloc[0])
 
 
-def _use_anthropic() -> bool:
-    """Claude explains and judges when a key is set (the paper's setting)."""
-    return bool(os.environ.get("ANTHROPIC_API_KEY"))
+def _backend() -> str:
+    """Claude explains and judges when a key is set (the paper's setting), else offline."""
+    return "anthropic" if os.environ.get("ANTHROPIC_API_KEY") else stages.DEFAULT_BACKEND
 
 
 def _explainer(db, limit: int):
     """Anthropic explainer with a key (after the cost is shown and accepted), else offline."""
-    if _use_anthropic():
-        from engine.interp.anthropic.client import describe_cost, estimate_cost
-        from engine.interp.anthropic.explainer import AnthropicExplainer
-
-        print(describe_cost(estimate_cost(limit, AnthropicExplainer().model)))
+    if _backend() == "anthropic":
+        explainer = stages.explainer("anthropic", db, RUN_ID)
+        print(stages.explain_cost(explainer, limit))
         if not sys.stdin.isatty() or input("explain with Claude? [y/N] ").lower() == "y":
-            return AnthropicExplainer()
+            return explainer
         print("using the offline explainer")
-    from engine.interp.offline import OfflineExplainer, background_from
-
-    return OfflineExplainer(background_from(db.window_texts(RUN_ID)))
-
-
-def _detection_judge():
-    """Anthropic detection judge with a key, else the offline one."""
-    if _use_anthropic():
-        from engine.interp.anthropic.judge import AnthropicJudge
-
-        return AnthropicJudge()
-    from engine.interp.offline import OfflineJudge
-
-    return OfflineJudge()
-
-
-def _steering_judge():
-    """Anthropic steering judge with a key, else the offline MiniLM judge."""
-    from engine.steering.judges import steering_judge
-
-    return steering_judge("anthropic" if _use_anthropic() else "offline")
+    return stages.explainer("offline", db, RUN_ID)
 
 
 def _fve(fve: dict[str, float]) -> str:

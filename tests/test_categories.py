@@ -162,6 +162,7 @@ def test_exclusivity_run_steers_leaning_features_from_their_model(db):
 
 
 def test_exclusivity_command_takes_categories():
+    from engine import stages
     from engine.cli import build_parser
 
     parser = build_parser()
@@ -171,8 +172,10 @@ def test_exclusivity_command_takes_categories():
     assert parser.parse_args(base).categories is None
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--categories", "shared"])
+    # Left out, --source is None and steer-eval's config default (model a) applies.
     steer_eval = ["steer-eval", *base[1:], "--feature", "1", "--rubric", "gpt_mention"]
-    assert parser.parse_args(steer_eval).source == "a"
+    args = parser.parse_args(steer_eval)
+    assert stages.eval_config(args.rubric, source=args.source).source == "a"
 
 
 # -- dead fraction per partition --------------------------------------------------------------

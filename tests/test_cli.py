@@ -109,6 +109,37 @@ def test_missing_files_are_named(files):
     assert result.returncode == 2 and "config file not found" in result.stderr
 
 
+def test_flags_left_out_keep_the_library_defaults():
+    """A flag left out is None, so the config's own default applies; a flag given replaces
+    its field, and the config dataclass validates it."""
+    from engine import stages
+    from engine.cli import build_parser
+    from engine.cli.verify import _decoding
+    from engine.config import ConfigError, HarvestConfig
+    from engine.steering.exclusivity import ExclusivityConfig
+    from engine.steering.steer import GenerationConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["harvest", "--out", "s", "--context-length", "64", "--device", "cpu"])
+    assert stages.with_options(HarvestConfig(), vars(args)) == HarvestConfig(
+        context_length=64, device="cpu"
+    )
+    args.context_length = 4
+    with pytest.raises(ConfigError, match="context_length must be >= 8 tokens, got 4"):
+        stages.with_options(HarvestConfig(), vars(args))
+
+    steer = ["steer", "--db", "x", "--run-id", "r", "--feature", "1", "--prompt", "p"]
+    decoding = [_decoding(parser.parse_args([*steer, *extra])) for extra in
+                ([], ["--temperature", "0"], ["--temperature", "0.5", "--seed", "3"])]  # fmt: skip
+    configs = [stages.generation(GenerationConfig(), **options) for options in decoding]
+    assert configs[0] == GenerationConfig() == configs[1]  # greedy by default
+    assert configs[2] == GenerationConfig(greedy=False, temperature=0.5, seed=3)
+
+    args = parser.parse_args(["exclusivity", "--db", "x", "--run-id", "r", "--stitch", "s"])
+    cfg = stages.exclusivity_config(alphas=args.alphas, source=args.source, **_decoding(args))
+    assert cfg == ExclusivityConfig()  # sampled at 0.7, 200 tokens, strengths 0..10
+
+
 def test_toy_sweep_runs_from_the_command_line(tmp_path):
     out = tmp_path / "toy"
     args = [

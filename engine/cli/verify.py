@@ -1,0 +1,237 @@
+"""`modeldiff steer | stitch | exclusivity | steer-eval`: the "verify" half of
+screen-and-verify.
+
+`steer` generates with a feature added to one model; `stitch` fits the crosscoder-free
+affine maps between the two models; `exclusivity` scores features by whether their steering
+effect transfers through that stitch (paper B.5); `steer-eval` measures a feature's effect
+on a behaviour rubric per strength (B.5.2-B.5.6).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from engine import stages
+from engine.analysis.categories import CANDIDATES
+from engine.cli_types import (
+    any_int,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    open_fraction,
+    positive_float,
+    positive_int,
+    run_id,
+)
+
+
+def _decoding(args: argparse.Namespace) -> dict:
+    """--max-new-tokens / --temperature / --seed, for `stages.generation`."""
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+            "seed": args.seed}  # fmt: skip
+
+
+def cmd_steer(args: argparse.Namespace) -> None:
+    """Generate with a feature added to a model: the baseline and each steering strength."""
+    from engine.steering.run import steer_feature
+    from engine.steering.steer import GenerationConfig
+    from engine.store import Database
+
+    cfg = stages.generation(GenerationConfig(), **_decoding(args))
+    options = stages.given(
+        model=args.model, alphas=args.alphas, positions=args.positions, author=args.author
+    )
+    with Database(args.db, create=False, hold=False) as db:
+        result = steer_feature(
+            db, args.run_id, args.feature, args.prompt, cfg=cfg, save=args.save, **options
+        )
+    note = ""
+    if result.transfer:
+        note = (
+            f" (no decoder in model {result.model.upper()}: translated through the shared "
+            "partition)"
+        )
+    print(
+        f"feature {result.feature_id} steering model {result.model.upper()}{note}, "
+        f"s_max {result.s_max:.3g}\n"
+    )
+    print(f"baseline: {result.baseline.strip()}\n")
+    for alpha, text in zip(result.alphas, result.steered, strict=True):
+        print(f"alpha {alpha:g}: {text.strip()}\n")
+    if result.sample_ids:
+        print(f"saved {len(result.sample_ids)} samples to {args.db}")
+
+
+def cmd_stitch(args: argparse.Namespace) -> None:
+    """Fit affine maps A->B and B->A on a store's paired activations (model stitching)."""
+    stitch, path = stages.fit_stitch(
+        args.store, args.out, announce=print, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, holdout=args.holdout, seed=args.seed, device=args.device,
+        samples=args.samples,
+    )  # fmt: skip
+    fve = ", ".join(f"{k} {v:.3f}" for k, v in stitch.fve.items())
+    print(f"held-out fraction of variance explained: {fve}\nsaved {path}")
+
+
+def cmd_exclusivity(args: argparse.Namespace) -> None:
+    """Score exclusive (and leaning shared) features by whether their steering transfers
+    through a stitch."""
+    from engine.steering.exclusivity import pick_features
+    from engine.steering.stitching import Stitch
+    from engine.store import Database
+
+    judge = stages.steering_judge(args.judge, args.model)
+    cfg = stages.exclusivity_config(alphas=args.alphas, source=args.source, **_decoding(args))
+    # A missing or damaged stitch is an error even when there is nothing to score.
+    stitch = Stitch.load(args.stitch)
+    with Database(args.db, create=False, hold=False) as db:
+        db.run(args.run_id)
+        features = args.features or pick_features(db, args.run_id, args.top, args.categories)
+        if not features:
+            print("no live exclusive or leaning shared features to score")
+            return
+        results = stages.exclusivity(
+            db, args.run_id, stitch, judge, features, cfg, device=args.device,
+            force=args.force, progress=not args.quiet,
+        )  # fmt: skip
+    for r in results:
+        print(stages.exclusivity_line(r))
+    skipped = len(features) - len(results)
+    done = f", {skipped} skipped (already scored or never active)" if skipped else ""
+    print(f"{judge.name}: scored {len(results)} features{done}")
+
+
+def cmd_steer_eval(args: argparse.Namespace) -> None:
+    """Rate a feature's steered answers on a behaviour rubric per strength (paper B.5.2-6)."""
+    from engine.steering.rubrics import rubric
+    from engine.store import Database
+
+    rub = rubric(args.rubric)
+    judge = stages.steering_judge(args.judge, args.model)
+    cfg = stages.eval_config(
+        rub.name, alphas=args.alphas, prompts=args.prompts, limit=args.limit,
+        source=args.source, models=args.models, **_decoding(args),
+    )  # fmt: skip
+    with Database(args.db, create=False, hold=False) as db:
+        db.run(args.run_id)
+        result = stages.steer_eval(
+            db, args.run_id, args.stitch, args.feature, judge, cfg, device=args.device,
+            progress=not args.quiet,
+        )  # fmt: skip
+    table = result.summary.pivot_table(
+        index="alpha", columns=["steered_with", "metric"], values="mean"
+    )
+    print(table.round(2).to_string())
+    print(f"{judge.name}: stored as evaluation {result.eval_id} in {args.db}")
+    if args.figure:
+        stages.eval_figure(result, args.feature, args.figure)
+        print(f"figure: {args.figure}")
+
+
+# -- parsers: a flag left out is None, so the stage's (or its config's) default applies ---------
+
+
+def add_steer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("steer", help=cmd_steer.__doc__, description=cmd_steer.__doc__)
+    p.add_argument("--db", required=True, type=Path)
+    p.add_argument("--run-id", required=True, type=run_id)
+    p.add_argument("--feature", required=True, type=non_negative_int)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--model", choices=("a", "b"), help="the model to steer")
+    p.add_argument(
+        "--alphas", nargs="+", type=finite_float, help="strengths in units of the feature's s_max"
+    )
+    p.add_argument("--positions", choices=("all", "prompt", "generated"))
+    p.add_argument("--max-new-tokens", type=positive_int)
+    p.add_argument("--temperature", type=non_negative_float, help="0: greedy (default)")
+    p.add_argument("--seed", type=any_int)
+    p.add_argument("--save", action="store_true", help="record the samples in the database")
+    p.add_argument("--author", help="who made the samples (saved with them)")
+    p.set_defaults(func=cmd_steer)
+
+
+def add_stitch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stitch", help=cmd_stitch.__doc__, description=cmd_stitch.__doc__)
+    p.add_argument("--store", required=True, type=Path, help="activation store to fit on")
+    p.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--holdout", type=open_fraction, help="fraction of pairs held out")
+    p.add_argument("--samples", type=positive_int, help="pairs drawn for fit + hold-out")
+    p.add_argument("--seed", type=any_int)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_stitch)
+
+
+def _add_steering(sub: argparse._SubParsersAction, name: str, func, source_help: str):
+    """The options exclusivity and steer-eval share."""
+    from engine.steering.steer import GenerationConfig as Sampled
+
+    p = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
+    p.add_argument("--db", required=True, type=Path)
+    p.add_argument("--run-id", required=True, type=run_id)
+    p.add_argument("--stitch", required=True, type=Path, help="from `modeldiff stitch`")
+    p.add_argument(
+        "--judge",
+        choices=stages.BACKENDS,
+        default=stages.DEFAULT_BACKEND,
+        help="offline (MiniLM embeddings, no key) or anthropic (needs ANTHROPIC_API_KEY)",
+    )
+    p.add_argument("--model", help="Claude model for the judge")
+    p.add_argument("--source", choices=("a", "b"), help=source_help)
+    p.add_argument("--max-new-tokens", type=positive_int)
+    p.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        help=f"0 = greedy (default: {Sampled.temperature:g} with top-p {Sampled.top_p:g} for "
+        "exclusivity, greedy for steer-eval)",
+    )
+    p.add_argument("--seed", type=any_int)
+    p.add_argument("--device")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=func)
+    return p
+
+
+def add_exclusivity(sub: argparse._SubParsersAction) -> None:
+    p = _add_steering(
+        sub,
+        "exclusivity",
+        cmd_exclusivity,
+        "the model to steer shared features from (default: the model a feature leans to, else a)",
+    )
+    p.add_argument("--features", nargs="+", type=non_negative_int, help="feature ids to score")
+    p.add_argument(
+        "--top",
+        type=positive_int,
+        default=5,
+        help="without --features: this many per category (flagged first)",
+    )
+    p.add_argument(
+        "--categories",
+        nargs="+",
+        choices=CANDIDATES,
+        metavar="CATEGORY",
+        help=f"without --features: pick from these ({', '.join(CANDIDATES)}; default: "
+        "the exclusive partitions, all four when the run has none)",
+    )
+    p.add_argument("--alphas", nargs="+", type=finite_float)
+    p.add_argument("--force", action="store_true", help="rescore features already done")
+
+
+def add_steer_eval(sub: argparse._SubParsersAction) -> None:
+    p = _add_steering(sub, "steer-eval", cmd_steer_eval, "the model to steer shared features from")
+    p.add_argument("--feature", required=True, type=non_negative_int)
+    p.add_argument("--rubric", required=True, help="e.g. china_alignment (see docs)")
+    p.add_argument("--prompts", help="prompt-set name or file (default: the rubric's)")
+    p.add_argument("--limit", type=positive_int, help="only the first N prompts")
+    p.add_argument("--alphas", nargs="+", type=finite_float, help="default: the paper's grid")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        choices=("source", "target"),
+        help="steer the feature's own model, the other one (stitched), or both",
+    )
+    p.add_argument("--figure", type=Path, help="write the Figure-6 plot (HTML)")

@@ -1,0 +1,363 @@
+"""The pipeline's stages, one function each, and the explainer and judge factories.
+
+harvest -> train -> analyze -> explain -> score -> stitch -> exclusivity -> steer-eval: the
+`modeldiff` sub-commands and the demo both call these, so the stages are wired once.
+
+Every option a caller leaves at None keeps the library's own default (the config dataclass
+field or the function parameter), so each default has one home; the command-line flags
+default to None for that reason. Heavy modules are imported inside the functions, so
+importing this module (and building the CLI parser) stays cheap.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from engine.config import ConfigError, HarvestConfig, RunConfig
+
+if TYPE_CHECKING:
+    from engine.steering.steer import GenerationConfig
+    from engine.store import Database
+
+# Who explains and judges: "offline" needs no key and is deterministic.
+BACKENDS = ("offline", "anthropic")
+DEFAULT_BACKEND = "offline"
+
+T = TypeVar("T")
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """The values that are not None: the options a caller set."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def with_options(cfg: T, options: Mapping[str, Any]) -> T:
+    """`cfg` (a config dataclass) with every field that `options` sets (not None) replaced.
+
+    The dataclass validates the result, so a bad value fails as it would in a config file.
+    """
+    changes = {f.name: options[f.name] for f in fields(cfg) if options.get(f.name) is not None}  # type: ignore[arg-type]
+    return replace(cfg, **changes)  # type: ignore[type-var]
+
+
+def parameter_defaults(func: Callable) -> dict[str, Any]:
+    """The defaults of `func`'s parameters that have one."""
+    params = inspect.signature(func).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+# -- harvest -> train -> analyze --------------------------------------------------------------
+
+
+def harvest(
+    cfg: HarvestConfig,
+    out: str | Path,
+    *,
+    fresh: bool = False,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+):
+    """Harvest aligned activation pairs of the two models into the store at `out`."""
+    from engine.harvest.pipeline import harvest as run
+    from engine.models.loading import quiet_transformers
+
+    quiet_transformers()  # harvest prints one line per loaded model instead
+    return run(cfg, out, fresh=fresh, progress=progress, rank=rank, world_size=world_size)
+
+
+@dataclass
+class TrainingData:
+    """Paired activations to train on, their widths, and the store's median norms (None for
+    a pairs file: the trainer estimates them from its first batches)."""
+
+    source: Any
+    dims: tuple[int, int]
+    median_norms: tuple[float, float] | None = None
+
+
+def training_data(store: str | Path | None = None, pairs: str | Path | None = None):
+    """The activations of an activation store or a pairs file (exactly one of them)."""
+    if (store is None) == (pairs is None):
+        raise ConfigError("give exactly one of --store (activation store) or --pairs (file)")
+    if store is not None:
+        from engine.harvest.store import ActivationStore
+
+        acts = ActivationStore(store)
+        # The store's statistics cover every pair, not just the first batches.
+        return TrainingData(acts, (acts.d_a, acts.d_b), acts.median_norms())
+    from engine.crosscoder.pairs import load_pairs
+
+    x_a, x_b = load_pairs(pairs)
+    return TrainingData((x_a, x_b), (x_a.shape[1], x_b.shape[1]))
+
+
+def train(
+    cfg: RunConfig, data: TrainingData, out: str | Path, *, resume: bool = True, progress=True
+):
+    """Train the crosscoder `cfg` describes on `data` into the run directory `out`."""
+    from engine.crosscoder.normalize import Normalizer
+    from engine.crosscoder.trainer import train as run
+
+    normalizer = None
+    if data.median_norms is not None:
+        normalizer = Normalizer.from_median_norms(*data.median_norms, *data.dims)
+    return run(
+        cfg.crosscoder, cfg.train, data.source, out_dir=out, resume=resume,
+        normalizer=normalizer, progress=progress,
+    )  # fmt: skip
+
+
+def analyze(
+    run_dir: str | Path,
+    store: str | Path,
+    db: str | Path,
+    *,
+    run_id: str | None = None,
+    top_k: int | None = None,
+    segment_pairs: int | None = None,
+    n_random: int | None = None,
+    progress: bool = True,
+):
+    """Analyse every feature of a trained crosscoder into the results database `db`:
+    `top_k` max-activating contexts of `segment_pairs` aligned tokens and `n_random`
+    non-activating ones per feature."""
+    from engine.analysis.analyze import analyze as run
+    from engine.analysis.examples import ExampleConfig
+    from engine.analysis.scan import ScanConfig
+
+    return run(
+        run_dir, store, db, run_id=run_id, progress=progress,
+        scan_cfg=ScanConfig(**given(top_k=top_k, segment_pairs=segment_pairs)),
+        example_cfg=ExampleConfig(**given(n_random=n_random)),
+    )  # fmt: skip
+
+
+# -- explain -> score -------------------------------------------------------------------------
+
+
+def explainer(kind: str, db: Database, run_id: str, *, model: str | None = None, batch=False):
+    """The explainer `kind` names: "anthropic" (Claude `model`, optionally through the
+    Message Batches API) or "offline" (n-grams against the run's own text)."""
+    if kind == "anthropic":
+        from engine.interp.anthropic.explainer import AnthropicExplainer
+
+        return AnthropicExplainer(batch=batch, **given(model=model))
+    from engine.interp.offline import OfflineExplainer, background_from
+
+    return OfflineExplainer(background_from(db.window_texts(run_id)))
+
+
+def explain_cost(explainer: Any, n_features: int) -> str:
+    """What explaining `n_features` features with a Claude explainer would cost, as a line."""
+    from engine.interp.anthropic.client import describe_cost, estimate_cost
+
+    return describe_cost(estimate_cost(n_features, explainer.model, batch=explainer.batch))
+
+
+def explain(db: Database, run_id: str, explainer: Any, **options):
+    """Explain features (exclusive partitions first) and flag potentially harmful ones;
+    `options` are `explain_run`'s (partitions, limit, ledger, progress)."""
+    from engine.interp.run import explain_run
+
+    return explain_run(db, run_id, explainer, **options)
+
+
+def detection_judge(kind: str, model: str | None = None):
+    """The detection judge `kind` names: "anthropic" (Claude `model`) or "offline"."""
+    if kind == "anthropic":
+        from engine.interp.anthropic.judge import AnthropicJudge
+
+        return AnthropicJudge(**given(model=model))
+    from engine.interp.offline import OfflineJudge
+
+    return OfflineJudge()
+
+
+def score(db: Database, run_id: str, judge: Any, **options):
+    """Detection-score the latest explanations; `options` are `score_run`'s (explainer,
+    limit, progress)."""
+    from engine.interp.run import score_run
+
+    return score_run(db, run_id, judge, **options)
+
+
+# -- stitch -> exclusivity -> steer-eval ------------------------------------------------------
+
+
+def fit_stitch(
+    store: str | Path, out: str | Path, *, announce: Callable[[str], Any] | None = None, **options
+):
+    """Fit the affine maps A->B and B->A on a store's pairs and save them to `out`.
+
+    `options` are `train_stitch`'s (steps, batch_size, lr, holdout, seed, device, samples);
+    `announce`, if given, gets a line before the fit. Returns (stitch, saved path).
+    """
+    from engine.harvest.store import ActivationStore
+    from engine.steering.stitching import check_stitch_target, train_stitch
+
+    out = Path(out)
+    check_stitch_target(out)  # before the fit, not after it
+    acts = ActivationStore(store)
+    settings = {**parameter_defaults(train_stitch), **given(**options)}
+    settings["batch_size"] = min(settings["batch_size"], len(acts))  # a small store works too
+    if announce is not None:
+        announce(
+            f"fitting a {acts.d_a} <-> {acts.d_b} stitch on {store} ({settings['steps']} steps)"
+        )
+    stitch = train_stitch(acts, acts.d_a, acts.d_b, **settings)
+    stitch.info["store"] = str(Path(store).resolve())
+    return stitch, stitch.save(out)
+
+
+def steering_judge(kind: str, model: str | None = None):
+    """The steering judge `kind` names: "anthropic" (Claude `model`) or "offline" (MiniLM)."""
+    from engine.steering.judges import steering_judge as make
+
+    return make(kind, **given(model=model))
+
+
+def generation(
+    base: GenerationConfig,
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
+) -> GenerationConfig:
+    """`base` decoding with the options set; temperature 0 means greedy decoding."""
+    changes = given(max_new_tokens=max_new_tokens, seed=seed)
+    if temperature is not None:
+        changes.update(greedy=temperature == 0, temperature=temperature or base.temperature)
+    return replace(base, **changes)
+
+
+def _tuple(values: Sequence | None) -> tuple | None:
+    return None if values is None else tuple(values)
+
+
+def exclusivity_config(
+    *, alphas: Sequence[float] | None = None, source: str | None = None, **decoding
+):
+    """The exclusivity settings (paper B.5) with the options set; `decoding` as in
+    `generation`."""
+    from engine.steering.exclusivity import ExclusivityConfig
+
+    base = ExclusivityConfig()
+    return replace(
+        base,
+        generation=generation(base.generation, **decoding),
+        **given(alphas=_tuple(alphas), source=source),
+    )
+
+
+def exclusivity_line(result: Any) -> str:
+    """One feature's exclusivity result as a line."""
+    if result.exclusivity is None:
+        return (
+            f"feature {result.feature_id} ({result.source.upper()}): steering not interpretable "
+            f"({_fmt(result.interpretability)} < 3), no score"
+        )
+    return (
+        f"feature {result.feature_id} ({result.source.upper()} -> {result.target.upper()}): "
+        f"exclusivity {result.exclusivity:.2f} (similarity {result.similarity:.2f}, "
+        f"interpretability {_fmt(result.interpretability)})"
+    )
+
+
+def _fmt(value: float | None) -> str:
+    """A score or 'n/a'."""
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _open_pair(db: Database, run_id: str, stitch: Any, device: str | None):
+    """The run's crosscoder, the stitch and both models, loaded for steering."""
+    from engine.steering.pair import SteeringPair
+
+    return SteeringPair.open(db, run_id, stitch, **given(device=device))
+
+
+def exclusivity(
+    db: Database,
+    run_id: str,
+    stitch: Any,
+    judge: Any,
+    features: Sequence[int],
+    cfg: Any,
+    *,
+    device: str | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> list:
+    """Score `features` by whether their steering transfers through the stitch (a path or
+    a loaded stitch); features already scored are skipped unless `force`."""
+    from engine.progress import ProgressBar
+    from engine.steering.exclusivity import exclusivity_run
+
+    pair = _open_pair(db, run_id, stitch, device)
+    with ProgressBar("exclusivity", len(features), enabled=progress) as bar:
+        return exclusivity_run(
+            db, run_id, pair, judge, features, cfg, force=force,
+            on_result=lambda r: bar.update(advance=1, status=exclusivity_line(r)),
+        )  # fmt: skip
+
+
+def eval_config(
+    rubric: str,
+    *,
+    alphas: Sequence[float] | None = None,
+    prompts: str | None = None,
+    limit: int | None = None,
+    source: str | None = None,
+    models: Sequence[str] | None = None,
+    **decoding,
+):
+    """The steering-evaluation settings for `rubric` with the options set; `decoding` as in
+    `generation`."""
+    from engine.steering.evaluate import EvalConfig
+
+    base = EvalConfig(rubric=rubric)
+    options = given(
+        alphas=_tuple(alphas), prompts=prompts, limit=limit, source=source, models=_tuple(models)
+    )
+    return replace(base, generation=generation(base.generation, **decoding), **options)
+
+
+def steer_eval(
+    db: Database,
+    run_id: str,
+    stitch: Any,
+    feature: int,
+    judge: Any,
+    cfg: Any,
+    *,
+    device: str | None = None,
+    progress: bool = False,
+):
+    """Rate `feature`'s steered answers on `cfg`'s rubric per strength (paper B.5.2-6)."""
+    from engine.progress import ProgressBar
+    from engine.steering.evaluate import steer_eval as run
+    from engine.steering.rubrics import load_prompts, rubric
+
+    rub = rubric(cfg.rubric)
+    pair = _open_pair(db, run_id, stitch, device)
+    total = len(cfg.models) * len(load_prompts(cfg.prompts or rub.prompt_set)[: cfg.limit])
+    with ProgressBar(f"steer-eval {rub.name}", total, enabled=progress) as bar:
+        return run(
+            db, run_id, pair, feature, judge, cfg,
+            on_progress=lambda done, _total: bar.update(completed=done),
+        )  # fmt: skip
+
+
+def eval_figure(result: Any, feature: int, path: str | Path) -> None:
+    """Write the Figure-6 plot of a steering evaluation (HTML)."""
+    from engine.steering.evaluate import evaluation_figure
+    from engine.steering.rubrics import rubric
+
+    rub = rubric(result.rubric)
+    evaluation_figure(result.summary, rub.metric, f"feature {feature}: {rub.title}").write_html(
+        path
+    )
