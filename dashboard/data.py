@@ -24,8 +24,8 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.markdown import md, md_code
-from engine.analysis import categories
-from engine.analysis.context import Context
+from engine import categories
+from engine.contexts import Context
 from engine.store import Database, StoreDBError
 from engine.store.schema import TRIAGE_STATUSES
 
@@ -40,7 +40,7 @@ EXCLUSIVE = categories.EXCLUSIVE
 CANDIDATES = categories.CANDIDATES  # exclusive partitions and leaning shared features
 INTERPRETABLE = 0.8  # detection score at which a feature counts as interpretable
 PAGE_SIZE = 50  # rows per page of the features browser
-RECUR = 0.7  # decoder cosine at which a feature recurs in another run
+RECUR = categories.MATCH_COSINE  # decoder cosine at which a feature recurs in another run
 STATUSES = TRIAGE_STATUSES
 _WRITE_LOCK = threading.Lock()  # one triage write at a time across sessions
 _OPENED: list[Database] = []  # every Database the resource cache made (see close_all)

@@ -17,16 +17,16 @@ from typing import Any
 import streamlit as st
 
 from dashboard.markdown import md
-from engine.config import ConfigError
-from engine.crosscoder.checkpoint import CheckpointError, load_crosscoder
+from engine.crosscoder.checkpoint import load_crosscoder
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
+from engine.errors import UserError
 from engine.models.loading import LoadedModel, load_model
 from engine.specs import PairSpec
 from engine.steering.run import steering_problem
 
 # What loading a model or checkpoint can raise for a reason outside the dashboard.
-LOAD_ERRORS = (ConfigError, CheckpointError, OSError, ImportError, ValueError, RuntimeError)
+LOAD_ERRORS = (UserError, OSError, ImportError, ValueError, RuntimeError)
 
 
 # The models are shared by every session, and a generation or probe adds hooks to them that

@@ -16,15 +16,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-from engine.crosscoder.partition import Architecture, Partition
+from engine.errors import ConfigError  # defined there, importable from here too
+from engine.partition import Architecture, Partition
 
 SCORE_WEIGHTINGS = ("sum", "mean")
-
-
-class ConfigError(ValueError):
-    """A configuration value a user supplied is invalid."""
-
-
 RECYCLE_INITS = ("random", "residual")
 
 

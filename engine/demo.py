@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine import stages
-from engine.config import ConfigError, RunConfig, load_preset
+from engine.config import RunConfig, load_preset
+from engine.errors import ConfigError
 from engine.files import atomic_write_text
 
 RUN_ID = "demo"

@@ -17,7 +17,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from engine.config import ConfigError, HarvestConfig, RunConfig
+from engine.config import HarvestConfig, RunConfig
+from engine.errors import ConfigError
 
 if TYPE_CHECKING:
     from engine.steering.steer import GenerationConfig

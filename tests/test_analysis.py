@@ -19,9 +19,9 @@ from engine.analysis.scan import EntryCache, ScanConfig, scan
 from engine.crosscoder.checkpoint import save_crosscoder
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
-from engine.crosscoder.partition import Partition
 from engine.harvest.store import ActivationStore, StoreWriter
 from engine.harvest.store_shards import WindowRecord
+from engine.partition import Partition
 from engine.store import Database
 
 D_A, D_B = 8, 6

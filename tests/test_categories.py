@@ -10,19 +10,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.analysis.categories import (
+from engine.analysis.run_metrics import (
+    ALL,
+    dead_fractions,
+    dead_history,
+    partition_size_history,
+)
+from engine.categories import (
     A_LEANING_ABOVE,
     B_LEANING_BELOW,
     CANDIDATES,
     CATEGORIES,
     LABELS,
     category,
-)
-from engine.analysis.run_metrics import (
-    ALL,
-    dead_fractions,
-    dead_history,
-    partition_size_history,
 )
 from engine.config import ConfigError
 from engine.steering.exclusivity import (

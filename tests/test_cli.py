@@ -104,6 +104,35 @@ def test_user_errors_are_one_line_with_nonzero_exit(files, mutate, message):
     assert "Traceback" not in result.stderr
 
 
+def test_every_user_error_is_reported_on_one_line(monkeypatch, capsys):
+    """The CLI catches the one base class: a domain error of any package (and ConfigError,
+    still importable from engine.config) is printed as one line and exits 2."""
+    from engine import cli, config, errors
+    from engine.crosscoder.checkpoint import CheckpointError
+    from engine.crosscoder.data import DataError
+    from engine.crosscoder.trainer import TrainingError
+    from engine.harvest.align import AlignmentError
+    from engine.harvest.chat import RenderError
+    from engine.harvest.store import StoreError
+    from engine.planted import PlantedError
+    from engine.store import StoreDBError
+    from engine.toy.sweep import SweepError
+
+    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # keep pytest's SIGTERM
+    assert config.ConfigError is errors.ConfigError
+    domain = (CheckpointError, DataError, TrainingError, AlignmentError, RenderError)
+    domain += (StoreError, PlantedError, StoreDBError, SweepError, config.ConfigError)
+    for error in domain:
+        assert issubclass(error, errors.UserError), error
+
+        def fail(args, error=error):
+            raise error(f"bad {error.__name__}")
+
+        monkeypatch.setattr(cli.tools, "cmd_export", fail)
+        assert cli.main(["export", "--db", "x.duckdb", "--what", "runs", "--out", "x.csv"]) == 2
+        assert capsys.readouterr().err == f"error: bad {error.__name__}\n"
+
+
 def test_missing_files_are_named(files):
     result = modeldiff("train", "--config", str(files / "nope.toml"), "--pairs", "x", "--out", "y")
     assert result.returncode == 2 and "config file not found" in result.stderr

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from engine.crosscoder.model import Crosscoder
-from engine.crosscoder.partition import Partition
 from engine.crosscoder.trainer import train
+from engine.partition import Partition
 from tests.test_crosscoder import (
     D_A,
     D_B,

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest
 
-from engine.analysis.context import Context
+from engine.contexts import Context
 from engine.store import Database
 from tests.dashboard_fixture import (
     B_LEANING,

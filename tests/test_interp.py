@@ -11,8 +11,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from engine.analysis.context import Context
 from engine.config import ConfigError
+from engine.contexts import Context
 from engine.interp.base import Explainer, FeatureExamples, Judge
 from engine.interp.detection import detection_score
 from engine.interp.format import format_examples, format_plain, highlight, importances

@@ -13,10 +13,10 @@ import torch
 from engine.cli import main
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
-from engine.crosscoder.partition import Partition
 from engine.harvest.store import ActivationStore, StoreWriter
 from engine.harvest.store_shards import WindowRecord
 from engine.models.loading import LoadedModel
+from engine.partition import Partition
 from engine.planted import PlantedError
 from engine.planted.embedding import measure_shift, plant_embeddings, planted_harvest_config
 from engine.planted.evaluate import evaluate_planted, feature_scores

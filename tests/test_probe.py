@@ -11,7 +11,7 @@ from engine.analysis.probe import feature_activations_on_text
 from engine.config import ConfigError
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
-from engine.crosscoder.partition import Partition
+from engine.partition import Partition
 
 TEXT = "The river runs past the old stone bridge, and the birds sing of tea at noon."
 LAYERS = {"a": 1, "b": 1}

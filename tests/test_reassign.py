@@ -7,10 +7,10 @@ import torch
 
 from engine.config import ConfigError, CrosscoderConfig, TrainConfig
 from engine.crosscoder.model import Crosscoder
-from engine.crosscoder.partition import Partition
 from engine.crosscoder.reassign import adapt, leaning, reassign
 from engine.crosscoder.relayout import resize
 from engine.crosscoder.trainer import Trainer, train
+from engine.partition import Partition
 
 D_A, D_B = 12, 10
 WINDOW = 100

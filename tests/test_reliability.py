@@ -409,7 +409,7 @@ def test_matching_runs_on_different_model_pairs_is_refused(tmp_path, tiny, capsy
     from engine.crosscoder.checkpoint import save_crosscoder
     from engine.crosscoder.model import Crosscoder
     from engine.crosscoder.normalize import Normalizer
-    from engine.crosscoder.partition import Partition
+    from engine.partition import Partition
     from engine.store import Database
 
     db = tmp_path / "x.duckdb"

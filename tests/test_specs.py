@@ -16,7 +16,7 @@ from engine.crosscoder import checkpoint as ckpt
 from engine.crosscoder.checkpoint import CheckpointError, check_models, load_crosscoder
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
-from engine.crosscoder.partition import Partition
+from engine.partition import Partition
 from engine.specs import ModelSpec, PairSpec
 from engine.steering.stitching import Stitch, fitted_models
 

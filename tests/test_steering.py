@@ -10,9 +10,9 @@ import torch
 from engine.config import ConfigError
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
-from engine.crosscoder.partition import Partition
 from engine.models.loading import LoadedModel
 from engine.models.tokenizers import load_tokenizer
+from engine.partition import Partition
 from engine.steering.steer import (
     GenerationConfig,
     feature_vector,

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.analysis.categories import CANDIDATES, category
-from engine.analysis.context import Context
+from engine.categories import CANDIDATES, category
+from engine.contexts import Context
 from engine.store import schema
 from engine.store.db import Database, StoreDBError
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from engine.config import ConfigError
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
-from engine.crosscoder.partition import Partition
+from engine.partition import Partition
 from engine.steering.stitching import Stitch, train_stitch
 from engine.steering.transfer import load_vector, shared_features, transfer
 

@@ -18,16 +18,17 @@ import plotly.graph_objects as go
 
 from dashboard.data import label
 from dashboard.markdown import md, md_code, spreadsheet_safe
-from engine.analysis.context import Context
+from engine import categories
+from engine.contexts import Context
 
 # Partitions and categories: leaning shared features in a lighter shade of their model's.
 PARTITION_COLOURS = {
-    "a_exclusive": "#d62728",
-    "a_leaning": "#f08080",
-    "shared": "#7f7f7f",
-    "designated_shared": "#9467bd",
-    "b_leaning": "#6fa8dc",
-    "b_exclusive": "#1f77b4",
+    categories.A_EXCLUSIVE: "#d62728",
+    categories.A_LEANING: "#f08080",
+    categories.SHARED: "#7f7f7f",
+    categories.DESIGNATED: "#9467bd",
+    categories.B_LEANING: "#6fa8dc",
+    categories.B_EXCLUSIVE: "#1f77b4",
 }
 # How a text is shown: aligned spans (tokenizer-independent) or one model's own tokens.
 TOKEN_VIEWS = {"aligned spans": None, "model A tokens": "a", "model B tokens": "b"}

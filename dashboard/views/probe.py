@@ -12,7 +12,7 @@ import streamlit as st
 from dashboard import models
 from dashboard.views.common import TOKEN_VIEWS, context_html, fmt, tokens_html
 from engine.analysis.probe import feature_activations_on_text
-from engine.config import ConfigError
+from engine.errors import UserError
 from engine.steering.run import steering_problem
 
 PLACEHOLDER = "Type or paste any text to see where this feature fires in it."
@@ -52,7 +52,7 @@ def _panel(run_id: str, feature_id: int, run: dict, max_act: float) -> None:
         except models.Unavailable as err:
             st.info(str(err))
             return
-        except (ConfigError, ValueError, RuntimeError) as err:
+        except (UserError, ValueError, RuntimeError) as err:
             st.warning(f"Cannot compute activations: {err}")
             return
         st.session_state["p_result"] = {"key": key, "probe": probe}

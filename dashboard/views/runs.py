@@ -13,8 +13,8 @@ import streamlit as st
 from dashboard import data
 from dashboard.markdown import md, md_code
 from dashboard.views.common import PARTITION_COLOURS, fmt, percent
-from engine.analysis.categories import A_LEANING_ABOVE, B_LEANING_BELOW
 from engine.analysis.run_metrics import ALL, dead_fractions, dead_history, partition_size_history
+from engine.categories import A_LEANING_ABOVE, B_LEANING_BELOW
 from engine.specs import SIDES, ModelSpec, PairSpec
 
 

@@ -19,7 +19,8 @@ import streamlit as st
 from dashboard import data, models
 from dashboard.markdown import md, md_code
 from dashboard.views.common import TEXT_STYLE, esc, fmt
-from engine.config import ConfigError
+from engine import categories
+from engine.errors import UserError
 from engine.steering.run import SteeringPlan, plan_steering, steering_problem, stream_text
 from engine.steering.steer import GenerationConfig
 from engine.store import StoreDBError
@@ -34,7 +35,7 @@ DEFAULTS = {
     "s_max_new": 48,
     "s_sweep": "0 2 4 6 8 10",
 }
-GENERATION_ERRORS = (ConfigError, ValueError, RuntimeError)
+GENERATION_ERRORS = (UserError, ValueError, RuntimeError)
 # Characters Markdown (or Streamlit's LaTeX) would interpret in streamed model text.
 _MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$])")
 
@@ -118,7 +119,7 @@ def _panel(path: str, run_id: str, feature_id: int, run: dict, stats: dict) -> N
         try:
             alphas = _alphas(sweep_text) if sweep else [float(alpha)]
             if not prompt.strip():
-                raise ConfigError("type a prompt first")
+                raise UserError("type a prompt first")
             loaded = models.load(run, keys)
             feature = data.feature(path, run_id, feature_id)
             plans = {
@@ -152,9 +153,9 @@ def _panel(path: str, run_id: str, feature_id: int, run: dict, stats: dict) -> N
 
 def _exclusive_note(partition: Any) -> str | None:
     """A caption for an exclusive feature: the other model is steered through a transfer."""
-    if partition == "a_exclusive":
+    if partition == categories.A_EXCLUSIVE:
         return "A-exclusive: model B has no decoder for it and is steered through a transfer."
-    if partition == "b_exclusive":
+    if partition == categories.B_EXCLUSIVE:
         return "B-exclusive: model A has no decoder for it and is steered through a transfer."
     return None
 
@@ -164,9 +165,9 @@ def _alphas(text: str) -> list[float]:
     try:
         values = [float(v) for v in re.split(r"[\s,;]+", text.strip()) if v]
     except ValueError:
-        raise ConfigError(f"strengths must be numbers separated by spaces, got {text!r}") from None
+        raise UserError(f"strengths must be numbers separated by spaces, got {text!r}") from None
     if not values or len(values) > 21:
-        raise ConfigError("give between 1 and 21 strengths for a sweep")
+        raise UserError("give between 1 and 21 strengths for a sweep")
     values = [0.0] + [v for v in dict.fromkeys(values) if v != 0.0]
     return values
 

@@ -16,7 +16,7 @@ import streamlit as st
 from dashboard import data
 from dashboard.markdown import md, md_code
 from dashboard.views.common import exclusivity_html, fmt, steered_texts_html, timestamp
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.steering.evaluate import KIND, evaluation_figure, summary_of
 from engine.steering.exclusivity import METRIC
 from engine.steering.rubrics import rubric

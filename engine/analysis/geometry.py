@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from engine.crosscoder.checkpoint import CheckpointError, check_models, trained_on
 from engine.crosscoder.model import Crosscoder
-from engine.crosscoder.partition import Role
+from engine.partition import Role
 
 
 def roles(crosscoder: Crosscoder) -> np.ndarray:

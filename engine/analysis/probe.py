@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.analysis.context import Context
-from engine.config import ConfigError
+from engine.contexts import Context
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
+from engine.errors import ConfigError
 from engine.harvest.text_documents import Document
 from engine.harvest.windows import document_windows, side
 from engine.models.capture import capture_residual

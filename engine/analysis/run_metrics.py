@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from engine.crosscoder.partition import Role
+from engine.partition import Role
 
 DEAD_PREFIX = "dead_frac_"
 ALL = "all"  # the key of the dead fraction over every feature

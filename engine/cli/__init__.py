@@ -5,8 +5,9 @@ The sub-commands live in one module per group: `data` (harvest, train, analyze, 
 (export, dashboard, toy, demo); `planted` comes from `engine.planted.cli`. The handlers
 call the stages of `engine.stages`, as the demo does.
 
-Errors a user can cause are printed as one line starting with ``error:`` (no traceback)
-and exit with status 2; an interrupted run exits with 130 and resumes when rerun.
+Errors a user can cause (`engine.errors.UserError` and its subclasses) are printed as one
+line starting with ``error:`` (no traceback) and exit with status 2; an interrupted run
+exits with 130 and resumes when rerun.
 """
 
 from __future__ import annotations
@@ -18,30 +19,13 @@ import sys
 from engine.cli import data, interp, tools, verify
 from engine.cli.tools import dashboard_command, is_loopback
 from engine.cli_types import Parser
-from engine.config import ConfigError
+from engine.errors import UserError
 
 __all__ = ["USER_ERRORS", "build_parser", "dashboard_command", "is_loopback", "main"]
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from engine.crosscoder.checkpoint import CheckpointError
-    from engine.crosscoder.data import DataError
-    from engine.crosscoder.trainer import TrainingError
-    from engine.harvest.align import AlignmentError
-    from engine.harvest.store import StoreError
-    from engine.store import StoreDBError
-
-    return (
-        *USER_ERRORS,
-        CheckpointError,
-        DataError,
-        TrainingError,
-        StoreError,
-        AlignmentError,
-        StoreDBError,
-    )
+# What the CLI reports on one line: every project error a user can fix derives from
+# UserError (engine.errors); a missing file from the standard library is one too.
+USER_ERRORS: tuple[type[Exception], ...] = (UserError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         status = args.func(args)
-    except _user_errors() as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

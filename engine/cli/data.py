@@ -6,8 +6,10 @@ import argparse
 from pathlib import Path
 
 from engine import stages
+from engine.categories import EXCLUSIVE, MATCH_COSINE
 from engine.cli_types import non_negative_float, non_negative_int, positive_int, run_id
-from engine.config import ConfigError, HarvestConfig, RunConfig, load_run_config
+from engine.config import HarvestConfig, RunConfig, load_run_config
+from engine.errors import ConfigError
 
 
 def cmd_harvest(args: argparse.Namespace) -> None:
@@ -125,7 +127,7 @@ def _checkpoint_path(run: dict, run_id: str) -> str:
     return path
 
 
-def _match(db_path: Path, run_id: str, other: str, threshold: float = 0.7) -> None:
+def _match(db_path: Path, run_id: str, other: str, threshold: float = MATCH_COSINE) -> None:
     from engine.analysis.geometry import match_runs
     from engine.crosscoder.checkpoint import load_crosscoder
     from engine.store import Database
@@ -136,7 +138,7 @@ def _match(db_path: Path, run_id: str, other: str, threshold: float = 0.7) -> No
         ours, theirs = (load_crosscoder(path)[0] for path in paths)
         table = match_runs(ours, theirs)
         db.write_matches(run_id, other, table)
-    excl = table[table["partition"].isin(["a_exclusive", "b_exclusive"])]
+    excl = table[table["partition"].isin(EXCLUSIVE)]
     found = excl[excl["cosine"] >= threshold]
     print(
         f"matched {len(table):,} features of {run_id!r} against {other!r}: "

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from engine.cli_types import port, run_id
-from engine.config import ConfigError
+from engine.errors import UserError
 
 DASHBOARD_HOST = "127.0.0.1"  # this machine only
 DASHBOARD_PORT = 8501  # Streamlit's own default
@@ -23,7 +23,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     for item in args.where or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError(f"--where takes column=value, got {item!r}")
+            raise UserError(f"--where takes column=value, got {item!r}")
         texts[key] = value
     with Database(args.db, read_only=True, hold=False) as db:
         # Typed, so `dead=false` is False (not the true-ish string "false").
@@ -38,12 +38,12 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     import subprocess
 
     if importlib.util.find_spec("streamlit") is None:
-        raise ConfigError('the dashboard needs Streamlit: pip install -e ".[app]"')
+        raise UserError('the dashboard needs Streamlit: pip install -e ".[app]"')
     db = args.db if args.db is not None else _env_db()
     if db is None:
-        raise ConfigError("name the results database: modeldiff dashboard --db results.duckdb")
+        raise UserError("name the results database: modeldiff dashboard --db results.duckdb")
     if not db.is_file():
-        raise ConfigError(
+        raise UserError(
             f"no results database at {db}; create one with `modeldiff analyze --run RUN "
             f"--store STORE --db {db}` (see docs/analysis.md)"
         )

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from engine import stages
-from engine.analysis.categories import CANDIDATES
+from engine.categories import CANDIDATES
 from engine.cli_types import (
     any_int,
     finite_float,

@@ -39,8 +39,9 @@ from safetensors.torch import load_file, save_file
 
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
-from engine.crosscoder.partition import Partition
+from engine.errors import UserError
 from engine.files import atomic_save_tensors, atomic_write_text
+from engine.partition import Partition
 from engine.specs import PairSpec
 
 FORMAT = "modeldiff.crosscoder"
@@ -70,7 +71,7 @@ def has_crosscoder(directory: str | Path) -> bool:
     return (Path(directory) / HEADER_FILE).is_file()
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, corrupt, or does not match what was asked for."""
 
 

@@ -19,10 +19,12 @@ from typing import Protocol
 
 import torch
 
+from engine.errors import UserError
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Paired activations have the wrong shape or content."""
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from engine.config import ConfigError
+from engine.errors import UserError
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -179,7 +179,7 @@ def _join(rank: int, world: int, device: torch.device) -> None:
         else:
             dist.init_process_group("gloo", rank=rank, world_size=world)
     except (ValueError, RuntimeError) as err:
-        raise ConfigError(
+        raise UserError(
             f"cannot join the process group of rank {rank} of {world} ({err}); start the "
             f"command with torchrun, or unset WORLD_SIZE to train in one process"
         ) from None

@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.crosscoder.partition import Partition, Role
 from engine.crosscoder.sparse import (
     BlockEncoding,
     Entries,
     SelectedEncoding,
     weighted_gather_sum,
 )
+from engine.partition import Partition, Role
 
 
 class Crosscoder(nn.Module):

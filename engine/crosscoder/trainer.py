@@ -37,6 +37,7 @@ from engine.crosscoder.partition import Partition, Role
 from engine.crosscoder.reassign import adapt, reassign
 from engine.crosscoder.relayout import resize
 from engine.crosscoder.sparse import Entries, batch_topk
+from engine.errors import UserError
 from engine.progress import ProgressBar
 
 # Settings that may change between a run and its resumption without changing the result.
@@ -44,7 +45,7 @@ _RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "keep_checkpoint
 _NORMALIZER_FIT_ROWS = 8192
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot start or continue as asked."""
 
 

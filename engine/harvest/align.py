@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.errors import UserError
+
 # Reasons a token is left out of the alignment (keys of Alignment.dropped_a / dropped_b).
 SPECIAL = "special/template token"
 FIRST = "position 0"
@@ -36,7 +38,7 @@ SKIPPED = "non-content or inside a window"
 UNREACHED = "after divergence"
 
 
-class AlignmentError(ValueError):
+class AlignmentError(UserError, ValueError):
     """Inputs to an alignment are inconsistent (shapes, offsets, missing text)."""
 
 

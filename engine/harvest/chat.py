@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.harvest.text_documents import Document, Message
 
 # Private-use characters stand in for message contents when a template is rendered to find

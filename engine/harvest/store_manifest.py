@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from engine.dtypes import DTYPES
+from engine.errors import UserError
 
 FORMAT = "modeldiff-activations"
 VERSION = 1
@@ -29,7 +30,7 @@ _SHARD_FILE = re.compile(r"shards/(rank-\d{3,}-)?shard-\d{6,}\.safetensors")
 _DOCUMENT_FILE = re.compile(r"documents/(rank-\d{3,}-)?part-\d{6,}\.jsonl")
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """An activation store is missing, incompatible or damaged."""
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.harvest.text_demo import DEMO_SOURCES
 from engine.harvest.text_documents import SPEC_FORMS, TextSource
 from engine.harvest.text_files import file_source

@@ -11,7 +11,7 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.harvest.text_documents import Document, Message, TextSource, chat_document
 from engine.harvest.text_mixture import Mixture
 

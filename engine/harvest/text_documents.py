@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 
 CHAT_FIELDS = ("messages", "conversation")
 # ShareGPT-style records name roles and contents differently.

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.harvest.text_documents import (
     SPEC_FORMS,
     Document,

@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Iterator
 from typing import Any
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.harvest.text_documents import Document, chat_fields, record_document
 
 

@@ -12,7 +12,7 @@ import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.harvest.text_documents import Document, TextSource
 
 

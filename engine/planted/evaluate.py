@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
-from engine.crosscoder.partition import Partition, Role
+from engine.partition import Partition, Role
 from engine.planted import PlantedError
 from engine.planted.pairs import PlantedPairs
 

@@ -21,8 +21,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from engine.config import ConfigError, CrosscoderConfig, TrainConfig, preset_names
+from engine.config import CrosscoderConfig, TrainConfig, preset_names
 from engine.crosscoder.normalize import Normalizer
+from engine.errors import ConfigError
 from engine.files import atomic_write_text
 from engine.harvest.store import ActivationStore
 from engine.planted import KINDS, PlantedError

@@ -9,7 +9,7 @@ steering is not mistaken for exclusivity), then how similar the two models' stee
 the behaviour over.
 
 Which features to score: the exclusive partitions by default, and the shared features
-whose decoder norm leans to one model (`engine.analysis.categories`) on request, or by
+whose decoder norm leans to one model (`engine.categories`) on request, or by
 default when the run has no exclusive partition. A leaning feature is steered from the
 model it leans to.
 """
@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field, replace
 from statistics import mean
 from typing import Any
 
-from engine.analysis.categories import CANDIDATES, EXCLUSIVE, MODEL_OF
-from engine.config import ConfigError
+from engine.categories import CANDIDATES, EXCLUSIVE, MODEL_OF
+from engine.errors import ConfigError
 from engine.steering.judges import SteeringJudge, Verdict
 from engine.steering.pair import SteeringPair
 from engine.steering.steer import GenerationConfig

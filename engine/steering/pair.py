@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from engine.config import ConfigError
 from engine.crosscoder.checkpoint import load_crosscoder
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
+from engine.errors import ConfigError
 from engine.models.loading import LoadedModel, load_model
 from engine.specs import SIDES, PairSpec
 from engine.steering.steer import GenerationConfig, feature_vector, generate

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 
 RUBRIC_VERSION = "rubric-b5-v1"
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "data" / "prompts"

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from engine.config import ConfigError
 from engine.crosscoder.checkpoint import has_crosscoder, load_crosscoder
+from engine.errors import ConfigError
 from engine.models.loading import HUB_ID, INSTALL, LoadedModel, load_model
 from engine.models.tokenizers import DEMO
 from engine.specs import SIDES, ModelSpec, PairSpec

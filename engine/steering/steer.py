@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import ConfigError
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
+from engine.errors import ConfigError
 from engine.models.layers import decoder_layers
 from engine.models.loading import LoadedModel
 

@@ -24,7 +24,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from engine.config import ConfigError
 from engine.crosscoder.data import (
     DataError,
     PairedSource,
@@ -33,6 +32,7 @@ from engine.crosscoder.data import (
     check_pair_shapes,
     finite_rows,
 )
+from engine.errors import ConfigError
 from engine.files import atomic_write_bytes
 from engine.specs import SIDES, PairSpec
 from engine.steering.transfer import other_model

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from engine.config import ConfigError
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
+from engine.errors import ConfigError
 
 MODELS = ("a", "b")
 VECTOR_SUFFIXES = (".safetensors", ".pt", ".npy")

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.analysis import categories
+from engine import categories
 from engine.store import schema
 from engine.store.errors import StoreDBError
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.analysis.context import Context
+from engine.contexts import Context
 from engine.store import schema
 from engine.store.connection import Cursor
 from engine.store.errors import StoreDBError

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from engine.errors import UserError
 
-class StoreDBError(ValueError):
+
+class StoreDBError(UserError, ValueError):
     """The results database is missing, incompatible, or was asked for what it lacks."""
 
 

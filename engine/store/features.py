@@ -108,7 +108,7 @@ class FeaturesMixin(Tables):
         the feature (NULL when the judge gave none); a feature never triaged is 'unreviewed'.
         Score, exclusivity and density bounds are inclusive and drop rows without a value.
         `partition` and `category` keep the features in any of the given partitions or
-        categories (`engine.analysis.categories`: a shared feature past the relative-norm
+        categories (`engine.categories`: a shared feature past the relative-norm
         bounds is a_leaning or b_leaning, not shared).
         `search` matches explanation text, case-insensitively, as a plain substring. `limit`
         and `offset` give one page of the sorted rows (`feature_count` counts them all).

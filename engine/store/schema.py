@@ -10,9 +10,9 @@ Times are naive UTC timestamps. JSON columns hold `json.dumps` text; the store d
 
 from __future__ import annotations
 
-from engine.analysis.categories import CATEGORIES as FEATURE_CATEGORIES
-from engine.analysis.context import KINDS
-from engine.crosscoder.partition import Role
+from engine.categories import CATEGORIES as FEATURE_CATEGORIES
+from engine.contexts import KINDS
+from engine.partition import Role
 
 V1 = """
 CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
@@ -290,7 +290,7 @@ SEQUENCES: dict[str, str] = {"explanations": "explanation_ids", "scores": "score
 
 PARTITIONS = tuple(role.value for role in Role)  # a_exclusive ... designated_shared
 # A feature's partition, with shared features past the relative-norm bounds set apart as
-# a_leaning / b_leaning (engine.analysis.categories); computed by queries, not stored.
+# a_leaning / b_leaning (engine.categories); computed by queries, not stored.
 CATEGORIES = FEATURE_CATEGORIES
 CONTEXT_KINDS = KINDS
 SPACES = ("a", "b")

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from engine.analysis import categories
+from engine import categories
 from engine.store import schema
 from engine.store.connection import Cursor
 from engine.store.errors import StoreDBError

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.crosscoder.partition import Role
+from engine.partition import Role
 from engine.toy.model import ToyModel
 
 

@@ -22,7 +22,8 @@ from typing import Any
 import pandas as pd
 
 from engine.cli_types import Parser
-from engine.config import ConfigError, CrosscoderConfig, TrainConfig
+from engine.config import CrosscoderConfig, TrainConfig
+from engine.errors import ConfigError, UserError
 from engine.files import atomic_write_text
 from engine.progress import ProgressBar
 from engine.sweep_results import append_row, json_records, load_results, write_csv
@@ -162,7 +163,7 @@ class SweepConfig:
         return dataclasses.asdict(self)
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """An output directory holds results that cannot be combined with this sweep."""
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.config import ConfigError
+from engine.errors import UserError
 from engine.files import atomic_write_text
 from engine.interp.anthropic.client import message_text, sdk
 from engine.interp.base import ExplainRun, FeatureExamples, OnResult, pending
@@ -54,7 +54,7 @@ class _Ledger:
             try:
                 self.entries = json.loads(self.path.read_text())["batches"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ConfigError(
+                raise UserError(
                     f"batch ledger {self.path} is damaged ({err}); check its batches in the "
                     "Anthropic console, then delete the file to start afresh"
                 ) from None

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.interp.prompts import FEW_SHOT, FLAGGING_SYSTEM
 
 log = logging.getLogger(__name__)

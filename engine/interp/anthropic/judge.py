@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from engine.analysis.context import Context
+from engine.contexts import Context
 from engine.interp.anthropic.client import DEFAULT_MODEL, Caller, cached_system
 from engine.interp.format import format_plain
 from engine.interp.parse import ParseError, parse_judgement

@@ -11,19 +11,26 @@ below `B_LEANING_BELOW` "B-leaning".
 Categories split the features without overlap: a shared feature is A-leaning, B-leaning
 or "shared" (leaning to neither); every other feature's category is its partition. The
 results store computes the same categories in SQL from these constants.
+
+`MATCH_COSINE` is the other number that sorts features across the project: the decoder
+cosine at which a feature of one run recurs in another run on the same model pair.
 """
 
 from __future__ import annotations
 
+from engine.partition import Role
+
 A_LEANING_ABOVE = 0.8  # a shared feature with relative decoder norm above this leans to A
 B_LEANING_BELOW = 0.2  # ... below this, to B
+# A feature recurs in another run when its best decoder cosine there
+# (engine.analysis.geometry.match_runs) is at least this.
+MATCH_COSINE = 0.7
 
-# The partitions (engine.crosscoder.partition.Role), spelled out so that the command line
-# can name categories without importing torch.
-A_EXCLUSIVE = "a_exclusive"
-B_EXCLUSIVE = "b_exclusive"
-SHARED = "shared"
-DESIGNATED = "designated_shared"
+# The partitions (engine.partition.Role), as the plain strings tables and SQL hold.
+A_EXCLUSIVE = Role.A_EXCLUSIVE.value
+B_EXCLUSIVE = Role.B_EXCLUSIVE.value
+SHARED = Role.SHARED.value
+DESIGNATED = Role.DESIGNATED.value
 A_LEANING = "a_leaning"
 B_LEANING = "b_leaning"
 
