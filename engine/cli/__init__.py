@@ -18,7 +18,7 @@ import sys
 
 from engine.cli import data, interp, tools, verify
 from engine.cli.tools import dashboard_command, is_loopback
-from engine.cli_types import Parser
+from engine.cli.types import Parser
 from engine.errors import UserError
 
 __all__ = ["USER_ERRORS", "build_parser", "dashboard_command", "is_loopback", "main"]

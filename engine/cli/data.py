@@ -7,7 +7,7 @@ from pathlib import Path
 
 from engine import stages
 from engine.categories import EXCLUSIVE, MATCH_COSINE
-from engine.cli_types import non_negative_float, non_negative_int, positive_int, run_id
+from engine.cli.types import non_negative_float, non_negative_int, positive_int, run_id
 from engine.config import HarvestConfig, RunConfig, load_run_config
 from engine.errors import ConfigError
 

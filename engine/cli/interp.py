@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from engine import stages
-from engine.cli_types import positive_int, run_id
+from engine.cli.types import positive_int, run_id
 
 
 def cmd_explain(args: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.cli_types import port, run_id
+from engine.cli.types import port, run_id
 from engine.errors import UserError
 
 DASHBOARD_HOST = "127.0.0.1"  # this machine only

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from engine import stages
 from engine.categories import CANDIDATES
-from engine.cli_types import (
+from engine.cli.types import (
     any_int,
     finite_float,
     non_negative_float,

@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from engine.cli_types import Parser
+from engine.cli.types import Parser
 from engine.config import CrosscoderConfig, TrainConfig
 from engine.errors import ConfigError, UserError
 from engine.files import atomic_write_text
