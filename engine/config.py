@@ -117,20 +117,19 @@ class TrainConfig:
     # Adaptive partitions: dead windows an exclusive feature stays silent before it returns
     # to the shared block (1: as soon as it is dead; more gives AuxK time to revive it as
     # an exclusive feature).
-    recycle_after_windows: int = 1
+    recycle_after_windows: float = 1
     # How a recycled feature starts: "random" direction, or "residual": the reconstruction
     # error of an example drawn by its squared error (where the crosscoder is worst).
     recycle_init: str = "random"
     # Adaptive partitions: share of each exclusive partition's configured size it starts
     # with (at least one feature); moves grow it up to the configured size.
     exclusive_start: float = 1.0
-    # Step of the first reassignment check; None: the end of the k anneal, when features
+    # Step of the first reassignment check; "anneal": the end of the k anneal, when features
     # have settled (earlier checks fill small partitions with whatever leans first).
-    reassign_after: int | None = 0
+    reassign_after: int | str = 0
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "k", "log_every", "checkpoint_every", "keep_checkpoints")
-        positive += ("recycle_after_windows",)
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -157,11 +156,18 @@ class TrainConfig:
                 f"reassign_low and reassign_high must satisfy 0 <= low < 0.5 < high <= 1, got "
                 f"{self.reassign_low} and {self.reassign_high}"
             )
-        if self.reassign_after is not None and (
-            not isinstance(self.reassign_after, int) or self.reassign_after < 0
+        after = self.reassign_after
+        if after != "anneal" and (
+            isinstance(after, bool) or not isinstance(after, int) or after < 0
         ):
             raise ConfigError(
-                f"reassign_after must be a step number (>= 0) or None, got {self.reassign_after!r}"
+                f'reassign_after must be a step number (>= 0) or "anneal", got {after!r}'
+            )
+        if not (
+            isinstance(self.recycle_after_windows, int | float) and self.recycle_after_windows > 0
+        ):
+            raise ConfigError(
+                f"recycle_after_windows must be > 0, got {self.recycle_after_windows!r}"
             )
         if not 0 < self.exclusive_start <= 1:
             raise ConfigError(f"exclusive_start must be in (0, 1], got {self.exclusive_start}")
@@ -174,8 +180,8 @@ class TrainConfig:
     @property
     def first_reassignment(self) -> int:
         """Step of the first reassignment check."""
-        if self.reassign_after is not None:
-            return self.reassign_after
+        if self.reassign_after != "anneal":
+            return int(self.reassign_after)
         return self.anneal_steps if self.k_initial is not None else 0
 
     def k_at(self, step: int) -> int:

@@ -206,10 +206,10 @@ def test_exclusive_start_shrinks_only_adaptive_exclusive_blocks_to_at_least_one(
 
 def test_the_first_reassignment_check_waits_for_reassign_after():
     assert (
-        TrainConfig(reassign_after=None, k=8, k_initial=64, anneal_steps=300).first_reassignment
+        TrainConfig(reassign_after="anneal", k=8, k_initial=64, anneal_steps=300).first_reassignment
         == 300
     )
-    assert TrainConfig(reassign_after=None, k_initial=None).first_reassignment == 0
+    assert TrainConfig(reassign_after="anneal", k_initial=None).first_reassignment == 0
     assert TrainConfig(reassign_after=40).first_reassignment == 40
     with pytest.raises(ConfigError, match="reassign_after"):
         TrainConfig(reassign_after=-1)
@@ -236,6 +236,10 @@ def test_recycle_init_and_exclusive_start_are_validated():
     for bad in (0.0, 1.5):
         with pytest.raises(ConfigError, match="exclusive_start"):
             TrainConfig(exclusive_start=bad)
+    for bad in (0, -0.5, "1"):
+        with pytest.raises(ConfigError, match="recycle_after_windows"):
+            TrainConfig(recycle_after_windows=bad)
+    assert TrainConfig(recycle_after_windows=0.2).recycle_after_windows == 0.2
 
 
 def test_resize_gives_the_block_sizes_of_a_checkpoint():

@@ -421,7 +421,7 @@ class Trainer:
             self.model_cfg.decoder_init_norm,
         )
         if cfg.adapt_partitions:
-            recycle_after = cfg.recycle_after_windows * cfg.dead_window_tokens
+            recycle_after = round(cfg.recycle_after_windows * cfg.dead_window_tokens)
             residual = self._gathered(errors) if cfg.recycle_init == "residual" else None
             moves, self.leaning, order = adapt(*args, self._capacity, recycle_after, residual)
             if order is not None:

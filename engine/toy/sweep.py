@@ -76,7 +76,7 @@ class SweepConfig:
     reassign_low: float | None = None  # None: the trainer's defaults
     reassign_high: float | None = None
     adapt_partitions: bool | None = None  # None: the trainer's default (adaptive)
-    recycle_after_windows: int | None = None  # None: the trainer's default
+    recycle_after_windows: float | None = None  # None: the trainer's default
     exclusive_start: float | None = None  # None: the trainer's default
     # None: 5% of the training tokens, scaled to these short runs as 10M is to 800M pairs
     # in the paper (but coarser, so AuxK gets a chance to act).
@@ -482,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--recycle-after",
-        type=int,
+        type=float,
         metavar="WINDOWS",
         help="adaptive partitions: dead windows before an exclusive feature returns to shared",
     )
