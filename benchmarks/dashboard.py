@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.store import Database, schema
-from engine.store.schema import PARTITIONS, TRIAGE_STATUSES
+from engine.results import Database, schema
+from engine.results.schema import PARTITIONS, TRIAGE_STATUSES
 
 RUN, OTHER = "bench", "bench-seed1"
 TARGET_MS = 300.0

@@ -19,9 +19,9 @@ import time
 
 import torch
 
+from engine.activations.stats import bytes_per_pair
 from engine.config import HarvestConfig
 from engine.harvest.pipeline import harvest
-from engine.harvest.store_stats import bytes_per_pair
 from engine.models.loading import load_model
 
 

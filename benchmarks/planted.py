@@ -19,8 +19,8 @@ import argparse
 import sys
 import time
 
+from engine.activations import StoreError
 from engine.config import ConfigError
-from engine.harvest.store import StoreError
 from engine.planted import KINDS
 from engine.planted.sweep import PlantedConfig, format_table, run_planted, summarize
 from engine.planted.variants import DEFAULT_VARIANTS, parse_variant

@@ -18,10 +18,10 @@ import time
 import numpy as np
 import torch
 
+from engine.activations import ActivationStore, StoreWriter
+from engine.activations.shards import WindowRecord
 from engine.config import CrosscoderConfig, TrainConfig
 from engine.crosscoder.trainer import train
-from engine.harvest.store import ActivationStore, StoreWriter
-from engine.harvest.store_shards import WindowRecord
 
 D_A, D_B = 576, 640
 

@@ -1,1 +1,1 @@
-"""modeldiff's Streamlit dashboard: thin views over the results database (`engine.store`)."""
+"""modeldiff's Streamlit dashboard: thin views over the results database (`engine.results`)."""

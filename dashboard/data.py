@@ -26,8 +26,8 @@ import streamlit as st
 from dashboard.markdown import md, md_code
 from engine import categories
 from engine.contexts import Context
-from engine.store import Database, StoreDBError
-from engine.store.schema import TRIAGE_STATUSES
+from engine.results import Database, ResultsDBError
+from engine.results.schema import TRIAGE_STATUSES
 
 ENV_DB = "MODELDIFF_DB"
 # Partitions and categories (a partition, or a shared feature leaning to one model) share
@@ -110,7 +110,7 @@ def require_db() -> str:
     resolved = str(file.resolve())
     try:
         ids = run_ids(resolved)
-    except StoreDBError as err:
+    except ResultsDBError as err:
         _stop(f"Cannot open {md_code(file)}: {md(err)}")
     if not ids:
         _stop(f"{md_code(file)} holds no analysed run yet.")

@@ -106,8 +106,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> Demo:
 
 def stage_harvest(demo: Demo) -> str:
     """Paired activations of the two demo models (resumes a partial store)."""
+    from engine.activations import ActivationStore, StoreError
     from engine.harvest.pipeline import summary
-    from engine.harvest.store import ActivationStore, StoreError
 
     cfg = demo.config().harvest
     try:
@@ -142,7 +142,7 @@ def stage_analyze(demo: Demo) -> str:
 
 def stage_explain(demo: Demo) -> str:
     """Explanations and harmful flags, exclusive partitions first (resumable)."""
-    from engine.store import Database
+    from engine.results import Database
 
     with Database(demo.db) as db:
         explainer = _explainer(db, demo.settings.explain_limit)
@@ -155,7 +155,7 @@ def stage_explain(demo: Demo) -> str:
 
 def stage_score(demo: Demo) -> str:
     """Detection scores of the explanations (resumable)."""
-    from engine.store import Database
+    from engine.results import Database
 
     judge = stages.detection_judge(_backend())
     with Database(demo.db) as db:
@@ -176,8 +176,8 @@ def stage_stitch(demo: Demo) -> str:
 
 def stage_exclusivity(demo: Demo) -> str:
     """Exclusivity scores of the top exclusive features (resumable)."""
+    from engine.results import Database
     from engine.steering.exclusivity import pick_features
-    from engine.store import Database
 
     s = demo.settings
     cfg = stages.exclusivity_config(max_new_tokens=s.exclusivity_tokens)
@@ -196,9 +196,9 @@ def stage_exclusivity(demo: Demo) -> str:
 
 def stage_steer_eval(demo: Demo) -> str:
     """A small steering evaluation of the most exclusive scored feature."""
+    from engine.results import Database
     from engine.steering.exclusivity import pick_features
     from engine.steering.rubrics import rubric
-    from engine.store import Database
 
     s = demo.settings
     rub = rubric(s.eval_rubric)
@@ -236,7 +236,7 @@ def _has_run(db_path: Path) -> bool:
     """Whether the results database already holds the demo run."""
     if not db_path.is_file():
         return False
-    from engine.store import Database
+    from engine.results import Database
 
     with Database(db_path, read_only=True) as db:
         return RUN_ID in set(db.runs()["run_id"])

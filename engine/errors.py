@@ -1,8 +1,8 @@
 """The project's one user-error base, and the configuration error raised everywhere.
 
 Every error a user can fix derives from `UserError`: a bad setting (`ConfigError`) and the
-domain errors of each package (the activation store's `StoreError`, the results store's
-`StoreDBError`, `CheckpointError`, `DataError`, `TrainingError`, `AlignmentError`,
+domain errors of each package (the activation store's `StoreError`, the results database's
+`ResultsDBError`, `CheckpointError`, `DataError`, `TrainingError`, `AlignmentError`,
 `PlantedError`, `SweepError`, ...). Their messages are written for the person at the
 command line, so the CLI catches `UserError` alone and prints the message on one line;
 anything else reaching it is a bug and keeps its traceback.

@@ -21,8 +21,8 @@ from engine.config import HarvestConfig, RunConfig
 from engine.errors import ConfigError
 
 if TYPE_CHECKING:
+    from engine.results import Database
     from engine.steering.steer import GenerationConfig
-    from engine.store import Database
 
 # Who explains and judges: "offline" needs no key and is deterministic.
 BACKENDS = ("offline", "anthropic")
@@ -86,7 +86,7 @@ def training_data(store: str | Path | None = None, pairs: str | Path | None = No
     if (store is None) == (pairs is None):
         raise ConfigError("give exactly one of --store (activation store) or --pairs (file)")
     if store is not None:
-        from engine.harvest.store import ActivationStore
+        from engine.activations import ActivationStore
 
         acts = ActivationStore(store)
         # The store's statistics cover every pair, not just the first batches.
@@ -198,7 +198,7 @@ def fit_stitch(
     `options` are `train_stitch`'s (steps, batch_size, lr, holdout, seed, device, samples);
     `announce`, if given, gets a line before the fit. Returns (stitch, saved path).
     """
-    from engine.harvest.store import ActivationStore
+    from engine.activations import ActivationStore
     from engine.steering.stitching import check_stitch_target, train_stitch
 
     out = Path(out)

@@ -28,10 +28,10 @@ from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.interp.offline import OfflineExplainer, OfflineJudge, background_from
 from engine.interp.run import explain_run, score_run
+from engine.results import Database
 from engine.steering.evaluate import aggregate
 from engine.steering.rubrics import RUBRIC_VERSION, rubric
 from engine.steering.steer import GenerationConfig
-from engine.store import Database
 from tests.conftest import save_tiny_pair
 from tests.test_analysis import D_A, D_B, make_store, planted_crosscoder
 

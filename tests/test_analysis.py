@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from engine.activations import ActivationStore, StoreWriter
+from engine.activations.shards import WindowRecord
 from engine.analysis.analyze import analyze
 from engine.analysis.examples import ExampleConfig, choose, read_examples
 from engine.analysis.geometry import match_runs, neighbors
@@ -19,10 +21,8 @@ from engine.analysis.scan import EntryCache, ScanConfig, scan
 from engine.crosscoder.checkpoint import save_crosscoder
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
-from engine.harvest.store import ActivationStore, StoreWriter
-from engine.harvest.store_shards import WindowRecord
 from engine.partition import Partition
-from engine.store import Database
+from engine.results import Database
 
 D_A, D_B = 8, 6
 WORDS = ["tea", "coffee", "bomb", "river", "stone", "cloud", "paper", "lamp", "door", "bird"]

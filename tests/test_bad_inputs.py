@@ -22,7 +22,7 @@ import torch
 
 from engine.cli import is_loopback
 from engine.crosscoder.pairs import save_pairs
-from engine.store import Database, StoreDBError
+from engine.results import Database, ResultsDBError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # A valid training config for the fixture's 8-wide pairs.
@@ -403,7 +403,7 @@ def test_export_replaces_only_an_earlier_export(root, tmp_path):
 def test_the_api_refuses_run_ids_that_are_not_file_name_safe(tmp_path):
     with Database(tmp_path / "x.duckdb") as db:
         for bad in ("x/../../escaped", "..", ".", "", "a b", "run\n"):
-            with pytest.raises(StoreDBError, match="run id"):
+            with pytest.raises(ResultsDBError, match="run id"):
                 db.add_run(bad, model_a={}, model_b={}, architecture="dfc", n_features=1,
                            partition={})  # fmt: skip
         db.add_run("seed-1.v2_ok", model_a={}, model_b={}, architecture="dfc", n_features=1,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli import dashboard_command
-from engine.store import Database
+from engine.results import Database
 from tests.dashboard_fixture import MARKUP, OTHER, RUN, TEA, build_results_db
 
 CHROMIUM = Path("/usr/bin/chromium")

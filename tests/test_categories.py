@@ -25,6 +25,7 @@ from engine.categories import (
     category,
 )
 from engine.config import ConfigError
+from engine.results import Database
 from engine.steering.exclusivity import (
     ExclusivityConfig,
     default_categories,
@@ -33,7 +34,6 @@ from engine.steering.exclusivity import (
     steering_source,
 )
 from engine.steering.judges import Verdict
-from engine.store import Database
 
 RUN = "run"
 

@@ -108,20 +108,20 @@ def test_every_user_error_is_reported_on_one_line(monkeypatch, capsys):
     """The CLI catches the one base class: a domain error of any package (and ConfigError,
     still importable from engine.config) is printed as one line and exits 2."""
     from engine import cli, config, errors
+    from engine.activations import StoreError
     from engine.crosscoder.checkpoint import CheckpointError
     from engine.crosscoder.data import DataError
     from engine.crosscoder.trainer import TrainingError
     from engine.harvest.align import AlignmentError
     from engine.harvest.chat import RenderError
-    from engine.harvest.store import StoreError
     from engine.planted import PlantedError
-    from engine.store import StoreDBError
+    from engine.results import ResultsDBError
     from engine.toy.sweep import SweepError
 
     monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # keep pytest's SIGTERM
     assert config.ConfigError is errors.ConfigError
     domain = (CheckpointError, DataError, TrainingError, AlignmentError, RenderError)
-    domain += (StoreError, PlantedError, StoreDBError, SweepError, config.ConfigError)
+    domain += (StoreError, PlantedError, ResultsDBError, SweepError, config.ConfigError)
     for error in domain:
         assert issubclass(error, errors.UserError), error
 

@@ -20,7 +20,7 @@ pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest
 
 from engine.contexts import Context
-from engine.store import Database
+from engine.results import Database
 from tests.dashboard_fixture import (
     B_LEANING,
     BOMB,
@@ -796,7 +796,7 @@ def test_explain_batch_holds_no_lock_while_the_batch_runs(db_path, tmp_path):
 # if the file is locked.
 WRITE_TRIAGE = """
 import sys
-from engine.store import Database
+from engine.results import Database
 with Database(sys.argv[1], create=False, wait=0) as db:
     db.set_triage(sys.argv[2], int(sys.argv[3]), "screening", "", "poller")
 """

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from engine.demo import RUN_ID, DemoSettings, run_demo
-from engine.store import Database
+from engine.results import Database
 
 pytestmark = pytest.mark.slow
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from engine.activations import ActivationStore, StoreError
+from engine.activations.reader import read_manifest
 from engine.config import HarvestConfig, load_run_config
 from engine.harvest.pipeline import harvest, summary
-from engine.harvest.store import ActivationStore, StoreError
-from engine.harvest.store_reader import read_manifest
 from engine.harvest.windows import side
 from engine.models.capture import capture_residual
 from engine.models.loading import load_model
@@ -490,8 +490,8 @@ def test_harvest_checks_sources_and_output_before_loading_models(tmp_path, capsy
 
 
 def test_harvest_checks_a_store_to_resume_before_loading_models(tmp_path, capsys):
+    from engine.activations import StoreWriter
     from engine.harvest.pipeline import _data_settings
-    from engine.harvest.store import StoreWriter
 
     text = tmp_path / "text.txt"
     text.write_text("Some text to harvest.\n")

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from engine.activations import ActivationStore, StoreWriter
+from engine.activations.shards import WindowRecord
 from engine.cli import main
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
-from engine.harvest.store import ActivationStore, StoreWriter
-from engine.harvest.store_shards import WindowRecord
 from engine.models.loading import LoadedModel
 from engine.partition import Partition
 from engine.planted import PlantedError

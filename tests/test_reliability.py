@@ -24,9 +24,9 @@ import pandas as pd
 import pytest
 import torch
 
+from engine.activations.reader import read_manifest
 from engine.cli import main
 from engine.crosscoder.checkpoint import load_crosscoder
-from engine.harvest.store_reader import read_manifest
 from tests.tiny_run import TinyRun, build_tiny_run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -138,7 +138,7 @@ PAUSED_ANALYZE = """
 import sys, time
 from pathlib import Path
 import engine.analysis.analyze as analyze
-from engine.store import Database
+from engine.results import Database
 
 flag, point, args = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 
@@ -410,7 +410,7 @@ def test_matching_runs_on_different_model_pairs_is_refused(tmp_path, tiny, capsy
     from engine.crosscoder.model import Crosscoder
     from engine.crosscoder.normalize import Normalizer
     from engine.partition import Partition
-    from engine.store import Database
+    from engine.results import Database
 
     db = tmp_path / "x.duckdb"
     shutil.copy(tiny.db, db)
@@ -452,7 +452,7 @@ def small_harvest(pair, out: Path, fresh: bool = False):
 
 
 def test_fresh_clears_only_a_store_and_only_its_own_files(tmp_path, tiny_pair):
-    from engine.harvest.store import StoreError
+    from engine.activations import StoreError
 
     # A folder that is not a store: nothing in it is touched, and the error names it.
     folder = tmp_path / "work"
@@ -482,7 +482,7 @@ def test_fresh_clears_only_a_store_and_only_its_own_files(tmp_path, tiny_pair):
 
 
 def test_a_shard_deleted_by_hand_is_harvested_again_on_resume(tmp_path, tiny_pair):
-    from engine.harvest.store import ActivationStore
+    from engine.activations import ActivationStore
 
     store = tmp_path / "store"
     first = small_harvest(tiny_pair, store)
@@ -497,7 +497,7 @@ def test_a_shard_deleted_by_hand_is_harvested_again_on_resume(tmp_path, tiny_pai
 
 @pytest.mark.parametrize("entry", ["shard", "document log"])
 def test_a_manifest_naming_files_outside_the_store_is_refused(tmp_path, tiny_pair, entry):
-    from engine.harvest.store import ActivationStore, StoreError
+    from engine.activations import ActivationStore, StoreError
 
     store = tmp_path / "store"
     small_harvest(tiny_pair, store)

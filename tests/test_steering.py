@@ -129,7 +129,7 @@ def test_steer_command_on_an_analysed_run(tmp_path):
     import subprocess
     import sys
 
-    from engine.store import Database
+    from engine.results import Database
     from tests.tiny_run import build_tiny_run
 
     build_tiny_run(tmp_path)

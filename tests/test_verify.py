@@ -249,7 +249,7 @@ def cli(*args) -> str:
 
 
 def live_features(run, partition: str) -> list[int]:
-    from engine.store import Database
+    from engine.results import Database
 
     with Database(run.db, read_only=True) as db:
         table = db.features(run.run_id, dead=False)
@@ -257,7 +257,7 @@ def live_features(run, partition: str) -> list[int]:
 
 
 def test_exclusivity_scores_are_stored_with_texts_and_resume(tiny_run):
-    from engine.store import Database
+    from engine.results import Database
 
     run, stitch = tiny_run
     a_only, b_only = live_features(run, "a_exclusive")[0], live_features(run, "b_exclusive")[0]
@@ -286,7 +286,7 @@ def test_exclusivity_scores_are_stored_with_texts_and_resume(tiny_run):
 
 
 def test_steer_eval_stores_means_and_intervals_per_strength(tiny_run, tmp_path):
-    from engine.store import Database
+    from engine.results import Database
 
     run, stitch = tiny_run
     feature = live_features(run, "a_exclusive")[0]
@@ -315,9 +315,9 @@ def test_steer_eval_stores_means_and_intervals_per_strength(tiny_run, tmp_path):
 
 
 def test_stitch_of_other_models_is_refused(tiny_run, tmp_path):
+    from engine.results import Database
     from engine.steering.pair import SteeringPair
     from engine.steering.stitching import Stitch
-    from engine.store import Database
 
     run, _ = tiny_run
     wrong = Stitch(torch.zeros(5, 7), torch.zeros(5), torch.zeros(7, 5), torch.zeros(7), 1.0, 1.0)

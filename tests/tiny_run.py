@@ -26,11 +26,11 @@ class TinyRun:
 
 def build_tiny_run(tmp_path: Path, train_steps: int = 30) -> TinyRun:
     """Harvest, train and analyse a DFC on two tiny saved models; return the paths."""
+    from engine.activations import ActivationStore
     from engine.analysis.analyze import analyze
     from engine.config import CrosscoderConfig, HarvestConfig, TrainConfig
     from engine.crosscoder.trainer import train
     from engine.harvest.pipeline import harvest
-    from engine.harvest.store import ActivationStore
     from engine.models.loading import load_model
     from tests.conftest import save_tiny_pair
 

@@ -8,7 +8,7 @@ import math
 import streamlit as st
 
 from dashboard import data
-from engine.store.schema import FEATURE_TABLE_ORDER
+from engine.results.schema import FEATURE_TABLE_ORDER
 
 EXCLUSIVITY_RANGE = (1.0, 5.0)  # the exclusivity score's scale (paper B.5)
 SORT_LABELS = {

@@ -21,9 +21,9 @@ from dashboard.markdown import md, md_code
 from dashboard.views.common import TEXT_STYLE, esc, fmt
 from engine import categories
 from engine.errors import UserError
+from engine.results import ResultsDBError
 from engine.steering.run import SteeringPlan, plan_steering, steering_problem, stream_text
 from engine.steering.steer import GenerationConfig
-from engine.store import StoreDBError
 
 DEFAULTS = {
     "s_prompt": "Tell me about your favourite drink.",
@@ -333,7 +333,7 @@ def _save(path: str, run_id: str, feature_id: int, result: dict[str, Any]) -> No
             path, run_id, feature_id, [{**s, "author": author} for s in samples]
         )
         result.pop("save_error", None)
-    except StoreDBError as err:  # the file stayed locked by another process: try again
+    except ResultsDBError as err:  # the file stayed locked by another process: try again
         result["save_error"] = str(err)
 
 

@@ -20,7 +20,7 @@ from dashboard.views.common import (
     triage_note_html,
     yes_no,
 )
-from engine.store import StoreDBError
+from engine.results import ResultsDBError
 
 QUEUES = {
     "flagged": "Exclusive or leaning, flagged harmful, unreviewed",
@@ -134,7 +134,7 @@ else:
     if saved:
         try:
             data.save_triage(path, run_id, fid, status, note, reviewer)
-        except StoreDBError as err:  # the file stayed locked by another process
+        except ResultsDBError as err:  # the file stayed locked by another process
             st.error(f"Not saved: {md(err)}")
         else:
             st.success(f"Saved feature {fid} as {status!r}.")

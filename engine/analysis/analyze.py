@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from engine.activations import ActivationStore
 from engine.analysis.examples import ExampleConfig, choose, read_examples
 from engine.analysis.geometry import decoder_stats, neighbors
 from engine.analysis.scan import EntryCache, ScanConfig, ScanResult, scan
@@ -29,10 +30,9 @@ from engine.crosscoder.checkpoint import (
     header_models,
     load_crosscoder,
 )
-from engine.harvest.store import ActivationStore
+from engine.results import Database, ResultsDBError
 from engine.run_ids import RUN_ID_RULE, run_id_problem
 from engine.specs import PairSpec
-from engine.store import Database, StoreDBError
 
 TEMP_PREFIX = "modeldiff-analyze-"
 
@@ -76,7 +76,7 @@ def analyze(
     run_id = run_id or run_dir.resolve().name
     if run_id_problem(run_id):
         # Before the scan, not after it: the id is written to rows and file names.
-        raise StoreDBError(
+        raise ResultsDBError(
             f"{run_id_problem(run_id)} (the run directory's name): a run id has "
             f"{RUN_ID_RULE}; pass --run-id NAME"
         )

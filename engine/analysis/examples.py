@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from engine.activations import ActivationStore
 from engine.analysis.scan import EntryCache, ScanResult
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
-from engine.harvest.store import ActivationStore
 from engine.progress import ProgressBar
 
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.activations import ActivationStore
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
-from engine.harvest.store import ActivationStore
 from engine.progress import ProgressBar
 
 HIST_LOW, HIST_HIGH, HIST_BINS = 1e-3, 1e3, 60  # activations (crosscoder units), log-spaced

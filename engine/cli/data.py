@@ -130,7 +130,7 @@ def _checkpoint_path(run: dict, run_id: str) -> str:
 def _match(db_path: Path, run_id: str, other: str, threshold: float = MATCH_COSINE) -> None:
     from engine.analysis.geometry import match_runs
     from engine.crosscoder.checkpoint import load_crosscoder
-    from engine.store import Database
+    from engine.results import Database
 
     with Database(db_path, create=False, hold=False) as db:
         runs = {name: db.run(name) for name in (run_id, other)}  # both known, then loaded

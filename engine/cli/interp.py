@@ -12,7 +12,7 @@ from engine.cli.types import positive_int, run_id
 def cmd_explain(args: argparse.Namespace) -> None:
     """Explain features (exclusive partitions first) and flag potentially harmful ones."""
     from engine.interp.run import ordered_features
-    from engine.store import Database
+    from engine.results import Database
 
     with Database(args.db, create=False, hold=False) as db:
         db.run(args.run_id)  # a clear error for an unknown run
@@ -35,7 +35,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 def cmd_score(args: argparse.Namespace) -> None:
     """Detection-score the latest explanations (10 top vs 10 random examples per feature)."""
-    from engine.store import Database
+    from engine.results import Database
 
     judge = stages.detection_judge(args.judge, args.model)
     with Database(args.db, create=False, hold=False) as db:

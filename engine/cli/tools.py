@@ -17,7 +17,7 @@ DEMO_OUT = "runs/demo"
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Export a results table (or the feature table) to Parquet or CSV."""
-    from engine.store import Database
+    from engine.results import Database
 
     texts = {}
     for item in args.where or []:

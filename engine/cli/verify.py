@@ -34,9 +34,9 @@ def _decoding(args: argparse.Namespace) -> dict:
 
 def cmd_steer(args: argparse.Namespace) -> None:
     """Generate with a feature added to a model: the baseline and each steering strength."""
+    from engine.results import Database
     from engine.steering.run import steer_feature
     from engine.steering.steer import GenerationConfig
-    from engine.store import Database
 
     cfg = stages.generation(GenerationConfig(), **_decoding(args))
     options = stages.given(
@@ -77,9 +77,9 @@ def cmd_stitch(args: argparse.Namespace) -> None:
 def cmd_exclusivity(args: argparse.Namespace) -> None:
     """Score exclusive (and leaning shared) features by whether their steering transfers
     through a stitch."""
+    from engine.results import Database
     from engine.steering.exclusivity import pick_features
     from engine.steering.stitching import Stitch
-    from engine.store import Database
 
     judge = stages.steering_judge(args.judge, args.model)
     cfg = stages.exclusivity_config(alphas=args.alphas, source=args.source, **_decoding(args))
@@ -104,8 +104,8 @@ def cmd_exclusivity(args: argparse.Namespace) -> None:
 
 def cmd_steer_eval(args: argparse.Namespace) -> None:
     """Rate a feature's steered answers on a behaviour rubric per strength (paper B.5.2-6)."""
+    from engine.results import Database
     from engine.steering.rubrics import rubric
-    from engine.store import Database
 
     rub = rubric(args.rubric)
     judge = stages.steering_judge(args.judge, args.model)

@@ -9,7 +9,7 @@ shard at a time. Rerunning the same command resumes after the last recorded shar
 Split across N processes (ranks), every rank reads and tokenizes the whole stream, so all
 ranks number the windows, drop duplicates and count pairs exactly as one process would,
 but runs the models only on its own documents (number % N == rank) and writes its own
-shards and manifest (engine.harvest.store). Together they store the same pairs as one
+shards and manifest (engine.activations). Together they store the same pairs as one
 process with the same settings.
 """
 
@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
+from engine.activations.layout import resumed_manifest
+from engine.activations.manifest import StoreError, check_compatible, check_rank
+from engine.activations.reader import read_manifest
+from engine.activations.shards import WindowRecord
+from engine.activations.stats import bytes_per_pair, median_norms
+from engine.activations.writer import StoreWriter
 from engine.config import HarvestConfig, to_dict
-from engine.harvest.store_layout import resumed_manifest
-from engine.harvest.store_manifest import StoreError, check_compatible, check_rank
-from engine.harvest.store_reader import read_manifest
-from engine.harvest.store_shards import WindowRecord
-from engine.harvest.store_stats import bytes_per_pair, median_norms
-from engine.harvest.store_writer import StoreWriter
 from engine.harvest.text import source_from_spec
 from engine.harvest.text_mixture import Mixture
 from engine.harvest.windows import Side, StreamWindow, numbered_windows, side

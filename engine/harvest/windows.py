@@ -17,9 +17,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from engine.activations.shards import WindowRecord
 from engine.harvest.align import Alignment, align, align_windows, tokenize
 from engine.harvest.chat import RenderError, render
-from engine.harvest.store_shards import WindowRecord
 from engine.harvest.text_documents import Document
 
 OVERFLOW = "gap wider than a window"

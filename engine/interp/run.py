@@ -19,7 +19,7 @@ from engine.interp.detection import detection_score
 from engine.interp.parse import ParseError
 from engine.partition import Role
 from engine.progress import ProgressBar
-from engine.store import Database
+from engine.results import Database
 
 PARTITION_ORDER = tuple(
     role.value for role in (Role.A_EXCLUSIVE, Role.B_EXCLUSIVE, Role.DESIGNATED, Role.SHARED)

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.activations import ActivationStore, read_manifest
 from engine.config import HarvestConfig
 from engine.files import atomic_save_tensors, atomic_write_text
-from engine.harvest.store import ActivationStore, read_manifest
 from engine.models.capture import capture_residual
 from engine.models.loading import LoadedModel, load_model
 from engine.planted import PlantedError

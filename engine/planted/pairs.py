@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.harvest.store import ActivationStore
+from engine.activations import ActivationStore
 from engine.planted import PlantedError
 
 Batch = tuple[torch.Tensor, torch.Tensor]

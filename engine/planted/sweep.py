@@ -21,11 +21,11 @@ from typing import Any
 import pandas as pd
 import torch
 
+from engine.activations import ActivationStore
 from engine.config import CrosscoderConfig, TrainConfig, preset_names
 from engine.crosscoder.normalize import Normalizer
 from engine.errors import ConfigError
 from engine.files import atomic_write_text
-from engine.harvest.store import ActivationStore
 from engine.planted import KINDS, PlantedError
 from engine.planted.evaluate import evaluate_planted
 from engine.planted.pairs import (

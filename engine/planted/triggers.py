@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.harvest.store import ActivationStore
+from engine.activations import ActivationStore
 from engine.planted import PlantedError
 from engine.planted.pairs import check_model
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import pandas as pd
 
+from engine.results import Database
 from engine.steering.judges import SteeringJudge
 from engine.steering.pair import SteeringPair
 from engine.steering.rubrics import RUBRIC_VERSION, Rubric, load_prompts, rubric
 from engine.steering.steer import GenerationConfig
-from engine.store import Database
 
 KIND = "steer-eval"
 CONFIDENCE = 0.95

@@ -24,10 +24,10 @@ from typing import Any
 
 from engine.categories import CANDIDATES, EXCLUSIVE, MODEL_OF
 from engine.errors import ConfigError
+from engine.results import Database
 from engine.steering.judges import SteeringJudge, Verdict
 from engine.steering.pair import SteeringPair
 from engine.steering.steer import GenerationConfig
-from engine.store import Database
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.errors import ConfigError
 from engine.models.loading import LoadedModel, load_model
+from engine.results import Database
 from engine.specs import SIDES, PairSpec
 from engine.steering.steer import GenerationConfig, feature_vector, generate
 from engine.steering.stitching import Stitch
 from engine.steering.transfer import other_model
-from engine.store import Database
 
 Texts = dict[str, dict[float, str]]  # prompt -> strength -> generated text
 

@@ -20,10 +20,10 @@ from engine.crosscoder.checkpoint import has_crosscoder, load_crosscoder
 from engine.errors import ConfigError
 from engine.models.loading import HUB_ID, INSTALL, LoadedModel, load_model
 from engine.models.tokenizers import DEMO
+from engine.results import Database
 from engine.specs import SIDES, ModelSpec, PairSpec
 from engine.steering.steer import GenerationConfig, feature_vector, stream, sweep
 from engine.steering.transfer import transfer
-from engine.store import Database
 
 
 @dataclass

@@ -10,7 +10,7 @@ commands can take turns on one file. Opening waits, with back-off, while another
 holds the lock.
 
 Values reach SQL only as `?` parameters; table and column names only from the allow-list in
-`engine.store.schema`.
+`engine.results.schema`.
 
 `Database` is assembled here from one mixin per family of tables; the rest of the package:
 
@@ -25,17 +25,17 @@ Values reach SQL only as `?` parameters; table and column names only from the al
 
 from __future__ import annotations
 
-from engine.store.contexts import ContextsMixin
-from engine.store.errors import StoreDBError
-from engine.store.explanations import ExplanationsMixin
-from engine.store.export import ExportMixin
-from engine.store.features import FeaturesMixin
-from engine.store.neighbors import NeighborsMixin
-from engine.store.runs import RunsMixin
-from engine.store.steering import SteeringMixin
-from engine.store.triage import TriageMixin
+from engine.results.contexts import ContextsMixin
+from engine.results.errors import ResultsDBError
+from engine.results.explanations import ExplanationsMixin
+from engine.results.export import ExportMixin
+from engine.results.features import FeaturesMixin
+from engine.results.neighbors import NeighborsMixin
+from engine.results.runs import RunsMixin
+from engine.results.steering import SteeringMixin
+from engine.results.triage import TriageMixin
 
-__all__ = ["Database", "StoreDBError"]
+__all__ = ["Database", "ResultsDBError"]
 
 
 class Database(

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.harvest.store import ActivationStore, StoreError, StoreWriter
-from engine.harvest.store_manifest import MANIFEST, store_dtype
-from engine.harvest.store_reader import read_manifest
-from engine.harvest.store_shards import WindowRecord
-from engine.harvest.store_stats import add_interval, median_norms, remove_interval
+from engine.activations import ActivationStore, StoreError, StoreWriter
+from engine.activations.manifest import MANIFEST, store_dtype
+from engine.activations.reader import read_manifest
+from engine.activations.shards import WindowRecord
+from engine.activations.stats import add_interval, median_norms, remove_interval
 
 D_A, D_B = 6, 4
 HEADER = {"models": {"a": {"d_model": D_A}, "b": {"d_model": D_B}}, "data": {"ctx": 8}}

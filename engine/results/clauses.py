@@ -1,6 +1,6 @@
 """SQL fragments shared by the tables: allow-listed names, WHERE, ORDER BY and LIMIT
 clauses, and the expression of a feature's category. Names reach SQL only from
-`engine.store.schema`'s allow-list; values only as `?` parameters.
+`engine.results.schema`'s allow-list; values only as `?` parameters.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from engine import categories
-from engine.store import schema
-from engine.store.errors import StoreDBError
+from engine.results import schema
+from engine.results.errors import ResultsDBError
 
 
 def _equals(table: str, run_id: str, **columns: Any) -> tuple[str, list[Any]]:
@@ -29,14 +29,14 @@ def _equals(table: str, run_id: str, **columns: Any) -> tuple[str, list[Any]]:
 def _ident(table: str, column: str | None = None) -> str:
     """A quoted table or column name, refused unless it is in the schema's allow-list."""
     if table not in schema.COLUMNS or (column is not None and column not in schema.COLUMNS[table]):
-        raise StoreDBError(f"no column {column!r} in table {table!r}" if column else table)
+        raise ResultsDBError(f"no column {column!r} in table {table!r}" if column else table)
     return f'"{column or table}"'
 
 
 def _order(column: str, valid: Sequence[str], descending: bool) -> str:
     """An ORDER BY clause for an allow-listed column, ties broken by feature id."""
     if column not in valid:
-        raise StoreDBError(f"cannot order by {column!r}; choose one of: {', '.join(valid)}")
+        raise ResultsDBError(f"cannot order by {column!r}; choose one of: {', '.join(valid)}")
     direction = "DESC" if descending else "ASC"
     return f'"{column}" {direction} NULLS LAST, "feature_id"'
 
@@ -44,7 +44,7 @@ def _order(column: str, valid: Sequence[str], descending: bool) -> str:
 def _count(limit: Any) -> int:
     """A row limit, checked."""
     if not isinstance(limit, int | np.integer) or isinstance(limit, bool) or limit < 0:
-        raise StoreDBError(f"limit must be a non-negative integer or None, got {limit!r}")
+        raise ResultsDBError(f"limit must be a non-negative integer or None, got {limit!r}")
     return int(limit)
 
 

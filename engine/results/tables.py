@@ -11,12 +11,12 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from engine.store import schema
-from engine.store.base import StoreBase
-from engine.store.clauses import _ident
-from engine.store.connection import Cursor
-from engine.store.errors import StoreDBError, _first_line
-from engine.store.values import (
+from engine.results import schema
+from engine.results.base import StoreBase
+from engine.results.clauses import _ident
+from engine.results.connection import Cursor
+from engine.results.errors import ResultsDBError, _first_line
+from engine.results.values import (
     _arrow,
     _choices,
     _decode,
@@ -40,19 +40,19 @@ ROW_IDS = {
 def _frame_columns(table: str, keys: dict[str, Any], df: pd.DataFrame) -> list[str]:
     """The frame's columns to insert into `table`, checked against the schema."""
     if not isinstance(df, pd.DataFrame):
-        raise StoreDBError(f"{table} must be written from a pandas DataFrame, got {type(df)}")
+        raise ResultsDBError(f"{table} must be written from a pandas DataFrame, got {type(df)}")
     valid = schema.COLUMNS[table]
     unknown = [str(c) for c in df.columns if c not in valid]
     if unknown:
-        raise StoreDBError(
+        raise ResultsDBError(
             f"unknown column(s) {', '.join(unknown)} for table {table}; valid: {', '.join(valid)}"
         )
     missing = [c for c in schema.BULK_REQUIRED[table] if c not in df.columns]
     if missing:
-        raise StoreDBError(f"the {table} frame lacks column(s) {', '.join(missing)}")
+        raise ResultsDBError(f"the {table} frame lacks column(s) {', '.join(missing)}")
     for key, value in keys.items():
         if key in df.columns and not (df[key] == value).all():
-            raise StoreDBError(f"the {table} frame has rows whose {key} is not {value!r}")
+            raise ResultsDBError(f"the {table} frame has rows whose {key} is not {value!r}")
     for column, allowed in schema.BULK_CHOICES.get(table, {}).items():
         if column in df.columns:
             _choices([v for v in df[column].unique() if not _missing(v)], allowed, column)
@@ -69,7 +69,7 @@ class Tables(StoreBase):
         rows = cur.execute("SELECT run_id FROM runs ORDER BY created_at").fetchall()
         known = [r[0] for r in rows]
         listing = ", ".join(map(repr, known[:20])) + (", ..." if len(known) > 20 else "")
-        raise StoreDBError(
+        raise ResultsDBError(
             f"unknown run {run_id!r}; known runs: "
             + (listing or "none yet (run `modeldiff analyze` first)")
         )
@@ -81,7 +81,7 @@ class Tables(StoreBase):
             return
         self._require_run(cur, run_id)
         row = cur.execute("SELECT count(*) FROM features WHERE run_id = ?", [run_id]).fetchone()
-        raise StoreDBError(f"run {run_id!r} has no feature {feature_id} ({row[0]} features)")
+        raise ResultsDBError(f"run {run_id!r} has no feature {feature_id} ({row[0]} features)")
 
     def _frame(self, sql: str, params: list[Any], run_id: str, table: str) -> pd.DataFrame:
         """A query's rows as a frame with JSON decoded; an unknown run raises."""
@@ -128,7 +128,7 @@ class Tables(StoreBase):
                     list(keys.values()),
                 )
             except (duckdb.ConstraintException, duckdb.ConversionException) as err:
-                raise StoreDBError(f"cannot write {table}: {_first_line(err)}") from err
+                raise ResultsDBError(f"cannot write {table}: {_first_line(err)}") from err
             if check is not None:
                 check(cur)
         return len(df)
@@ -139,7 +139,7 @@ class Tables(StoreBase):
         key = ROW_IDS[table]
         assigned = [c for c in (key, "created_at") if c in df.columns]
         if assigned:
-            raise StoreDBError(
+            raise ResultsDBError(
                 f"the {table} frame sets {', '.join(assigned)}; leave it out, the store assigns it"
             )
         columns = _frame_columns(table, {"run_id": run_id}, df)
@@ -167,5 +167,5 @@ class Tables(StoreBase):
                     [run_id],
                 )
             except (duckdb.ConstraintException, duckdb.ConversionException) as err:
-                raise StoreDBError(f"cannot write {table}: {_first_line(err)}") from err
+                raise ResultsDBError(f"cannot write {table}: {_first_line(err)}") from err
         return ids

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_bytes
 
-from engine.harvest.store_manifest import MANIFEST, RANKS, StoreError, load_manifest, rank_files
-from engine.harvest.store_merge import merge_rank_manifests
-from engine.harvest.store_shards import ACTIVATION_KEYS, shard_metadata, shard_problem
-from engine.harvest.store_stats import median_norms
+from engine.activations.manifest import MANIFEST, RANKS, StoreError, load_manifest, rank_files
+from engine.activations.merge import merge_rank_manifests
+from engine.activations.shards import ACTIVATION_KEYS, shard_metadata, shard_problem
+from engine.activations.stats import median_norms
 
 log = logging.getLogger(__name__)
 

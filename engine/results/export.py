@@ -10,12 +10,12 @@ from typing import Any
 
 import duckdb
 
-from engine.store import schema
-from engine.store.clauses import _ident
-from engine.store.connection import Cursor
-from engine.store.errors import StoreDBError
-from engine.store.features_sql import FEATURE_TABLE_FILTERS, _check_filters, _feature_table_query
-from engine.store.tables import Tables
+from engine.results import schema
+from engine.results.clauses import _ident
+from engine.results.connection import Cursor
+from engine.results.errors import ResultsDBError
+from engine.results.features_sql import FEATURE_TABLE_FILTERS, _check_filters, _feature_table_query
+from engine.results.tables import Tables
 
 EXPORT_FORMATS = {".parquet": "FORMAT parquet", ".csv": "FORMAT csv, HEADER true"}
 
@@ -44,12 +44,12 @@ class ExportMixin(Tables):
         path = Path(path)
         options = EXPORT_FORMATS.get(path.suffix.lower())
         if options is None:
-            raise StoreDBError(
+            raise ResultsDBError(
                 f"cannot export to {path}: name a file ending in {' or '.join(EXPORT_FORMATS)}"
             )
         if what == "feature_table":
             if run_id is None:
-                raise StoreDBError("exporting the feature table needs run_id=...")
+                raise ResultsDBError("exporting the feature table needs run_id=...")
             _check_filters(filters, FEATURE_TABLE_FILTERS)
             sql, params = _feature_table_query(run_id, **filters)
         else:
@@ -101,10 +101,10 @@ def _table_query(table: str, filters: dict[str, Any]) -> tuple[str, list[Any]]:
     """A SELECT of a whole table with equality filters on allow-listed columns."""
     if table not in schema.COLUMNS:
         valid = ", ".join(["feature_table", *schema.COLUMNS])
-        raise StoreDBError(f"cannot export {table!r}; choose one of: {valid}")
+        raise ResultsDBError(f"cannot export {table!r}; choose one of: {valid}")
     unknown = sorted(set(filters) - set(schema.COLUMNS[table]))
     if unknown:
-        raise StoreDBError(
+        raise ResultsDBError(
             f"table {table} has no column(s) {', '.join(unknown)} to filter on; "
             f"valid: {', '.join(schema.COLUMNS[table])}"
         )
@@ -127,7 +127,7 @@ def _column_kind(data_type: str) -> str:
 
 
 def _parse_value(name: str, text: str, kind: str) -> Any:
-    """A filter's text as a value of `kind`, or a StoreDBError that says what was expected."""
+    """A filter's text as a value of `kind`, or a ResultsDBError that says what was expected."""
     value = text.strip()
     try:
         if kind == "bool":
@@ -153,9 +153,9 @@ def _parse_value(name: str, text: str, kind: str) -> Any:
             "bool": "true or false", "int": "an integer", "float": "a number",
             "ints": "integers separated by commas", "list": "names separated by commas",
         }[kind]  # fmt: skip
-        raise StoreDBError(f"filter {name}={text!r}: expected {wanted}") from None
+        raise ResultsDBError(f"filter {name}={text!r}: expected {wanted}") from None
     if kind.startswith("unfilterable"):
-        raise StoreDBError(f"cannot filter on {name}: its values are {kind.split()[1]}")
+        raise ResultsDBError(f"cannot filter on {name}: its values are {kind.split()[1]}")
     return text
 
 
@@ -163,7 +163,7 @@ def _check_replaceable(cur: Cursor, path: Path, what: str, columns: list[str]) -
     """Refuse to replace an existing file unless it is an earlier export of the same table
     (a Parquet file marked as one, a CSV file whose header is these columns)."""
     if path.is_dir():
-        raise StoreDBError(f"cannot export to {path}: it is a directory; name a file")
+        raise ResultsDBError(f"cannot export to {path}: it is a directory; name a file")
     if not path.exists():
         return
     ours = False
@@ -182,7 +182,7 @@ def _check_replaceable(cur: Cursor, path: Path, what: str, columns: list[str]) -
         except (OSError, UnicodeDecodeError, csv.Error):
             ours = False
     if not ours:
-        raise StoreDBError(
+        raise ResultsDBError(
             f"refusing to replace {path}: it is not an earlier `{what}` export; remove it "
             "yourself or choose another --out"
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import duckdb
 
-from engine.store.errors import StoreDBError, _first_line
+from engine.results.errors import ResultsDBError, _first_line
 
 Cursor = duckdb.DuckDBPyConnection
 
@@ -32,7 +32,7 @@ def _connect(
     seconds while another connection holds the file; `check` reads the catalog."""
     if path == ":memory:":
         if read_only:
-            raise StoreDBError("an in-memory database cannot be read-only")
+            raise ResultsDBError("an in-memory database cannot be read-only")
         return duckdb.connect(path, config=_NO_EXTENSIONS)
     file = Path(path)
     _check_file(file, read_only or not create)
@@ -46,12 +46,12 @@ def _connect(
             break
         except (duckdb.IOException, duckdb.ConnectionException) as err:
             if not _is_lock_conflict(err) or time.monotonic() + delay > deadline:
-                raise StoreDBError(_open_error(file, err, wait)) from None
+                raise ResultsDBError(_open_error(file, err, wait)) from None
             # Jitter, so that two waiting processes do not retry in step.
             time.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 0.5)
         except duckdb.Error as err:
-            raise StoreDBError(_unreadable(file, err)) from None
+            raise ResultsDBError(_unreadable(file, err)) from None
     if check:
         try:
             # Reading the catalog reads its blocks: a damaged file fails here, not half-way
@@ -59,7 +59,7 @@ def _connect(
             conn.execute("SELECT count(*) FROM duckdb_columns()").fetchall()
         except duckdb.Error as err:
             conn.close()
-            raise StoreDBError(_unreadable(file, err)) from None
+            raise ResultsDBError(_unreadable(file, err)) from None
     return conn
 
 
@@ -93,13 +93,13 @@ def _check_file(file: Path, must_exist: bool) -> None:
     """Refuse, saying what it is, a path that is not a DuckDB file (a directory, a SQLite
     file), and a missing one unless it may be created."""
     if file.is_dir():
-        raise StoreDBError(
+        raise ResultsDBError(
             f"{file} is a directory, not a results database; give the path of a .duckdb file "
             "(`modeldiff analyze --db FILE` creates one)"
         )
     if not file.exists():
         if must_exist:
-            raise StoreDBError(
+            raise ResultsDBError(
                 f"no results database at {file}; run `modeldiff analyze` to create one, "
                 "or check the path"
             )
@@ -108,9 +108,9 @@ def _check_file(file: Path, must_exist: bool) -> None:
         with file.open("rb") as fh:
             head = fh.read(len(_SQLITE_MAGIC))
     except OSError as err:
-        raise StoreDBError(f"cannot open {file}: {err.strerror or err}") from None
+        raise ResultsDBError(f"cannot open {file}: {err.strerror or err}") from None
     if head == _SQLITE_MAGIC:
-        raise StoreDBError(
+        raise ResultsDBError(
             f"{file} is a SQLite database, not a DuckDB results database; give the .duckdb "
             "file `modeldiff analyze` wrote"
         )

@@ -5,7 +5,7 @@ so the current version is `len(MIGRATIONS)`. A script, once released, never chan
 schema is a new script appended to the list, together with updates to `COLUMNS` (and the
 other maps below), which always describe the newest version.
 
-Times are naive UTC timestamps. JSON columns hold `json.dumps` text; the store decodes them.
+Times are naive UTC timestamps. JSON columns hold `json.dumps` text; the database decodes them.
 """
 
 from __future__ import annotations

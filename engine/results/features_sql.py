@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from engine.store import schema
-from engine.store.clauses import _category, _count, _ident, _limit
-from engine.store.errors import StoreDBError
-from engine.store.explanations import DETECTION, EXCLUSIVITY
-from engine.store.values import _choices, _partitions
+from engine.results import schema
+from engine.results.clauses import _category, _count, _ident, _limit
+from engine.results.errors import ResultsDBError
+from engine.results.explanations import DETECTION, EXCLUSIVITY
+from engine.results.values import _choices, _partitions
 
 FEATURE_FILTERS = (
     "partition", "category", "harmful", "status", "min_score", "min_exclusivity",
@@ -27,7 +27,7 @@ def _check_filters(filters: dict[str, Any], valid: Sequence[str]) -> None:
     """Raise unless every filter name is a valid one."""
     unknown = sorted(set(filters) - set(valid))
     if unknown:
-        raise StoreDBError(
+        raise ResultsDBError(
             f"unknown feature_table filter(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
         )
 
@@ -172,7 +172,7 @@ def _feature_table_query(
     """The feature table's query and parameters (see `Database.feature_table`)."""
     if order_by not in schema.FEATURE_TABLE_ORDER:
         valid = ", ".join(schema.FEATURE_TABLE_ORDER)
-        raise StoreDBError(f"cannot order by {order_by!r}; choose one of: {valid}")
+        raise ResultsDBError(f"cannot order by {order_by!r}; choose one of: {valid}")
     sort = TABLE_SORT_KEYS.get(order_by) or f"f.{_ident('features', order_by)}"
     direction = "DESC" if descending else "ASC"
     category_sql, category_params = _category()

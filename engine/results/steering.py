@@ -7,10 +7,10 @@ from typing import Any
 
 import pandas as pd
 
-from engine.store import schema
-from engine.store.clauses import _equals
-from engine.store.tables import Tables
-from engine.store.values import _choices, _dumps, _int, _now
+from engine.results import schema
+from engine.results.clauses import _equals
+from engine.results.tables import Tables
+from engine.results.values import _choices, _dumps, _int, _now
 
 
 class SteeringMixin(Tables):

@@ -1,11 +1,11 @@
-"""The store's one exception, and the short form of a DuckDB error its messages quote."""
+"""The results database's one exception, and the short form of a DuckDB error it quotes."""
 
 from __future__ import annotations
 
 from engine.errors import UserError
 
 
-class StoreDBError(UserError, ValueError):
+class ResultsDBError(UserError, ValueError):
     """The results database is missing, incompatible, or was asked for what it lacks."""
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from engine.store import schema
-from engine.store.clauses import _equals
-from engine.store.tables import Tables
-from engine.store.values import _choices, _int, _now
+from engine.results import schema
+from engine.results.clauses import _equals
+from engine.results.tables import Tables
+from engine.results.values import _choices, _int, _now
 
 
 class TriageMixin(Tables):

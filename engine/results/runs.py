@@ -8,12 +8,12 @@ from typing import Any
 
 import pandas as pd
 
+from engine.results import schema
+from engine.results.clauses import _ident
+from engine.results.errors import ResultsDBError
+from engine.results.tables import Tables
+from engine.results.values import _arrow, _decode, _dumps, _loads, _now, _pandas, _records
 from engine.run_ids import check_run_id
-from engine.store import schema
-from engine.store.clauses import _ident
-from engine.store.errors import StoreDBError
-from engine.store.tables import Tables
-from engine.store.values import _arrow, _decode, _dumps, _loads, _now, _pandas, _records
 
 
 class RunsMixin(Tables):
@@ -39,7 +39,7 @@ class RunsMixin(Tables):
         """Record a run, or update it (keeping its creation time) if the id exists. `history`
         is the training metrics of each logged step (`run_history` reads them back); left
         out (None), an update keeps the history already recorded."""
-        check_run_id(run_id, StoreDBError)
+        check_run_id(run_id, ResultsDBError)
         row = {
             "run_id": run_id,
             "name": name or run_id,

@@ -1,6 +1,6 @@
 """The features table: each feature's statistics and category, and the dashboard's feature
 table (latest explanation, scores and triage joined; its SQL is in
-`engine.store.features_sql`)."""
+`engine.results.features_sql`)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.store import schema
-from engine.store.clauses import _category, _limit, _order
-from engine.store.features_sql import (
+from engine.results import schema
+from engine.results.clauses import _category, _limit, _order
+from engine.results.features_sql import (
     FEATURE_FILTERS,
     _check_filters,
     _feature_filter,
     _feature_table_query,
 )
-from engine.store.tables import Tables
-from engine.store.values import _array, _choices, _partitions, _records
+from engine.results.tables import Tables
+from engine.results.values import _array, _choices, _partitions, _records
 
 
 class FeaturesMixin(Tables):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from engine.harvest.store_manifest import StoreError
+from engine.activations.manifest import StoreError
 
 
 def add_interval(intervals: list[list[int]], start: int, end: int) -> list[list[int]]:

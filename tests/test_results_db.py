@@ -13,8 +13,8 @@ import pytest
 
 from engine.categories import CANDIDATES, category
 from engine.contexts import Context
-from engine.store import schema
-from engine.store.db import Database, StoreDBError
+from engine.results import schema
+from engine.results.db import Database, ResultsDBError
 
 RUN = "run-1"
 NASTY = "x'; DROP TABLE runs; --"
@@ -173,11 +173,13 @@ def test_runs_round_trip_upsert_and_unknown(tmp_path):
         runs = db.runs()
         assert list(runs.run_id) == [RUN, "run-2"]
         assert runs.model_b.iloc[0]["name"] == "gemma3"
-        with pytest.raises(StoreDBError, match="unknown run 'nope'; known runs: 'run-1', 'run-2'"):
+        with pytest.raises(
+            ResultsDBError, match="unknown run 'nope'; known runs: 'run-1', 'run-2'"
+        ):
             db.run("nope")
-        with pytest.raises(StoreDBError, match="unknown run"):
+        with pytest.raises(ResultsDBError, match="unknown run"):
             db.features("nope")
-        with pytest.raises(StoreDBError, match="cannot be stored as JSON"):
+        with pytest.raises(ResultsDBError, match="cannot be stored as JSON"):
             add_run(db, config={"bad": object()})
 
 
@@ -207,11 +209,11 @@ def test_features_round_trip_filters_and_replacement(db):
     feature = db.feature(RUN, 4)
     assert feature["partition"] == "designated_shared" and feature["hist_counts"].dtype == np.int64
     np.testing.assert_allclose(feature["hist_edges"], np.linspace(0, 5, 9))
-    with pytest.raises(StoreDBError, match="no feature 99"):
+    with pytest.raises(ResultsDBError, match="no feature 99"):
         db.feature(RUN, 99)
-    with pytest.raises(StoreDBError, match="cannot order by 'name'; choose one of: feature_id"):
+    with pytest.raises(ResultsDBError, match="cannot order by 'name'; choose one of: feature_id"):
         db.features(RUN, order_by="name")
-    with pytest.raises(StoreDBError, match="unknown partition 'both'"):
+    with pytest.raises(ResultsDBError, match="unknown partition 'both'"):
         db.features(RUN, partition="both")
 
     db.write_features(RUN, features_frame(scale=2.0).iloc[:5])  # re-analysis replaces rows
@@ -235,7 +237,7 @@ def test_run_history_round_trip_and_kept_on_update(tmp_path):
         assert len(db.run_history(RUN)) == 2 and db.run(RUN)["name"] == "renamed"
         # The listing and the run's dict leave the (long) history out.
         assert "history" not in db.run(RUN) and "history" not in db.runs().columns
-        with pytest.raises(StoreDBError, match="unknown run 'nope'"):
+        with pytest.raises(ResultsDBError, match="unknown run 'nope'"):
             db.run_history("nope")
 
 
@@ -278,9 +280,9 @@ def test_categories_set_leaning_shared_features_apart(db, tmp_path):
     exported = pd.read_csv(out)
     assert list(exported.feature_id) == [6, 8] and set(exported.category) == {"a_leaning"}
 
-    with pytest.raises(StoreDBError, match="'a_leaning' is a category, not a partition"):
+    with pytest.raises(ResultsDBError, match="'a_leaning' is a category, not a partition"):
         db.features(RUN, partition="a_leaning")
-    with pytest.raises(StoreDBError, match="unknown category 'leaning'"):
+    with pytest.raises(ResultsDBError, match="unknown category 'leaning'"):
         db.feature_table(RUN, category="leaning")
 
 
@@ -290,20 +292,20 @@ def test_every_partition_is_a_category():
 
 def test_bad_frames_are_refused_and_leave_data_alone(db):
     good = features_frame()
-    with pytest.raises(StoreDBError, match=r"unknown column.*colour"):
+    with pytest.raises(ResultsDBError, match=r"unknown column.*colour"):
         db.write_features(RUN, good.assign(colour=1))
-    with pytest.raises(StoreDBError, match=r"lacks column.*partition"):
+    with pytest.raises(ResultsDBError, match=r"lacks column.*partition"):
         db.write_features(RUN, good.drop(columns="partition"))
-    with pytest.raises(StoreDBError, match="unknown partition 'both'"):
+    with pytest.raises(ResultsDBError, match="unknown partition 'both'"):
         db.write_features(RUN, good.assign(partition="both"))
-    with pytest.raises(StoreDBError, match=r"cannot write features.*[Dd]uplicate"):
+    with pytest.raises(ResultsDBError, match=r"cannot write features.*[Dd]uplicate"):
         db.write_features(RUN, pd.concat([good, good.iloc[:1]]))
-    with pytest.raises(StoreDBError, match="run_id is not"):
+    with pytest.raises(ResultsDBError, match="run_id is not"):
         db.write_features(RUN, good.assign(run_id="other"))
-    with pytest.raises(StoreDBError, match="unknown run"):
+    with pytest.raises(ResultsDBError, match="unknown run"):
         db.write_features("other", good)
     flat = windows_frame().assign(spans=lambda w: w.spans.map(np.ravel))
-    with pytest.raises(StoreDBError, match="'spans' needs a 2-D array"):
+    with pytest.raises(ResultsDBError, match="'spans' needs a 2-D array"):
         db.write_windows(RUN, flat)
     assert len(db.window(RUN, 100)["spans"]) > 0
     assert len(db.features(RUN)) == N  # every failed write rolled back
@@ -336,7 +338,7 @@ def test_contexts_join_windows_into_context_objects(db):
     assert window["text"] == TEXTS[2] and window["offsets_a"].shape[1] == 2
     np.testing.assert_array_equal(window["ids_b"], windows.ids_b.iloc[2])
     np.testing.assert_array_equal(window["offsets_a"], windows.offsets_a.iloc[2])
-    with pytest.raises(StoreDBError, match="no window 7"):
+    with pytest.raises(ResultsDBError, match="no window 7"):
         db.window(RUN, 7)
     with db._cursor() as cur:  # max_act is filled when the frame leaves it out
         assert cur.execute("SELECT count(*) FROM contexts WHERE max_act IS NULL").fetchone() == (0,)
@@ -368,19 +370,19 @@ def test_contexts_cover_their_span_range_and_come_by_feature(db):
     found = db.contexts_of(RUN, [9, 2, 5], kind="top")
     assert [len(found[f]) for f in (9, 2, 5)] == [1, 1, 0]
     np.testing.assert_array_equal(found[2][0].spans, spans)
-    with pytest.raises(StoreDBError, match="unknown run"):
+    with pytest.raises(ResultsDBError, match="unknown run"):
         db.contexts_of("nope", [9])
 
 
 def test_contexts_must_match_their_windows(db):
     frame = contexts_frame(windows_frame())
-    with pytest.raises(StoreDBError, match="write the windows"):
+    with pytest.raises(ResultsDBError, match="write the windows"):
         db.write_contexts(RUN, frame.assign(window_id=999))
     bad = frame.copy()
     bad.at[0, "acts"] = np.ones(2, np.float32)
-    with pytest.raises(StoreDBError, match="one activation per span"):
+    with pytest.raises(ResultsDBError, match="one activation per span"):
         db.write_contexts(RUN, bad)
-    with pytest.raises(StoreDBError, match="unknown kind 'best'"):
+    with pytest.raises(ResultsDBError, match="unknown kind 'best'"):
         db.write_contexts(RUN, frame.assign(kind="best"))
     assert len(db.contexts(RUN, 0)) == 5  # untouched by the failed writes
     db.write_contexts(RUN, frame[frame.feature_id == 0].drop(columns="max_act"))
@@ -423,7 +425,7 @@ def test_neighbors_and_matches(db):
     assert list(got.other_feature_id) == [4, 3, 5] and set(got.other_run_id) == {"run-2"}
     assert db.matches(RUN, "run-2", feature_id=0).other_feature_id.tolist() == [4, 3]
     assert db.matches(RUN, "run-2", feature_id=7).empty
-    with pytest.raises(StoreDBError, match="unknown run 'run-3'"):
+    with pytest.raises(ResultsDBError, match="unknown run 'run-3'"):
         db.write_matches(RUN, "run-3", matches)
 
 
@@ -484,7 +486,7 @@ def test_explanations_scores_steering_evaluations(db):
     )
     samples = db.steering_samples(RUN, feature_id=2)
     assert samples.sample_id.tolist() == [sample] and samples.transfer.iloc[0]["to"] == "a"
-    with pytest.raises(StoreDBError, match="unknown model 'c'"):
+    with pytest.raises(ResultsDBError, match="unknown model 'c'"):
         db.add_steering_sample(
             RUN,
             2,
@@ -504,7 +506,7 @@ def test_explanations_scores_steering_evaluations(db):
     evals = db.evaluations(RUN, kind="exclusivity")
     assert evals.result.iloc[0] == {"auc": 0.9} and pd.isna(evals.feature_id.iloc[0])
     assert db.evaluations(RUN, feature_id=2).config.iloc[0] == {}
-    with pytest.raises(StoreDBError, match="unknown run"):
+    with pytest.raises(ResultsDBError, match="unknown run"):
         db.add_evaluation("zzz", kind="k", config={}, result={})
 
 
@@ -527,9 +529,9 @@ def test_triage_history_is_append_only(db):
     assert list(history.reviewer) == ["ana", "ben", "ana"]
     assert history.changed_at.is_monotonic_increasing
     assert len(db.triage_history(RUN)) == 4
-    with pytest.raises(StoreDBError, match="valid: unreviewed, screening, verified"):
+    with pytest.raises(ResultsDBError, match="valid: unreviewed, screening, verified"):
         db.set_triage(RUN, 1, "approved")
-    with pytest.raises(StoreDBError, match="no feature 99"):
+    with pytest.raises(ResultsDBError, match="no feature 99"):
         db.set_triage(RUN, 99, "screening")
     assert len(db.triage_history(RUN)) == 4
 
@@ -574,7 +576,7 @@ def test_feature_table_joins_and_filters(db):
     assert ids(order_by="score", descending=True, limit=2) == [0, 2]
     assert ids(dead=True) == [N - 1]
     assert ids(explainer="nobody", search="a") == []
-    with pytest.raises(StoreDBError, match="cannot order by"):
+    with pytest.raises(ResultsDBError, match="cannot order by"):
         ids(order_by="explanation; DROP TABLE runs")
     assert len(db.runs()) == 1
 
@@ -651,11 +653,11 @@ def test_feature_table_pages_counts_and_density(db):
         db.feature_table(RUN, feature_ids=[]).empty and db.feature_count(RUN, feature_ids=[]) == 0
     )
     assert db.feature_table(RUN, offset=N - 2).feature_id.tolist() == [N - 2, N - 1]
-    with pytest.raises(StoreDBError, match="non-negative"):
+    with pytest.raises(ResultsDBError, match="non-negative"):
         db.feature_table(RUN, limit=5, offset=-1)
-    with pytest.raises(StoreDBError, match="unknown feature_table filter"):
+    with pytest.raises(ResultsDBError, match="unknown feature_table filter"):
         db.feature_count(RUN, order_by="score")
-    with pytest.raises(StoreDBError, match="unknown run"):
+    with pytest.raises(ResultsDBError, match="unknown run"):
         db.feature_count("nope")
 
 
@@ -698,11 +700,11 @@ def test_bulk_explanations_and_scores_are_numbered_in_order(db):
     later = db.add_score(RUN, 6, explanation_id=ids[2], judge="j", prompt_version="v1", value=1)
     assert later > score_ids[-1]
 
-    with pytest.raises(StoreDBError, match="the store assigns it"):
+    with pytest.raises(ResultsDBError, match="the store assigns it"):
         db.add_explanations(RUN, frame.assign(explanation_id=1))
-    with pytest.raises(StoreDBError, match="lacks column"):
+    with pytest.raises(ResultsDBError, match="lacks column"):
         db.add_scores(RUN, scores.drop(columns="metric"))
-    with pytest.raises(StoreDBError, match="unknown run"):
+    with pytest.raises(ResultsDBError, match="unknown run"):
         db.add_explanations("nope", frame)
     assert len(db.explanations(RUN, latest=False)) == 4  # failed writes added nothing
 
@@ -713,7 +715,7 @@ def test_bulk_explanations_and_scores_are_numbered_in_order(db):
 def test_values_with_quotes_and_sql_are_harmless(tmp_path):
     with Database(tmp_path / "nasty.duckdb") as db:
         # A run id becomes part of file names, so it is refused; every other value is kept.
-        with pytest.raises(StoreDBError, match="invalid run id"):
+        with pytest.raises(ResultsDBError, match="invalid run id"):
             add_run(db, NASTY)
         run = "o.neil_run-1"
         add_run(db, run, name=NASTY)
@@ -728,7 +730,7 @@ def test_values_with_quotes_and_sql_are_harmless(tmp_path):
         path = db.export("features", tmp_path / "it's.csv", run_id=run)
         assert len(pd.read_csv(path)) == N
         assert db.runs().run_id.tolist() == [run]
-        with pytest.raises(StoreDBError, match="unknown run"):
+        with pytest.raises(ResultsDBError, match="unknown run"):
             db.features(NASTY)  # in a read, a nasty id is only a parameter
 
 
@@ -748,13 +750,13 @@ def test_export_parquet_and_csv(db, tmp_path):
     got = duckdb.execute("SELECT count(*) FROM read_csv(?)", [str(ctx)]).fetchone()
     assert got == (2,)
 
-    with pytest.raises(StoreDBError, match="cannot export 'passwords'; choose one of"):
+    with pytest.raises(ResultsDBError, match="cannot export 'passwords'; choose one of"):
         db.export("passwords", tmp_path / "p.csv")
-    with pytest.raises(StoreDBError, match=r"ending in \.parquet or \.csv"):
+    with pytest.raises(ResultsDBError, match=r"ending in \.parquet or \.csv"):
         db.export("features", tmp_path / "f.xlsx")
-    with pytest.raises(StoreDBError, match="no column"):
+    with pytest.raises(ResultsDBError, match="no column"):
         db.export("features", tmp_path / "f.csv", colour="red")
-    with pytest.raises(StoreDBError, match="unknown feature_table filter"):
+    with pytest.raises(ResultsDBError, match="unknown feature_table filter"):
         db.export("feature_table", tmp_path / "t.csv", run_id=RUN, colour="red")
 
 
@@ -769,7 +771,7 @@ def test_older_file_is_upgraded_in_place(tmp_path, monkeypatch):
     current = len(schema.MIGRATIONS)
     later = "ALTER TABLE features ADD COLUMN label VARCHAR; UPDATE features SET label = 'new';"
     monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, later])
-    with pytest.raises(StoreDBError, match="open it once with read_only=False"):
+    with pytest.raises(ResultsDBError, match="open it once with read_only=False"):
         Database(path, read_only=True)
     with Database(path) as db:
         assert db.schema_version == current + 1
@@ -809,7 +811,7 @@ def test_failed_upgrade_leaves_the_file_unchanged(tmp_path, monkeypatch):
     monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, broken])
     current = len(schema.MIGRATIONS) - 1
     with pytest.raises(
-        StoreDBError, match=rf"from schema {current} to {current + 1} failed.*unchanged"
+        ResultsDBError, match=rf"from schema {current} to {current + 1} failed.*unchanged"
     ):
         Database(path)
     monkeypatch.undo()
@@ -823,14 +825,14 @@ def test_newer_and_foreign_files_are_refused(tmp_path):
     with duckdb.connect(str(path)) as con:
         con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", ["99"])
     reads = len(schema.MIGRATIONS)
-    with pytest.raises(StoreDBError, match=rf"newer modeldiff \(schema 99, this reads {reads}\)"):
+    with pytest.raises(ResultsDBError, match=rf"newer modeldiff \(schema 99, this reads {reads}\)"):
         Database(path)
     other = tmp_path / "other.duckdb"
     with duckdb.connect(str(other)) as con:
         con.execute("CREATE TABLE sales (x INT)")
-    with pytest.raises(StoreDBError, match="not a modeldiff results database"):
+    with pytest.raises(ResultsDBError, match="not a modeldiff results database"):
         Database(other)
-    with pytest.raises(StoreDBError, match="no results database at"):
+    with pytest.raises(ResultsDBError, match="no results database at"):
         Database(tmp_path / "missing.duckdb", read_only=True)
 
 
@@ -842,10 +844,10 @@ def test_reopen_read_only_and_close(tmp_path):
         db.set_triage(RUN, 3, "screening")
     with Database(path, read_only=True) as db:
         assert len(db.features(RUN)) == N and db.triage(RUN).status.tolist() == ["screening"]
-        with pytest.raises(StoreDBError, match="opened read-only"):
+        with pytest.raises(ResultsDBError, match="opened read-only"):
             db.set_triage(RUN, 3, "verified")
     db.close()
-    with pytest.raises(StoreDBError, match="is closed"):
+    with pytest.raises(ResultsDBError, match="is closed"):
         db.runs()
 
 
@@ -915,7 +917,7 @@ def test_opening_waits_for_another_process_then_names_it(tmp_path):
         add_run(db)
         db.write_features(RUN, features_frame())
     holder = hold_lock(path, 2.0)
-    with pytest.raises(StoreDBError, match=r"after waiting 0.2 s: .*Conflicting lock"):
+    with pytest.raises(ResultsDBError, match=r"after waiting 0.2 s: .*Conflicting lock"):
         Database(path, create=False, wait=0.2)
     # Waiting long enough gets the file once the other process lets go.
     db = Database(path, create=False, hold=False, wait=30)

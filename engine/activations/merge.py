@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from engine.harvest.store_manifest import StoreError, load_manifest, rank_files
-from engine.harvest.store_stats import merge_counts
+from engine.activations.manifest import StoreError, load_manifest, rank_files
+from engine.activations.stats import merge_counts
 
 
 def merge_rank_manifests(

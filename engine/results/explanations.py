@@ -7,11 +7,11 @@ from typing import Any
 
 import pandas as pd
 
-from engine.store.clauses import _equals
-from engine.store.tables import Tables
-from engine.store.values import _dumps, _int, _now
+from engine.results.clauses import _equals
+from engine.results.tables import Tables
+from engine.results.values import _dumps, _int, _now
 
-# The score metrics the store itself knows: the detection score of an explanation (the
+# The score metrics the database itself knows: the detection score of an explanation (the
 # default) and a feature's exclusivity score, both shown in the feature table.
 DETECTION = "detection"
 EXCLUSIVITY = "exclusivity"

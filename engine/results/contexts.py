@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 
 from engine.contexts import Context
-from engine.store import schema
-from engine.store.connection import Cursor
-from engine.store.errors import StoreDBError
-from engine.store.tables import Tables
-from engine.store.values import _array, _arrow, _cells, _choices
+from engine.results import schema
+from engine.results.connection import Cursor
+from engine.results.errors import ResultsDBError
+from engine.results.tables import Tables
+from engine.results.values import _array, _arrow, _cells, _choices
 
 
 class ContextsMixin(Tables):
@@ -116,7 +116,7 @@ class ContextsMixin(Tables):
         """One window: text, aligned spans [k, 2], and each model's token ids and offsets."""
         found = self.windows(run_id, [window_id])
         if int(window_id) not in found:
-            raise StoreDBError(f"run {run_id!r} has no window {window_id}")
+            raise ResultsDBError(f"run {run_id!r} has no window {window_id}")
         return found[int(window_id)]
 
     def windows(self, run_id: str, window_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
@@ -158,12 +158,12 @@ def _check_contexts(cur: Cursor, run_id: str) -> None:
         [run_id],
     ).fetchone()
     if orphan:
-        raise StoreDBError(
+        raise ResultsDBError(
             f"{orphan} contexts of run {run_id!r} name windows that are not in the database; "
             "write the windows (write_windows) before the contexts"
         )
     if mismatch:
-        raise StoreDBError(
+        raise ResultsDBError(
             f"{mismatch} contexts of run {run_id!r} have a span range outside their window or a "
             "number of activations different from the spans they cover; give one activation "
             "per span in [span_start, span_end)"

@@ -1,8 +1,8 @@
 """A Database's foundation: opening the file, a connection and cursor per call, the write
 lock and transactions, and the schema check and upgrade on opening.
 
-The table families (`engine.store.runs`, `engine.store.features`, ...) build on it through
-`engine.store.tables`.
+The table families (`engine.results.runs`, `engine.results.features`, ...) build on it through
+`engine.results.tables`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Self
 
 import duckdb
 
-from engine.store import schema
-from engine.store.connection import LOCK_WAIT_S, Cursor, _connect, _damaged, _is_damage
-from engine.store.errors import StoreDBError, _first_line
+from engine.results import schema
+from engine.results.connection import LOCK_WAIT_S, Cursor, _connect, _damaged, _is_damage
+from engine.results.errors import ResultsDBError, _first_line
 
 
 class StoreBase:
@@ -81,7 +81,7 @@ class StoreBase:
         """The held connection; with hold=False, this thread's open one, or one opened for
         this call (read-only unless it writes) and closed after it, releasing the file."""
         if self._closed:
-            raise StoreDBError(f"the database {self.path} is closed; open a new Database")
+            raise ResultsDBError(f"the database {self.path} is closed; open a new Database")
         if self._conn is not None:
             yield self._conn
             return
@@ -90,7 +90,7 @@ class StoreBase:
             # A read inside a write (or a write inside a transaction) uses the open
             # connection: opening the file again with other settings would wait on itself.
             if write and not self._local.writes:
-                raise StoreDBError("cannot write to the database from inside a read")
+                raise ResultsDBError("cannot write to the database from inside a read")
             yield pinned
             return
         read_only = self.read_only or not write
@@ -112,7 +112,7 @@ class StoreBase:
             except duckdb.Error as err:
                 # Damage in a block only shows when a query reads it.
                 if _is_damage(err):
-                    raise StoreDBError(_damaged(self.path, err)) from None
+                    raise ResultsDBError(_damaged(self.path, err)) from None
                 raise
             finally:
                 cur.close()
@@ -133,7 +133,7 @@ class StoreBase:
         """A cursor in one transaction under the write lock, rolled back on any error;
         inside `transaction()`, that transaction's cursor."""
         if self.read_only:
-            raise StoreDBError(
+            raise ResultsDBError(
                 f"{self.path} was opened read-only; open Database(path, read_only=False) to write"
             )
         with self._lock:
@@ -155,13 +155,13 @@ class StoreBase:
         with self._cursor() as cur:
             version = _file_version(cur, self.path)
         if version > target:
-            raise StoreDBError(
+            raise ResultsDBError(
                 f"{self.path} was written by a newer modeldiff (schema {version}, this reads "
                 f"{target}); upgrade modeldiff"
             )
         if version < target:
             if self.read_only:
-                raise StoreDBError(
+                raise ResultsDBError(
                     f"{self.path} has schema {version} and this modeldiff reads {target}; open "
                     "it once with read_only=False to upgrade it"
                 )
@@ -180,7 +180,7 @@ class StoreBase:
                     ["schema_version", str(target)],
                 )
         except duckdb.Error as err:
-            raise StoreDBError(
+            raise ResultsDBError(
                 f"upgrading {self.path} from schema {version} to {target} failed, and the file "
                 f"was left unchanged: {_first_line(err)}"
             ) from err
@@ -197,12 +197,12 @@ def _file_version(cur: Cursor, path: Path) -> int:
     }
     if "meta" not in tables:
         if tables:
-            raise StoreDBError(
+            raise ResultsDBError(
                 f"{path} is a DuckDB file but not a modeldiff results database (it has tables "
                 f"{', '.join(sorted(tables)[:5])} and no meta table); choose another path"
             )
         return 0
     row = cur.execute("SELECT value FROM meta WHERE key = ?", ["schema_version"]).fetchone()
     if row is None:
-        raise StoreDBError(f"{path} has no schema version in its meta table; it is damaged")
+        raise ResultsDBError(f"{path} has no schema version in its meta table; it is damaged")
     return int(row[0])

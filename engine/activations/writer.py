@@ -20,9 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_bytes
 
-from engine.files import atomic_write_bytes, atomic_write_text
-from engine.harvest.store_layout import check_layout, clear_store
-from engine.harvest.store_manifest import (
+from engine.activations.layout import check_layout, clear_store
+from engine.activations.manifest import (
     StoreError,
     check_compatible,
     check_rank,
@@ -32,8 +31,8 @@ from engine.harvest.store_manifest import (
     rank_files,
     store_dtype,
 )
-from engine.harvest.store_shards import WindowRecord, shard_problem, shard_tensors
-from engine.harvest.store_stats import (
+from engine.activations.shards import WindowRecord, shard_problem, shard_tensors
+from engine.activations.stats import (
     add_interval,
     contains,
     merge_counts,
@@ -41,6 +40,7 @@ from engine.harvest.store_stats import (
     remove_interval,
     update_stats,
 )
+from engine.files import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from engine.harvest.store_manifest import (
+from engine.activations.manifest import (
     FORMAT,
     MANIFEST,
     RANKS,

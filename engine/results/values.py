@@ -18,9 +18,9 @@ import pandas as pd
 import pyarrow as pa
 
 from engine import categories
-from engine.store import schema
-from engine.store.connection import Cursor
-from engine.store.errors import StoreDBError
+from engine.results import schema
+from engine.results.connection import Cursor
+from engine.results.errors import ResultsDBError
 
 
 def _now() -> datetime:
@@ -46,7 +46,7 @@ def _dumps(value: Any, what: str) -> str | None:
     try:
         return json.dumps(value, default=_json_default)
     except (TypeError, ValueError) as err:
-        raise StoreDBError(f"{what} cannot be stored as JSON: {err}") from None
+        raise ResultsDBError(f"{what} cannot be stored as JSON: {err}") from None
 
 
 def _loads(text: Any) -> Any:
@@ -64,7 +64,9 @@ def _choices(value: str | Iterable[str], valid: Sequence[str], what: str) -> lis
     values = [value] if isinstance(value, str) else list(value)
     bad = [v for v in values if v not in valid]
     if bad:
-        raise StoreDBError(f"unknown {what} {', '.join(map(repr, bad))}; valid: {', '.join(valid)}")
+        raise ResultsDBError(
+            f"unknown {what} {', '.join(map(repr, bad))}; valid: {', '.join(valid)}"
+        )
     return values
 
 
@@ -78,7 +80,7 @@ def _partitions(partition: str | Iterable[str]) -> list[str]:
     values = [partition] if isinstance(partition, str) else list(partition)
     leaning = [v for v in values if v in categories.LEANING]
     if leaning:
-        raise StoreDBError(
+        raise ResultsDBError(
             f"{', '.join(map(repr, leaning))} is a category, not a partition: filter with "
             f"category=... (valid partitions: {', '.join(schema.PARTITIONS)})"
         )
@@ -174,7 +176,7 @@ def _list_array(values: list[Any], depth: int, column: str) -> pa.Array:
             row = row.reshape((0,) * depth)
         if row.ndim != depth:
             shape = "a 1-D array" if depth == 1 else f"a {depth}-D array such as [n, 2]"
-            raise StoreDBError(f"column {column!r} needs {shape} per row, got shape {row.shape}")
+            raise ResultsDBError(f"column {column!r} needs {shape} per row, got shape {row.shape}")
         rows.append(row)
         valid.append(not _missing(value))
     flat = np.concatenate([r.reshape(-1) for r in rows]) if rows else np.empty(0)

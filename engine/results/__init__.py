@@ -1,5 +1,5 @@
 """The results database: one DuckDB file of runs, features, contexts, explanations and triage."""
 
-from engine.store.db import Database, StoreDBError
+from engine.results.db import Database, ResultsDBError
 
-__all__ = ["Database", "StoreDBError"]
+__all__ = ["Database", "ResultsDBError"]
