@@ -21,7 +21,7 @@ import torch
 from engine.activations import ActivationStore, StoreWriter
 from engine.activations.shards import WindowRecord
 from engine.config import CrosscoderConfig, TrainConfig
-from engine.crosscoder.trainer import train
+from engine.crosscoder.training import train
 
 D_A, D_B = 576, 640
 

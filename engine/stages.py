@@ -102,7 +102,7 @@ def train(
 ):
     """Train the crosscoder `cfg` describes on `data` into the run directory `out`."""
     from engine.crosscoder.normalize import Normalizer
-    from engine.crosscoder.trainer import train as run
+    from engine.crosscoder.training import train as run
 
     normalizer = None
     if data.median_norms is not None:

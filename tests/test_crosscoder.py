@@ -14,7 +14,8 @@ from engine.crosscoder.checkpoint import CheckpointError, load_crosscoder
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.crosscoder.sparse import Entries, batch_topk
-from engine.crosscoder.trainer import Trainer, TrainingError, train
+from engine.crosscoder.trainer import Trainer, TrainingError
+from engine.crosscoder.training import train
 from engine.partition import Partition, Role
 
 D_A, D_B = 24, 20  # deliberately different widths

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.crosscoder.model import Crosscoder
-from engine.crosscoder.trainer import train
+from engine.crosscoder.training import train
 from engine.partition import Partition
 from tests.test_crosscoder import (
     D_A,

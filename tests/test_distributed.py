@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from engine.crosscoder.checkpoint import load_crosscoder
 from engine.crosscoder.data import IterableSource, RankSlice, TensorPairs
 from engine.crosscoder.pairs import save_pairs
-from engine.crosscoder.trainer import Trainer, train
+from engine.crosscoder.trainer import Trainer
+from engine.crosscoder.training import train
 from tests.test_cli import CONFIG
 from tests.test_crosscoder import D_A, model_cfg, paired_data, train_cfg
 

@@ -9,7 +9,8 @@ from engine.config import ConfigError, CrosscoderConfig, TrainConfig
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.reassign import adapt, leaning, reassign
 from engine.crosscoder.relayout import resize
-from engine.crosscoder.trainer import Trainer, train
+from engine.crosscoder.trainer import Trainer
+from engine.crosscoder.training import train
 from engine.partition import Partition
 
 D_A, D_B = 12, 10

@@ -544,7 +544,7 @@ def test_train_fresh_clears_only_a_run_directory(tmp_path, capsys):
 def test_train_without_resume_starts_over_in_the_same_directory(tmp_path):
     from engine.config import CrosscoderConfig, TrainConfig
     from engine.crosscoder.checkpoint import CheckpointError, latest_checkpoint
-    from engine.crosscoder.trainer import train
+    from engine.crosscoder.training import train
 
     data = (torch.randn(256, 8), torch.randn(256, 6))
     model = CrosscoderConfig(d_a=8, d_b=6, n_features=32)

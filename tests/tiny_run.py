@@ -29,7 +29,7 @@ def build_tiny_run(tmp_path: Path, train_steps: int = 30) -> TinyRun:
     from engine.activations import ActivationStore
     from engine.analysis.analyze import analyze
     from engine.config import CrosscoderConfig, HarvestConfig, TrainConfig
-    from engine.crosscoder.trainer import train
+    from engine.crosscoder.training import train
     from engine.harvest.pipeline import harvest
     from engine.models.loading import load_model
     from tests.conftest import save_tiny_pair

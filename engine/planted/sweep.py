@@ -177,7 +177,7 @@ def train_and_evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train variant `variant` on the planted pairs and return its report."""
-    from engine.crosscoder.trainer import train
+    from engine.crosscoder.training import train
 
     dims = (pairs.x_a.shape[1], pairs.x_b.shape[1])
     cc_cfg, train_cfg = run_configs(cfg, dims, variant, seed)

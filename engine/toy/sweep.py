@@ -176,7 +176,7 @@ def train_and_evaluate(
     cfg: SweepConfig, toy: ToyModel, architecture: str, n_features: int, seed: int
 ) -> dict[str, Any]:
     """Train one crosscoder on the toy model and return its recovery report and fit."""
-    from engine.crosscoder.trainer import train
+    from engine.crosscoder.training import train
 
     result = train(
         cfg.crosscoder_config(architecture, n_features),
