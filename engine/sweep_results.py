@@ -7,7 +7,9 @@ plain values (NaN as null).
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,27 @@ def load_results(out: Path, keys: list[str]) -> pd.DataFrame:
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
     """Write a frame as CSV atomically."""
     atomic_write_text(path, frame.to_csv(index=False))
+
+
+def write_sweep_outputs(
+    out: Path,
+    config: dict[str, Any],
+    results: pd.DataFrame,
+    summary: pd.DataFrame,
+    make_figure: Callable[[], Any],
+) -> None:
+    """Write ``summary.csv``, ``results.json`` (config, rows, summary) and ``figure.html``.
+
+    `make_figure` builds the Plotly figure; it is called after the other two are written.
+    """
+    write_csv(summary, out / "summary.csv")
+    payload = {
+        "config": config,
+        "results": json_records(results),
+        "summary": json_records(summary),
+    }
+    atomic_write_text(out / "results.json", json.dumps(payload, indent=2))
+    make_figure().write_html(out / "figure.html", include_plotlyjs=True)
 
 
 def json_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
