@@ -3,7 +3,7 @@ each feature's newest explanation, scores and triage (`Database.feature_table`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from engine.results import schema
@@ -50,28 +50,12 @@ def _latest_scores(key: str, restrict: str = "") -> str:
 
 
 def _feature_filter(
-    run_id: str,
-    partition: str | Sequence[str] | None = None,
-    category: str | Sequence[str] | None = None,
-    harmful: bool | None = None,
-    status: str | Sequence[str] | None = None,
-    min_score: float | None = None,
-    min_exclusivity: float | None = None,
-    max_exclusivity: float | None = None,
-    min_density: float | None = None,
-    max_density: float | None = None,
-    search: str | None = None,
-    explainer: str | None = None,
-    dead: bool | None = None,
-    feature_ids: Iterable[int] | None = None,
-    sort: str = "feature_id",
+    run_id: str, explainer: str | None = None, sort: str = "feature_id", **filters: Any
 ) -> tuple[str, list[Any]]:
     """SQL from `features f` to its WHERE clause that keeps the filtered features, joining
-    only what the filters and the sort key need; and its parameters."""
-    where, params, need = _feature_where(
-        run_id, partition, category, harmful, status, min_score, min_exclusivity,
-        max_exclusivity, min_density, max_density, search, dead, feature_ids,
-    )  # fmt: skip
+    only what the filters and the sort key need; and its parameters. `filters` are those of
+    `Database.feature_table` (FEATURE_FILTERS); `explainer` picks whose explanations count."""
+    where, params, need = _feature_where(run_id, filters)
     if sort in TABLE_SORT_KEYS:  # "sc.value" needs the alias sc
         need.add(TABLE_SORT_KEYS[sort].split(".")[0])
     joins: list[str] = []
@@ -101,58 +85,45 @@ def _feature_filter(
     return sql, [*join_params, *params]
 
 
-def _feature_where(
-    run_id: str,
-    partition: str | Sequence[str] | None,
-    category: str | Sequence[str] | None,
-    harmful: bool | None,
-    status: str | Sequence[str] | None,
-    min_score: float | None,
-    min_exclusivity: float | None,
-    max_exclusivity: float | None,
-    min_density: float | None,
-    max_density: float | None,
-    search: str | None,
-    dead: bool | None,
-    feature_ids: Iterable[int] | None,
-) -> tuple[list[str], list[Any], set[str]]:
+def _feature_where(run_id: str, filters: dict[str, Any]) -> tuple[list[str], list[Any], set[str]]:
     """The feature table's WHERE conditions, their parameters, and the aliases they use
-    (ex: latest explanation, sc: its detection score, xs: exclusivity score, t: triage)."""
+    (ex: latest explanation, sc: its detection score, xs: exclusivity score, t: triage).
+    `filters` maps FEATURE_FILTERS names (but `explainer`) to values; absent means None."""
     where, params, need = ["f.run_id = ?"], [run_id], set()
-    if partition is not None:
+    if (partition := filters.get("partition")) is not None:
         where.append('list_contains(?::VARCHAR[], f."partition")')
         params.append(_partitions(partition))
-    if category is not None:
+    if (category := filters.get("category")) is not None:
         category_sql, category_params = _category()
         where.append(f"list_contains(?::VARCHAR[], {category_sql})")
         params += [_choices(category, schema.CATEGORIES, "category"), *category_params]
-    if dead is not None:
+    if (dead := filters.get("dead")) is not None:
         where.append("f.dead = ?")
         params.append(bool(dead))
-    if feature_ids is not None:
+    if (feature_ids := filters.get("feature_ids")) is not None:
         where.append("f.feature_id IN (SELECT unnest(?::INTEGER[]))")
         params.append([int(i) for i in feature_ids])
-    if harmful is not None:
+    if (harmful := filters.get("harmful")) is not None:
         where.append("ex.harmful IS NOT DISTINCT FROM ?")
         params.append(bool(harmful))
         need.add("ex")
-    if status is not None:
+    if (status := filters.get("status")) is not None:
         where.append("list_contains(?::VARCHAR[], COALESCE(t.status, 'unreviewed'))")
         params.append(_choices(status, schema.TRIAGE_STATUSES, "triage status"))
         need.add("t")
     bounds = (
-        ("sc.value >= ?", min_score),
-        ("xs.value >= ?", min_exclusivity),
-        ("xs.value <= ?", max_exclusivity),
-        ("f.density >= ?", min_density),
-        ("f.density <= ?", max_density),
+        ("sc.value >= ?", filters.get("min_score")),
+        ("xs.value >= ?", filters.get("min_exclusivity")),
+        ("xs.value <= ?", filters.get("max_exclusivity")),
+        ("f.density >= ?", filters.get("min_density")),
+        ("f.density <= ?", filters.get("max_density")),
     )
     for condition, value in bounds:
         if value is not None:
             where.append(condition)
             params.append(float(value))
             need.add(condition.split(".")[0])
-    if search:
+    if search := filters.get("search"):
         # Escape LIKE wildcards so the search is a plain substring.
         pattern = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         where.append("ex.explanation ILIKE ? ESCAPE '\\'")
