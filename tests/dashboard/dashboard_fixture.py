@@ -1,9 +1,10 @@
 """A results database for the dashboard tests (AppTest and the browser test).
 
-Two runs of one hand-built crosscoder with planted features (tests.test_analysis), analysed,
-explained, scored and matched by the engine. Run RUN points at tiny random models saved in
-the temporary directory with the real demo tokenizers, so live steering and typed-text
-probes work; run OTHER records no model names, so its panels explain how to enable them.
+Two runs of one hand-built crosscoder with planted features (tests.analysis.test_analysis),
+analysed, explained, scored and matched by the engine. Run RUN points at tiny random models
+saved in the temporary directory with the real demo tokenizers, so live steering and
+typed-text probes work; run OTHER records no model names, so its panels explain how to
+enable them.
 The tea feature of RUN also has an exclusivity score and a steering evaluation, shaped as
 `modeldiff exclusivity` and `modeldiff steer-eval` store them (texts written by hand: the
 tiny models' steering is noise).
@@ -32,8 +33,8 @@ from engine.results import Database
 from engine.steering.evaluate import aggregate
 from engine.steering.rubrics import RUBRIC_VERSION, rubric
 from engine.steering.steer import GenerationConfig
+from tests.analysis.test_analysis import D_A, D_B, make_store, planted_crosscoder
 from tests.conftest import save_tiny_pair
-from tests.test_analysis import D_A, D_B, make_store, planted_crosscoder
 
 RUN = "planted"
 OTHER = "planted-seed1"

@@ -20,8 +20,8 @@ from engine.crosscoder.data import IterableSource, RankSlice, TensorPairs
 from engine.crosscoder.pairs import save_pairs
 from engine.crosscoder.trainer import Trainer
 from engine.crosscoder.training import train
-from tests.test_cli import CONFIG
-from tests.test_crosscoder import D_A, model_cfg, paired_data, train_cfg
+from tests.cli.test_cli import CONFIG
+from tests.crosscoder.test_crosscoder import D_A, model_cfg, paired_data, train_cfg
 
 WORLD = 2
 # Float sums are split differently across ranks (gradients, norms, variances), so weights

@@ -8,7 +8,7 @@ import torch
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.training import train
 from engine.partition import Partition
-from tests.test_crosscoder import (
+from tests.crosscoder.test_crosscoder import (
     D_A,
     D_B,
     model_cfg,
