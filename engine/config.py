@@ -127,6 +127,11 @@ class TrainConfig:
     # Step of the first reassignment check; "anneal": the end of the k anneal, when features
     # have settled (earlier checks fill small partitions with whatever leans first).
     reassign_after: int | str = 0
+    # Steps at the start during which BatchTopK ranks features by their mean decoder norm
+    # over the models they have: at initialisation every decoder has the same norm, so the
+    # sum weighting gives an exclusive feature half a shared feature's score and it never
+    # fires (docs/planted.md). 0: the crosscoder's score_weighting from the first step.
+    equal_score_steps: int = 0
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "k", "log_every", "checkpoint_every", "keep_checkpoints")
@@ -134,7 +139,14 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        counts = ("warmup_steps", "anneal_steps", "k_aux", "dead_window_tokens", "reassign_every")
+        counts = (
+            "warmup_steps",
+            "anneal_steps",
+            "k_aux",
+            "dead_window_tokens",
+            "reassign_every",
+            "equal_score_steps",
+        )
         for name in counts:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

@@ -118,15 +118,16 @@ class Crosscoder(nn.Module):
         pre[:, p.shared_start :] += enc_a[:, p.n_a_exclusive :]
         return pre.add_(self.b_enc)
 
-    def selection_scores(self, pre: torch.Tensor) -> torch.Tensor:
-        """BatchTopK ranking score: relu(pre) x the feature's decoder-norm weight."""
-        return pre.relu() * self.score_weights().to(pre.dtype)
+    def selection_scores(self, pre: torch.Tensor, weighting: str | None = None) -> torch.Tensor:
+        """BatchTopK ranking score: relu(pre) x the feature's decoder-norm weight
+        (`weighting` overrides the crosscoder's own `score_weighting`)."""
+        return pre.relu() * self.score_weights(weighting).to(pre.dtype)
 
-    def score_weights(self) -> torch.Tensor:
+    def score_weights(self, weighting: str | None = None) -> torch.Tensor:
         """|d_A| + |d_B| ("sum"), or that over the number of models owning it ("mean")."""
         norm_a, norm_b = self.decoder_norms()
         weights = norm_a + norm_b
-        if self.score_weighting == "mean":
+        if (weighting or self.score_weighting) == "mean":
             owners = (self.rows_in_a >= 0).float() + (self.rows_in_b >= 0).float()
             weights = weights / owners
         return weights

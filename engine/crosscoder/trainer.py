@@ -205,7 +205,7 @@ class Trainer:
         with torch.no_grad():
             with self._autocast():
                 pre = self._encode(x_a, x_b)
-            scores = model.selection_scores(pre)
+            scores = model.selection_scores(pre, self._weighting())
             main, group_minima = self._select(scores, k, n, n_local)
             dead = self.dead_mask() if self.cfg.k_aux else None
             aux = self._select_aux(pre, dead) if dead is not None and dead.any() else None
@@ -269,6 +269,12 @@ class Trainer:
         if self.device.type == "cuda" and self.cfg.autocast_bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _weighting(self) -> str | None:
+        """The BatchTopK score weighting of this step: "mean" during `equal_score_steps`
+        (an exclusive feature, with one decoder, is not outscored 2:1 at initialisation),
+        then the crosscoder's own."""
+        return "mean" if self.counters.step < self.cfg.equal_score_steps else None
 
     def _selection_groups(self) -> list[tuple[slice, float]]:
         """Feature blocks that get separate BatchTopK budgets, with their share of k."""

@@ -318,3 +318,45 @@ def test_reassignment_bounds_are_validated():
         TrainConfig(reassign_low=0.6)
     with pytest.raises(ConfigError, match="reassign_every"):
         TrainConfig(reassign_every=-1)
+
+
+def test_equal_score_steps_rank_by_the_mean_decoder_norm_then_by_the_crosscoders_own():
+    cfg = CrosscoderConfig(
+        d_a=D_A, d_b=D_B, n_features=32, architecture="dfc", a_exclusive=8, b_exclusive=8
+    )
+    train_cfg = TrainConfig(k=2, k_initial=None, device="cpu", equal_score_steps=3)
+    trainer = Trainer(cfg, train_cfg)
+    model = trainer.model
+    pre = torch.ones(1, 32)
+    # Equal decoder norms at initialisation: the mean weighting scores every feature alike,
+    # the sum weighting gives an exclusive feature half a shared feature's score.
+    averaged = model.selection_scores(pre, trainer._weighting())
+    assert torch.allclose(averaged[0, :16], averaged[0, 16:].mean().expand(16), rtol=1e-4)
+    trainer.counters.step = 3
+    assert trainer._weighting() is None
+    summed = model.selection_scores(pre, trainer._weighting())
+    assert torch.allclose(summed[0, :16] * 2, summed[0, 16:].mean().expand(16), rtol=1e-4)
+    with pytest.raises(ConfigError, match="equal_score_steps"):
+        TrainConfig(equal_score_steps=-1)
+
+
+def test_with_equal_score_steps_exclusive_features_fire_from_the_first_steps():
+    g = torch.Generator().manual_seed(3)
+    data = (torch.randn(2048, D_A, generator=g), torch.randn(2048, D_B, generator=g))
+    model = CrosscoderConfig(
+        d_a=D_A, d_b=D_B, n_features=64, architecture="dfc", a_exclusive=8, b_exclusive=8,
+        decoder_init_norm=0.4,
+    )  # fmt: skip
+
+    def exclusive_fired(equal_steps: int) -> int:
+        cfg = TrainConfig(
+            steps=10, batch_size=64, k=2, k_initial=None, lr=1e-3, k_aux=0, log_every=10,
+            checkpoint_every=10, device="cpu", reassign_every=0, equal_score_steps=equal_steps,
+            dead_window_tokens=10_000,
+        )  # fmt: skip
+        trainer = Trainer(model, cfg)
+        for i in range(10):
+            trainer.step(data[0][i * 64 : (i + 1) * 64], data[1][i * 64 : (i + 1) * 64])
+        return int((trainer.since_fired[:16] < 640).sum())
+
+    assert exclusive_fired(0) < exclusive_fired(10)
