@@ -176,6 +176,8 @@ def _feature_table_query(
                ex.explanation_id, ex.explainer, ex.prompt_version, ex.explanation, ex.harmful,
                ex.harmful_reason, ex.parsed, ex.created_at AS explained_at,
                sc.value AS score, sc.judge, sc.n_examples, xs.value AS exclusivity,
+               xs.ci_low AS exclusivity_low, xs.ci_high AS exclusivity_high,
+               xs.judge AS exclusivity_judge,
                COALESCE(t.status, 'unreviewed') AS status, t.notes, t.reviewer, t.updated_at
         FROM k
         LEFT JOIN e ON e.feature_id = k.feature_id

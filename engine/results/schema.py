@@ -202,7 +202,33 @@ V3 = """
 ALTER TABLE runs ADD COLUMN history JSON;
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3]
+# Exclusivity scores with their spread and the calibration protocol (paper Figure 5): a
+# score's 95% interval over prompts x sampled generations, and the exclusivity of sampled
+# features per category and of random directions (the null), which have no feature row.
+EXCLUSIVITY_SPREAD = """
+ALTER TABLE scores ADD COLUMN ci_low DOUBLE;
+ALTER TABLE scores ADD COLUMN ci_high DOUBLE;
+
+CREATE SEQUENCE calibration_ids START 1;
+CREATE TABLE calibration (
+    calibration_id BIGINT PRIMARY KEY DEFAULT nextval('calibration_ids'),
+    run_id VARCHAR NOT NULL,
+    protocol VARCHAR NOT NULL,
+    judge VARCHAR NOT NULL,
+    category VARCHAR NOT NULL,
+    item INTEGER NOT NULL,      -- the feature id, or the random direction's number
+    feature_id INTEGER,         -- NULL for a random direction
+    value DOUBLE,               -- exclusivity; NULL when not interpretable
+    ci_low DOUBLE,
+    ci_high DOUBLE,
+    unfiltered DOUBLE,          -- 6 - similarity even when not interpretable
+    interpretability DOUBLE,
+    details JSON,
+    created_at TIMESTAMP NOT NULL
+);
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, EXCLUSIVITY_SPREAD]
 
 # The indexes of the newest version: name -> (table, column).
 INDEXES: dict[str, tuple[str, str]] = {
@@ -243,7 +269,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "scores": (
         "score_id", "run_id", "feature_id", "explanation_id", "judge", "prompt_version",
-        "metric", "value", "n_examples", "details", "created_at",
+        "metric", "value", "n_examples", "details", "created_at", "ci_low", "ci_high",
     ),
     "steering_samples": (
         "sample_id", "run_id", "feature_id", "model", "prompt", "alpha", "s_max", "seed",
@@ -254,6 +280,10 @@ COLUMNS: dict[str, tuple[str, ...]] = {
         "eval_id", "run_id", "feature_id", "kind", "config", "result", "created_at",
     ),
     "triage": ("run_id", "feature_id", "status", "notes", "reviewer", "updated_at"),
+    "calibration": (
+        "calibration_id", "run_id", "protocol", "judge", "category", "item", "feature_id",
+        "value", "ci_low", "ci_high", "unfiltered", "interpretability", "details", "created_at",
+    ),
     "triage_history": (
         "history_id", "run_id", "feature_id", "status", "notes", "reviewer", "changed_at",
     ),
@@ -264,6 +294,7 @@ JSON_COLUMNS: dict[str, tuple[str, ...]] = {
     "scores": ("details",),
     "steering_samples": ("transfer",),
     "evaluations": ("config", "result"),
+    "calibration": ("details",),
 }
 
 # List columns and how deeply they nest (2: one [n, 2] array per row).
