@@ -21,6 +21,7 @@ from engine.partition import Architecture, Partition
 
 SCORE_WEIGHTINGS = ("sum", "mean")
 RECYCLE_INITS = ("random", "residual")
+TRACKERS = ("none", "tensorboard")
 
 
 @dataclass
@@ -132,6 +133,14 @@ class TrainConfig:
     # sum weighting gives an exclusive feature half a shared feature's score and it never
     # fires (docs/planted.md). 0: the crosscoder's score_weighting from the first step.
     equal_score_steps: int = 0
+    # Pairs held out of training (whole windows of an activation store, at most a tenth of
+    # it; in-memory pairs are not split) on which validation FVE is measured at every log
+    # step, and on whose windows `modeldiff evaluate` measures CE loss recovered. 0: train
+    # on everything (docs/training.md, "Held-out validation").
+    validation_pairs: int = 2048
+    # Experiment tracking of the logged metrics: "none" or "tensorboard" (needs the
+    # `tracking` extra); events go to <run>/tensorboard.
+    tracking: str = "none"
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "k", "log_every", "checkpoint_every", "keep_checkpoints")
@@ -146,6 +155,7 @@ class TrainConfig:
             "dead_window_tokens",
             "reassign_every",
             "equal_score_steps",
+            "validation_pairs",
         )
         for name in counts:
             value = getattr(self, name)
@@ -187,6 +197,10 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown recycle_init {self.recycle_init!r}; choose one of: "
                 f"{', '.join(RECYCLE_INITS)}"
+            )
+        if self.tracking not in TRACKERS:
+            raise ConfigError(
+                f"unknown tracking {self.tracking!r}; choose one of: {', '.join(TRACKERS)}"
             )
 
     @property

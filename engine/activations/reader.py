@@ -139,6 +139,13 @@ class ActivationStore:
             out.append(entry)
         return out
 
+    def hold_out(self, n_pairs: int):
+        """Whole windows holding at least `n_pairs` pairs split off for validation, and
+        the store without them to train on (`split.StoreSplit`); None if too small."""
+        from engine.activations.split import split_store
+
+        return split_store(self, n_pairs)
+
     # shuffled batches ---------------------------------------------------------------------
 
     def batches(

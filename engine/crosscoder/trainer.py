@@ -41,7 +41,9 @@ from engine.crosscoder.sparse import Entries, batch_topk
 from engine.errors import UserError
 
 # Settings that may change between a run and its resumption without changing the result.
-_RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "device"}
+_RESUMABLE_CHANGES = {
+    "steps", "log_every", "checkpoint_every", "keep_checkpoints", "device", "tracking"
+}
 
 
 class TrainingError(UserError, RuntimeError):

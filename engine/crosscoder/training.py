@@ -1,5 +1,6 @@
-"""A training run: fit the normalisation, resume from the latest checkpoint, loop over the
-source's batches with progress, logs and periodic checkpoints, and write the trained
+"""A training run: hold out validation pairs, fit the normalisation, resume from the latest
+checkpoint, loop over the source's batches with progress, logs (validation FVE at every
+log step, optionally sent to a tracker) and periodic checkpoints, and write the trained
 crosscoder. One step of it is `trainer.Trainer.step`."""
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from engine.crosscoder.data import RankSlice, as_source, check_pair_shapes, fini
 from engine.crosscoder.distributed import Context, StopRequests
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
+from engine.crosscoder.tracking import Tracker, open_tracker
 from engine.crosscoder.trainer import Trainer, TrainingError, resolve_device
+from engine.crosscoder.validation import PREFIX, Validation, split
 from engine.progress import ProgressBar
 
 _NORMALIZER_FIT_ROWS = 8192
@@ -89,6 +92,9 @@ def _train(
     if out is not None and out.exists() and not out.is_dir():
         raise ckpt.CheckpointError(f"{out} is a file; give a directory for the training run")
     trainer = Trainer(model_cfg, train_cfg, normalizer, ctx)
+    # Every rank holds out the same pairs (a fixed split), before anything reads the data.
+    source, held = split(source, train_cfg.validation_pairs)
+    validation = held and Validation(held.x_a, held.x_b, held.info(), train_cfg.outlier_factor)
     if out is not None and not resume:  # an old run's checkpoint must not outlive this one
         ckpt.clear_run(out, remove=ctx.is_main)
         ctx.barrier()
@@ -97,12 +103,17 @@ def _train(
         trainer.load_checkpoint(latest)  # every rank reads it: a shared file system
     else:
         _initialise(trainer, source, normalizer)
+    tracker = open_tracker(train_cfg.tracking, out, ctx.is_main, to_dict(train_cfg))
     try:
-        _loop(trainer, RankSlice(source, ctx.rank, ctx.world_size), out, progress)
+        _loop(
+            trainer, RankSlice(source, ctx.rank, ctx.world_size), out, progress, validation, tracker
+        )
     except KeyboardInterrupt:
         if out is not None and ctx.is_main:
             trainer.save_checkpoint(out)
         raise
+    finally:
+        tracker.close()
     final = {**trainer.dead_fractions(), **_last(trainer.counters.history)}
     final.update(
         steps=trainer.counters.step,
@@ -126,6 +137,8 @@ def _train(
             feature_stats={"tokens_since_fired": trainer.since_fired},
             # The store's models and layers, so analysis and matching can refuse another pair.
             **({"models": source.manifest["models"]} if _store_models(source) else {}),
+            # What was held out: `modeldiff evaluate` reads the held-out windows from here.
+            **({"validation": validation.info} if validation else {}),
         )
     ctx.barrier()  # when train returns on any rank, the files are written
     return TrainResult(trainer.model, trainer.normalizer, trainer.counters.history, final, out)
@@ -162,7 +175,14 @@ def _initialise(trainer: Trainer, source, normalizer: Normalizer | None) -> None
     trainer.normalizer = Normalizer(*scales.tolist())
 
 
-def _loop(trainer: Trainer, source, out: Path | None, progress: bool) -> None:
+def _loop(
+    trainer: Trainer,
+    source,
+    out: Path | None,
+    progress: bool,
+    validation: Validation | None = None,
+    tracker: Tracker | None = None,
+) -> None:
     cfg, ctx = trainer.cfg, trainer.ctx
     start = trainer.counters.step
     if start >= cfg.steps:
@@ -189,7 +209,11 @@ def _loop(trainer: Trainer, source, out: Path | None, progress: bool) -> None:
             if done % cfg.log_every == 0 or done == cfg.steps:
                 elapsed = time.perf_counter() - window_start
                 record = _record(trainer, stats, done, window_tokens / max(elapsed, 1e-9))
+                if validation is not None:
+                    record.update(_finite(_validate(trainer, validation, done)))
                 trainer.counters.history.append(record)
+                if tracker is not None:
+                    tracker.log(record)
                 window_start, window_tokens = time.perf_counter(), 0
                 bar.update(completed=done, status=_status(record))
             else:
@@ -217,18 +241,42 @@ def _record(trainer: Trainer, stats: dict[str, torch.Tensor], step: int, rate: f
     if trainer.cfg.adapt_partitions and trainer.cfg.reassign_every:
         p = trainer.model.partition  # sizes change during training
         record.update(n_a_exclusive=p.n_a_exclusive, n_b_exclusive=p.n_b_exclusive)
+    return _finite(record)
+
+
+def _finite(record: dict) -> dict:
+    """The record with non-finite numbers as None (JSON has no NaN)."""
     return {k: (v if isinstance(v, int) or math.isfinite(v) else None) for k, v in record.items()}
+
+
+def _validate(trainer: Trainer, validation: Validation, step: int) -> dict[str, float]:
+    """Held-out FVE after `step` steps, encoded as the last step encoded its batch."""
+    cfg = trainer.cfg
+    return validation.measure(
+        trainer.model,
+        trainer.normalizer,
+        cfg.k_at(step - 1),
+        cfg.batch_size,
+        trainer._groups,  # DSF: the designated block's own BatchTopK budget
+        trainer._weighting(),
+    )
 
 
 def _last(history: list[dict]) -> dict:
     keys = ("loss", "fve_a", "fve_b", "fve", "l0")
-    return {k: history[-1][k] for k in keys if history and k in history[-1]}
+    if not history:
+        return {}
+    last = history[-1]
+    return {k: v for k, v in last.items() if k in keys or k.startswith(PREFIX)}
 
 
 def _status(record: dict) -> str:
     """One-line summary of a logged record for the progress bar."""
+    held_out = ""
+    if record.get(f"{PREFIX}fve_a") is not None and record.get(f"{PREFIX}fve_b") is not None:
+        held_out = f" (held out {record[f'{PREFIX}fve_a']:.3f}/{record[f'{PREFIX}fve_b']:.3f})"
     return (
         f"{record['tokens_per_s']:,.0f} tok/s  loss {record['loss']:.3g}  "
-        f"FVE {record['fve_a']:.3f}/{record['fve_b']:.3f}  L0 {record['l0']:.0f}  "
+        f"FVE {record['fve_a']:.3f}/{record['fve_b']:.3f}{held_out}  L0 {record['l0']:.0f}  "
         f"dead {record['dead_frac']:.1%}"
     )
