@@ -16,7 +16,7 @@ import argparse
 import signal
 import sys
 
-from engine.cli import data, interp, tools, verify
+from engine.cli import data, interop, interp, tools, verify
 from engine.cli.tools import dashboard_command, is_loopback
 from engine.cli.types import Parser
 from engine.errors import UserError
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         data.add_harvest, data.add_train, data.add_analyze, data.add_match,
         interp.add_explain, interp.add_score,
         tools.add_export, tools.add_dashboard,
+        interop.add_push, interop.add_import_paper, interop.add_export_paper,
         verify.add_steer, verify.add_stitch, verify.add_exclusivity, verify.add_steer_eval,
         add_planted, tools.add_toy, tools.add_demo,
     ):  # fmt: skip

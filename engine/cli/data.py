@@ -219,7 +219,9 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
     from engine.analysis.scan import ScanConfig
 
     p = sub.add_parser("analyze", help=cmd_analyze.__doc__, description=cmd_analyze.__doc__)
-    p.add_argument("--run", required=True, type=Path, help="run directory of modeldiff train")
+    p.add_argument(
+        "--run", required=True, help="run directory of modeldiff train, or hf://OWNER/NAME (Hub)"
+    )
     p.add_argument("--store", required=True, type=Path, help="the activation store it used")
     p.add_argument("--db", required=True, type=Path, help="DuckDB results file (created)")
     p.add_argument(

@@ -41,6 +41,7 @@ from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.errors import UserError
 from engine.files import atomic_save_tensors, atomic_write_text
+from engine.hub import resolve_run
 from engine.partition import Partition
 from engine.specs import PairSpec
 
@@ -197,13 +198,15 @@ def save_crosscoder(
 def load_crosscoder(
     directory: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[Crosscoder, Normalizer, dict[str, Any]]:
-    """Load a trained crosscoder; returns (model, normalizer, header). `trained_on(model)`
-    then gives the models it was trained on (the header's "models")."""
-    directory = Path(directory)
+    """Load a trained crosscoder from a run directory or a Hub location (hf://OWNER/NAME,
+    see `engine.hub`); returns (model, normalizer, header). `trained_on(model)` then gives
+    the models it was trained on (the header's "models")."""
+    directory = resolve_run(directory)
     if not has_crosscoder(directory):
         raise CheckpointError(
             f"no trained crosscoder in {directory} ({HEADER_FILE} missing); run "
-            f"`modeldiff train` first or point to the run directory"
+            f"`modeldiff train` first or point to the run directory (a run on the Hugging "
+            f"Face Hub is hf://OWNER/NAME)"
         )
     header = _load_json(directory / HEADER_FILE)
     check_header(header, directory / HEADER_FILE)

@@ -1,0 +1,102 @@
+"""`modeldiff push | import-paper | export-paper`: runs shared on the Hugging Face Hub, and
+crosscoders in the format of the paper's published code.
+
+Every command that reads a run takes a run directory or a Hub location hf://OWNER/NAME
+(`engine.hub`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    """Upload a trained run to a Hugging Face Hub model repository with a model card."""
+    from engine.hub import push_run
+
+    data = None
+    if args.store is not None:
+        from engine.activations.reader import read_manifest
+
+        data = read_manifest(args.store).get("data")
+    url = push_run(
+        args.run, args.repo, data=data, private=args.private, token=args.token,
+        revision=args.revision,
+    )  # fmt: skip
+    print(f"pushed {args.run} to hf://{args.repo.removeprefix('hf://')} ({url})")
+
+
+def cmd_import_paper(args: argparse.Namespace) -> None:
+    """Convert a crosscoder saved by the paper's code (dictionary_learning's DFC fork) into
+    a modeldiff run directory."""
+    from engine.crosscoder.paper_format import import_paper
+
+    models = None
+    if args.store is not None:
+        from engine.activations.reader import read_manifest
+
+        models = read_manifest(args.store).get("models")
+    done = import_paper(args.source, args.out, models=models)
+    p = done.partition
+    scaling = (
+        "its input normaliser became the scale factors (mean folded into the biases)"
+        if done.normalised
+        else "no input normalisation (unit scale factors)"
+    )
+    print(
+        f"imported a {p.architecture.value} crosscoder (d={done.d}, {p.n_features} features: "
+        f"{p.n_a_exclusive} A-exclusive, {p.n_b_exclusive} B-exclusive, {p.n_shared} shared; "
+        f"k={done.k}; {scaling}) -> {done.out}"
+    )
+
+
+def cmd_export_paper(args: argparse.Namespace) -> None:
+    """Write a run's crosscoder in the format of the paper's code (model.safetensors and
+    config.json of DedicatedFeatureBatchTopKCrossCoder); needs d_A == d_B."""
+    from engine.crosscoder.paper_format import export_paper
+
+    done = export_paper(args.run, args.out)
+    p = done.partition
+    print(
+        f"exported {p.n_features} features ({p.n_a_exclusive} A-exclusive, "
+        f"{p.n_b_exclusive} B-exclusive, {p.n_shared} shared; d={done.d}, k={done.k}) "
+        f"-> {done.out}"
+    )
+
+
+def add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help=cmd_push.__doc__, description=cmd_push.__doc__)
+    p.add_argument("run", help="run directory of modeldiff train (or hf://OWNER/NAME)")
+    p.add_argument("--repo", required=True, help="Hub model repository OWNER/NAME (created)")
+    p.add_argument(
+        "--store", type=Path, help="the activation store it was trained on (data sources)"
+    )
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", help="branch to commit to (default main)")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`)")
+    p.set_defaults(func=cmd_push)
+
+
+def add_import_paper(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import-paper", help=cmd_import_paper.__doc__, description=cmd_import_paper.__doc__
+    )
+    p.add_argument(
+        "source", type=Path, help="its save folder, model_final.pt / checkpoint_N.pt, or a "
+        "folder with model.safetensors + config.json",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, type=Path, help="run directory to write")
+    p.add_argument(
+        "--store", type=Path, help="activation store of the same model pair (records the models)"
+    )
+    p.set_defaults(func=cmd_import_paper)
+
+
+def add_export_paper(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-paper", help=cmd_export_paper.__doc__, description=cmd_export_paper.__doc__
+    )
+    p.add_argument("run", help="run directory of modeldiff train (or hf://OWNER/NAME)")
+    p.add_argument("--out", required=True, type=Path, help="folder to write (new or empty)")
+    p.set_defaults(func=cmd_export_paper)
