@@ -124,15 +124,19 @@ def analyze(
     n_random: int | None = None,
     progress: bool = True,
 ):
-    """Analyse every feature of a trained crosscoder into the results database `db`:
-    `top_k` max-activating contexts of `segment_pairs` aligned tokens and `n_random`
-    non-activating ones per feature."""
+    """Analyse every feature of a trained crosscoder (a run directory, or a Hub location
+    hf://OWNER/NAME: see `engine.hub`) into the results database `db`: `top_k`
+    max-activating contexts of `segment_pairs` aligned tokens and `n_random` non-activating
+    ones per feature."""
     from engine.analysis.analyze import analyze as run
     from engine.analysis.examples import ExampleConfig
     from engine.analysis.scan import ScanConfig
+    from engine.hub import resolve_run, run_name
 
+    # A Hub run is analysed from its cached copy, named after its repository.
+    run_id = run_id or run_name(run_dir)
     return run(
-        run_dir, store, db, run_id=run_id, progress=progress,
+        resolve_run(run_dir), store, db, run_id=run_id, progress=progress,
         scan_cfg=ScanConfig(**given(top_k=top_k, segment_pairs=segment_pairs)),
         example_cfg=ExampleConfig(**given(n_random=n_random)),
     )  # fmt: skip
