@@ -133,6 +133,11 @@ class TrainConfig:
     # sum weighting gives an exclusive feature half a shared feature's score and it never
     # fires (docs/planted.md). 0: the crosscoder's score_weighting from the first step.
     equal_score_steps: int = 0
+    # Adaptive partitions: when an exclusive partition is full, a lopsided candidate takes
+    # the place of the member that leant least when it moved in, if it leans more by this
+    # margin (lean = max(rel, 1 - rel)); that member returns to the shared block. None: no
+    # swaps, a partition keeps the features that filled it first.
+    swap_margin: float | None = None
     # Pairs held out of training (whole windows of an activation store, at most a tenth of
     # it; in-memory pairs are not split) on which validation FVE is measured at every log
     # step, and on whose windows `modeldiff evaluate` measures CE loss recovered. 0: train
@@ -193,6 +198,8 @@ class TrainConfig:
             )
         if not 0 < self.exclusive_start <= 1:
             raise ConfigError(f"exclusive_start must be in (0, 1], got {self.exclusive_start}")
+        if self.swap_margin is not None and not 0 <= self.swap_margin < 0.5:
+            raise ConfigError(f"swap_margin must be in [0, 0.5) or None, got {self.swap_margin}")
         if self.recycle_init not in RECYCLE_INITS:
             raise ConfigError(
                 f"unknown recycle_init {self.recycle_init!r}; choose one of: "

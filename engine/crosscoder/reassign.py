@@ -43,6 +43,7 @@ class Moves:
     to_a: int = 0
     to_b: int = 0
     recycled: int = 0  # dead exclusive features given back to the shared block (adapt)
+    swapped: int = 0  # moved-in features sent back to shared for more lopsided ones (adapt)
 
 
 def leaning(
@@ -203,6 +204,8 @@ def adapt(
     capacity: tuple[int, int],
     recycle_after: int | None = None,
     residual: tuple[torch.Tensor, torch.Tensor] | None = None,
+    lean_at_move: torch.Tensor | None = None,
+    swap_margin: float | None = None,
 ) -> tuple[Moves, torch.Tensor, torch.Tensor | None]:
     """Adaptive partitions: exclusive features that have not fired for `recycle_after`
     tokens (default: the dead window) return to the shared block as fresh features, and
@@ -210,6 +213,14 @@ def adapt(
     `capacity` (its configured size: A, B). With `residual` (a batch's reconstruction
     errors per model) recycled features start from the errors of badly reconstructed
     examples instead of random directions.
+
+    With `swap_margin`, a full partition also swaps: its live member that was least
+    lopsided when it moved in (`lean_at_move`: max(rel, 1 - rel) at that time, 1 for
+    features that started exclusive) goes back to the shared block, keeping its own-model
+    rows and gaining fresh rows for the other model, when a candidate leans more by the
+    margin. Slots filled early by whatever leant first then pass to the concepts that turn
+    out most exclusive (a planted concept's other-model decoder shrinks slowly). The
+    caller's `lean_at_move` is updated and reordered in place.
 
     Returns the moves, the leaning labels for the next check, and the new feature order
     (new feature i was feature order[i]; None when nothing changed) for the caller's own
@@ -240,6 +251,18 @@ def adapt(
         movers = candidates[: max(n_move, 0)]
         if n_move <= 0 and int(dead.sum()) == block.stop - block.start:
             dead[torch.nonzero(dead).squeeze(1)[0]] = False  # keep one
+        lean = rel if tag == _A_LEANING else 1 - rel
+        swapped = torch.empty(0, dtype=torch.long, device=rel.device)
+        if swap_margin is not None and lean_at_move is not None:
+            members = torch.nonzero(~dead[block]).squeeze(1) + block.start
+            movers, swapped = _swaps(
+                movers, candidates[movers.numel() :], members, lean, lean_at_move, swap_margin
+            )
+            roles[swapped] = shared
+            current[swapped] = _NONE
+            moves.swapped += swapped.numel()
+        if lean_at_move is not None:
+            lean_at_move[movers] = lean[movers].to(lean_at_move.dtype)
         roles[movers] = ROLE_ORDER.index(role)
         roles[dead] = shared
         fresh |= dead
@@ -254,4 +277,26 @@ def adapt(
     order = relayout(model, optimizer, roles.cpu(), fresh.cpu(), generator, init_norm, residual)
     order = order.to(since_fired.device)
     since_fired.copy_(torch.where(fresh[order], dead_window, since_fired[order]))
+    if lean_at_move is not None:
+        lean_at_move.copy_(lean_at_move[order])
     return moves, current[order], order
+
+
+def _swaps(
+    movers: torch.Tensor,
+    waiting: torch.Tensor,
+    members: torch.Tensor,
+    lean: torch.Tensor,
+    lean_at_move: torch.Tensor,
+    margin: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(movers plus the candidates that swap in, the members they replace): the most
+    lopsided waiting candidates take the places of the members that leant least when they
+    moved in, while a candidate leans more than its member by `margin`."""
+    if not (waiting.numel() and members.numel()):
+        return movers, members[:0]
+    weakest = members[lean_at_move[members].argsort()]  # least lopsided first
+    n = min(waiting.numel(), weakest.numel())
+    gain = lean[waiting[:n]].to(lean_at_move.dtype) - lean_at_move[weakest[:n]]
+    n_swap = int((gain > margin).sum())  # waiting descends, weakest ascends: a prefix
+    return torch.cat([movers, waiting[:n_swap]]), weakest[:n_swap]

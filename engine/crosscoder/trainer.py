@@ -42,7 +42,12 @@ from engine.errors import UserError
 
 # Settings that may change between a run and its resumption without changing the result.
 _RESUMABLE_CHANGES = {
-    "steps", "log_every", "checkpoint_every", "keep_checkpoints", "device", "tracking"
+    "steps",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "device",
+    "tracking",
 }
 
 
@@ -130,8 +135,12 @@ class Trainer:
         self.threshold_ready = torch.zeros(2, dtype=torch.bool, device=self.device)
         # Leaning label of every feature at the last reassignment check (reassign.py).
         self.leaning = torch.zeros(partition.n_features, dtype=torch.int8, device=self.device)
-        # Shared features moved to A, to B; dead exclusive features recycled into shared.
-        self.moved = torch.zeros(3, dtype=torch.long)
+        # Per feature: how lopsided it was when it moved into an exclusive partition (1:
+        # exclusive from the start); swaps give its slot to a more lopsided candidate.
+        self.lean_at_move = torch.ones(partition.n_features, device=self.device)
+        # Shared features moved to A, to B; dead exclusive features recycled into shared;
+        # moved-in features swapped back out.
+        self.moved = torch.zeros(4, dtype=torch.long)
         self.batch_rows = 0  # rows of the current global batch left after `prepare`
         self._encode = self.model.pre_activations
         if train_cfg.compile:
@@ -419,12 +428,19 @@ class Trainer:
         if cfg.adapt_partitions:
             recycle_after = round(cfg.recycle_after_windows * cfg.dead_window_tokens)
             residual = self._gathered(errors) if cfg.recycle_init == "residual" else None
-            moves, self.leaning, order = adapt(*args, self._capacity, recycle_after, residual)
+            moves, self.leaning, order = adapt(
+                *args,
+                self._capacity,
+                recycle_after,
+                residual,
+                self.lean_at_move,
+                cfg.swap_margin,
+            )
             if order is not None:
                 self._groups = self._selection_groups()
         else:
             moves, self.leaning = reassign(*args)
-        self.moved += torch.tensor([moves.to_a, moves.to_b, moves.recycled])
+        self.moved += torch.tensor([moves.to_a, moves.to_b, moves.recycled, moves.swapped])
 
     def _gathered(self, errors: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The global batch's reconstruction errors (every rank draws from the same rows)."""
@@ -437,6 +453,8 @@ class Trainer:
         out = {"moved_to_a": int(self.moved[0]), "moved_to_b": int(self.moved[1])}
         if self.cfg.adapt_partitions:
             out["recycled_to_shared"] = int(self.moved[2])
+        if self.cfg.swap_margin is not None:
+            out["swapped_to_shared"] = int(self.moved[3])
         return out
 
     # -- state for logs and checkpoints ---------------------------------------------
@@ -461,6 +479,7 @@ class Trainer:
             "since_fired": self.since_fired,
             "threshold_ready": self.threshold_ready,
             "leaning": self.leaning,
+            "lean_at_move": self.lean_at_move,
             "moved": self.moved,
             "rng_cpu": torch.get_rng_state(),
         }
@@ -503,8 +522,10 @@ class Trainer:
         self.threshold_ready.copy_(state["threshold_ready"])
         if "leaning" in state:  # absent from checkpoints made before reassignment existed
             self.leaning.copy_(state["leaning"])
-            moved = state["moved"]  # two entries before adaptive partitions existed
+            moved = state["moved"]  # fewer entries in checkpoints of earlier versions
             self.moved[: moved.numel()].copy_(moved)
+        if "lean_at_move" in state:
+            self.lean_at_move.copy_(state["lean_at_move"])
         torch.set_rng_state(state["rng_cpu"].cpu())
         self.counters = _Counters(
             step=header["step"],

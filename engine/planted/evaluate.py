@@ -26,7 +26,7 @@ from engine.planted.pairs import PlantedPairs
 FINAL_KEYS = ("fve", "fve_a", "fve_b", "l0", "dead_frac")
 # Reassignment counts (DFC): features moved into each exclusive partition, and dead
 # exclusive features given back to the shared block (adaptive partitions).
-MOVE_KEYS = ("moved_to_a", "moved_to_b", "recycled_to_shared")
+MOVE_KEYS = ("moved_to_a", "moved_to_b", "recycled_to_shared", "swapped_to_shared")
 
 
 @dataclass

@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SHARE",
         help="adaptive partitions: share of each exclusive partition's size it starts with",
     )
+    p.add_argument(
+        "--swap-margin",
+        type=float,
+        metavar="MARGIN",
+        help="adaptive partitions: a full partition swaps a member for a candidate leaning "
+        "more by this margin",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke-test sweep (about a minute)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -115,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         "adapt_partitions": False if args.fixed_partitions else None,
         "recycle_after_windows": args.recycle_after,
         "exclusive_start": args.exclusive_start,
+        "swap_margin": args.swap_margin,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return SweepConfig(**settings)

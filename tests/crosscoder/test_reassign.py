@@ -253,16 +253,17 @@ def test_resize_gives_the_block_sizes_of_a_checkpoint():
 
 
 @pytest.mark.parametrize(
-    ("adapt_partitions", "recycle_init", "exclusive_start"),
+    ("adapt_partitions", "recycle_init", "exclusive_start", "swap_margin"),
     [
-        (True, "random", 1.0),
-        (False, "random", 1.0),
-        (True, "residual", 1.0),
-        (True, "random", 0.25),
+        (True, "random", 1.0, None),
+        (False, "random", 1.0, None),
+        (True, "residual", 1.0, None),
+        (True, "random", 0.25, None),
+        (True, "random", 0.25, 0.0),
     ],
 )
 def test_training_with_reassignment_moves_an_a_only_concept_and_resumes_exactly(
-    tmp_path, adapt_partitions, recycle_init, exclusive_start
+    tmp_path, adapt_partitions, recycle_init, exclusive_start, swap_margin
 ):
     # Three strong concepts only A has, each on 5% of rows, among shared ones.
     g = torch.Generator().manual_seed(1)
@@ -292,6 +293,7 @@ def test_training_with_reassignment_moves_an_a_only_concept_and_resumes_exactly(
         adapt_partitions=adapt_partitions,
         recycle_init=recycle_init,
         exclusive_start=exclusive_start,
+        swap_margin=swap_margin,
     )
     full = train(model, TrainConfig(**kw), data, out_dir=tmp_path / "full", progress=False)
     assert full.final["moved_to_a"] + full.final["moved_to_b"] > 0
@@ -311,6 +313,8 @@ def test_training_with_reassignment_moves_an_a_only_concept_and_resumes_exactly(
     assert final.n_a_exclusive <= 4 and final.n_b_exclusive <= 4  # never beyond capacity
     if exclusive_start < 1:  # started with one feature each, grew by moves
         assert final.n_a_exclusive > 1 and full.final["moved_to_a"] >= final.n_a_exclusive - 1
+    if swap_margin is not None:
+        assert "swapped_to_shared" in full.final
 
 
 def test_reassignment_bounds_are_validated():
@@ -360,3 +364,33 @@ def test_with_equal_score_steps_exclusive_features_fire_from_the_first_steps():
         return int((trainer.since_fired[:16] < 640).sum())
 
     assert exclusive_fired(0) < exclusive_fired(10)
+
+
+def test_a_full_partition_swaps_its_least_lopsided_member_for_a_more_lopsided_candidate():
+    cc, opt = _lopsided_dfc()
+    since = torch.zeros(10, dtype=torch.long)  # everything is live: A-exclusive is full
+    gen = torch.Generator().manual_seed(0)
+    dec_a_before = cc.decoder_matrix("a")
+    # Feature 1 moved in leaning 0.7, feature 0 started exclusive (1.0, never swapped).
+    lean = torch.ones(10)
+    lean[1] = 0.7
+    rel_6 = float(cc.relative_decoder_norm()[6])
+    assert rel_6 > 0.9
+    labels = leaning(cc, 0.2, 0.8)
+    args = (cc, opt, since, labels, WINDOW, 0.2, 0.8, gen, 0.4, (2, 2))
+    # Without swaps, or with a margin the candidate does not clear, nothing changes.
+    assert adapt(*args)[2] is None
+    high_bar = rel_6 - 0.7 + 0.01
+    assert adapt(*args, lean_at_move=lean.clone(), swap_margin=high_bar)[2] is None
+    moves, labels, order = adapt(*args, lean_at_move=lean, swap_margin=0.05)
+    assert (moves.to_a, moves.to_b, moves.swapped) == (1, 0, 1)
+    assert cc.partition == Partition(2, 2, 6)
+    assert order.tolist()[:2] == [0, 6]  # 6 took 1's place; 1 is shared now
+    assert lean[1].item() == pytest.approx(rel_6)  # new member 1 (was 6) leant rel_6
+    old_1 = order.tolist().index(1)
+    assert old_1 >= 4 and labels[old_1] == 0 and labels[1] == 0
+    # The swapped-out feature keeps its A decoder and gains a fresh B decoder.
+    assert torch.equal(cc.decoder_matrix("a")[old_1], dec_a_before[1])
+    assert cc.decoder_matrix("b")[old_1].norm().item() == pytest.approx(0.4, rel=1e-5)
+    with pytest.raises(ConfigError, match="swap_margin"):
+        TrainConfig(swap_margin=0.5)
