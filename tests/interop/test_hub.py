@@ -1,0 +1,170 @@
+"""Runs on the Hugging Face Hub: `modeldiff push`, and every run argument taking
+hf://OWNER/NAME, against the real huggingface_hub with only its HTTP transport faked
+(tests/interop/fake_hub.py) and its real cache layout on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.cli import main
+from engine.crosscoder.checkpoint import CheckpointError, load_crosscoder, save_crosscoder
+from engine.crosscoder.model import Crosscoder
+from engine.crosscoder.normalize import Normalizer
+from engine.hub import HubError, HubRef, parse_ref, resolve_run, run_name
+from engine.partition import Partition
+from tests.interop.fake_hub import FakeHub
+
+pytest.importorskip("huggingface_hub")
+
+REPO = "analyst/tiny-dfc"
+
+
+MODELS = {
+    "a": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct", "source": {"kind": "hub"},
+          "class": "LlamaForCausalLM", "layer": 15, "n_layers": 30, "d_model": 24},
+    "b": {"name": "google/gemma-3-270m", "source": {"kind": "hub"},
+          "class": "Gemma3ForCausalLM", "layer": 9, "n_layers": 18, "d_model": 16},
+}  # fmt: skip
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    """A run directory as training leaves it (final files and a checkpoints/ folder)."""
+    cc = Crosscoder(24, 16, Partition(4, 2, 26))
+    save_crosscoder(
+        tmp_path / "run", cc, Normalizer(0.5, 2.0),
+        train_config={"k": 8, "steps": 100, "reassign_every": 0},
+        metrics={"fve": 0.71, "fve_a": 0.75, "fve_b": 0.66, "l0": 8.0, "dead_frac": 0.05},
+        models=MODELS,
+    )  # fmt: skip
+    (tmp_path / "run" / "checkpoints").mkdir()
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-00000100\n")
+    return tmp_path / "run"
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    fake = FakeHub()
+    fake.install(monkeypatch, tmp_path / "hf-cache")
+    yield fake
+    FakeHub.uninstall()
+
+
+def push(run: Path, hub: FakeHub, *extra: str) -> int:
+    return main(["push", str(run), "--repo", REPO, "--token", hub.token, *extra])
+
+
+def test_location_rule_never_takes_a_local_path_for_the_hub():
+    assert parse_ref("hf://owner/name") == HubRef("owner/name")
+    assert parse_ref("hf://owner/name@v1/runs/a") == HubRef("owner/name", "v1", "runs/a")
+    for local in ("owner/name", "runs/demo", "./hf/x", "/abs/path", Path("hf://owner/name")):
+        assert parse_ref(local) is None
+    for bad in ("hf://owner", "hf://owner/", "hf://owner/name@", "hf://o/n/../x", "hf://-o/n"):
+        with pytest.raises(HubError, match="hf://OWNER/NAME"):
+            parse_ref(bad)
+    assert run_name("hf://owner/name") == "name"
+    assert run_name("hf://owner/name/runs/a") == "a"
+
+
+def test_push_uploads_the_run_and_a_model_card_that_loads_back(saved, hub, capsys):
+    assert push(saved, hub) == 0
+    assert f"hf://{REPO}" in capsys.readouterr().out
+    files = hub.files(REPO)
+    # The final files, byte for byte; training checkpoints stay at home.
+    assert set(files) == {
+        "crosscoder.json", "crosscoder.safetensors", "feature_stats.safetensors", "README.md"
+    }  # fmt: skip
+    for name in ("crosscoder.json", "crosscoder.safetensors", "feature_stats.safetensors"):
+        assert files[name] == (saved / name).read_bytes()
+
+    # The card's metadata passed the Hub's check and names the models, layers, partition
+    # sizes, method and metrics.
+    (meta,) = hub.validated
+    assert meta["library_name"] == "modeldiff"
+    assert meta["base_model"] == [MODELS["a"]["name"], MODELS["b"]["name"]]
+    assert "dedicated-feature-crosscoder" in meta["tags"]
+    card = meta["modeldiff"]
+    assert card["architecture"] == "dfc" and card["method"] == "paper mode"
+    assert card["partition"] == {"n_a_exclusive": 4, "n_b_exclusive": 2, "n_shared": 26,
+                                 "n_designated": 0}  # fmt: skip
+    assert card["models"]["a"]["layer"] == 15 and card["models"]["b"]["layer"] == 9
+    assert card["k"] == 8
+    readme = files["README.md"].decode()
+    assert "| A | HuggingFaceTB/SmolLM2-135M-Instruct | 15 | 24 |" in readme
+    assert "| FVE model B | 0.66 |" in readme
+    assert "| A-exclusive | 4 (12.5%) |" in readme
+    assert "data sources were not given" in readme
+
+    # Loaded back through the Hub location, it is the same crosscoder.
+    local, local_norm, _ = load_crosscoder(saved)
+    remote, remote_norm, header = load_crosscoder(f"hf://{REPO}")
+    assert remote_norm == local_norm and header["models"] == MODELS
+    for name, tensor in local.state_dict().items():
+        assert torch.equal(remote.state_dict()[name], tensor), name
+
+
+@pytest.mark.slow
+def test_a_pushed_tiny_run_is_analysed_from_the_hub_like_the_local_one(tmp_path, hub):
+    """harvest -> train -> analyze on tiny models, push with the store's data sources, then
+    `modeldiff analyze --run hf://OWNER/NAME` gives the local run's feature statistics."""
+    from engine.results import Database
+    from tests.tiny_run import build_tiny_run
+
+    tiny = build_tiny_run(tmp_path, train_steps=10)
+    assert push(tiny.run_dir, hub, "--store", str(tiny.store)) == 0
+    (meta,) = hub.validated
+    assert meta["modeldiff"]["data_sources"] == [str(tmp_path / "text.txt")]
+    assert f"- `{tmp_path / 'text.txt'}`" in hub.files(REPO)["README.md"].decode()
+
+    db = tmp_path / "from-hub.duckdb"
+    assert main(["analyze", "--run", f"hf://{REPO}", "--store", str(tiny.store),
+                 "--db", str(db), "--quiet"]) == 0  # fmt: skip
+    with (
+        Database(db, read_only=True, hold=False) as results,
+        Database(tiny.db, read_only=True, hold=False) as original,
+    ):
+        run = results.run("tiny-dfc")  # named after the repository
+        assert Path(run["checkpoint_path"]).is_relative_to(hub.cache_dir)
+        ours = results.features("tiny-dfc")
+        theirs = original.features(tiny.run_id)
+        assert ours["density"].tolist() == theirs["density"].tolist()
+
+
+def test_a_downloaded_run_loads_offline_and_revisions_pin_a_commit(saved, hub):
+    assert push(saved, hub) == 0
+    sha = hub.repos[REPO].branches["main"]
+    folder = resolve_run(f"hf://{REPO}")
+    assert folder.name == sha  # huggingface_hub's snapshots/<commit>/ layout
+    assert resolve_run(f"hf://{REPO}@{sha}") == folder
+
+    hub.offline = True  # no network: the cached copy serves
+    served = len(hub.requests)
+    load_crosscoder(f"hf://{REPO}")
+    assert len(hub.requests) > served  # it did try the network first
+    with pytest.raises(HubError, match="not in the local cache"):
+        resolve_run("hf://analyst/never-downloaded")
+
+
+def test_hub_errors_name_the_fix_and_local_paths_never_reach_the_network(saved, hub, capsys):
+    with pytest.raises(HubError, match="no model repository analyst/missing"):
+        load_crosscoder("hf://analyst/missing")
+    assert push(saved, hub) == 0
+    with pytest.raises(HubError, match="has no revision 'v9'"):
+        resolve_run(f"hf://{REPO}@v9")
+    with pytest.raises(HubError, match="no folder 'runs/a'"):
+        resolve_run(f"hf://{REPO}/runs/a")
+
+    # A wrong token cannot write.
+    assert main(["push", str(saved), "--repo", "analyst/other", "--token", "bad"]) == 2
+    assert "log in" in capsys.readouterr().err
+    # A folder that is not a run is refused before anything is uploaded.
+    hub.requests.clear()
+    assert main(["push", str(saved / "checkpoints"), "--repo", REPO, "--token", hub.token]) == 2
+    assert "no trained crosscoder" in capsys.readouterr().err
+    # OWNER/NAME without hf:// is a local path, even when no such folder exists.
+    with pytest.raises(CheckpointError, match="hf://OWNER/NAME"):
+        load_crosscoder(REPO)
+    assert hub.requests == []
