@@ -57,6 +57,7 @@ from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.errors import UserError
 from engine.files import atomic_save_tensors, atomic_write_text
+from engine.hub import parse_ref, resolve_run
 from engine.partition import Partition
 
 PAPER_FORMAT = "dfc_learning"
@@ -536,8 +537,9 @@ def run_k(header: dict[str, Any]) -> int | None:
 
 def export_paper(run_dir: str | Path, out: str | Path) -> Converted:
     """Write the crosscoder of run `run_dir` in the paper's format into the folder `out`."""
-    run_dir, out = Path(run_dir), Path(out)
-    cc, normalizer, header = load_crosscoder(run_dir)
+    out = Path(out)
+    folder = resolve_run(run_dir)  # a Hub location (hf://OWNER/NAME) is downloaded first
+    cc, normalizer, header = load_crosscoder(folder)
     k = run_k(header)
     if k is None:
         raise PaperFormatError(f"{run_dir} records no k (train_config.k); train it again")
@@ -551,7 +553,7 @@ def export_paper(run_dir: str | Path, out: str | Path) -> Converted:
     config = paper.constructor_config()
     atomic_write_text(out / PAPER_CONFIG_FILE, json.dumps(config, indent=2))
     provenance = {
-        "exported_from": str(run_dir.resolve()),
+        "exported_from": str(run_dir) if parse_ref(run_dir) else str(folder.resolve()),
         "class": PAPER_CLASS if (paper.n_a_exclusive or paper.n_b_exclusive) else STANDARD_CLASS,
         "layers": {"0": "model A", "1": "model B"},
         "partition": paper.partition.to_dict(),

@@ -4,6 +4,7 @@ hf://OWNER/NAME, against the real huggingface_hub with only its HTTP transport f
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,19 @@ def test_hub_errors_name_the_fix_and_local_paths_never_reach_the_network(saved, 
     with pytest.raises(CheckpointError, match="hf://OWNER/NAME"):
         load_crosscoder(REPO)
     assert hub.requests == []
+
+
+def test_export_paper_takes_a_hub_run_and_the_import_keeps_its_models(tmp_path, hub):
+    models = {side: {**spec, "d_model": 16} for side, spec in MODELS.items()}
+    cc = Crosscoder(16, 16, Partition(2, 3, 27))
+    save_crosscoder(tmp_path / "square", cc, Normalizer(0.25, 3.0), train_config={"k": 8},
+                    models=models)  # fmt: skip
+    assert push(tmp_path / "square", hub) == 0
+    out = tmp_path / "paper"
+    assert main(["export-paper", f"hf://{REPO}", "--out", str(out)]) == 0
+    provenance = json.loads((out / "modeldiff.json").read_text())
+    assert provenance["exported_from"] == f"hf://{REPO}"
+    assert main(["import-paper", str(out), "--out", str(tmp_path / "back")]) == 0
+    back, normalizer, header = load_crosscoder(tmp_path / "back")
+    assert header["models"] == models and normalizer == Normalizer(0.25, 3.0)
+    assert back.partition == cc.partition
