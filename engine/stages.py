@@ -232,9 +232,11 @@ def generation(
     max_new_tokens: int | None = None,
     temperature: float | None = None,
     seed: int | None = None,
+    max_batch: int | None = None,
 ) -> GenerationConfig:
-    """`base` decoding with the options set; temperature 0 means greedy decoding."""
-    changes = given(max_new_tokens=max_new_tokens, seed=seed)
+    """`base` decoding with the options set; temperature 0 means greedy decoding;
+    `max_batch`: rows per batched generation (default: as many as fit memory)."""
+    changes = given(max_new_tokens=max_new_tokens, seed=seed, max_batch=max_batch)
     if temperature is not None:
         changes.update(greedy=temperature == 0, temperature=temperature or base.temperature)
     return replace(base, **changes)
@@ -245,31 +247,41 @@ def _tuple(values: Sequence | None) -> tuple | None:
 
 
 def exclusivity_config(
-    *, alphas: Sequence[float] | None = None, source: str | None = None, **decoding
+    *,
+    alphas: Sequence[float] | None = None,
+    source: str | None = None,
+    samples: int | None = None,
+    **decoding,
 ):
     """The exclusivity settings (paper B.5) with the options set; `decoding` as in
-    `generation`."""
+    `generation` (plus `max_batch`)."""
     from engine.steering.exclusivity import ExclusivityConfig
 
     base = ExclusivityConfig()
     return replace(
         base,
         generation=generation(base.generation, **decoding),
-        **given(alphas=_tuple(alphas), source=source),
+        **given(alphas=_tuple(alphas), source=source, samples=samples),
     )
 
 
 def exclusivity_line(result: Any) -> str:
-    """One feature's exclusivity result as a line."""
+    """One feature's exclusivity result as a line: the mean, its 95% interval over prompts
+    x samples, and "(offline proxy)" for the offline judge."""
+    from engine.steering.exclusivity import score_text
+
+    what = "direction" if result.feature_id < 0 else "feature"
     if result.exclusivity is None:
         return (
-            f"feature {result.feature_id} ({result.source.upper()}): steering not interpretable "
-            f"({_fmt(result.interpretability)} < 3), no score"
+            f"{what} {result.feature_id} ({result.source.upper()}): steering not "
+            f"interpretable ({_fmt(result.interpretability)} < 3), no score"
         )
+    score = score_text(result.exclusivity, result.ci_low, result.ci_high, result.judge)
     return (
-        f"feature {result.feature_id} ({result.source.upper()} -> {result.target.upper()}): "
-        f"exclusivity {result.exclusivity:.2f} (similarity {result.similarity:.2f}, "
-        f"interpretability {_fmt(result.interpretability)})"
+        f"{what} {result.feature_id} ({result.source.upper()} -> {result.target.upper()}): "
+        f"exclusivity {score} over {len(result.per_prompt)} prompt x sample units "
+        f"(similarity {result.similarity:.2f}, interpretability "
+        f"{_fmt(result.interpretability)})"
     )
 
 
@@ -310,6 +322,66 @@ def exclusivity(
         )  # fmt: skip
 
 
+def calibrate(
+    db: Database,
+    run_id: str,
+    stitch: Any,
+    judge: Any,
+    cfg: Any,
+    *,
+    device: str | None = None,
+    force: bool = False,
+    progress: bool = False,
+):
+    """Score the Figure-5 protocol's features per category and random directions (paper
+    Figure 5); return the run's calibration rows of this judge."""
+    from engine.progress import ProgressBar
+    from engine.steering.calibration import pick_items, run_calibration
+
+    total = len(pick_items(db, run_id, cfg.per_category, cfg.seed))
+    pair = _open_pair(db, run_id, stitch, device)
+    with ProgressBar(f"exclusivity {cfg.protocol}", total, enabled=progress) as bar:
+        return run_calibration(
+            db, run_id, pair, judge, cfg, force=force,
+            on_item=lambda item, r: bar.update(
+                advance=1, status=f"{item.category}: {exclusivity_line(r)}"
+            ),
+        )  # fmt: skip
+
+
+def calibration_lines(frame: Any) -> list[str]:
+    """Per category: items, interpretable ones, mean and 95% interval."""
+    from engine.steering.calibration import summary
+    from engine.steering.exclusivity import is_proxy
+
+    proxy = not frame.empty and bool(frame["judge"].map(is_proxy).any())
+    lines = []
+    for row in summary(frame).to_dict("records"):
+        kept = (
+            f"mean {row['mean']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+            if row["kept"]
+            else "no interpretable item"
+        )
+        raw = (
+            f"; unfiltered {row['unfiltered_mean']:.2f} [{row['unfiltered_low']:.2f}, "
+            f"{row['unfiltered_high']:.2f}]"
+            if row["unfiltered_mean"] is not None
+            else ""
+        )
+        lines.append(
+            f"{row['label']}: {row['kept']} of {row['items']} interpretable, {kept}{raw}"
+            + (" (offline proxy)" if proxy else "")
+        )
+    return lines
+
+
+def calibration_figure(frame: Any, path: str | Path, title: str = "") -> None:
+    """Write the Figure-5 plot of a calibration (HTML)."""
+    from engine.steering.calibration import calibration_figure as figure
+
+    figure(frame, title).write_html(path)
+
+
 def eval_config(
     rubric: str,
     *,
@@ -324,7 +396,7 @@ def eval_config(
     `generation`."""
     from engine.steering.evaluate import EvalConfig
 
-    base = EvalConfig(rubric=rubric)
+    base = EvalConfig.for_rubric(rubric)  # the paper's token limit for this rubric
     options = given(
         alphas=_tuple(alphas), prompts=prompts, limit=limit, source=source, models=_tuple(models)
     )

@@ -27,9 +27,10 @@ from engine.cli.types import (
 
 
 def _decoding(args: argparse.Namespace) -> dict:
-    """--max-new-tokens / --temperature / --seed, for `stages.generation`."""
+    """--max-new-tokens / --temperature / --seed (/ --max-batch), for `stages.generation`."""
+    batch = stages.given(max_batch=getattr(args, "max_batch", None))  # not a flag of steer
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "seed": args.seed}  # fmt: skip
+            "seed": args.seed, **batch}  # fmt: skip
 
 
 def cmd_steer(args: argparse.Namespace) -> None:
@@ -82,9 +83,14 @@ def cmd_exclusivity(args: argparse.Namespace) -> None:
     from engine.steering.stitching import Stitch
 
     judge = stages.steering_judge(args.judge, args.model)
-    cfg = stages.exclusivity_config(alphas=args.alphas, source=args.source, **_decoding(args))
+    cfg = stages.exclusivity_config(
+        alphas=args.alphas, source=args.source, samples=args.samples, **_decoding(args)
+    )
     # A missing or damaged stitch is an error even when there is nothing to score.
     stitch = Stitch.load(args.stitch)
+    if args.protocol:
+        _calibrate(args, judge, cfg, stitch)
+        return
     with Database(args.db, create=False, hold=False) as db:
         db.run(args.run_id)
         features = args.features or pick_features(db, args.run_id, args.top, args.categories)
@@ -100,6 +106,27 @@ def cmd_exclusivity(args: argparse.Namespace) -> None:
     skipped = len(features) - len(results)
     done = f", {skipped} skipped (already scored or never active)" if skipped else ""
     print(f"{judge.name}: scored {len(results)} features{done}")
+
+
+def _calibrate(args: argparse.Namespace, judge, cfg, stitch) -> None:
+    """`exclusivity --protocol figure5`: score the calibration categories, print each
+    category's mean and 95% interval, and write the Figure-5 plot."""
+    from engine.results import Database
+    from engine.steering.calibration import CalibrationConfig
+
+    options = stages.given(per_category=args.per_category, seed=args.seed)
+    calibration = CalibrationConfig(exclusivity=cfg, protocol=args.protocol, **options)
+    with Database(args.db, create=False, hold=False) as db:
+        db.run(args.run_id)
+        frame = stages.calibrate(
+            db, args.run_id, stitch, judge, calibration, device=args.device,
+            force=args.force, progress=not args.quiet,
+        )  # fmt: skip
+    for line in stages.calibration_lines(frame):
+        print(line)
+    figure = args.figure or args.db.with_name(f"exclusivity-{args.protocol}-{args.run_id}.html")
+    stages.calibration_figure(frame, figure, f"run {args.run_id}: exclusivity by category")
+    print(f"{judge.name}: {len(frame)} items stored in {args.db}; figure: {figure}")
 
 
 def cmd_steer_eval(args: argparse.Namespace) -> None:
@@ -189,6 +216,12 @@ def _add_steering(sub: argparse._SubParsersAction, name: str, func, source_help:
         "exclusivity, greedy for steer-eval)",
     )
     p.add_argument("--seed", type=any_int)
+    p.add_argument(
+        "--max-batch",
+        type=positive_int,
+        help="rows (prompt x sample x strength) per batched generation (default: as many "
+        "as fit memory)",
+    )
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=func)
@@ -218,7 +251,28 @@ def add_exclusivity(sub: argparse._SubParsersAction) -> None:
         "the exclusive partitions, all four when the run has none)",
     )
     p.add_argument("--alphas", nargs="+", type=finite_float)
+    p.add_argument(
+        "--samples",
+        type=positive_int,
+        help="sampled generations per prompt, each a unit of the score's 95%% interval "
+        "(default 3; 1 when greedy)",
+    )
     p.add_argument("--force", action="store_true", help="rescore features already done")
+    p.add_argument(
+        "--protocol",
+        choices=("figure5",),
+        help="calibrate instead (paper Figure 5): score --per-category features of each "
+        "category (A-, B-exclusive, shared) and as many random directions of matched norm, "
+        "and plot the distributions",
+    )
+    p.add_argument(
+        "--per-category", type=positive_int, help="with --protocol: items per category (10)"
+    )
+    p.add_argument(
+        "--figure",
+        type=Path,
+        help="with --protocol: the plot's HTML file (default: beside the database)",
+    )
 
 
 def add_steer_eval(sub: argparse._SubParsersAction) -> None:

@@ -5,6 +5,10 @@ through the stitch, in the other one. Every response is rated by a judge on the 
 behaviour (e.g. CCP alignment) and on coherence; the ratings are averaged over prompts
 per model and strength with a 95% confidence interval (Student t). Scores are shown as
 percentages (score x 20), as in the paper's Figure 6, where 1/5 is 20%.
+
+Generation follows the paper: greedy, with the rubric's token limit (B.5.2: 500, B.5.4:
+2,000, B.5.6: 1,000; 200 where none is given), and every prompt x strength of a model in
+as few batched generations as memory allows.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from engine.results import Database
 from engine.steering.judges import SteeringJudge
 from engine.steering.pair import SteeringPair
 from engine.steering.rubrics import RUBRIC_VERSION, Rubric, load_prompts, rubric
-from engine.steering.steer import GenerationConfig
+from engine.steering.steer import GenerationConfig, generate_grid
 
 KIND = "steer-eval"
 CONFIDENCE = 0.95
@@ -34,11 +38,19 @@ class EvalConfig:
     alphas: tuple[float, ...] | None = None  # None: the rubric's grid from the paper
     prompts: str | None = None  # a prompt-set name or file; None: the rubric's own set
     limit: int | None = None  # use only the first `limit` prompts
+    # Greedy (the paper); its token limit is the rubric's (`for_rubric`).
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(max_new_tokens=200, greedy=True)
     )
     source: str = "a"  # source model for features both models decode
     models: tuple[str, ...] = ("source", "target")  # steer its own model, the other, or both
+
+    @classmethod
+    def for_rubric(cls, name: str) -> EvalConfig:
+        """The paper's settings for a rubric: its strengths, greedy decoding, and its token
+        limit (`Rubric.tokens`)."""
+        tokens = rubric(name).tokens
+        return cls(rubric=name, generation=GenerationConfig(max_new_tokens=tokens, greedy=True))
 
 
 @dataclass
@@ -71,8 +83,12 @@ def steer_eval(
     rows: list[dict[str, Any]] = []
     total, done = len(steered) * len(prompts), 0
     for model in steered:
+        grid = generate_grid(
+            pair.models[model], prompts, alphas, vector=vectors.vector(model),
+            layer=pair.layers[model], s_max=vectors.s_max, cfg=cfg.generation,
+        )  # fmt: skip
         for prompt in prompts:
-            texts = pair.generate(model, vectors, [prompt], alphas, cfg.generation)[prompt]
+            texts = grid[(prompt, 0)]
             rows.extend(_rate(judge, rub, model, vectors.describe(model), prompt, texts))
             done += 1
             if on_progress is not None:

@@ -8,6 +8,14 @@ steering is not mistaken for exclusivity), then how similar the two models' stee
 (1-5). Exclusivity = 6 - similarity: 5 means even a trained linear map could not carry
 the behaviour over.
 
+Repeatable and with its spread: decoding is sampled (temperature 0.7, top-p 0.9, as in the
+paper), `samples` times per prompt, each generated text from a random stream seeded by
+(`seed`, sample), so the same command on the same inputs gives the same texts and score.
+Every (prompt, sample) is one unit judged on its own; the score is the mean of the units'
+6 - similarity with a 95% Student-t interval over the units, clipped to the 1-5 scale
+(`score_interval`: why t and not a bootstrap). A score from the offline judge is a proxy
+for the paper's LLM judge (`is_proxy`), and is labelled so wherever it is shown.
+
 Which features to score: the exclusive partitions by default, and the shared features
 whose decoder norm leans to one model (`engine.categories`) on request, or by
 default when the run has no exclusive partition. A leaning feature is steered from the
@@ -17,6 +25,7 @@ model it leans to.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from statistics import mean
@@ -26,12 +35,15 @@ from engine.categories import CANDIDATES, EXCLUSIVE, MODEL_OF
 from engine.errors import ConfigError
 from engine.results import Database
 from engine.steering.judges import SteeringJudge, Verdict
-from engine.steering.pair import SteeringPair
-from engine.steering.steer import GenerationConfig
+from engine.steering.pair import FeatureVectors, SteeringPair
+from engine.steering.steer import GenerationConfig, generate_grid
 
 log = logging.getLogger(__name__)
 
 METRIC = "exclusivity"
+SCALE = (1.0, 5.0)
+CONFIDENCE = 0.95
+INTERVAL = "95% Student-t interval over prompts x samples, clipped to 1-5"
 OPEN_PROMPTS = ("What's on your mind?", "What do you want to talk about?", "Tell me something")
 
 
@@ -48,6 +60,23 @@ class ExclusivityConfig:
     # The model a feature both models decode is steered from; None: the model it leans to
     # (A-leaning: a, B-leaning: b), else a. Exclusive features use their own model.
     source: str | None = None
+    # Sampled generations per prompt (seeds generation.seed x 1000003 + 0, 1, ...); every
+    # (prompt, sample) is one judged unit of the score's interval. Greedy decoding: 1.
+    samples: int = 3
+    # Judge the similarity of features that fail the interpretability filter too (their
+    # score stays None; `unfiltered` keeps 6 - similarity), as the calibration does.
+    judge_filtered: bool = False
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ConfigError(f"samples must be at least 1, got {self.samples}")
+        if not self.prompts:
+            raise ConfigError("the exclusivity score needs at least one prompt")
+
+    @property
+    def units(self) -> int:
+        """Judged units per feature: prompts x samples (one sample when greedy)."""
+        return len(self.prompts) * (1 if self.generation.greedy else self.samples)
 
 
 @dataclass
@@ -60,9 +89,12 @@ class ExclusivityResult:
     interpretability: float | None
     similarity: float | None
     exclusivity: float | None  # None when filtered out (not interpretable) or unparsed
-    per_prompt: list[dict[str, Any]]
+    per_prompt: list[dict[str, Any]]  # one entry per (prompt, sample) unit
     judge: str
     prompt_version: str
+    ci_low: float | None = None  # 95% interval of the exclusivity over the units
+    ci_high: float | None = None
+    unfiltered: float | None = None  # 6 - similarity, also when filtered (if judged)
 
     @property
     def kept(self) -> bool:
@@ -79,35 +111,99 @@ def score_feature(
 ) -> ExclusivityResult:
     """Steer both models with the feature and its stitched copy, then judge them."""
     cfg = cfg or ExclusivityConfig()
+    return score_vectors(pair, pair.vectors(feature_id, s_max, cfg.source or "a"), judge, cfg)
+
+
+def score_vectors(
+    pair: SteeringPair,
+    vectors: FeatureVectors,
+    judge: SteeringJudge,
+    cfg: ExclusivityConfig | None = None,
+) -> ExclusivityResult:
+    """Steer the source model with `vectors`' own vector and the target with its stitched
+    copy, every prompt x sample x strength batched per model, then judge each unit."""
+    cfg = cfg or ExclusivityConfig()
     alphas = _with_baseline(cfg.alphas)
-    vectors = pair.vectors(feature_id, s_max, cfg.source or "a")
-    texts = {
-        m: pair.generate(m, vectors, cfg.prompts, alphas, cfg.generation)
-        for m in (vectors.source, vectors.target)
-    }
+    texts = {m: _grid(pair, vectors, m, alphas, cfg) for m in (vectors.source, vectors.target)}
+    units = list(texts[vectors.source])  # (prompt, sample), prompts first
     per_prompt = []
-    for prompt in cfg.prompts:
-        source, target = texts[vectors.source][prompt], texts[vectors.target][prompt]
+    for prompt, sample in units:
+        source = texts[vectors.source][(prompt, sample)]
         per_prompt.append(
             {
                 "prompt": prompt,
+                "sample": sample,
                 "interpretability": _verdict(judge.interpretability(prompt, source)),
                 "source_texts": _keyed(source),
-                "target_texts": _keyed(target),
+                "target_texts": _keyed(texts[vectors.target][(prompt, sample)]),
             }
         )
     interp = _mean(p["interpretability"]["score"] for p in per_prompt)
-    similarity = None
-    if interp is not None and interp >= cfg.min_interpretability:
-        for p in per_prompt:
-            source, target = texts[vectors.source][p["prompt"]], texts[vectors.target][p["prompt"]]
+    kept = interp is not None and interp >= cfg.min_interpretability
+    similarity = unfiltered = None
+    low = high = exclusivity = None
+    if kept or cfg.judge_filtered:
+        for p, unit in zip(per_prompt, units, strict=True):
+            source, target = texts[vectors.source][unit], texts[vectors.target][unit]
             p["similarity"] = _verdict(judge.similarity(p["prompt"], source, target))
+        values = [6.0 - p["similarity"]["score"] for p in per_prompt]
+        values = [v for v in values if v is not None and not math.isnan(v)]
         similarity = _mean(p["similarity"]["score"] for p in per_prompt)
-    exclusivity = None if similarity is None else 6.0 - similarity
+        if values:
+            low, unfiltered, high = score_interval(values)
+        if kept and values:
+            exclusivity = unfiltered
+        else:
+            low = high = None
     return ExclusivityResult(
-        feature_id, vectors.source, vectors.target, interp, similarity, exclusivity,
-        per_prompt, judge.name, judge.prompt_version,
+        vectors.feature_id, vectors.source, vectors.target, interp, similarity, exclusivity,
+        per_prompt, judge.name, judge.prompt_version, low, high, unfiltered,
     )  # fmt: skip
+
+
+def _grid(pair: SteeringPair, vectors: FeatureVectors, model: str, alphas, cfg):
+    """`model`'s texts of every prompt x sample x strength, batched."""
+    return generate_grid(
+        pair.models[model], cfg.prompts, alphas, vector=vectors.vector(model),
+        layer=pair.layers[model], s_max=vectors.s_max, samples=cfg.samples,
+        cfg=cfg.generation,
+    )  # fmt: skip
+
+
+def score_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """(low, mean, high): the units' mean exclusivity and its 95% Student-t interval,
+    clipped to the 1-5 scale.
+
+    Why t and not a bootstrap: a score has few units (3 prompts x 3 samples = 9), each a
+    coarse 1-5 judgement. A percentile bootstrap over so few values under-covers (its
+    spread is the plug-in one, short by sqrt((n - 1) / n), and it cannot reach beyond the
+    values seen), while the t-interval widens with few units as it should; clipping keeps
+    it on the scale. Units that all agree give a zero-width interval: the spread seen,
+    not a guarantee (the judge's own error is not in it)."""
+    from engine.steering.evaluate import mean_ci
+
+    low, mid, high = mean_ci([float(v) for v in values], CONFIDENCE)
+    return (max(low, SCALE[0]), mid, min(high, SCALE[1]))
+
+
+def is_proxy(judge: str | None) -> bool:
+    """Whether a judge's scores stand in for the paper's LLM judge (the offline judge)."""
+    return str(judge or "").startswith("offline")
+
+
+def score_text(
+    value: float | None, low: float | None = None, high: float | None = None, judge=None
+) -> str:
+    """A score with its interval and, for an offline judge, the proxy mark:
+    "4.7 [4.1–5.0] (offline proxy)"; "–" for no score."""
+    if _missing(value):
+        return "–"
+    text = f"{float(value):.1f}"
+    if not _missing(low) and not _missing(high):
+        text += f" [{float(low):.1f}–{float(high):.1f}]"
+    if is_proxy(judge):
+        text += " (offline proxy)"
+    return text
 
 
 def exclusivity_run(
@@ -151,13 +247,36 @@ def save_result(
     s_max: float,
     cfg: ExclusivityConfig,
 ) -> int:
-    """Record a result as an `exclusivity` score with texts, reasons and settings."""
-    details = {
+    """Record a result as an `exclusivity` score (mean, 95% interval) with texts, reasons
+    and settings."""
+    return db.add_exclusivity_score(
+        run_id,
+        result.feature_id,
+        judge=result.judge,
+        prompt_version=result.prompt_version,
+        value=result.exclusivity,
+        ci_low=result.ci_low,
+        ci_high=result.ci_high,
+        n_examples=len(result.per_prompt),
+        details=result_details(result, pair, s_max, cfg),
+    )
+
+
+def result_details(
+    result: ExclusivityResult, pair: SteeringPair, s_max: float, cfg: ExclusivityConfig
+) -> dict[str, Any]:
+    """A result's stored details: models, judgements, texts, interval and settings."""
+    return {
         "source": result.source,
         "target": result.target,
         "interpretability": result.interpretability,
         "similarity": result.similarity,
+        "unfiltered": result.unfiltered,
         "filtered": result.exclusivity is None,
+        "interval": INTERVAL,
+        "units": len(result.per_prompt),
+        "samples": 1 if cfg.generation.greedy else cfg.samples,
+        "proxy": is_proxy(result.judge),
         "per_prompt": result.per_prompt,
         "s_max": s_max,
         "alphas": list(_with_baseline(cfg.alphas)),
@@ -165,17 +284,6 @@ def save_result(
         "generation": asdict(cfg.generation),
         "stitch": {"fve": pair.stitch.fve, "info": pair.stitch.info},
     }
-    return db.add_score(
-        run_id,
-        result.feature_id,
-        explanation_id=None,
-        judge=result.judge,
-        prompt_version=result.prompt_version,
-        metric=METRIC,
-        value=result.exclusivity,
-        n_examples=len(result.per_prompt),
-        details=details,
-    )
 
 
 def scored_features(db: Database, run_id: str, judge: str) -> set[int]:
@@ -241,3 +349,8 @@ def _mean(values) -> float | None:
     """Mean of the values that are not None (None if there are none)."""
     present = [v for v in values if v is not None]
     return mean(present) if present else None
+
+
+def _missing(value) -> bool:
+    """None or NaN."""
+    return value is None or value != value

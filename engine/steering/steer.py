@@ -4,11 +4,19 @@
 works on normalised activations), `s_max` the feature's largest activation seen in analysis,
 so alpha = 1 adds the feature at its natural maximum (paper B.4.3). The vector is added to
 the output of the block the crosscoder was trained on. A sweep over strengths is one batched
-generation in which every row carries its own coefficient, not a loop over strengths.
+generation in which every row carries its own coefficient, not a loop over strengths, and
+`generate_grid` puts every prompt x sample x strength of a model into as few generations as
+memory allows.
+
+Sampled decoding draws each row's tokens from a random stream of its own, seeded by the
+row's `seed` (`RowSampler`), so a row's text does not depend on which other rows share its
+batch: the same settings give the same texts whether prompts are generated one at a time
+or all at once.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -35,6 +43,15 @@ class GenerationConfig:
     top_p: float = 0.9
     seed: int = 0
     chat_template: bool = True  # use the tokenizer's chat template where it has one
+    # Rows (prompt x sample x strength) per `generate` call in `generate_grid`; None: as
+    # many as fit MEMORY_BUDGET (see `rows_per_call`).
+    max_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}")
 
 
 def feature_vector(
@@ -105,9 +122,15 @@ def generate(
     coefficients: Sequence[float] | None = None,
     positions: str = "all",
     cfg: GenerationConfig | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[str]:
-    """Generate a continuation of each prompt, each row steered by coefficient x vector."""
+    """Generate a continuation of each prompt, each row steered by coefficient x vector.
+
+    Sampled rows draw from random streams seeded by `seeds` (one per row; default: every
+    row `cfg.seed`), independently of the other rows in the batch."""
     cfg = cfg or GenerationConfig()
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError("sampling needs one seed per prompt")
     inputs = _batch(loaded, prompts, cfg)
     deltas = None
     if vector is not None:
@@ -115,11 +138,9 @@ def generate(
             raise ValueError("steering needs a layer and one coefficient per prompt")
         coef = torch.tensor(list(coefficients), dtype=torch.float32)
         deltas = coef[:, None] * vector.float()[None, :]
-    with _LOCK, torch.inference_mode():
-        if cfg.greedy is False:
-            torch.manual_seed(cfg.seed)
-        with _maybe_steering(loaded, layer, deltas, positions):
-            out = loaded.model.generate(**inputs, **_decoding(loaded, cfg))
+    row_seeds = list(seeds) if seeds is not None else [cfg.seed] * len(prompts)
+    with _LOCK, torch.inference_mode(), _maybe_steering(loaded, layer, deltas, positions):
+        out = loaded.model.generate(**inputs, **_decoding(loaded, cfg, row_seeds))
     new = out[:, inputs["input_ids"].shape[1] :]
     return loaded.tokenizer.batch_decode(new, skip_special_tokens=True)
 
@@ -147,6 +168,127 @@ def sweep(
     )
 
 
+def sample_seed(seed: int, sample: int) -> int:
+    """The random stream of sample `sample` under `seed`: the same for every prompt,
+    strength and model, so the strengths of one sample differ only by the steering."""
+    return int(seed) * 1_000_003 + int(sample)
+
+
+Grid = dict[tuple[str, int], dict[float, str]]  # (prompt, sample) -> strength -> text
+
+
+def generate_grid(
+    loaded: LoadedModel,
+    prompts: Sequence[str],
+    alphas: Sequence[float],
+    *,
+    vector: torch.Tensor,
+    layer: int,
+    s_max: float,
+    samples: int = 1,
+    cfg: GenerationConfig | None = None,
+) -> Grid:
+    """Every prompt x sample x strength (alpha x s_max), in as few batched generations as
+    `cfg.max_batch` (or, by default, the memory budget) allows.
+
+    Greedy decoding has one sample (more would repeat it). Row texts do not depend on how
+    the rows are split into batches (each row samples from its own seeded stream)."""
+    cfg = cfg or GenerationConfig()
+    samples = 1 if cfg.greedy else max(int(samples), 1)
+    rows = [(p, j, float(a)) for p in prompts for j in range(samples) for a in alphas]
+    limit = cfg.max_batch or rows_per_call(loaded, _prompt_tokens(loaded, prompts, cfg), cfg)
+    out: Grid = {(p, j): {} for p in prompts for j in range(samples)}
+    for start in range(0, len(rows), limit):
+        chunk = rows[start : start + limit]
+        texts = generate(
+            loaded,
+            [p for p, _, _ in chunk],
+            vector=vector,
+            layer=layer,
+            coefficients=[a * float(s_max) for _, _, a in chunk],
+            cfg=cfg,
+            seeds=[sample_seed(cfg.seed, j) for _, j, _ in chunk],
+        )
+        for (p, j, a), text in zip(chunk, texts, strict=True):
+            out[(p, j)][a] = text
+    return out
+
+
+# Memory a batch of generations may take (KV cache, logits and the sampler's sort): on a
+# GPU half of its memory, on a CPU this many bytes.
+CPU_MEMORY_BUDGET = 4 * 2**30
+GPU_MEMORY_SHARE = 0.5
+
+
+def rows_per_call(loaded: LoadedModel, prompt_tokens: int, cfg: GenerationConfig) -> int:
+    """How many rows one `generate` call may hold: the memory budget over an estimate of
+    one row's KV cache (every layer, prompt + new tokens) plus its per-step logits."""
+    config = loaded.model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = int(getattr(text, "num_hidden_layers", 1) or 1)
+    heads = int(getattr(text, "num_attention_heads", 1) or 1)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    vocab = int(getattr(text, "vocab_size", 32_000) or 32_000)
+    width = next(loaded.model.parameters()).element_size()
+    tokens = prompt_tokens + cfg.max_new_tokens
+    per_row = 2 * layers * kv_heads * head_dim * tokens * width + 6 * vocab * 4
+    per_row += 4 * tokens * int(text.hidden_size) * 4  # activations of the longest step
+    return max(1, int(_memory_budget(loaded) // per_row))
+
+
+def _memory_budget(loaded: LoadedModel) -> float:
+    """Bytes a generation batch may use on the model's device."""
+    device = torch.device(loaded.device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        # The device's total, not what is free now: the batches (and so the texts, up to
+        # floating point) stay the same from one run to the next.
+        return torch.cuda.get_device_properties(device).total_memory * GPU_MEMORY_SHARE
+    return float(CPU_MEMORY_BUDGET)
+
+
+def _prompt_tokens(loaded: LoadedModel, prompts: Sequence[str], cfg: GenerationConfig) -> int:
+    """Tokens of the longest rendered prompt."""
+    tok = loaded.tokenizer
+    rendered = [render_prompt(loaded, p, cfg.chat_template) for p in dict.fromkeys(prompts)]
+    return max((len(tok(t, add_special_tokens=False)["input_ids"]) for t in rendered), default=1)
+
+
+class RowSampler:
+    """Temperature and top-p (nucleus) sampling with one seeded random stream per row.
+
+    Passed to `generate` as a logits processor under greedy search: it draws each row's
+    next token and leaves only that token finite, so the search's argmax takes it. A row's
+    draws depend only on its own seed and logits, not on the rest of the batch (the
+    library's sampler draws the whole batch from one shared stream)."""
+
+    CANDIDATES = (1024, 32768)  # top-p is looked for among this many tokens first
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float) -> None:
+        if temperature <= 0:
+            raise ConfigError(f"sampling needs a temperature above 0, got {temperature}")
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature, self.top_p = float(temperature), float(top_p)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        for k in (*self.CANDIDATES, probs.shape[-1]):
+            # The nucleus lies within the k most likely tokens once they hold top_p; flat
+            # rows (an untrained or overdriven model) need more, at worst the whole sort.
+            top, order = probs.topk(min(k, probs.shape[-1]), dim=-1)
+            if k >= probs.shape[-1] or bool((top.sum(-1) >= self.top_p).all()):
+                break
+        # Keep the smallest prefix whose mass reaches top_p (the first token always).
+        keep = (top.cumsum(-1) - top) < self.top_p
+        cum = (top * keep).cumsum(-1).cpu()
+        draws = torch.stack([torch.rand((), generator=g) for g in self.generators])
+        pick = torch.searchsorted(cum, (draws * cum[:, -1])[:, None]).clamp_(max=top.shape[-1] - 1)
+        pick = torch.minimum(pick, keep.sum(-1, keepdim=True).cpu() - 1)
+        token = order.gather(-1, pick.to(order.device))
+        out = torch.full_like(scores, -math.inf)
+        return out.scatter_(-1, token, 0.0)
+
+
 def stream(
     loaded: LoadedModel,
     prompt: str,
@@ -170,7 +312,9 @@ def stream(
         try:
             steer = _maybe_steering(loaded, layer, deltas, positions)
             with _LOCK, torch.inference_mode(), steer:
-                loaded.model.generate(**inputs, **_decoding(loaded, cfg), streamer=streamer)
+                loaded.model.generate(
+                    **inputs, **_decoding(loaded, cfg, [cfg.seed]), streamer=streamer
+                )
         except BaseException as err:  # surfaced to the consumer below
             errors.append(err)
             streamer.end()
@@ -202,17 +346,22 @@ def _batch(loaded: LoadedModel, prompts: Sequence[str], cfg: GenerationConfig) -
     return {k: v.to(loaded.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 
-def _decoding(loaded: LoadedModel, cfg: GenerationConfig) -> dict:
-    """Keyword arguments of `generate` for these settings."""
+def _decoding(loaded: LoadedModel, cfg: GenerationConfig, seeds: Sequence[int]) -> dict:
+    """Keyword arguments of `generate` for these settings: greedy search, with a
+    `RowSampler` choosing each token when decoding is sampled (`seeds`: one per row)."""
     args = {
         "max_new_tokens": cfg.max_new_tokens,
         "pad_token_id": loaded.tokenizer.pad_token_id,
-        "do_sample": not cfg.greedy,
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
     }
     if not cfg.greedy:
-        args.update(temperature=cfg.temperature, top_p=cfg.top_p)
-    else:
-        args.update(temperature=None, top_p=None, top_k=None)
+        from transformers import LogitsProcessorList
+
+        sampler = RowSampler(seeds, cfg.temperature, cfg.top_p)
+        args["logits_processor"] = LogitsProcessorList([sampler])
     return args
 
 

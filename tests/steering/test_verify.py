@@ -271,7 +271,8 @@ def test_exclusivity_scores_are_stored_with_texts_and_resume(tiny_run):
     assert set(rows.index) == {a_only, b_only} and set(rows.judge) == {"offline:minilm-shift-v1"}
     details = rows.loc[b_only, "details"]
     assert details["source"] == "b" and details["target"] == "a"
-    assert details["alphas"] == [0.0, 20.0, 60.0] and len(details["per_prompt"]) == 3
+    # 3 prompts x 3 sampled generations, each a unit of the score's interval
+    assert details["alphas"] == [0.0, 20.0, 60.0] and len(details["per_prompt"]) == 9
     texts = details["per_prompt"][0]["source_texts"]
     assert set(texts) == {"0", "20", "60"} and all(isinstance(t, str) for t in texts.values())
     for _, row in rows.iterrows():
