@@ -13,8 +13,10 @@ A Hub run is downloaded once into the Hugging Face cache (``HF_HOME``, by defaul
 used. `resolve_run` is the one place that turns a location into a directory.
 
 `push_run` uploads a run directory's final files (weights, description, feature statistics)
-with a generated model card (`model_card`). This module imports nothing of the engine but
-its errors, and `huggingface_hub` only when a Hub location is used.
+with a generated model card (`model_card`). Importing this module loads nothing of the
+engine but its errors (so the checkpoint module can use `resolve_run`); `push_run` reads the
+run through `engine.crosscoder.checkpoint`, and `huggingface_hub` is imported only when the
+Hub is used.
 """
 
 from __future__ import annotations
@@ -186,6 +188,8 @@ def push_folder(
     operations.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card.encode()))
     with _hub_errors(repo):
         api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
+        if revision:  # a commit to a branch that does not exist yet would be refused
+            api.create_branch(repo, branch=revision, exist_ok=True, repo_type="model")
         commit = api.create_commit(
             repo,
             operations,

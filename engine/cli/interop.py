@@ -98,5 +98,5 @@ def add_export_paper(sub: argparse._SubParsersAction) -> None:
         "export-paper", help=cmd_export_paper.__doc__, description=cmd_export_paper.__doc__
     )
     p.add_argument("run", help="run directory of modeldiff train (or hf://OWNER/NAME)")
-    p.add_argument("--out", required=True, type=Path, help="folder to write (new or empty)")
+    p.add_argument("--out", required=True, type=Path, help="folder to write (not a modeldiff run)")
     p.set_defaults(func=cmd_export_paper)

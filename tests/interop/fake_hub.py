@@ -84,6 +84,7 @@ class FakeHub:
             ("POST", r"/api/validate-yaml", self._validate_yaml),
             ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>.+)", self._preupload),
             ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>.+)", self._commit),
+            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<branch>.+)", self._branch),
             ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+)/revision/(?P<rev>.+)", self._info),
             ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?P<path>/.*)?",
              self._tree),
@@ -120,8 +121,12 @@ class FakeHub:
             return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
         body = json.loads(request.content)
         repo = f"{body.get('organization')}/{body['name']}"
-        if repo in self.repos:
-            return self._error(409, "Conflict", "You already created this model repo")
+        if repo in self.repos:  # the Hub's 409 names the existing repository's URL
+            message = "You already created this model repo"
+            return _httpx().Response(
+                409, json={"error": message, "url": f"{ENDPOINT}/{repo}"},
+                headers={"X-Error-Code": "Conflict", "X-Error-Message": message},
+            )  # fmt: skip
         self.repos[repo] = Repo(private=bool(body.get("private")))
         return _httpx().Response(200, json={"url": f"{ENDPOINT}/{repo}", "name": repo})
 
@@ -154,11 +159,22 @@ class FakeHub:
             },
         )
 
+    def _branch(self, request, repo: str, branch: str):
+        r = self._repo(request, repo)
+        if r is None or not self._authorised(request):
+            return self._error(404, "RepoNotFound", "Repository not found")
+        if branch in r.branches:
+            return self._error(409, "Conflict", "Reference already exists")
+        r.branches[branch] = r.branches.get("main", "")  # "": an empty branch
+        return _httpx().Response(200, json={})
+
     def _commit(self, request, repo: str, rev: str):
         r = self._repo(request, repo)
         if r is None or not self._authorised(request):
             return self._error(404, "RepoNotFound", "Repository not found")
         branch = unquote(rev)
+        if branch not in r.branches and branch != "main":
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {branch}")
         parent = r.branches.get(branch)
         tree = dict(r.commits[parent]) if parent else {}
         summary = ""

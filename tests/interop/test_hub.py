@@ -140,6 +140,10 @@ def test_a_downloaded_run_loads_offline_and_revisions_pin_a_commit(saved, hub):
     folder = resolve_run(f"hf://{REPO}")
     assert folder.name == sha  # huggingface_hub's snapshots/<commit>/ layout
     assert resolve_run(f"hf://{REPO}@{sha}") == folder
+    # --revision commits to a branch (created), which hf://OWNER/NAME@BRANCH reads.
+    assert push(saved, hub, "--revision", "seed-1") == 0
+    assert set(hub.files(REPO, "seed-1")) == set(hub.files(REPO))
+    assert (resolve_run(f"hf://{REPO}@seed-1") / "crosscoder.json").is_file()
 
     hub.offline = True  # no network: the cached copy serves
     served = len(hub.requests)
