@@ -13,6 +13,7 @@ import streamlit as st
 from dashboard import data
 from dashboard.markdown import md, md_code
 from dashboard.views.common import PARTITION_COLOURS, fmt, percent
+from dashboard.views.run_calibration import calibration_panel
 from engine.analysis.run_metrics import ALL, dead_fractions, dead_history, partition_size_history
 from engine.categories import A_LEANING_ABOVE, B_LEANING_BELOW
 from engine.specs import SIDES, ModelSpec, PairSpec
@@ -210,6 +211,8 @@ else:
             ),
         },
     )
+
+calibration_panel(path, run_id)
 
 with st.expander("Run configuration and provenance"):
     st.json(
