@@ -142,6 +142,27 @@ def analyze(
     )  # fmt: skip
 
 
+def evaluate(
+    run_dir: str | Path,
+    store: str | Path,
+    *,
+    max_windows: int | None = None,
+    out: str | Path | None = None,
+    device: str | None = None,
+    allow_trained: bool = False,
+    progress: Callable[[str], Any] | None = None,
+) -> dict[str, Any]:
+    """CE loss recovered of both models with the run's reconstruction spliced in at the
+    captured layer, on up to `max_windows` of the windows the run held out of training;
+    written to `out` (default `<run_dir>/evaluation.json`)."""
+    from engine.analysis.evaluate import evaluate as run
+
+    return run(
+        run_dir, store, allow_trained=allow_trained, progress=progress,
+        **given(max_windows=max_windows, out=out, device=device),
+    )  # fmt: skip
+
+
 # -- explain -> score -------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ import argparse
 import signal
 import sys
 
-from engine.cli import data, interop, interp, tools, verify
+from engine.cli import data, evaluate, interop, interp, tools, verify
 from engine.cli.tools import dashboard_command, is_loopback
 from engine.cli.types import Parser
 from engine.errors import UserError
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     # In the order `modeldiff --help` lists them.
     for add in (
         data.add_harvest, data.add_train, data.add_analyze, data.add_match,
+        evaluate.add_evaluate,
         interp.add_explain, interp.add_score,
         tools.add_export, tools.add_dashboard,
         interop.add_push, interop.add_import_paper, interop.add_export_paper,

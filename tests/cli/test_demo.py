@@ -12,7 +12,17 @@ from engine.results import Database
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["harvest", "train", "analyze", "explain", "score", "stitch", "exclusivity", "steer-eval"]
+STAGES = [
+    "harvest",
+    "train",
+    "analyze",
+    "evaluate",
+    "explain",
+    "score",
+    "stitch",
+    "exclusivity",
+    "steer-eval",
+]
 
 
 def small_settings() -> DemoSettings:
@@ -72,7 +82,7 @@ def test_demo_runs_every_stage_then_reuses_them(demo_dir):
     start = time.perf_counter()
     again = run_demo(tmp_path, small_settings())
     assert time.perf_counter() - start < 60
-    for stage in ("harvest", "train", "analyze", "stitch"):
+    for stage in ("harvest", "train", "analyze", "evaluate", "stitch"):
         assert again.timings[stage]["note"].startswith("cached"), again.timings[stage]
     assert counts(demo.db) == first
 
