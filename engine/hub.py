@@ -138,6 +138,11 @@ class _hub_errors:
 
         ref = self.ref
         repo = ref.repo_id if isinstance(ref, HubRef) else ref
+        if type(err).__module__.split(".")[0] in ("httpx", "httpx2", "requests"):
+            raise HubError(
+                f"cannot reach the Hugging Face Hub for {repo} ({_first_line(err)}); check the "
+                "network connection and run again"
+            ) from None
         if isinstance(err, errors.RevisionNotFoundError):
             raise HubError(f"{repo} has no revision {getattr(ref, 'revision', None)!r}") from None
         if isinstance(err, errors.RepositoryNotFoundError):
@@ -157,9 +162,15 @@ class _hub_errors:
                 if status in (401, 403)
                 else "check the repository and try again"
             )
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise HubError(f"the Hub refused a request for {repo} ({first}); {fix}") from None
+            raise HubError(
+                f"the Hub refused a request for {repo} ({_first_line(err)}); {fix}"
+            ) from None
         return False
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 # -- pushing ---------------------------------------------------------------------------

@@ -49,6 +49,12 @@ def cmd_import_paper(args: argparse.Namespace) -> None:
         f"{p.n_a_exclusive} A-exclusive, {p.n_b_exclusive} B-exclusive, {p.n_shared} shared; "
         f"k={done.k}; {scaling}) -> {done.out}"
     )
+    if done.threshold < 0:
+        print(
+            "note: its inference threshold was never learned (training stopped before the "
+            "paper's threshold_start_step), so every feature with a positive pre-activation "
+            "is active on its own tokens"
+        )
 
 
 def cmd_export_paper(args: argparse.Namespace) -> None:

@@ -473,6 +473,7 @@ class Converted:
     d: int
     k: int
     normalised: bool
+    threshold: float = 0.0  # the inference threshold (negative: never learned)
 
 
 def import_paper(
@@ -488,6 +489,7 @@ def import_paper(
     # before the float32 of the paper's buffer rounded them.
     provenance = _read_config((source if source.is_dir() else source.parent) / PROVENANCE_FILE)
     models = models or provenance.get("models")
+    _check_widths(models, paper.d, source)
     normalizer = _exact_scales(normalizer, provenance.get("normalizer"))
     clear_run(out)  # an old run's checkpoints must not outlive it; refuses foreign folders
     p = cc.partition
@@ -514,7 +516,18 @@ def import_paper(
         },
         **({"models": models} if models else {}),
     )
-    return Converted(out, p, paper.d, paper.k, paper.activation_mean is not None)
+    return Converted(out, p, paper.d, paper.k, paper.activation_mean is not None, paper.threshold)
+
+
+def _check_widths(models: dict[str, Any] | None, d: int, source: Path) -> None:
+    """Refuse a model pair (a store's) whose widths are not the crosscoder's."""
+    for side, spec in (models or {}).items():
+        width = (spec or {}).get("d_model")
+        if width is not None and int(width) != d:
+            raise PaperFormatError(
+                f"{source} has width {d} but model {side.upper()} of the given store has "
+                f"{width}; give the store of the model pair it was trained on"
+            )
 
 
 def _exact_scales(normalizer: Normalizer, recorded: Any) -> Normalizer:
@@ -561,4 +574,6 @@ def export_paper(run_dir: str | Path, out: str | Path) -> Converted:
         **{key: header[key] for key in ("models", "metrics", "train_config") if key in header},
     }
     atomic_write_text(out / PROVENANCE_FILE, json.dumps(provenance, indent=2))
-    return Converted(out, paper.partition, paper.d, k, paper.activation_mean is not None)
+    return Converted(
+        out, paper.partition, paper.d, k, paper.activation_mean is not None, paper.threshold
+    )

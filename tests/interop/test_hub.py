@@ -162,6 +162,11 @@ def test_hub_errors_name_the_fix_and_local_paths_never_reach_the_network(saved, 
     with pytest.raises(HubError, match="no folder 'runs/a'"):
         resolve_run(f"hf://{REPO}/runs/a")
 
+    # No network: a push says so on one line.
+    hub.offline = True
+    assert push(saved, hub) == 2
+    assert "cannot reach the Hugging Face Hub" in capsys.readouterr().err
+    hub.offline = False
     # A wrong token cannot write.
     assert main(["push", str(saved), "--repo", "analyst/other", "--token", "bad"]) == 2
     assert "log in" in capsys.readouterr().err

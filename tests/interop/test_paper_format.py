@@ -169,6 +169,16 @@ def test_imported_checkpoint_gives_the_papers_features_and_reconstructions(
     assert torch.allclose(normalizer.to_raw(x_b, "b"), raw[:, 1], atol=1e-4)
 
 
+def test_a_threshold_never_learned_is_kept_and_reported(tmp_path, capsys):
+    state = paper_state(4, 4, normaliser=False)
+    state["threshold"] = torch.tensor(-1.0)  # the paper's value before threshold_start_step
+    src = save_paper_run(tmp_path / "early", state, (0.1, 0.1))
+    assert main(["import-paper", str(src), "--out", str(tmp_path / "run")]) == 0
+    assert "threshold was never learned" in capsys.readouterr().out
+    x = inputs()
+    assert torch.equal(our_features(tmp_path / "run", x), paper_features(state, x))
+
+
 def test_partition_is_read_from_a_hub_style_folder_or_inferred_from_the_zero_blocks(tmp_path):
     state = paper_state(6, 2, normaliser=False)
     folder = tmp_path / "hub-style"
@@ -201,6 +211,12 @@ def test_imports_that_would_change_the_features_are_refused(tmp_path):
     src = save_paper_run(tmp_path / "sae", state, (0.1, 0.1))
     with pytest.raises(PaperFormatError, match="code normalisation SAE"):
         import_paper(src, tmp_path / "run")
+
+    # A store of models of another width is not the pair it was trained on.
+    src = save_paper_run(tmp_path / "ok", paper_state(4, 4, normaliser=False), (0.1, 0.1))
+    models = {"a": {"name": "m", "d_model": D}, "b": {"name": "n", "d_model": D + 1}}
+    with pytest.raises(PaperFormatError, match="model B of the given store has 17"):
+        import_paper(src, tmp_path / "run", models=models)
 
     with pytest.raises(PaperFormatError, match="does not exist"):
         import_paper(tmp_path / "nothing", tmp_path / "run")
