@@ -89,8 +89,8 @@ def add_import_paper(sub: argparse._SubParsersAction) -> None:
         "import-paper", help=cmd_import_paper.__doc__, description=cmd_import_paper.__doc__
     )
     p.add_argument(
-        "source", type=Path, help="its save folder, model_final.pt / checkpoint_N.pt, or a "
-        "folder with model.safetensors + config.json",
+        "source", help="its save folder, model_final.pt / checkpoint_N.pt, a folder with "
+        "model.safetensors + config.json, or such a folder on the Hub (hf://OWNER/NAME)",
     )  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="run directory to write")
     p.add_argument(

@@ -479,10 +479,12 @@ class Converted:
 def import_paper(
     source: str | Path, out: str | Path, *, models: dict[str, Any] | None = None
 ) -> Converted:
-    """Write the paper-format crosscoder at `source` as a modeldiff run directory `out`
-    (analyse it with `modeldiff analyze --run OUT`); `models` is a store's "models" entry
-    (the pair it was trained on), recorded so analysis refuses another pair."""
-    source, out = Path(source), Path(out)
+    """Write the paper-format crosscoder at `source` (a file, a folder, or a Hub location
+    hf://OWNER/NAME of a folder) as a modeldiff run directory `out` (analyse it with
+    `modeldiff analyze --run OUT`); `models` is a store's "models" entry (the pair it was
+    trained on), recorded so analysis refuses another pair."""
+    location = str(source) if parse_ref(source) else str(Path(source).resolve())
+    source, out = resolve_run(source), Path(out)
     paper = read_paper(source)
     cc, normalizer = to_crosscoder(paper)
     # A folder `export_paper` wrote says which models it came from, and its scale factors
@@ -508,7 +510,7 @@ def import_paper(
         },
         imported={
             "format": PAPER_FORMAT,
-            "source": str(source.resolve()),
+            "source": location,
             "k": paper.k,
             "threshold": paper.threshold,
             "input_normaliser": paper.activation_mean is not None,

@@ -194,3 +194,23 @@ def test_export_paper_takes_a_hub_run_and_the_import_keeps_its_models(tmp_path, 
     back, normalizer, header = load_crosscoder(tmp_path / "back")
     assert header["models"] == models and normalizer == Normalizer(0.25, 3.0)
     assert back.partition == cc.partition
+
+
+def test_import_paper_reads_a_hub_repository_of_the_papers_files(tmp_path, hub):
+    """A repository holding model.safetensors + config.json, as the paper's code's Hub
+    mixin uploads them, imports by its hf:// location."""
+    from huggingface_hub import HfApi
+
+    cc = Crosscoder(16, 16, Partition(2, 3, 27))
+    save_crosscoder(tmp_path / "square", cc, Normalizer.identity(), train_config={"k": 8})
+    assert main(["export-paper", str(tmp_path / "square"), "--out", str(tmp_path / "p")]) == 0
+    (tmp_path / "p" / "modeldiff.json").unlink()  # only the paper's own files
+    api = HfApi(token=hub.token)
+    api.create_repo("lab/paper-dfc")
+    api.upload_folder(repo_id="lab/paper-dfc", folder_path=str(tmp_path / "p"))
+
+    assert main(["import-paper", "hf://lab/paper-dfc", "--out", str(tmp_path / "run")]) == 0
+    back, _, header = load_crosscoder(tmp_path / "run")
+    assert header["imported"]["source"] == "hf://lab/paper-dfc"
+    for name, tensor in cc.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
