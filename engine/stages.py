@@ -220,8 +220,9 @@ def fit_stitch(
 ):
     """Fit the affine maps A->B and B->A on a store's pairs and save them to `out`.
 
-    `options` are `train_stitch`'s (steps, batch_size, lr, holdout, seed, device, samples);
-    `announce`, if given, gets a line before the fit. Returns (stitch, saved path).
+    `options` are `train_stitch`'s (steps, batch_size, lr, holdout, seed, device, samples,
+    ridge, outlier_norm, translation); `announce`, if given, gets a line before the fit.
+    Returns (stitch, saved path); `stitching.stitch_warning(stitch)` says if it is poor.
     """
     from engine.activations import ActivationStore
     from engine.steering.stitching import check_stitch_target, train_stitch
@@ -233,7 +234,8 @@ def fit_stitch(
     settings["batch_size"] = min(settings["batch_size"], len(acts))  # a small store works too
     if announce is not None:
         announce(
-            f"fitting a {acts.d_a} <-> {acts.d_b} stitch on {store} ({settings['steps']} steps)"
+            f"fitting a {acts.d_a} <-> {acts.d_b} stitch on {store} (least squares on up to "
+            f"{min(settings['samples'], len(acts))} pairs, then {settings['steps']} Adam steps)"
         )
     stitch = train_stitch(acts, acts.d_a, acts.d_b, **settings)
     stitch.info["store"] = str(Path(store).resolve())

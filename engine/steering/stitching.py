@@ -1,11 +1,42 @@
 """Model stitching (paper B.5): affine maps between two models' activation spaces.
 
-A->B (``W_ab x + b_ab``) and B->A are trained jointly on paired activations with MSE in
-both directions plus an inversion penalty (A->B->A and B->A->B should return the input).
-Each model is first divided by its median activation norm (times sqrt(d), so coordinates
-are O(1)) so that neither direction's loss dominates; the scales are kept in the
-``Stitch`` and every public method takes and returns raw model units. Training starts
-from the closed-form least-squares maps, so a few hundred steps are enough.
+Fitting. A->B (``W_ab x + b_ab``) and B->A are fitted by ridge-regularised least squares
+in closed form, in float64 on centred, per-dimension standardised inputs; `ridge` is
+relative to that scale, and by default each direction picks it from RIDGE_GRID on a
+validation tenth of the training pairs. Rows whose norm is more than `outlier_norm` x the
+median in either model (massive-activation tokens: a few Gemma rows reach 10x its median
+norm on one dimension) are left out of the fit and of the held-out score. Optionally
+(`steps` > 0) Adam then trains both maps jointly on MSE both ways plus an inversion
+penalty (A->B->A and B->A->B should return the input), the paper's objective; that trades
+held-out FVE for invertibility. With the same source and seed a fit is deterministic: the
+same tensors, bit for bit, on the same machine and thread count.
+
+Units. Parameters are stored in median-norm-scaled units (each model divided by its
+median activation norm, times sqrt(d)); every public method takes and returns raw
+model units.
+
+Translating a steering vector (`Stitch.map`). A steering vector v is a displacement added
+to activations, and for an affine T, T(x + a v) - T(x) = a W v: the bias cancels, so the
+translation of a direction is its linear part. That is the default (``translation =
+"linear"``). ``translation = "affine"`` is the paper's eq. 18 read literally, d' = W d + b:
+it treats the vector as a point (an activation) and adds the bias, the image of the zero
+vector, which is roughly the target model's mean activation; at strength a the target is
+then pushed by a (W d + b), a push along its mean direction (for Gemma, its massive
+dimensions) that is the same for every feature. Use it only to reproduce the paper.
+
+API other code reads (stable):
+
+* ``Stitch.fve``: held-out fraction of variance explained, keys ``a_to_b`` and ``b_to_a``
+  (the maps) and ``a_to_b_to_a``, ``b_to_a_to_b`` (round trips); computed on held-out
+  pairs without outlier rows, in raw units. Empty for a stitch made by hand.
+* ``fve_for(stitch, source)``: the FVE of the direction a vector from model `source`
+  travels through (``a`` -> ``a_to_b``), or None when not recorded.
+* ``stitch_warning(stitch, source=None, threshold=FVE_WARN_BELOW) -> str | None``: a
+  one-line warning when a direction's held-out FVE is below `threshold` (or unknown),
+  else None. ``FVE_WARN_BELOW`` = 0.5: below it the map leaves more of the target
+  model's variance unexplained than it explains, so "the other model does not react to
+  the translated vector" says little about exclusivity (docs/verification.md, "Stitch
+  quality", has the measurements behind the number).
 
 A stitch is independent of any crosscoder: it is the crosscoder-free baseline against
 which feature exclusivity is judged.
@@ -40,6 +71,11 @@ from engine.steering.transfer import other_model
 FORMAT = "modeldiff-stitch"
 VERSION = 1
 TENSORS = ("w_ab", "b_ab", "w_ba", "b_ba")
+TRANSLATIONS = ("linear", "affine")  # how `Stitch.map` translates a steering vector
+FVE_WARN_BELOW = 0.5  # held-out FVE under which a direction's translation is flagged
+OUTLIER_NORM = 3.0  # rows above this x the median norm (either model) are not fitted
+RIDGE_GRID = (1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)  # ridge=None picks one
+DIRECTIONS = {"a": "a_to_b", "b": "b_to_a"}  # a vector's source model -> its FVE key
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -58,6 +94,10 @@ class Stitch:
     # The models and layers fitted for: {"a": {"name", "layer", "d_model"}, "b": ...};
     # empty when unknown (fitted on tensors rather than an activation store).
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    translation: str = "linear"  # what `map` does: the linear part, or eq. 18 with the bias
+
+    def __post_init__(self) -> None:
+        check_translation(self.translation)
 
     @property
     def d_a(self) -> int:
@@ -75,15 +115,19 @@ class Stitch:
         """Map raw model-B activations [..., d_b] to model-A activations [..., d_a]."""
         return self._apply(x, "b", bias=True)
 
-    def map(self, vector: torch.Tensor, source: str) -> torch.Tensor:
+    def map(
+        self, vector: torch.Tensor, source: str, translation: str | None = None
+    ) -> torch.Tensor:
         """Translate a steering vector (or rows of them) from `source` to the other model.
 
-        Only the linear part is used: a steering vector is a displacement added to
-        activations, and T(x + v) - T(x) = W v for an affine T, so the bias cancels.
-        Adding it would treat the vector as a point (an activation) rather than a direction.
+        `translation` (default: the stitch's own) is "linear": W v, the translation of a
+        displacement (T(x + v) - T(x) = W v for an affine T, so the bias cancels); or
+        "affine": W v + b, the paper's eq. 18, which treats the vector as a point and adds
+        the bias (see the module docstring for why that is not a direction).
         """
         other_model(source)
-        return self._apply(vector, source, bias=False)
+        mode = check_translation(self.translation if translation is None else translation)
+        return self._apply(vector, source, bias=mode == "affine")
 
     def _apply(self, x: torch.Tensor, source: str, bias: bool) -> torch.Tensor:
         w, b = (self.w_ab, self.b_ab) if source == "a" else (self.w_ba, self.b_ba)
@@ -113,6 +157,7 @@ class Stitch:
             "fve": self.fve,
             "info": self.info,
             "models": self.models,
+            "translation": self.translation,
         }
         tensors = {
             name: getattr(self, name).detach().float().cpu().contiguous() for name in TENSORS
@@ -140,6 +185,7 @@ class Stitch:
             fve=header.get("fve", {}),
             info=header.get("info", {}),
             models=header.get("models") or {},
+            translation=header.get("translation", "linear"),
         )
 
     def check_run(self, run: dict[str, Any], run_id: str) -> None:
@@ -154,6 +200,75 @@ class Stitch:
                     f"{run_id!r} uses {theirs.where}; fit one on this run's store with "
                     "`modeldiff stitch --store STORE --out FILE`"
                 )
+
+
+def check_translation(translation: str) -> str:
+    """`translation` if it is one `Stitch.map` knows, else a ConfigError naming them."""
+    if translation not in TRANSLATIONS:
+        raise ConfigError(
+            f"translation must be one of {', '.join(TRANSLATIONS)}, got {translation!r}"
+        )
+    return translation
+
+
+def fve_for(stitch: Stitch, source: str) -> float | None:
+    """Held-out FVE of the map a vector from model `source` goes through (None if unknown)."""
+    other_model(source)
+    value = stitch.fve.get(DIRECTIONS[source])
+    return None if value is None else float(value)
+
+
+def stitch_warning(
+    stitch: Stitch, source: str | None = None, threshold: float = FVE_WARN_BELOW
+) -> str | None:
+    """One line warning that the stitch translates poorly, or None when it is good enough.
+
+    Checks the direction vectors from `source` travel (both when None): a held-out FVE
+    below `threshold`, or none recorded, makes "the other model does not react" weak
+    evidence of exclusivity.
+    """
+    sources = SIDES if source is None else (source,)
+    low, unknown = [], []
+    for m in sources:
+        value = fve_for(stitch, m)
+        arrow = f"{m.upper()}->{other_model(m).upper()}"
+        if value is None or not math.isfinite(value):
+            unknown.append(arrow)
+        elif value < threshold:
+            low.append(f"{arrow} {value:.2f}")
+    if not (low or unknown):
+        return None
+    parts = []
+    if low:
+        parts.append(f"held-out FVE {', '.join(low)} is below {threshold:g}")
+    if unknown:
+        parts.append(f"no held-out FVE recorded for {', '.join(unknown)}")
+    return (
+        f"stitch quality: {'; '.join(parts)}, so a feature that does not transfer may only "
+        "be badly translated; refit with more pairs (`modeldiff stitch --samples`) or read "
+        "its exclusivity as an upper bound"
+    )
+
+
+def fve_lines(stitch: Stitch) -> list[str]:
+    """The held-out FVE per direction and round trip, as lines for a terminal."""
+    fve, info = stitch.fve, stitch.info
+    if not fve:
+        return ["held-out fraction of variance explained (FVE): not recorded"]
+    held = info.get("heldout_pairs")
+    dropped = info.get("outlier_rows")
+    where = f" on {held} held-out pairs" if held is not None else ""
+    if dropped:
+        where += f" ({dropped} outlier pairs left out of fit and score)"
+
+    def value(key: str) -> str:
+        return f"{fve[key]:.3f}" if key in fve else "n/a"
+
+    return [
+        f"held-out fraction of variance explained (FVE){where}: A->B {value('a_to_b')}, "
+        f"B->A {value('b_to_a')}",
+        f"round trips: A->B->A {value('a_to_b_to_a')}, B->A->B {value('b_to_a_to_b')}",
+    ]
 
 
 def check_stitch_target(path: Path) -> None:
@@ -205,44 +320,77 @@ def train_stitch(
     source: Any,
     d_a: int,
     d_b: int,
-    steps: int = 500,
+    steps: int = 0,
     batch_size: int = 1024,
     lr: float = 1e-4,
     inversion_weight: float = 1.0,
     holdout: float | Any = 0.1,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    samples: int = 32768,
+    samples: int = 65536,
+    ridge: float | None = None,
+    outlier_norm: float | None = OUTLIER_NORM,
+    translation: str = "linear",
 ) -> Stitch:
     """Fit A<->B affine maps on paired activations and report held-out FVE.
 
     `source` is anything with ``batches(batch_size, start_step, seed)`` (an
     ActivationStore) or an (x_a, x_b) pair. `holdout` is either a fraction: `samples`
-    pairs are drawn once and that fraction of them is never trained on; or a separate
-    paired source: training then streams `source` and `samples` held-out pairs are drawn
-    from `holdout`. `samples` also bounds the least-squares initialisation.
+    pairs are drawn once (at most one pass over a source that knows its length, so no
+    pair is drawn twice) and that fraction of them is never fitted on; or a separate
+    paired source: `samples` held-out pairs are drawn from it. The maps are the ridge
+    least-squares fits on the rest (`ridge` x the mean eigenvalue of the standardised
+    inputs' covariance; 0 = plain least squares; None = chosen per direction from
+    RIDGE_GRID on a tenth of the training pairs); rows above `outlier_norm` x the median
+    norm in either model (None: keep all) are left out of fit and score. `steps` > 0 adds
+    that many Adam steps (`lr`, `batch_size`) on MSE plus `inversion_weight` x the
+    round-trip MSE, streaming the training pairs. `translation` is what `Stitch.map` will
+    do ("linear" or "affine", the module docstring says why linear is the default).
     """
     _check_settings(d_a, d_b, steps, batch_size, lr, inversion_weight, samples)
-    train_src, init, held = _split(as_source(source), holdout, d_a, d_b, batch_size, samples, seed)
-    scale_a, scale_b = _scale(init[0]), _scale(init[1])
-    params = _least_squares(init[0] * scale_a, init[1] * scale_b, device)
+    check_translation(translation)
+    if ridge is not None and not ridge >= 0:
+        raise ConfigError(f"ridge must be >= 0 (0 = plain least squares), got {ridge}")
+    if outlier_norm is not None and math.isinf(outlier_norm):
+        outlier_norm = None  # keep every row
+    if outlier_norm is not None and not outlier_norm > 1:
+        raise ConfigError(f"outlier_norm must be > 1 (x the median norm), got {outlier_norm}")
+    train_src, fit, held = _split(as_source(source), holdout, d_a, d_b, batch_size, samples, seed)
+    limits = _norm_limits(fit, outlier_norm)
+    n_drawn = fit[0].shape[0] + held[0].shape[0]
+    fit, held = _inliers(fit, limits), _inliers(held, limits)
+    if fit[0].shape[0] < 2 or held[0].shape[0] < 1:
+        raise DataError(
+            f"only {fit[0].shape[0]} training and {held[0].shape[0]} held-out pairs are left "
+            "after dropping outlier rows; use more pairs or a larger --outlier-norm"
+        )
     if isinstance(train_src, TensorPairs):
-        batch_size = min(batch_size, len(train_src))  # a small sample is still trainable
-    stream = (
-        _to(batch, d_a, d_b, device, scale_a, scale_b)
-        for batch in train_src.batches(batch_size, 0, seed)
-    )
-    _optimise(params, stream, steps, lr, inversion_weight)
-    w_ab, b_ab, w_ba, b_ba = (p.detach().cpu() for p in params)
+        train_src = TensorPairs(*fit)
+    scale_a, scale_b = _scale(fit[0]), _scale(fit[1])
+    params, ridges = _least_squares(fit, scale_a, scale_b, ridge, device)
+    if steps > 0:
+        if isinstance(train_src, TensorPairs):
+            batch_size = min(batch_size, len(train_src))  # a small sample is still trainable
+        stream = (
+            _to(batch, d_a, d_b, device, scale_a, scale_b, limits)
+            for batch in train_src.batches(batch_size, 0, seed)
+        )
+        _optimise(params, stream, steps, lr, inversion_weight)
+    w_ab, b_ab, w_ba, b_ba = (p.detach().float().cpu() for p in params)
     info = {
+        "fit": "least squares" + (f" + {steps} Adam steps" if steps else ""),
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
         "inversion_weight": inversion_weight,
         "seed": seed,
+        "ridge": ridges,
+        "outlier_norm": outlier_norm,
+        "outlier_rows": n_drawn - fit[0].shape[0] - held[0].shape[0],
+        "train_pairs": fit[0].shape[0],
         "heldout_pairs": held[0].shape[0],
     }
-    stitch = Stitch(w_ab, b_ab, w_ba, b_ba, scale_a, scale_b, info=info)
+    stitch = Stitch(w_ab, b_ab, w_ba, b_ba, scale_a, scale_b, info=info, translation=translation)
     stitch.models = fitted_models(source)
     stitch.fve = evaluate(stitch, *held)
     return stitch
@@ -270,6 +418,7 @@ def evaluate(stitch: Stitch, x_a: torch.Tensor, x_b: torch.Tensor) -> dict[str, 
 
 def fve(prediction: torch.Tensor, target: torch.Tensor) -> float:
     """1 - squared error / total variance (around the per-dimension mean)."""
+    prediction, target = prediction.double(), target.double()
     error = (prediction - target).pow(2).sum()
     variance = (target - target.mean(dim=0)).pow(2).sum().clamp_min(1e-30)
     return float(1 - error / variance)
@@ -301,7 +450,7 @@ def _split(
     samples: int,
     seed: int,
 ) -> tuple[PairedSource, Pair, Pair]:
-    """(training source, least-squares sample, held-out pairs), never overlapping."""
+    """(training source, training sample, held-out pairs), never overlapping."""
     if isinstance(holdout, float | int) and not isinstance(holdout, bool):
         if not 0 < holdout < 1:
             raise ConfigError(f"holdout as a fraction must be in (0, 1), got {holdout}")
@@ -316,12 +465,16 @@ def _split(
 
 
 def _draw(source: PairedSource, n: int, batch_size: int, seed: int, d_a: int, d_b: int) -> Pair:
-    """Up to n finite pairs from a source, in float32 on the CPU, in shuffled order."""
+    """Up to n finite pairs from a source, in float32 on the CPU, in shuffled order; from a
+    source that knows its length, at most one pass (a pair is never drawn twice)."""
     if isinstance(source, TensorPairs):
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(source), generator=g)[:n]
         batches: Iterator = iter([(source.x_a[idx], source.x_b[idx])])
     else:
+        if hasattr(source, "__len__"):
+            batch_size = max(1, min(batch_size, len(source)))
+            n = min(n, (len(source) // batch_size) * batch_size)  # one epoch
         batches = source.batches(batch_size, 0, seed)
     parts_a, parts_b, total = [], [], 0
     for x_a, x_b in batches:
@@ -329,12 +482,30 @@ def _draw(source: PairedSource, n: int, batch_size: int, seed: int, d_a: int, d_
         keep = finite_rows(x_a, x_b)
         parts_a.append(x_a[keep].float().cpu())
         parts_b.append(x_b[keep].float().cpu())
-        total += int(keep.sum())
+        total += x_a.shape[0]
         if total >= n:
             break
-    if total == 0:
+    if not parts_a or sum(p.shape[0] for p in parts_a) == 0:
         raise DataError("the paired source yielded no finite activation pairs")
     return torch.cat(parts_a)[:n], torch.cat(parts_b)[:n]
+
+
+def _norm_limits(sample: Pair, outlier_norm: float | None) -> tuple[float, float]:
+    """Largest row norm kept per model: `outlier_norm` x the sample's median norm."""
+    if outlier_norm is None:
+        return math.inf, math.inf
+    x_a, x_b = sample
+    return (
+        outlier_norm * x_a.norm(dim=1).median().item(),
+        outlier_norm * x_b.norm(dim=1).median().item(),
+    )
+
+
+def _inliers(pair: Pair, limits: tuple[float, float]) -> Pair:
+    """The rows of a pair whose norms are within the limits in both models."""
+    x_a, x_b = pair
+    keep = (x_a.norm(dim=1) <= limits[0]) & (x_b.norm(dim=1) <= limits[1])
+    return x_a[keep], x_b[keep]
 
 
 def _scale(x: torch.Tensor) -> float:
@@ -345,31 +516,105 @@ def _scale(x: torch.Tensor) -> float:
     return math.sqrt(x.shape[1]) / median
 
 
-def _least_squares(x_a: torch.Tensor, x_b: torch.Tensor, device) -> list[torch.Tensor]:
-    """Closed-form affine fits in both directions, as trainable [w_ab, b_ab, w_ba, b_ba]."""
-    w_ab, b_ab = _affine_fit(x_a, x_b)
-    w_ba, b_ba = _affine_fit(x_b, x_a)
-    return [p.to(device).requires_grad_() for p in (w_ab, b_ab, w_ba, b_ba)]
+def _least_squares(
+    sample: Pair, scale_a: float, scale_b: float, ridge: float | None, device
+) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """Closed-form affine fits in both directions, as trainable [w_ab, b_ab, w_ba, b_ba]
+    in scaled units, and the ridge each direction used."""
+    x_a, x_b = sample
+    w_ab, b_ab, ridge_ab = _affine_fit(x_a, x_b, ridge)  # raw units
+    w_ba, b_ba, ridge_ba = _affine_fit(x_b, x_a, ridge)
+    # y = W x + b in raw units is (y s_y) = (W s_y / s_x)(x s_x) + b s_y in scaled units.
+    params = (w_ab * scale_b / scale_a, b_ab * scale_b, w_ba * scale_a / scale_b, b_ba * scale_a)
+    trainable = [p.float().to(device).requires_grad_() for p in params]
+    return trainable, {"a_to_b": ridge_ab, "b_to_a": ridge_ba}
 
 
-def _affine_fit(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares W, b with y ≈ x W^T + b (on the CPU: its solver handles rank deficiency)."""
-    ones = torch.ones(x.shape[0], 1)
-    solution = torch.linalg.lstsq(torch.cat([x, ones], dim=1), y).solution  # [d_x + 1, d_y]
-    return solution[:-1].T.contiguous(), solution[-1].contiguous()
+def _affine_fit(
+    x: torch.Tensor, y: torch.Tensor, ridge: float | None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Ridge least-squares W [d_y, d_x], b [d_y] with y ≈ x W^T + b, in float64, and the
+    ridge used: `ridge`, or (None) the one of RIDGE_GRID with the least squared error on
+    the last tenth of the rows when fitted on the rest (the final fit uses every row).
+
+    Centring removes the mean (for Gemma, a few massive dimensions) that made a plain solve
+    on raw rows ill-conditioned, and standardising each input dimension makes `ridge`
+    relative (x the mean eigenvalue of the covariance, which is 1).
+    """
+    x, y = x.double(), y.double()
+    std = (x - x.mean(dim=0)).pow(2).mean(dim=0).sqrt()
+    std = torch.where(std > 0, std, torch.ones_like(std))  # a constant input stays 0
+    n_val = x.shape[0] // 10 if ridge is None else 0
+    if ridge is None and n_val < 1:
+        ridge = RIDGE_GRID[0]  # too few rows to choose
+    rest = _Moments(x[n_val:], y[n_val:], std)
+    if ridge is None:
+        x_val, y_val = x[:n_val], y[:n_val]
+
+        def error(lam: float) -> float:
+            w, b = rest.solve(lam)
+            return float((x_val @ w.T + b - y_val).pow(2).sum())
+
+        ridge = min(RIDGE_GRID, key=error)  # the first (smallest) of equals
+        rest = rest.plus(_Moments(x[:n_val], y[:n_val], std))
+    w, b = rest.solve(ridge)
+    return w, b, ridge
 
 
-def _to(batch: Pair, d_a: int, d_b: int, device, scale_a: float, scale_b: float) -> Pair:
-    """A training batch on the device, scaled, without non-finite rows."""
+class _Moments:
+    """Sums over rows of standardised x and of y, from which a ridge fit is solved."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, std: torch.Tensor) -> None:
+        xs = x / std
+        self.std, self.n = std, x.shape[0]
+        self.sx, self.sy = xs.sum(dim=0), y.sum(dim=0)
+        self.sxx, self.sxy = xs.T @ xs, xs.T @ y
+
+    def plus(self, other: _Moments) -> _Moments:
+        both = object.__new__(_Moments)
+        both.std, both.n = self.std, self.n + other.n
+        for name in ("sx", "sy", "sxx", "sxy"):
+            setattr(both, name, getattr(self, name) + getattr(other, name))
+        return both
+
+    def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """W [d_y, d_x] and b in raw units for this ridge (0: minimum-norm least squares)."""
+        mx, my = self.sx / self.n, self.sy / self.n
+        gram = self.sxx / self.n - torch.outer(mx, mx)
+        cross = self.sxy / self.n - torch.outer(mx, my)
+        if ridge > 0:
+            eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+            beta = torch.linalg.solve(gram + ridge * eye, cross)
+        else:
+            beta = torch.linalg.lstsq(gram, cross, driver="gelsd").solution
+        w = (beta / self.std[:, None]).T.contiguous()  # per raw input unit
+        return w, my - w @ (mx * self.std)
+
+
+def _to(
+    batch: Pair,
+    d_a: int,
+    d_b: int,
+    device,
+    scale_a: float,
+    scale_b: float,
+    limits: tuple[float, float],
+) -> Pair:
+    """A training batch on the device, scaled, without non-finite or outlier rows."""
     x_a, x_b = batch
     check_pair_shapes(x_a, x_b, d_a, d_b)
     x_a, x_b = x_a.to(device).float(), x_b.to(device).float()
     keep = finite_rows(x_a, x_b)
-    return x_a[keep] * scale_a, x_b[keep] * scale_b
+    x_a, x_b = _inliers((x_a[keep], x_b[keep]), limits)
+    return x_a * scale_a, x_b * scale_b
 
 
 def _optimise(
-    params: list[torch.Tensor], stream: Iterator[Pair], steps: int, lr: float, inv: float
+    params: list[torch.Tensor],
+    stream: Iterator[Pair],
+    steps: int,
+    lr: float,
+    inv: float,
 ) -> None:
     """Adam on MSE both ways plus `inv` x the round-trip MSE both ways."""
     if steps == 0:
