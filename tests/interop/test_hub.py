@@ -108,30 +108,47 @@ def test_push_uploads_the_run_and_a_model_card_that_loads_back(saved, hub, capsy
 
 
 @pytest.mark.slow
-def test_a_pushed_tiny_run_is_analysed_from_the_hub_like_the_local_one(tmp_path, hub):
-    """harvest -> train -> analyze on tiny models, push with the store's data sources, then
-    `modeldiff analyze --run hf://OWNER/NAME` gives the local run's feature statistics."""
+def test_a_pushed_tiny_run_is_analysed_from_the_hub(tmp_path, hub):
+    """harvest -> train on tiny models, push with the store's data sources, then
+    `modeldiff analyze --run hf://OWNER/NAME` analyses the run's own weights."""
+    from engine.activations import ActivationStore
+    from engine.config import CrosscoderConfig, HarvestConfig, TrainConfig
+    from engine.crosscoder.training import train
+    from engine.harvest.pipeline import harvest
+    from engine.models.loading import load_model
     from engine.results import Database
-    from tests.tiny_run import build_tiny_run
+    from tests.conftest import save_tiny_pair
 
-    tiny = build_tiny_run(tmp_path, train_steps=10)
-    assert push(tiny.run_dir, hub, "--store", str(tiny.store)) == 0
+    dirs = [str(d) for d in save_tiny_pair(tmp_path).values()]
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"The river {i} runs past the stone." for i in range(40)))
+    store = tmp_path / "store"
+    cfg = HarvestConfig(sources=[str(text)], max_pairs=800, context_length=64,
+                        store_dtype="float32")  # fmt: skip
+    harvest(cfg, store, models=(load_model(dirs[0]), load_model(dirs[1])), progress=False)
+    train(
+        CrosscoderConfig(d_a=32, d_b=24, n_features=64, a_exclusive=8, b_exclusive=8),
+        TrainConfig(steps=10, batch_size=64, k=4, k_initial=None, warmup_steps=2,
+                    checkpoint_every=100, log_every=10, device="cpu"),
+        ActivationStore(store), out_dir=tmp_path / "run", progress=False,
+    )  # fmt: skip
+
+    assert push(tmp_path / "run", hub, "--store", str(store)) == 0
     (meta,) = hub.validated
-    assert meta["modeldiff"]["data_sources"] == [str(tmp_path / "text.txt")]
-    assert f"- `{tmp_path / 'text.txt'}`" in hub.files(REPO)["README.md"].decode()
+    assert meta["modeldiff"]["data_sources"] == [str(text)]
+    assert f"- `{text}`" in hub.files(REPO)["README.md"].decode()
 
     db = tmp_path / "from-hub.duckdb"
-    assert main(["analyze", "--run", f"hf://{REPO}", "--store", str(tiny.store),
-                 "--db", str(db), "--quiet"]) == 0  # fmt: skip
-    with (
-        Database(db, read_only=True, hold=False) as results,
-        Database(tiny.db, read_only=True, hold=False) as original,
-    ):
+    assert main(["analyze", "--run", f"hf://{REPO}", "--store", str(store), "--db", str(db),
+                 "--quiet"]) == 0  # fmt: skip
+    local, _, _ = load_crosscoder(tmp_path / "run")
+    with Database(db, read_only=True, hold=False) as results:
         run = results.run("tiny-dfc")  # named after the repository
         assert Path(run["checkpoint_path"]).is_relative_to(hub.cache_dir)
-        ours = results.features("tiny-dfc")
-        theirs = original.features(tiny.run_id)
-        assert ours["density"].tolist() == theirs["density"].tolist()
+        features = results.features("tiny-dfc")
+    assert len(features) == 64
+    expected = local.relative_decoder_norm().tolist()
+    assert features["rel_norm"].tolist() == pytest.approx(expected, abs=1e-6)
 
 
 def test_a_downloaded_run_loads_offline_and_revisions_pin_a_commit(saved, hub):
