@@ -14,6 +14,7 @@ from dashboard import data
 from dashboard.markdown import md, md_code
 from dashboard.views.common import PARTITION_COLOURS, fmt, percent
 from dashboard.views.run_calibration import calibration_panel
+from dashboard.views.run_training import training_panel
 from engine.analysis.run_metrics import ALL, dead_fractions, dead_history, partition_size_history
 from engine.categories import A_LEANING_ABOVE, B_LEANING_BELOW
 from engine.specs import SIDES, ModelSpec, PairSpec
@@ -118,6 +119,8 @@ if not sizes.empty:
     )
     fig.update_layout(height=280)
     st.plotly_chart(fig, width="stretch")
+
+training_panel(path, run_id)
 
 # The feature table already holds category, relative norm and density: one read serves
 # the histograms and the per-category counts.
