@@ -231,3 +231,22 @@ def test_import_paper_reads_a_hub_repository_of_the_papers_files(tmp_path, hub):
     assert header["imported"]["source"] == "hf://lab/paper-dfc"
     for name, tensor in cc.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_a_run_in_a_folder_of_a_repository_loads_by_its_path(saved, hub):
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=hub.token)
+    api.create_repo("lab/sweep")
+    for seed in ("seed0", "seed1"):
+        api.upload_folder(
+            repo_id="lab/sweep", folder_path=str(saved), path_in_repo=f"runs/{seed}",
+            ignore_patterns=["checkpoints/*"],
+        )  # fmt: skip
+    folder = resolve_run("hf://lab/sweep/runs/seed1")
+    assert folder.parts[-2:] == ("runs", "seed1")
+    assert not (folder.parent / "seed0").exists()  # only the folder asked for is downloaded
+    assert run_name("hf://lab/sweep/runs/seed1") == "seed1"
+    loaded, _, _ = load_crosscoder("hf://lab/sweep/runs/seed1")
+    local, _, _ = load_crosscoder(saved)
+    assert torch.equal(loaded.w_dec_a, local.w_dec_a)
