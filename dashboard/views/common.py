@@ -20,6 +20,7 @@ from dashboard.data import label
 from dashboard.markdown import md, md_code, spreadsheet_safe
 from engine import categories
 from engine.contexts import Context
+from engine.steering.exclusivity import is_proxy, score_text
 
 # Partitions and categories: leaning shared features in a lighter shade of their model's.
 PARTITION_COLOURS = {
@@ -239,10 +240,23 @@ def exclusivity_html(score: Mapping[str, Any]) -> str:
     there is none, with interpretability, similarity, the models steered and the judge."""
     details = score.get("details") or {}
     value = score.get("value")
+    low, high = score.get("ci_low"), score.get("ci_high")
+    proxy = (
+        " <span style='background:#fff3cd; color:#664d03; padding:1px 6px; "
+        "border-radius:8px; font-size:0.85em'>offline proxy</span>"
+        if is_proxy(score.get("judge"))
+        else ""
+    )
     if value is not None and not _missing(value):
+        interval = ""
+        if low is not None and not _missing(low) and high is not None and not _missing(high):
+            units = details.get("units")
+            over = f" over {esc(units)} prompt × sample units" if units else ""
+            interval = f", 95% interval [{esc(fmt(low, '.1f'))}, {esc(fmt(high, '.1f'))}]{over}"
         head = (
-            f"<b>Exclusivity {esc(fmt(value, '.1f'))}</b> / 5 <span style='color:#555'>"
-            "(5: the steering effect does not carry over to the other model; 1: it does)</span>"
+            f"<b>Exclusivity {esc(fmt(value, '.1f'))}</b> / 5{proxy}{interval} "
+            "<span style='color:#555'>(5: the steering effect does not carry over to the "
+            "other model; 1: it does)</span>"
         )
     elif details.get("filtered"):
         head = "<b>Exclusivity: filtered: steering not interpretable</b>"
@@ -263,6 +277,21 @@ def exclusivity_html(score: Mapping[str, Any]) -> str:
         '<div style="border-left:4px solid #6a3d9a; padding:4px 10px; margin:4px 0">'
         f"{head}<br><span style='color:#555'>{' · '.join(facts)}</span></div>"
     )
+
+
+def exclusivity_note(row: Mapping[str, Any]) -> str:
+    """What goes beside a feature-table row's exclusivity number: its 95% interval and
+    "offline proxy" for the offline judge ("" without a score)."""
+    value = row.get("exclusivity")
+    if value is None or _missing(value):
+        return ""
+    low, high = row.get("exclusivity_low"), row.get("exclusivity_high")
+    parts = []
+    if low is not None and not _missing(low) and high is not None and not _missing(high):
+        parts.append(f"[{fmt(low, '.1f')}–{fmt(high, '.1f')}]")
+    if is_proxy(row.get("exclusivity_judge")):
+        parts.append("offline proxy")
+    return " ".join(parts)
 
 
 def _stitch_text(details: Mapping[str, Any]) -> str:
@@ -343,7 +372,14 @@ def report_markdown(
         lines.append(f"- **Harmful reason:** {_plain(row.get('harmful_reason'))}")
         lines.append(f"- **Detection score:** {fmt(row.get('score'), '.2f')}")
         if not _missing(row.get("exclusivity")) and row.get("exclusivity") is not None:
-            lines.append(f"- **Exclusivity score:** {fmt(row['exclusivity'], '.1f')} / 5")
+            score = score_text(
+                row["exclusivity"], row.get("exclusivity_low"), row.get("exclusivity_high"),
+                row.get("exclusivity_judge"),
+            )  # fmt: skip
+            lines.append(
+                f"- **Exclusivity score:** {score} / 5"  # numbers and fixed words only
+                + (" (mean, 95% interval)" if "[" in score else "")
+            )
         lines.append(f"- **Relative decoder norm:** {fmt(row.get('rel_norm'), '.3f')}")
         lines.append(f"- **Status:** {_plain(row.get('status'))}")
         lines.append(f"- **Reviewer:** {_plain(row.get('reviewer'))}")
@@ -371,8 +407,9 @@ def report_csv(rows: pd.DataFrame) -> str:
     """The reviewed features' rows as CSV text."""
     columns = [
         "feature_id", "partition", "explanation", "explainer", "harmful", "harmful_reason",
-        "score", "judge", "exclusivity", "rel_norm", "density", "max_act", "status", "notes",
-        "reviewer", "updated_at",
+        "score", "judge", "exclusivity", "exclusivity_low", "exclusivity_high",
+        "exclusivity_judge", "rel_norm", "density", "max_act", "status", "notes", "reviewer",
+        "updated_at",
     ]  # fmt: skip
     out = rows[[c for c in columns if c in rows.columns]].copy()
     if "partition" in out:

@@ -23,7 +23,8 @@ from dashboard.views.common import (
 )
 from dashboard.views.probe import probe_panel
 from dashboard.views.steering import steering_panel
-from dashboard.views.verification import verification_panel
+from dashboard.views.verification import exclusivity_summary, verification_panel
+from engine.steering.exclusivity import is_proxy
 
 path, run_id = data.session()
 info = data.run(path, run_id)
@@ -105,10 +106,15 @@ m[5].metric("decoder norm B", fmt(stats.get("dec_norm_b")))
 m[6].metric("relative norm", fmt(stats.get("rel_norm"), ".3f"), help="‖d_A‖ / (‖d_A‖ + ‖d_B‖)")
 m[7].metric(
     "exclusivity",
-    fmt(row.get("exclusivity"), ".1f"),
+    fmt(row.get("exclusivity"), ".1f")
+    + (" (proxy)" if is_proxy(row.get("exclusivity_judge")) and row.get("exclusivity") else ""),
     help="Steering exclusivity score, 1-5 (5: the behaviour does not transfer to the other "
-    "model); see Exclusivity and steering evaluations below.",
+    "model); see Exclusivity and steering evaluations below. (proxy): from the offline "
+    "judge, a stand-in for the paper's LLM judge.",
 )
+excl_line = exclusivity_summary(path, run_id, row)
+if excl_line:
+    st.caption(excl_line)
 
 fig = activation_histogram(stats["hist_counts"], stats["hist_edges"], "Activation histogram")
 if fig is not None:

@@ -8,6 +8,7 @@ import math
 import streamlit as st
 
 from dashboard import data
+from dashboard.views.common import exclusivity_note
 from engine.results.schema import FEATURE_TABLE_ORDER
 
 EXCLUSIVITY_RANGE = (1.0, 5.0)  # the exclusivity score's scale (paper B.5)
@@ -105,6 +106,13 @@ page = data.feature_table(
 )
 shown = page[[c for c in COLUMNS if c in page.columns]].copy()
 shown["partition"] = page["category"].map(data.label)  # leaning shared features named so
+if "exclusivity" in shown:
+    # The interval and the judge's kind beside the number: offline scores are proxies.
+    shown.insert(
+        shown.columns.get_loc("exclusivity") + 1,
+        "exclusivity_note",
+        [exclusivity_note(r) for r in page.to_dict("records")],
+    )
 
 event = st.dataframe(
     shown,
@@ -119,6 +127,12 @@ event = st.dataframe(
         "score": st.column_config.NumberColumn("detection", format="%.2f"),
         "exclusivity": st.column_config.NumberColumn(
             "exclusivity", format="%.1f", help="steering exclusivity score, 1-5"
+        ),
+        "exclusivity_note": st.column_config.TextColumn(
+            "95% interval · judge",
+            help="the exclusivity score's 95% interval over prompts × samples; "
+            "'offline proxy': scored by the offline sentence-embedding judge, a stand-in for "
+            "the paper's LLM judge",
         ),
         "rel_norm": st.column_config.NumberColumn("rel. norm", format="%.3f"),
         "density": st.column_config.NumberColumn("density", format="percent"),

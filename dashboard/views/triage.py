@@ -13,6 +13,7 @@ from dashboard.views.common import (
     badge,
     contexts_html,
     esc,
+    exclusivity_note,
     fmt,
     norm_lean,
     report_csv,
@@ -108,7 +109,9 @@ else:
         + (f" — {esc(row.get('harmful_reason'))}" if esc(row.get("harmful_reason")) else "")
         + " · detection score "
         f"<b>{esc(fmt(row.get('score'), '.2f'))}</b> · exclusivity "
-        f"<b>{esc(fmt(row.get('exclusivity'), '.1f'))}</b> · relative norm "
+        f"<b>{esc(fmt(row.get('exclusivity'), '.1f'))}</b>"
+        + (f" {esc(exclusivity_note(row))}" if exclusivity_note(row) else "")
+        + " · relative norm "
         f"{esc(fmt(row.get('rel_norm'), '.3f'))}</div>"
     )
     top = [c for c in data.contexts(path, run_id, fid) if c.kind == "top"][:3]

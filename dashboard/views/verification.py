@@ -18,7 +18,7 @@ from dashboard.markdown import md, md_code
 from dashboard.views.common import exclusivity_html, fmt, steered_texts_html, timestamp
 from engine.errors import ConfigError
 from engine.steering.evaluate import KIND, evaluation_figure, summary_of
-from engine.steering.exclusivity import METRIC
+from engine.steering.exclusivity import METRIC, is_proxy, score_text
 from engine.steering.rubrics import rubric
 
 
@@ -53,6 +53,28 @@ def verification_panel(path: str, run_id: str, feature_id: int) -> None:
     latest = evaluations.drop_duplicates("kind", keep="last")
     for row in latest.to_dict("records"):
         _evaluation(row, feature_id, int((evaluations["kind"] == row["kind"]).sum()))
+
+
+def exclusivity_summary(path: str, run_id: str, row: dict[str, Any]) -> str:
+    """A feature-table row's exclusivity in one line: mean, 95% interval, proxy mark and
+    where it stands among the run's calibration ("" when the feature has no score)."""
+    from dashboard.views.run_calibration import feature_standing
+
+    value, judge = row.get("exclusivity"), row.get("exclusivity_judge")
+    if value is None or value != value:
+        return ""
+    text = (
+        f"Exclusivity {score_text(value, row.get('exclusivity_low'), row.get('exclusivity_high'))}"
+    )
+    if row.get("exclusivity_low") is not None and row.get("exclusivity_low") == row.get(
+        "exclusivity_low"
+    ):
+        text += " (mean, 95% interval over prompts × samples)"
+    if is_proxy(judge):
+        text += " — **offline proxy**: a sentence-embedding stand-in for the paper's LLM judge"
+    standing = feature_standing(path, run_id, value, judge)
+    text += f". {standing[0].upper()}{standing[1:]} in this run's calibration." if standing else "."
+    return text
 
 
 def _exclusivity(scores: pd.DataFrame) -> None:

@@ -41,6 +41,9 @@ class GenerationConfig:
     greedy: bool = True
     temperature: float = 0.7
     top_p: float = 0.9
+    # Sampling draws from the top_k most likely tokens first (0: all), then top-p among
+    # them: the library's default of 50, which sampled generation here always applied.
+    top_k: int = 50
     seed: int = 0
     chat_template: bool = True  # use the tokenizer's chat template where it has one
     # Rows (prompt x sample x strength) per `generate` call in `generate_grid`; None: as
@@ -255,35 +258,47 @@ def _prompt_tokens(loaded: LoadedModel, prompts: Sequence[str], cfg: GenerationC
 
 
 class RowSampler:
-    """Temperature and top-p (nucleus) sampling with one seeded random stream per row.
+    """Temperature, top-k and top-p (nucleus) sampling, one seeded random stream per row.
 
     Passed to `generate` as a logits processor under greedy search: it draws each row's
     next token and leaves only that token finite, so the search's argmax takes it. A row's
     draws depend only on its own seed and logits, not on the rest of the batch (the
-    library's sampler draws the whole batch from one shared stream)."""
+    library's sampler draws the whole batch from one shared stream). As in the library,
+    top-k comes first (0: no limit), then the smallest prefix holding top_p of the
+    remaining mass."""
 
-    CANDIDATES = (1024, 32768)  # top-p is looked for among this many tokens first
+    CANDIDATES = (1024, 32768)  # without top-k: top-p is looked for among these first
 
-    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float) -> None:
+    def __init__(
+        self, seeds: Sequence[int], temperature: float, top_p: float, top_k: int = 0
+    ) -> None:
         if temperature <= 0:
             raise ConfigError(f"sampling needs a temperature above 0, got {temperature}")
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.temperature, self.top_p = float(temperature), float(top_p)
+        self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), top_k
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
-        for k in (*self.CANDIDATES, probs.shape[-1]):
-            # The nucleus lies within the k most likely tokens once they hold top_p; flat
-            # rows (an untrained or overdriven model) need more, at worst the whole sort.
-            top, order = probs.topk(min(k, probs.shape[-1]), dim=-1)
-            if k >= probs.shape[-1] or bool((top.sum(-1) >= self.top_p).all()):
-                break
+        logits = scores.float() / self.temperature
+        vocab = logits.shape[-1]
+        if self.top_k and self.top_k < vocab:
+            values, order = logits.topk(self.top_k, dim=-1)
+            top = torch.softmax(values, dim=-1)
+        else:
+            probs = torch.softmax(logits, dim=-1)
+            for k in (*self.CANDIDATES, vocab):
+                # The nucleus lies within the k most likely tokens once they hold top_p;
+                # flat rows (an untrained or overdriven model) need more, at worst all.
+                top, order = probs.topk(min(k, vocab), dim=-1)
+                if k >= vocab or bool((top.sum(-1) >= self.top_p).all()):
+                    break
         # Keep the smallest prefix whose mass reaches top_p (the first token always).
         keep = (top.cumsum(-1) - top) < self.top_p
         cum = (top * keep).cumsum(-1).cpu()
         draws = torch.stack([torch.rand((), generator=g) for g in self.generators])
-        pick = torch.searchsorted(cum, (draws * cum[:, -1])[:, None]).clamp_(max=top.shape[-1] - 1)
-        pick = torch.minimum(pick, keep.sum(-1, keepdim=True).cpu() - 1)
+        pick = torch.searchsorted(cum, (draws * cum[:, -1])[:, None])
+        pick = torch.minimum(
+            pick.clamp_(max=top.shape[-1] - 1), keep.sum(-1, keepdim=True).cpu() - 1
+        )
         token = order.gather(-1, pick.to(order.device))
         out = torch.full_like(scores, -math.inf)
         return out.scatter_(-1, token, 0.0)
@@ -360,7 +375,7 @@ def _decoding(loaded: LoadedModel, cfg: GenerationConfig, seeds: Sequence[int]) 
     if not cfg.greedy:
         from transformers import LogitsProcessorList
 
-        sampler = RowSampler(seeds, cfg.temperature, cfg.top_p)
+        sampler = RowSampler(seeds, cfg.temperature, cfg.top_p, cfg.top_k)
         args["logits_processor"] = LogitsProcessorList([sampler])
     return args
 
