@@ -31,7 +31,12 @@ class DemoSettings:
 
     preset: str = "demo"
     explain_limit: int = 1000  # exclusive features first, then the strongest shared ones
-    exclusivity_per_partition: int = 2
+    # The exclusivity stage runs the Figure-5 calibration: this many A-exclusive,
+    # B-exclusive and shared features and random directions (the paper samples hundreds),
+    # one sampled generation of 32 new tokens per prompt and strength (the paper: 200),
+    # so that it takes minutes on a 2-core CPU.
+    calibration_per_category: int = 3
+    exclusivity_samples: int = 1
     exclusivity_tokens: int = 32
     eval_rubric: str = "harmless_refusal"
     eval_prompts: int = 8
@@ -192,23 +197,27 @@ def stage_stitch(demo: Demo) -> str:
 
 
 def stage_exclusivity(demo: Demo) -> str:
-    """Exclusivity scores of the top exclusive features (resumable)."""
+    """The exclusivity calibration (paper Figure 5, small): a few features per category and
+    random directions, scored; each category's mean and 95% interval (resumable)."""
     from engine.results import Database
-    from engine.steering.exclusivity import pick_features
+    from engine.steering.calibration import CalibrationConfig
 
     s = demo.settings
-    cfg = stages.exclusivity_config(max_new_tokens=s.exclusivity_tokens)
+    cfg = stages.exclusivity_config(
+        max_new_tokens=s.exclusivity_tokens, samples=s.exclusivity_samples
+    )
+    calibration = CalibrationConfig(per_category=s.calibration_per_category, exclusivity=cfg)
     judge = stages.steering_judge(_backend())
     with Database(demo.db) as db:
-        features = pick_features(db, RUN_ID, s.exclusivity_per_partition)
-        stages.exclusivity(db, RUN_ID, demo.stitch, judge, features, cfg)
-        scores = db.scores(RUN_ID, judge=judge.name, metric="exclusivity")
-    lines = [
-        f"feature {int(r.feature_id)}: "
-        + ("not interpretable" if _missing(r.value) else f"exclusivity {r.value:.1f}")
-        for r in scores.itertuples()
-    ]
-    return f"{judge.name}: " + "; ".join(lines)
+        frame = stages.calibrate(db, RUN_ID, demo.stitch, judge, calibration)
+    figure = demo.out / "exclusivity-figure5.html"
+    stages.calibration_figure(frame, figure, "demo: exclusivity by category")
+    short = (
+        f"demo settings: {s.calibration_per_category} per category, {s.exclusivity_tokens} "
+        f"new tokens (paper: 200), {s.exclusivity_samples} sample(s) per prompt"
+    )
+    lines = "; ".join(stages.calibration_lines(frame))
+    return f"{judge.name} ({short}): {lines} -> {figure}"
 
 
 def stage_steer_eval(demo: Demo) -> str:
@@ -238,7 +247,10 @@ def stage_steer_eval(demo: Demo) -> str:
         result = stages.steer_eval(db, RUN_ID, demo.stitch, feature, judge, cfg)
     figure = demo.out / f"steer-eval-{feature}-{rub.name}.html"
     stages.eval_figure(result, feature, figure)
-    return f"feature {feature} on {rub.name} ({s.eval_prompts} prompts) -> {figure}"
+    return (
+        f"feature {feature} on {rub.name} ({s.eval_prompts} prompts, {s.eval_tokens} new "
+        f"tokens: demo settings, the paper's limit is {rub.tokens}) -> {figure}"
+    )
 
 
 def dashboard_url(host: str, port: int) -> str:

@@ -31,6 +31,7 @@ def small_settings() -> DemoSettings:
         progress=False,
         explain_limit=40,
         exclusivity_tokens=6,
+        calibration_per_category=1,
         eval_prompts=2,
         eval_alphas=(-4.0, 0.0, 4.0),
         eval_tokens=6,
@@ -74,7 +75,8 @@ def test_demo_runs_every_stage_then_reuses_them(demo_dir):
     tmp_path, demo, first = demo_dir
     assert list(demo.timings) == [*STAGES, "total"]
     assert first["features"] == 512 and first["explanations"] == 40
-    # Up to two live features per exclusive partition get an exclusivity score.
+    # The calibration scores one feature per category (A-, B-exclusive, shared) and one
+    # random direction; its features get exclusivity scores.
     assert 1 <= first["exclusivity"] <= 4 and first["scores"] > first["exclusivity"]
     assert first["evaluations"] == 1 and list(tmp_path.glob("steer-eval-*.html"))
     assert (tmp_path / "timings.json").is_file() and demo.stitch.is_file()
