@@ -113,6 +113,16 @@ def pick_items(db: Database, run_id: str, per_category: int, seed: int = 0) -> l
     return items
 
 
+def _interleaved(items: Sequence[Item]) -> list[Item]:
+    """The items by rank within their category, then by category: A0, B0, S0, R0, A1, ..."""
+    rank: dict[str, int] = {}
+    keyed = []
+    for it in items:
+        keyed.append((rank.setdefault(it.category, 0), CATEGORIES.index(it.category), it))
+        rank[it.category] += 1
+    return [it for *_, it in sorted(keyed, key=lambda k: k[:2])]
+
+
 def _draw(table: pd.DataFrame, n: int, rng: np.random.Generator) -> list[int]:
     """Up to n feature ids drawn without replacement, in id order."""
     ids = np.sort(table["feature_id"].astype(int).to_numpy())
@@ -172,7 +182,8 @@ def run_calibration(
     if not force:
         stored = db.calibration(run_id, protocol=cfg.protocol, judge=judge.name)
         done = set(zip(stored["category"], stored["item"].astype(int), strict=True))
-    todo = [it for it in items if (it.category, it.item) not in done]
+    # Round-robin over the categories, so an interrupted calibration has some of each.
+    todo = [it for it in _interleaved(items) if (it.category, it.item) not in done]
     nulls = null_vectors(pair, db, run_id, items, cfg.seed) if todo else {}
     for it in todo:
         if it.feature_id is None:
