@@ -142,7 +142,7 @@ class TrainConfig:
     # it; in-memory pairs are not split) on which validation FVE is measured at every log
     # step, and on whose windows `modeldiff evaluate` measures CE loss recovered. 0: train
     # on everything (docs/training.md, "Held-out validation").
-    validation_pairs: int = 2048
+    validation_pairs: int = 1024
     # Experiment tracking of the logged metrics: "none" or "tensorboard" (needs the
     # `tracking` extra); events go to <run>/tensorboard.
     tracking: str = "none"

@@ -43,7 +43,7 @@ class DemoSettings:
     eval_alphas: tuple[float, ...] = (-8.0, -4.0, 0.0, 4.0, 8.0)
     eval_tokens: int = 32
     stitch_steps: int = 300
-    evaluate_windows: int = 24  # held-out windows for CE loss recovered (the run has ~13)
+    evaluate_windows: int = 24  # held-out windows for CE loss recovered (the run has 7)
     progress: bool = True
     # Replacements for preset values, per section, e.g. {"harvest": {"max_pairs": 3000}}.
     overrides: dict[str, dict] = field(default_factory=dict)
