@@ -146,8 +146,9 @@ def score_vectors(
         for p, unit in zip(per_prompt, units, strict=True):
             source, target = texts[vectors.source][unit], texts[vectors.target][unit]
             p["similarity"] = _verdict(judge.similarity(p["prompt"], source, target))
-        values = [6.0 - p["similarity"]["score"] for p in per_prompt]
-        values = [v for v in values if v is not None and not math.isnan(v)]
+        # Units whose verdict could not be read (score None) are left out.
+        scores = [p["similarity"]["score"] for p in per_prompt]
+        values = [6.0 - v for v in scores if v is not None and not math.isnan(v)]
         similarity = _mean(p["similarity"]["score"] for p in per_prompt)
         if values:
             low, unfiltered, high = score_interval(values)
