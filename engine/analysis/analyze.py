@@ -23,6 +23,7 @@ import pandas as pd
 from engine.activations import ActivationStore
 from engine.analysis.examples import ExampleConfig, choose, read_examples
 from engine.analysis.geometry import decoder_stats, neighbors
+from engine.analysis.logit_effects import run_logit_effects
 from engine.analysis.scan import EntryCache, ScanConfig, ScanResult, scan
 from engine.crosscoder.checkpoint import (
     CheckpointError,
@@ -47,6 +48,7 @@ class AnalyzeResult:
     n_dead: int
     n_contexts: int
     seconds: dict[str, float]
+    notes: tuple[str, ...] = ()  # parts left out, and why
 
     def summary(self) -> str:
         """A few lines for the command line."""
@@ -55,7 +57,9 @@ class AnalyzeResult:
         return (
             f"analysed run {self.run_id!r}: {self.n_pairs:,} pairs through {self.n_features:,} "
             f"features ({rate:,.0f} tokens/s), {self.n_dead:,} never active, "
-            f"{self.n_contexts:,} contexts\n" + ", ".join(f"{k} {v:.1f} s" for k, v in s.items())
+            f"{self.n_contexts:,} contexts\n"
+            + ", ".join(f"{k} {v:.1f} s" for k, v in s.items())
+            + "".join(f"\n{note}" for note in self.notes)
         )
 
 
@@ -113,6 +117,10 @@ def analyze(
     near = neighbors(cc, neighbors_k)
     seconds["geometry"] = time.perf_counter() - t
     t = time.perf_counter()
+    # Through each model's final norm and unembedding: needs the models, not the store.
+    effects = run_logit_effects(cc, normalizer, models, progress=progress)
+    seconds["logit effects"] = time.perf_counter() - t
+    t = time.perf_counter()
     # One transaction: a run in the database is always a complete one, even if this
     # process is killed while writing.
     with Database(db_path) as db, db.transaction():
@@ -123,6 +131,9 @@ def analyze(
         db.write_windows(run_id, windows)
         db.write_contexts(run_id, contexts)
         db.write_neighbors(run_id, near)
+        db.write_logit_effects(run_id, effects.frame)
+        for side in ("a", "b"):
+            db.write_vocab(run_id, side, effects.vocab.get(side, []))
     seconds["write"] = time.perf_counter() - t
     return AnalyzeResult(
         run_id,
@@ -131,6 +142,7 @@ def analyze(
         int(features["dead"].sum()),
         len(contexts),
         seconds,
+        (effects.skipped,) if effects.skipped else (),
     )
 
 

@@ -9,6 +9,7 @@ stored ones, plus both models' tokens for the token views.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,21 +53,69 @@ def feature_activations_on_text(
     context_length: int = 1024,
 ) -> Probe:
     """Feature `feature_id`'s activation on each aligned token pair of `text`."""
-    if not text.strip():
-        raise ConfigError("type some text to see the feature's activations on it")
-    if len(text) > MAX_CHARS:
-        raise ConfigError(f"the text has {len(text):,} characters; keep it under {MAX_CHARS:,}")
+    check_text(text, "the feature's activations")
     if not 0 <= int(feature_id) < crosscoder.partition.n_features:
         raise ConfigError(
             f"feature {feature_id} does not exist; the crosscoder has "
             f"{crosscoder.partition.n_features} features"
         )
+    spans, acts = [np.zeros((0, 2), dtype=np.int64)], [np.zeros(0, dtype=np.float32)]
+    encoded = encode_text(
+        run, text, models=models, crosscoder=crosscoder, normalizer=normalizer,
+        context_length=context_length,
+    )  # fmt: skip
+    for window_spans, codes in encoded.codes:
+        spans.append(window_spans)
+        acts.append(codes[:, int(feature_id)].cpu().numpy().astype(np.float32))
+    context = Context(
+        text, np.concatenate(spans), np.concatenate(acts), doc_id="probe", kind="probe"
+    )
+    return Probe(context, encoded.window)
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse an empty text or one too long for an interactive probe."""
+    if not text.strip():
+        raise ConfigError(f"type some text to see {what} on it")
+    if len(text) > MAX_CHARS:
+        raise ConfigError(f"the text has {len(text):,} characters; keep it under {MAX_CHARS:,}")
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """A text cut into windows as harvest cuts it, and its crosscoder codes window by window."""
+
+    window: dict[str, Any]  # both models' tokens over the whole text (see _tokens_window)
+    codes: Iterator[tuple[np.ndarray, torch.Tensor]]  # per window: spans in text, codes [n, F]
+
+
+def encode_text(
+    run: dict[str, Any],
+    text: str,
+    *,
+    models: tuple[LoadedModel, LoadedModel],
+    crosscoder: Crosscoder,
+    normalizer: Normalizer,
+    context_length: int = 1024,
+) -> EncodedText:
+    """Both models' tokens of `text`, and (lazily, one window at a time, so a long text
+    never holds every window's dense codes) each window's aligned spans and codes."""
     layers = _layers(run, models, crosscoder)
     doc = Document(id="probe", source="probe", text=text)
     windows, _ = document_windows(
         doc, side(models[0].tokenizer), side(models[1].tokenizer), context_length
     )
-    spans, acts = [np.zeros((0, 2), dtype=np.int64)], [np.zeros(0, dtype=np.float32)]
+
+    def codes() -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        for window in windows:
+            if not len(window):
+                continue
+            x_a = _residual(models[0], layers[0], window.ids_a, window.pos_a)
+            x_b = _residual(models[1], layers[1], window.ids_b, window.pos_b)
+            with torch.no_grad():
+                f = crosscoder.encode(*normalizer.apply(x_a, x_b))
+            yield window.spans + window.char_start, f
+
     tokens: dict[str, list[np.ndarray]] = {
         k: [] for k in ("ids_a", "offsets_a", "ids_b", "offsets_b")
     }
@@ -75,18 +124,7 @@ def feature_activations_on_text(
             tokens[f"ids_{key}"].append(getattr(window, f"ids_{key}"))
             # Prefix tokens carry (0, 0): shifted, they stay empty, so views skip them.
             tokens[f"offsets_{key}"].append(getattr(window, f"offsets_{key}") + window.char_start)
-        if not len(window):
-            continue
-        x_a = _residual(models[0], layers[0], window.ids_a, window.pos_a)
-        x_b = _residual(models[1], layers[1], window.ids_b, window.pos_b)
-        with torch.no_grad():
-            f = crosscoder.encode(*normalizer.apply(x_a, x_b))[:, int(feature_id)]
-        spans.append(window.spans + window.char_start)
-        acts.append(f.cpu().numpy().astype(np.float32))
-    context = Context(
-        text, np.concatenate(spans), np.concatenate(acts), doc_id="probe", kind="probe"
-    )
-    return Probe(context, _tokens_window(text, tokens))
+    return EncodedText(_tokens_window(text, tokens), codes())
 
 
 def _layers(run: dict[str, Any], models, crosscoder: Crosscoder) -> tuple[int, int]:

@@ -19,8 +19,9 @@ Values reach SQL only as `?` parameters; table and column names only from the al
 - `connection` (opening the file: lock back-off, damage checks), `values` (values and
   Arrow conversion), `clauses` (shared SQL fragments), `errors`;
 - the families: `runs`, `features` (with `features_sql`, the feature table's query),
-  `contexts` (windows and contexts), `neighbors` (and matches), `explanations` (and
-  scores), `steering` (and evaluations), `triage`, `export`.
+  `contexts` (windows and contexts), `neighbors` (and matches), `logit_effects` (and the
+  token texts), `explanations` (and scores), `steering` (and evaluations), `triage`,
+  `export`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from engine.results.errors import ResultsDBError
 from engine.results.explanations import ExplanationsMixin
 from engine.results.export import ExportMixin
 from engine.results.features import FeaturesMixin
+from engine.results.logit_effects import LogitEffectsMixin
 from engine.results.neighbors import NeighborsMixin
 from engine.results.runs import RunsMixin
 from engine.results.steering import SteeringMixin
@@ -43,6 +45,7 @@ class Database(
     FeaturesMixin,
     ContextsMixin,
     NeighborsMixin,
+    LogitEffectsMixin,
     ExplanationsMixin,
     SteeringMixin,
     TriageMixin,

@@ -228,7 +228,35 @@ CREATE TABLE calibration (
 );
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, EXCLUSIVITY_SPREAD]
+# Logit effects (engine.analysis.logit_effects): each feature's most promoted and suppressed
+# tokens in each model, with a histogram of all its effects, and the text of each token id
+# of the run's two models, so the token lists are stored as ids. Written sorted by
+# feature_id (zone maps find a feature's rows, as for contexts).
+LOGIT_EFFECTS = """
+CREATE TABLE logit_effects (
+    run_id VARCHAR NOT NULL,
+    feature_id INTEGER NOT NULL,
+    model VARCHAR NOT NULL,          -- 'a' or 'b': whose final norm and unembedding
+    vector VARCHAR NOT NULL,         -- 'decoder' (its own) or 'transfer' (translated)
+    promoted_ids INTEGER[],
+    promoted_values DOUBLE[],
+    suppressed_ids INTEGER[],
+    suppressed_values DOUBLE[],
+    hist_counts BIGINT[],            -- equal bins from hist_min to hist_max
+    hist_min DOUBLE,
+    hist_max DOUBLE
+);
+
+CREATE TABLE vocab (
+    run_id VARCHAR NOT NULL,
+    model VARCHAR NOT NULL,
+    token_id INTEGER NOT NULL,
+    token VARCHAR NOT NULL,
+    PRIMARY KEY (run_id, model, token_id)
+);
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, EXCLUSIVITY_SPREAD, LOGIT_EFFECTS]
 
 # The indexes of the newest version: name -> (table, column).
 INDEXES: dict[str, tuple[str, str]] = {
@@ -287,6 +315,11 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "triage_history": (
         "history_id", "run_id", "feature_id", "status", "notes", "reviewer", "changed_at",
     ),
+    "logit_effects": (
+        "run_id", "feature_id", "model", "vector", "promoted_ids", "promoted_values",
+        "suppressed_ids", "suppressed_values", "hist_counts", "hist_min", "hist_max",
+    ),
+    "vocab": ("run_id", "model", "token_id", "token"),
 }  # fmt: skip
 
 JSON_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -302,7 +335,11 @@ LIST_COLUMNS: dict[str, dict[str, int]] = {
     "features": {"hist_counts": 1, "hist_edges": 1},
     "windows": {"spans": 2, "ids_a": 1, "offsets_a": 2, "ids_b": 1, "offsets_b": 2},
     "contexts": {"acts": 1},
-}
+    "logit_effects": {
+        "promoted_ids": 1, "promoted_values": 1, "suppressed_ids": 1, "suppressed_values": 1,
+        "hist_counts": 1,
+    },
+}  # fmt: skip
 
 # Tables written in bulk from a DataFrame, the columns a frame must have, and the columns
 # whose values are restricted to a fixed set.
@@ -314,6 +351,8 @@ BULK_REQUIRED: dict[str, tuple[str, ...]] = {
     "matches": ("feature_id", "other_feature_id", "cosine"),
     "explanations": ("feature_id", "explainer", "prompt_version", "explanation"),
     "scores": ("feature_id", "judge", "prompt_version", "metric", "value"),
+    "logit_effects": ("feature_id", "model", "vector"),
+    "vocab": ("token_id", "token"),
 }
 
 # Tables appended to in bulk (rows keep their own ids) and the sequence numbering each.
@@ -326,6 +365,9 @@ CATEGORIES = FEATURE_CATEGORIES
 CONTEXT_KINDS = KINDS
 SPACES = ("a", "b")
 MODELS = ("a", "b")
+# Which vector a logit effect reads: the feature's own decoder in that model, or its
+# shared-partition transfer (an exclusive feature in the other model).
+LOGIT_VECTORS = ("decoder", "transfer")
 TRIAGE_STATUSES = ("unreviewed", "screening", "verified", "false positive", "needs steering")
 
 BULK_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -333,6 +375,7 @@ BULK_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     "contexts": {"kind": CONTEXT_KINDS},
     "neighbors": {"space": SPACES},
     "matches": {"partition": PARTITIONS, "other_partition": PARTITIONS},
+    "logit_effects": {"model": MODELS, "vector": LOGIT_VECTORS},
 }
 
 FEATURE_ORDER = ("feature_id", "max_act", "density", "rel_norm", "n_active", "s_max", "dec_cos")
