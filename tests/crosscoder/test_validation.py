@@ -142,6 +142,55 @@ def test_tracking_names_the_fix_when_tensorboard_is_missing(tmp_path, monkeypatc
               progress=False)  # fmt: skip
 
 
+TORCHRUN_CONFIG = f"""
+[crosscoder]
+d_a = {D_A}
+d_b = {D_B}
+n_features = 24
+[train]
+steps = 20
+batch_size = 32
+k = 3
+k_initial = 6
+anneal_steps = 10
+warmup_steps = 2
+log_every = 10
+checkpoint_every = 10
+dead_window_tokens = 200
+device = "cpu"
+validation_pairs = 30
+"""
+
+
+def test_torchrun_holds_out_the_same_windows_and_trains_like_one_process(tmp_path):
+    import subprocess
+
+    from engine import stages
+    from engine.config import load_run_config
+    from engine.crosscoder.checkpoint import load_crosscoder
+
+    make_store(tmp_path / "store")
+    (tmp_path / "run.toml").write_text(TORCHRUN_CONFIG)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "engine.cli", "train", "--config", str(tmp_path / "run.toml"),
+        "--store", str(tmp_path / "store"), "--out", str(tmp_path / "run"), "--quiet",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    cfg = load_run_config(tmp_path / "run.toml")
+    data = stages.training_data(store=tmp_path / "store")
+    single = stages.train(cfg, data, tmp_path / "single", progress=False)
+    ours, _, header = load_crosscoder(tmp_path / "run")
+    for key, expected in single.crosscoder.state_dict().items():
+        assert torch.allclose(ours.state_dict()[key], expected, atol=1e-5, rtol=1e-4), key
+    assert (
+        header["validation"]["windows"] == ActivationStore(tmp_path / "store").hold_out(30).windows
+    )
+    for ranked, alone in zip(header["history"], single.history, strict=True):
+        assert ranked["val_fve_a"] == pytest.approx(alone["val_fve_a"], abs=1e-5)
+
+
 def test_settings_are_validated():
     with pytest.raises(ConfigError, match="validation_pairs"):
         TrainConfig(validation_pairs=-1)
