@@ -1,9 +1,9 @@
 """`modeldiff` command line: one sub-command per stage of the data flow.
 
 The sub-commands live in one module per group: `data` (harvest, train, analyze, match),
-`interp` (explain, score), `verify` (steer, stitch, exclusivity, steer-eval) and `tools`
-(export, dashboard, toy, demo); `planted` comes from `engine.planted.cli`. The handlers
-call the stages of `engine.stages`, as the demo does.
+`evaluate` (evaluate), `interp` (explain, score), `verify` (steer, stitch, exclusivity,
+steer-eval) and `tools` (export, dashboard, toy, demo); `planted` comes from
+`engine.planted.cli`. The handlers call the stages of `engine.stages`, as the demo does.
 
 Errors a user can cause (`engine.errors.UserError` and its subclasses) are printed as one
 line starting with ``error:`` (no traceback) and exit with status 2; an interrupted run
