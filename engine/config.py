@@ -116,9 +116,11 @@ class TrainConfig:
     # fresh features, so no exclusive partition stays mostly dead (docs/training.md).
     adapt_partitions: bool = True
     # Adaptive partitions: dead windows an exclusive feature stays silent before it returns
-    # to the shared block (1: as soon as it is dead; more gives AuxK time to revive it as
-    # an exclusive feature).
-    recycle_after_windows: float = 1
+    # to the shared block. The default, a fifth of a window, recycles the exclusive
+    # features that never won a selection early, while they can still learn as shared
+    # features (at 1 most of them stayed dead: docs/planted.md); more than 1 gives AuxK
+    # time to revive them as exclusive features.
+    recycle_after_windows: float = 0.2
     # How a recycled feature starts: "random" direction, or "residual": the reconstruction
     # error of an example drawn by its squared error (where the crosscoder is worst).
     recycle_init: str = "random"
@@ -135,9 +137,9 @@ class TrainConfig:
     equal_score_steps: int = 0
     # Adaptive partitions: when an exclusive partition is full, a lopsided candidate takes
     # the place of the member that leant least when it moved in, if it leans more by this
-    # margin (lean = max(rel, 1 - rel)); that member returns to the shared block. None: no
-    # swaps, a partition keeps the features that filled it first.
-    swap_margin: float | None = None
+    # margin (lean = max(rel, 1 - rel), at most 1); that member returns to the shared
+    # block. 0.5: no swaps, a partition keeps the features that filled it first.
+    swap_margin: float = 0.05
     # Pairs held out of training (whole windows of an activation store, at most a tenth of
     # it; in-memory pairs are not split) on which validation FVE is measured at every log
     # step, and on whose windows `modeldiff evaluate` measures CE loss recovered. 0: train
@@ -198,8 +200,8 @@ class TrainConfig:
             )
         if not 0 < self.exclusive_start <= 1:
             raise ConfigError(f"exclusive_start must be in (0, 1], got {self.exclusive_start}")
-        if self.swap_margin is not None and not 0 <= self.swap_margin < 0.5:
-            raise ConfigError(f"swap_margin must be in [0, 0.5) or None, got {self.swap_margin}")
+        if not (isinstance(self.swap_margin, int | float) and 0 <= self.swap_margin <= 0.5):
+            raise ConfigError(f"swap_margin must be in [0, 0.5], got {self.swap_margin!r}")
         if self.recycle_init not in RECYCLE_INITS:
             raise ConfigError(
                 f"unknown recycle_init {self.recycle_init!r}; choose one of: "

@@ -253,7 +253,7 @@ def adapt(
             dead[torch.nonzero(dead).squeeze(1)[0]] = False  # keep one
         lean = rel if tag == _A_LEANING else 1 - rel
         swapped = torch.empty(0, dtype=torch.long, device=rel.device)
-        if swap_margin is not None and lean_at_move is not None:
+        if swap_margin is not None and swap_margin < 0.5 and lean_at_move is not None:
             members = torch.nonzero(~dead[block]).squeeze(1) + block.start
             movers, swapped = _swaps(
                 movers, candidates[movers.numel() :], members, lean, lean_at_move, swap_margin

@@ -453,7 +453,6 @@ class Trainer:
         out = {"moved_to_a": int(self.moved[0]), "moved_to_b": int(self.moved[1])}
         if self.cfg.adapt_partitions:
             out["recycled_to_shared"] = int(self.moved[2])
-        if self.cfg.swap_margin is not None:
             out["swapped_to_shared"] = int(self.moved[3])
         return out
 

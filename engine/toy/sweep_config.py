@@ -58,7 +58,7 @@ class SweepConfig:
     adapt_partitions: bool | None = None  # None: the trainer's default (adaptive)
     recycle_after_windows: float | None = None  # None: the trainer's default
     exclusive_start: float | None = None  # None: the trainer's default
-    swap_margin: float | None = None  # None: the trainer's default
+    swap_margin: float | None = None  # None: the trainer's default (0.5: no swaps)
     # None: 5% of the training tokens, scaled to these short runs as 10M is to 800M pairs
     # in the paper (but coarser, so AuxK gets a chance to act).
     dead_window_tokens: int | None = None

@@ -255,10 +255,10 @@ def test_resize_gives_the_block_sizes_of_a_checkpoint():
 @pytest.mark.parametrize(
     ("adapt_partitions", "recycle_init", "exclusive_start", "swap_margin"),
     [
-        (True, "random", 1.0, None),
-        (False, "random", 1.0, None),
-        (True, "residual", 1.0, None),
-        (True, "random", 0.25, None),
+        (True, "random", 1.0, 0.05),
+        (False, "random", 1.0, 0.05),
+        (True, "residual", 1.0, 0.5),
+        (True, "random", 0.25, 0.5),
         (True, "random", 0.25, 0.0),
     ],
 )
@@ -313,7 +313,7 @@ def test_training_with_reassignment_moves_an_a_only_concept_and_resumes_exactly(
     assert final.n_a_exclusive <= 4 and final.n_b_exclusive <= 4  # never beyond capacity
     if exclusive_start < 1:  # started with one feature each, grew by moves
         assert final.n_a_exclusive > 1 and full.final["moved_to_a"] >= final.n_a_exclusive - 1
-    if swap_margin is not None:
+    if adapt_partitions:
         assert "swapped_to_shared" in full.final
 
 
@@ -392,5 +392,6 @@ def test_a_full_partition_swaps_its_least_lopsided_member_for_a_more_lopsided_ca
     # The swapped-out feature keeps its A decoder and gains a fresh B decoder.
     assert torch.equal(cc.decoder_matrix("a")[old_1], dec_a_before[1])
     assert cc.decoder_matrix("b")[old_1].norm().item() == pytest.approx(0.4, rel=1e-5)
-    with pytest.raises(ConfigError, match="swap_margin"):
-        TrainConfig(swap_margin=0.5)
+    for bad in (-0.1, 0.6, None):
+        with pytest.raises(ConfigError, match="swap_margin"):
+            TrainConfig(swap_margin=bad)
