@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--ablation", action="store_true", help="add one-change rows")
     parser.add_argument("--no-refit", action="store_true", help="skip the determinism refit")
+    parser.add_argument("--only", action="append", help="run the settings whose name has this")
     args = parser.parse_args()
     torch.set_num_threads(1)
     acts = ActivationStore(args.store)
@@ -126,7 +127,12 @@ def main() -> None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
     common = {seed: common_heldout(acts, seed) for seed in range(args.seeds)}
     rows = []
-    for index, (name, fit) in enumerate(settings(args.ablation).items()):
+    chosen = [
+        (index, name, fit)
+        for index, (name, fit) in enumerate(settings(args.ablation).items())
+        if not args.only or any(part in name for part in args.only)
+    ]
+    for index, name, fit in chosen:
         got: dict[str, list[float]] = {}
         first = None
         for seed in range(args.seeds):
@@ -171,7 +177,9 @@ def main() -> None:
             + " | ".join(cells)
             + f" | {statistics.fmean(got['seconds']):.0f} | {same} |"
         )
-    current = rows[1][3]
+    current = next((r[3] for r in rows if r[0].startswith("current (")), None)
+    if current is None:
+        return
     print(f"\ncurrent fit, seed 0: {current.info['train_pairs']} training and "
           f"{current.info['heldout_pairs']} held-out pairs, {current.info['outlier_rows']} "
           f"outlier rows left out, ridge {current.info['ridge']}")  # fmt: skip
