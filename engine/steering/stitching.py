@@ -87,7 +87,7 @@ class Stitch:
     b_ab: torch.Tensor  # [d_b]
     w_ba: torch.Tensor  # [d_a, d_b]
     b_ba: torch.Tensor  # [d_a]
-    scale_a: float  # raw A activations x scale_a = the units the maps were fitted in
+    scale_a: float  # raw A activations x scale_a = the units the maps are stored in
     scale_b: float
     fve: dict[str, float] = field(default_factory=dict)  # held-out, per direction
     info: dict[str, Any] = field(default_factory=dict)  # training settings (provenance)
