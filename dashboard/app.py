@@ -32,6 +32,9 @@ PAGES = {
     ),
     "features": st.Page(str(VIEWS / "features.py"), title="Features", icon=":material/search:"),
     "feature": st.Page(str(VIEWS / "feature.py"), title="Feature", icon=":material/scatter_plot:"),
+    "search": st.Page(
+        str(VIEWS / "search.py"), title="Search by text", icon=":material/text_fields:"
+    ),
     "triage": st.Page(str(VIEWS / "triage.py"), title="Triage", icon=":material/fact_check:"),
     "compare": st.Page(
         str(VIEWS / "compare.py"), title="Compare runs", icon=":material/compare_arrows:"

@@ -261,6 +261,19 @@ def neighbors(path: str, run_id: str, feature_id: int) -> pd.DataFrame:
 
 
 @cached
+def logit_effects(path: str, run_id: str, feature_id: int) -> pd.DataFrame:
+    """A feature's logit effects, one row per model, with token texts (empty if the
+    analysis stored none)."""
+    return database(path).logit_effects(run_id, feature_id)
+
+
+@cached
+def has_logit_effects(path: str, run_id: str) -> bool:
+    """Whether the run's analysis stored logit effects."""
+    return database(path).has_logit_effects(run_id)
+
+
+@cached
 def explanations(path: str, run_id: str, feature_id: int) -> pd.DataFrame:
     """Every explanation of a feature (all explainers, all versions)."""
     return database(path).explanations(run_id, feature_id, latest=False)

@@ -1,14 +1,18 @@
-"""Feature: one feature's explanation, statistics, activation histogram, highlighted
-contexts (top, by quantile, random), either model's tokenization, live probe and steering,
-stored exclusivity score and steering evaluations, neighbours and matches."""
+"""Feature: one feature's explanation, statistics, activation histogram, logit effects in
+each model, highlighted contexts (top, by quantile, random), either model's tokenization,
+live probe and steering, stored exclusivity score and steering evaluations, neighbours and
+matches."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard import data
-from dashboard.markdown import md_code
+from dashboard.markdown import md, md_code
+from dashboard.models import model_name
 from dashboard.views.common import (
     TOKEN_VIEWS,
     activation_histogram,
@@ -24,6 +28,7 @@ from dashboard.views.common import (
 from dashboard.views.probe import probe_panel
 from dashboard.views.steering import steering_panel
 from dashboard.views.verification import exclusivity_summary, verification_panel
+from engine.analysis.logit_effects import histogram_edges, visible_token
 from engine.steering.exclusivity import is_proxy
 
 path, run_id = data.session()
@@ -119,6 +124,96 @@ if excl_line:
 fig = activation_histogram(stats["hist_counts"], stats["hist_edges"], "Activation histogram")
 if fig is not None:
     st.plotly_chart(fig, width="stretch")
+
+# -- logit effects ----------------------------------------------------------------------
+
+
+def logit_effects_section(path: str, run_id: str, feature_id: int, run: dict) -> None:
+    """The tokens the feature's vector promotes and suppresses most in each model, and a
+    histogram of all its logit effects (stored by `modeldiff analyze`)."""
+    st.subheader("Logit effects")
+    effects = data.logit_effects(path, run_id, feature_id)
+    if effects.empty:
+        if data.has_logit_effects(path, run_id):
+            st.caption("This feature has no vector to read out in either model.")
+        else:
+            st.caption(
+                "Not computed for this run: `modeldiff analyze` reads them through both "
+                "models' unembeddings, so re-run it where the run's models load."
+            )
+        return
+    st.caption(
+        "The feature's vector d in each model's raw units through that model's final-norm "
+        "scale γ and unembedding: W_U·(γ ⊙ d), where γ is the norm's weight (1 + weight for "
+        "Gemma's RMSNorm), without the norm's division by the residual's RMS. Per unit of "
+        "activation: comparable between features of one model, not between models."
+    )
+    columns = st.columns(len(effects))
+    for column, row in zip(columns, effects.itertuples(), strict=True):
+        side = str(row.model)
+        other = "B" if side == "a" else "A"
+        name = model_name(run, side)
+        with column:
+            moved = row.vector == "transfer"
+            how = "**transferred vector**" if moved else "its own decoder"
+            st.markdown(f"**Model {side.upper()}** ({md(name)}) · {how}")
+            tables = st.columns(2)
+            for table, kind in zip(tables, ("promoted", "suppressed"), strict=True):
+                frame = pd.DataFrame(
+                    {
+                        "token": [visible_token(t) for t in getattr(row, f"{kind}_tokens")],
+                        "effect": list(getattr(row, f"{kind}_values")),
+                    }
+                )
+                table.dataframe(
+                    frame,
+                    hide_index=True,
+                    width="stretch",
+                    key=f"logits_{kind}_{side}_{feature_id}",
+                    column_config={
+                        "token": st.column_config.TextColumn(kind, help="␣ a space, ↵ a newline"),
+                        "effect": st.column_config.NumberColumn("logit effect", format="%.3f"),
+                    },
+                )
+            figure = logit_histogram(row.hist_counts, row.hist_min, row.hist_max)
+            if figure is not None:
+                st.plotly_chart(figure, width="stretch", key=f"logits_hist_{side}_{feature_id}")
+            if moved:
+                st.caption(
+                    f"This {other}-exclusive feature has no model {side.upper()} decoder: "
+                    "these are the effects of its shared-partition transfer (the "
+                    "cosine-weighted decoders of the shared features nearest to it, paper "
+                    f"B.4.5), the vector that steering model {side.upper()} with it adds."
+                )
+
+
+def logit_histogram(counts, lo: float, hi: float) -> go.Figure | None:
+    """Bars of the logit-effect histogram, suppressing bins red and promoting ones blue."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if not len(counts) or counts.sum() == 0:
+        return None
+    edges = np.asarray(histogram_edges(float(lo), float(hi), len(counts)))
+    centres = (edges[:-1] + edges[1:]) / 2
+    figure = go.Figure(
+        go.Bar(
+            x=centres,
+            y=counts,
+            width=np.diff(edges),
+            marker_color=np.where(centres < 0, "#d62728", "#1f77b4"),
+            hovertemplate="%{x:.3g}: %{y:,} tokens<extra></extra>",
+        )
+    )
+    figure.update_layout(
+        xaxis_title=f"logit effect ({int(counts.sum()):,} tokens)",
+        yaxis_title="tokens",
+        height=240,
+        margin=dict(l=10, r=10, t=10, b=10),
+        bargap=0,
+    )
+    return figure
+
+
+logit_effects_section(path, run_id, fid, info)
 
 # -- contexts ---------------------------------------------------------------------------
 
