@@ -110,7 +110,8 @@ class Readout:
         head = model.get_output_embeddings()
         if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
             raise ConfigError(f"{loaded.name} has no output embedding (lm_head) to read logits")
-        weight = head.weight.detach()
+        # float32 once (a no-op on the CPU's float32 models), not once per chunk.
+        weight = head.weight.detach().float()
         scale = norm_scale(final_norm(model), weight.shape[1])
         return cls(scale, weight, token_texts(loaded.tokenizer, weight.shape[0]))
 
@@ -126,7 +127,7 @@ class Readout:
         """Logit effects [n, vocab] of residual directions [n, d] in raw model units."""
         w = self.unembedding
         v = vectors.to(w.device, torch.float32) * self.scale.to(w.device)
-        return v @ w.float().T
+        return v @ w.T.to(torch.float32)
 
 
 def token_texts(tokenizer, vocab: int) -> list[str]:
