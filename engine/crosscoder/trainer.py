@@ -41,6 +41,16 @@ from engine.crosscoder.sparse import Entries, batch_topk
 from engine.errors import UserError
 
 # Settings that may change between a run and its resumption without changing the result.
+# A checkpoint written before a training setting existed was trained as with this value,
+# so it resumes when the run asks for the same (and is refused, naming the key, otherwise).
+_BEFORE_THE_SETTING_EXISTED = {
+    "recycle_init": "random",
+    "exclusive_start": 1.0,
+    "reassign_after": 0,
+    "equal_score_steps": 0,
+    "swap_margin": 0.5,
+    "validation_pairs": 0,
+}
 _RESUMABLE_CHANGES = {
     "steps",
     "log_every",
@@ -541,7 +551,7 @@ def _check_same_run(
 ) -> None:
     """Raise if a checkpoint was made with settings that would change the result."""
     saved_model = header.get("crosscoder_config", {})
-    saved_train = header.get("train_config", {})
+    saved_train = {**_BEFORE_THE_SETTING_EXISTED, **header.get("train_config", {})}
     diffs = [k for k, v in to_dict(model_cfg).items() if saved_model.get(k) != v]
     diffs += [
         k

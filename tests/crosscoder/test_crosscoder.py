@@ -403,6 +403,17 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
         train(model_cfg(), train_cfg(steps=10, lr=1e-2), data, out_dir=tmp_path, progress=False)
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_only_with_its_old_behaviour():
+    from engine.config import to_dict
+    from engine.crosscoder.trainer import _check_same_run
+
+    old = {k: v for k, v in to_dict(train_cfg()).items() if k != "swap_margin"}
+    header = {"crosscoder_config": to_dict(model_cfg()), "train_config": old}
+    _check_same_run(header, model_cfg(), train_cfg(swap_margin=0.5), "ckpt")  # no swaps then
+    with pytest.raises(CheckpointError, match=r"different settings \(swap_margin\)"):
+        _check_same_run(header, model_cfg(), train_cfg(swap_margin=0.05), "ckpt")
+
+
 def test_corrupt_and_foreign_checkpoints_are_named(tmp_path):
     data = paired_data()
     train(model_cfg(), train_cfg(steps=10), data, out_dir=tmp_path, progress=False)
