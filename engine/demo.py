@@ -303,11 +303,6 @@ def _fve(fve: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in fve.items() if k in ("a_to_b", "b_to_a"))
 
 
-def _missing(value) -> bool:
-    """None or NaN."""
-    return value is None or value != value
-
-
 def _duration(seconds: float) -> str:
     """1 min 05 s / 12.3 s."""
     if seconds < 60:

@@ -8,7 +8,6 @@ generates all strengths of a prompt as one batched generation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from engine.errors import ConfigError
 from engine.models.loading import LoadedModel, load_model
 from engine.results import Database
 from engine.specs import SIDES, PairSpec
-from engine.steering.steer import GenerationConfig, feature_vector, generate
+from engine.steering.steer import feature_vector
 from engine.steering.stitching import Stitch
 from engine.steering.transfer import other_model
 
@@ -104,29 +103,6 @@ class SteeringPair:
         moved = self.stitch.map(own, source)
         target = other_model(source)
         return FeatureVectors(feature_id, source, target, float(s_max), own, moved)
-
-    def generate(
-        self,
-        model: str,
-        vectors: FeatureVectors,
-        prompts: Sequence[str],
-        alphas: Sequence[float],
-        cfg: GenerationConfig,
-    ) -> Texts:
-        """Every prompt at every strength (alpha x s_max); one batch per prompt."""
-        vector = vectors.vector(model)
-        out: Texts = {}
-        for prompt in prompts:
-            texts = generate(
-                self.models[model],
-                [prompt] * len(alphas),
-                vector=vector,
-                layer=self.layers[model],
-                coefficients=[float(a) * vectors.s_max for a in alphas],
-                cfg=cfg,
-            )
-            out[prompt] = {float(a): t for a, t in zip(alphas, texts, strict=True)}
-        return out
 
 
 def _check_stitch(stitch: Stitch, crosscoder: Crosscoder) -> None:
