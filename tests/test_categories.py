@@ -131,10 +131,15 @@ class FakePair:
 
     def vectors(self, feature_id: int, s_max: float, source: str) -> SimpleNamespace:
         self.sources[feature_id] = source
-        return SimpleNamespace(source=source, target="b" if source == "a" else "a", s_max=s_max)
+        return SimpleNamespace(
+            feature_id=feature_id, source=source, target="b" if source == "a" else "a",
+            s_max=s_max,
+        )  # fmt: skip
 
-    def generate(self, model, vectors, prompts, alphas, cfg) -> dict:
-        return {p: {a: f"{model} at {a}" for a in alphas} for p in prompts}
+    def generate(self, model, vectors, prompts, alphas, cfg, samples=1) -> dict:
+        return {
+            (p, j): {a: f"{model} at {a}" for a in alphas} for p in prompts for j in range(samples)
+        }
 
 
 class FakeJudge:

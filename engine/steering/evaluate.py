@@ -24,7 +24,7 @@ from engine.results import Database
 from engine.steering.judges import SteeringJudge
 from engine.steering.pair import SteeringPair
 from engine.steering.rubrics import RUBRIC_VERSION, Rubric, load_prompts, rubric
-from engine.steering.steer import GenerationConfig, generate_grid
+from engine.steering.steer import GenerationConfig
 
 KIND = "steer-eval"
 CONFIDENCE = 0.95
@@ -83,10 +83,7 @@ def steer_eval(
     rows: list[dict[str, Any]] = []
     total, done = len(steered) * len(prompts), 0
     for model in steered:
-        grid = generate_grid(
-            pair.models[model], prompts, alphas, vector=vectors.vector(model),
-            layer=pair.layers[model], s_max=vectors.s_max, cfg=cfg.generation,
-        )  # fmt: skip
+        grid = pair.generate(model, vectors, prompts, alphas, cfg.generation)
         for prompt in prompts:
             texts = grid[(prompt, 0)]
             rows.extend(_rate(judge, rub, model, vectors.describe(model), prompt, texts))

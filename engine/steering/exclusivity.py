@@ -36,7 +36,7 @@ from engine.errors import ConfigError
 from engine.results import Database
 from engine.steering.judges import SteeringJudge, Verdict
 from engine.steering.pair import FeatureVectors, SteeringPair
-from engine.steering.steer import GenerationConfig, generate_grid
+from engine.steering.steer import GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +164,7 @@ def score_vectors(
 
 def _grid(pair: SteeringPair, vectors: FeatureVectors, model: str, alphas, cfg):
     """`model`'s texts of every prompt x sample x strength, batched."""
-    return generate_grid(
-        pair.models[model], cfg.prompts, alphas, vector=vectors.vector(model),
-        layer=pair.layers[model], s_max=vectors.s_max, samples=cfg.samples,
-        cfg=cfg.generation,
-    )  # fmt: skip
+    return pair.generate(model, vectors, cfg.prompts, alphas, cfg.generation, cfg.samples)
 
 
 def score_interval(values: Sequence[float]) -> tuple[float, float, float]:

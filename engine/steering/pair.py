@@ -8,6 +8,7 @@ generates all strengths of a prompt as one batched generation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from engine.errors import ConfigError
 from engine.models.loading import LoadedModel, load_model
 from engine.results import Database
 from engine.specs import SIDES, PairSpec
-from engine.steering.steer import feature_vector
+from engine.steering.steer import GenerationConfig, Grid, feature_vector, generate_grid
 from engine.steering.stitching import Stitch
 from engine.steering.transfer import other_model
 
@@ -103,6 +104,22 @@ class SteeringPair:
         moved = self.stitch.map(own, source)
         target = other_model(source)
         return FeatureVectors(feature_id, source, target, float(s_max), own, moved)
+
+    def generate(
+        self,
+        model: str,
+        vectors: FeatureVectors,
+        prompts: Sequence[str],
+        alphas: Sequence[float],
+        cfg: GenerationConfig,
+        samples: int = 1,
+    ) -> Grid:
+        """`model` steered with `vectors`' vector for it: every prompt x sample x strength
+        (alpha x s_max), batched (`steer.generate_grid`)."""
+        return generate_grid(
+            self.models[model], prompts, alphas, vector=vectors.vector(model),
+            layer=self.layers[model], s_max=vectors.s_max, samples=samples, cfg=cfg,
+        )  # fmt: skip
 
 
 def _check_stitch(stitch: Stitch, crosscoder: Crosscoder) -> None:

@@ -193,7 +193,7 @@ def _walk(page, url: str, shots: Shots) -> None:
     shots.take("feature")
 
     # The stored exclusivity score: open every prompt's steered texts and the judge's reasons.
-    page.get_by_text("Exclusivity 5.0").wait_for()
+    page.get_by_text("Exclusivity 5.0", exact=True).wait_for()
     page.get_by_text("Steered texts and the judge's reasons").click()
     page.get_by_text("A cup of tea sounds lovely.").first.wait_for()
     page.get_by_text(MARKUP).first.wait_for()  # shown as text, not as markup
