@@ -21,6 +21,7 @@ from dashboard.markdown import md, md_code, spreadsheet_safe
 from engine import categories
 from engine.contexts import Context
 from engine.steering.exclusivity import is_proxy, score_text
+from engine.steering.stitching import FVE_WARN_BELOW
 
 # Partitions and categories: leaning shared features in a lighter shade of their model's.
 PARTITION_COLOURS = {
@@ -299,6 +300,11 @@ def _stitch_text(details: Mapping[str, Any]) -> str:
     source, target = str(details.get("source", "?")), str(details.get("target", "?"))
     fve = ((details.get("stitch") or {}).get("fve") or {}).get(f"{source}_to_{target}")
     quality = f" (held-out FVE {fmt(fve, '.2f')})" if fve is not None else ""
+    if fve is not None and fve < FVE_WARN_BELOW:
+        quality += (
+            f"; below {FVE_WARN_BELOW:g}, a target that does not react is weak evidence of "
+            "exclusivity"
+        )
     return esc(
         f"model {source.upper()} steered with its decoder, model {target.upper()} through "
         f"the stitch{quality}"

@@ -88,7 +88,7 @@ def cmd_exclusivity(args: argparse.Namespace) -> None:
     through a stitch."""
     from engine.results import Database
     from engine.steering.exclusivity import pick_features
-    from engine.steering.stitching import Stitch
+    from engine.steering.stitching import Stitch, stitch_warning
 
     judge = stages.steering_judge(args.judge, args.model)
     cfg = stages.exclusivity_config(
@@ -96,6 +96,9 @@ def cmd_exclusivity(args: argparse.Namespace) -> None:
     )
     # A missing or damaged stitch is an error even when there is nothing to score.
     stitch = Stitch.load(args.stitch)
+    warning = stitch_warning(stitch)
+    if warning:  # a weak translation inflates every score below
+        print(f"warning: {warning}")
     if args.protocol:
         _calibrate(args, judge, cfg, stitch)
         return

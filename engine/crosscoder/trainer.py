@@ -49,6 +49,7 @@ _BEFORE_THE_SETTING_EXISTED = {
     "reassign_after": 0,
     "equal_score_steps": 0,
     "swap_margin": 0.5,
+    "reassign_stop": 1.0,
     "validation_pairs": 0,
 }
 _RESUMABLE_CHANGES = {
@@ -194,8 +195,7 @@ class Trainer:
 
         with torch.no_grad():
             self._update_state(out["entries"], n, out["group_minima"])
-        every, step = cfg.reassign_every, self.counters.step
-        if every and step % every == 0 and step >= cfg.first_reassignment:
+        if cfg.reassigns_at(self.counters.step):
             self._reassign(out["errors"])
         sse_a, sse_b = recon_a * n, recon_b * n
         return {

@@ -231,6 +231,33 @@ def test_the_first_reassignment_check_waits_for_reassign_after():
     assert run.crosscoder.partition == model.partition()
 
 
+def test_partitions_freeze_after_reassign_stop():
+    cfg = TrainConfig(steps=2000, reassign_every=100, reassign_stop=0.9)
+    assert [s for s in range(0, 2001, 50) if cfg.reassigns_at(s)][-2:] == [1700, 1800]
+    assert TrainConfig(steps=2000, reassign_stop=1.0).reassigns_at(2000)
+    assert not TrainConfig(reassign_every=0).reassigns_at(100)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="reassign_stop"):
+            TrainConfig(reassign_stop=bad)
+    # A run that would recycle and move keeps its partition once checks have stopped.
+    g = torch.Generator().manual_seed(1)
+    data = (torch.randn(1024, D_A, generator=g), torch.randn(1024, D_B, generator=g))
+    model = CrosscoderConfig(
+        d_a=D_A, d_b=D_B, n_features=32, architecture="dfc", a_exclusive=4, b_exclusive=4
+    )
+    runs = {}
+    for stop in (1.0, 0.1):
+        cfg = TrainConfig(
+            steps=30, batch_size=64, k=4, k_initial=None, lr=1e-2, k_aux=8,
+            dead_window_tokens=64, log_every=10, checkpoint_every=30, device="cpu",
+            reassign_every=5, reassign_stop=stop,
+        )  # fmt: skip
+        runs[stop] = train(model, cfg, data, progress=False).final
+    assert runs[1.0]["recycled_to_shared"] + runs[1.0]["moved_to_a"] + runs[1.0]["moved_to_b"] > 0
+    assert runs[0.1]["recycled_to_shared"] == runs[0.1]["moved_to_a"] == 0
+    assert runs[0.1]["moved_to_b"] == 0
+
+
 def test_recycle_init_and_exclusive_start_are_validated():
     with pytest.raises(ConfigError, match="recycle_init"):
         TrainConfig(recycle_init="zeros")
@@ -294,6 +321,8 @@ def test_training_with_reassignment_moves_an_a_only_concept_and_resumes_exactly(
         recycle_init=recycle_init,
         exclusive_start=exclusive_start,
         swap_margin=swap_margin,
+        # Checks to the end: with a share of `steps`, the cut run's checks would stop early.
+        reassign_stop=1.0,
     )
     full = train(model, TrainConfig(**kw), data, out_dir=tmp_path / "full", progress=False)
     assert full.final["moved_to_a"] + full.final["moved_to_b"] > 0

@@ -338,6 +338,8 @@ def test_feature_page_shows_exclusivity_score_and_texts(db_path):
     assert "<b>Exclusivity 5.0</b> / 5" in page
     assert "interpretability 4.00 (needs ≥ 3)" in page and "similarity 1.00" in page
     assert f">{JUDGE}</code>" in page and "held-out FVE 0.43" in page
+    # A stitch below the warning level says what that means for the score.
+    assert "below 0.5, a target that does not react is weak evidence" in page
     # The offline judge's score is a proxy, marked beside the number.
     assert {m.label: m.value for m in at.metric}["exclusivity"] == "5.0 (proxy)"
     (texts,) = [e for e in at.expander if e.label.startswith("Steered texts")]

@@ -258,6 +258,7 @@ def live_features(run, partition: str) -> list[int]:
 
 def test_exclusivity_scores_are_stored_with_texts_and_resume(tiny_run):
     from engine.results import Database
+    from engine.steering.stitching import Stitch, stitch_warning
 
     run, stitch = tiny_run
     a_only, b_only = live_features(run, "a_exclusive")[0], live_features(run, "b_exclusive")[0]
@@ -265,6 +266,9 @@ def test_exclusivity_scores_are_stored_with_texts_and_resume(tiny_run):
     small = ["--max-new-tokens", 4, "--alphas", 0, 20, 60]
     out = cli("exclusivity", *common, *small, "--features", a_only, b_only)
     assert "scored 2 features" in out
+    # The stitch's quality is part of the report: a weak one is flagged before the scores.
+    warning = stitch_warning(Stitch.load(stitch))
+    assert (f"warning: {warning}" in out) if warning else ("warning:" not in out)
     with Database(run.db, read_only=True) as db:
         scores = db.scores(run.run_id)
     rows = scores[scores.metric == "exclusivity"].set_index("feature_id")
