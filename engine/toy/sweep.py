@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="adaptive partitions: a full partition swaps a member for a candidate leaning "
         "more by this margin",
     )
+    p.add_argument(
+        "--reassign-stop",
+        type=float,
+        metavar="SHARE",
+        help="share of the run after which the partitions are frozen",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke-test sweep (about a minute)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -123,6 +129,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         "recycle_after_windows": args.recycle_after,
         "exclusive_start": args.exclusive_start,
         "swap_margin": args.swap_margin,
+        "reassign_stop": args.reassign_stop,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return SweepConfig(**settings)

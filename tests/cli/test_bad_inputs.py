@@ -338,6 +338,10 @@ CASES = {
         ["toy", "--out", "{root}/t", "--recycle-after", "0"],
         "recycle_after_windows",
     ),
+    "toy --reassign-stop 0": (
+        ["toy", "--out", "{root}/t", "--reassign-stop", "0"],
+        "reassign_stop",
+    ),
 }
 
 
