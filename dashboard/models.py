@@ -8,11 +8,11 @@ turns a failure into one message that says how to enable the feature.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import streamlit as st
 
@@ -24,6 +24,8 @@ from engine.errors import UserError
 from engine.models.loading import LoadedModel, load_model
 from engine.specs import PairSpec
 from engine.steering.run import steering_problem
+
+T = TypeVar("T")
 
 # What loading a model or checkpoint can raise for a reason outside the dashboard.
 LOAD_ERRORS = (UserError, OSError, ImportError, ValueError, RuntimeError)
@@ -104,3 +106,17 @@ def in_use() -> Iterator[None]:
         yield
     finally:
         _IN_USE.release()
+
+
+def run_on_text(run: dict[str, Any], probe: Callable[..., T], *args: Any) -> T:
+    """`probe(run, *args, models=, crosscoder=, normalizer=)` with the run's two models
+    loaded and held (an engine function over typed text); raises Unavailable."""
+    loaded = load(run, ("a", "b"))
+    with in_use():
+        return probe(
+            run,
+            *args,
+            models=(loaded.models["a"], loaded.models["b"]),
+            crosscoder=loaded.crosscoder,
+            normalizer=loaded.normalizer,
+        )

@@ -39,16 +39,7 @@ def _panel(run_id: str, feature_id: int, run: dict, max_act: float) -> None:
     key = (run_id, feature_id)
     if go:
         try:
-            loaded = models.load(run, ("a", "b"))
-            with models.in_use():
-                probe = feature_activations_on_text(
-                    run,
-                    feature_id,
-                    text,
-                    models=(loaded.models["a"], loaded.models["b"]),
-                    crosscoder=loaded.crosscoder,
-                    normalizer=loaded.normalizer,
-                )
+            probe = models.run_on_text(run, feature_activations_on_text, feature_id, text)
         except models.Unavailable as err:
             st.info(str(err))
             return

@@ -40,15 +40,7 @@ with st.form("q_form"):
     go = st.form_submit_button("Find features", type="primary")
 if go:
     try:
-        loaded = models.load(info, ("a", "b"))
-        with models.in_use():
-            found = features_on_text(
-                info,
-                text,
-                models=(loaded.models["a"], loaded.models["b"]),
-                crosscoder=loaded.crosscoder,
-                normalizer=loaded.normalizer,
-            )
+        found = models.run_on_text(info, features_on_text, text)
     except models.Unavailable as err:
         st.info(str(err))
         st.stop()
