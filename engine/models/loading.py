@@ -8,11 +8,13 @@ a changed file never loads a stale conversion.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +160,26 @@ def _resolve_spec(
     return None, {"kind": "hub", "id": spec, "revision": revision}
 
 
+@contextlib.contextmanager
+def _no_gguf_tensor_bar() -> Iterator[None]:
+    """Silence transformers' per-tensor GGUF bar, which its progress-bar switch does not
+    reach (a plain tqdm); the caller prints one line per model."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:  # a transformers version without it
+        yield
+        return
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _is_converted(target: Path) -> bool:
     """Whether `target` holds a finished conversion (it is renamed into place only when done)."""
     return (target / "config.json").is_file()
@@ -180,9 +202,10 @@ def _convert_gguf(gguf: Path, target: Path, tokenizer: Any = None) -> None:
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     except ImportError:
         pass  # older transformers always dequantise
-    model = _auto("AutoModelForCausalLM").from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, **kwargs
-    )
+    with _no_gguf_tensor_bar():
+        model = _auto("AutoModelForCausalLM").from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, **kwargs
+        )
     if tokenizer is None:
         tokenizer = _fast_tokenizer(str(gguf.parent), gguf_file=gguf.name)
     # The weights are dense now; left in place, these make the saved config claim quantisation.

@@ -464,3 +464,15 @@ def test_user_gguf_file_is_hashed_and_converted_once(tmp_path):
     assert loaded.tokenizer.is_fast
     converted = [p.name for p in tmp_path.iterdir()]
     assert converted == [f"{gguf.stem}-{sha[:12]}"]
+
+
+def test_gguf_conversion_shows_no_per_tensor_bar(capsys):
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from engine.models.loading import _no_gguf_tensor_bar
+
+    bar = gguf_utils.tqdm
+    with _no_gguf_tensor_bar():
+        assert list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing")) == [0, 1, 2]
+    assert "Converting" not in capsys.readouterr().err
+    assert gguf_utils.tqdm is bar  # transformers' own bar is back afterwards
