@@ -140,11 +140,13 @@ class TrainConfig:
     # margin (lean = max(rel, 1 - rel), at most 1); that member returns to the shared
     # block. 0.5: no swaps, a partition keeps the features that filled it first.
     swap_margin: float = 0.05
-    # Share of the run after which partitions are frozen (no more moves, recycling or
-    # swaps), so the last changes have steps left to settle: a move at the final check
-    # leaves a dropped decoder no training to absorb it (docs/planted.md). 1: check to
-    # the end.
+    # Share of the run after which the partitions settle: no more recycling or swaps, and
+    # only features whose other decoder is already negligible (lean >= late_lean) move.
+    # A move drops a decoder; made at the last checks, it leaves the rest of the dictionary
+    # no steps to absorb what that decoder carried (docs/planted.md), while a near-
+    # exclusive feature loses almost nothing by moving. 1: the same checks to the end.
     reassign_stop: float = 0.9
+    late_lean: float = 0.9
     # Pairs held out of training (whole windows of an activation store, at most a tenth of
     # it; in-memory pairs are not split) on which validation FVE is measured at every log
     # step, and on whose windows `modeldiff evaluate` measures CE loss recovered. 0: train
@@ -209,6 +211,8 @@ class TrainConfig:
             raise ConfigError(f"swap_margin must be in [0, 0.5], got {self.swap_margin!r}")
         if not 0 < self.reassign_stop <= 1:
             raise ConfigError(f"reassign_stop must be in (0, 1], got {self.reassign_stop}")
+        if not 0.5 < self.late_lean <= 1:
+            raise ConfigError(f"late_lean must be in (0.5, 1], got {self.late_lean}")
         if self.recycle_init not in RECYCLE_INITS:
             raise ConfigError(
                 f"unknown recycle_init {self.recycle_init!r}; choose one of: "
@@ -229,12 +233,11 @@ class TrainConfig:
     def reassigns_at(self, step: int) -> bool:
         """Whether a partition check runs after `step` training steps."""
         every = self.reassign_every
-        return (
-            bool(every)
-            and step % every == 0
-            and self.first_reassignment <= step
-            and (step <= self.reassign_stop * self.steps)
-        )
+        return bool(every) and step % every == 0 and step >= self.first_reassignment
+
+    def settling(self, step: int) -> bool:
+        """Whether a check after `step` steps is in the settling phase (reassign_stop)."""
+        return step > self.reassign_stop * self.steps
 
     def k_at(self, step: int) -> int:
         """BatchTopK k per token at `step` (linear anneal from k_initial to k)."""

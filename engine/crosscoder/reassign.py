@@ -202,7 +202,7 @@ def adapt(
     generator: torch.Generator,
     init_norm: float,
     capacity: tuple[int, int],
-    recycle_after: int | None = None,
+    recycle_after: float | None = None,
     residual: tuple[torch.Tensor, torch.Tensor] | None = None,
     lean_at_move: torch.Tensor | None = None,
     swap_margin: float | None = None,

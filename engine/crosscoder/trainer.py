@@ -50,6 +50,7 @@ _BEFORE_THE_SETTING_EXISTED = {
     "equal_score_steps": 0,
     "swap_margin": 0.5,
     "reassign_stop": 1.0,
+    "late_lean": 0.9,
     "validation_pairs": 0,
 }
 _RESUMABLE_CHANGES = {
@@ -424,19 +425,26 @@ class Trainer:
         cfg = self.cfg
         # Seeded by step so every rank, and a resumed run, draws the same re-initialisations.
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.counters.step)
+        low, high = cfg.reassign_low, cfg.reassign_high
+        recycle_after = round(cfg.recycle_after_windows * cfg.dead_window_tokens)
+        swap_margin = cfg.swap_margin
+        if cfg.settling(self.counters.step):
+            # Only near-free moves: no recycling (inf: no feature is silent that long),
+            # no swaps, and bounds a feature passes only with a negligible other decoder.
+            low, high = 1 - cfg.late_lean, cfg.late_lean
+            recycle_after, swap_margin = math.inf, 0.5
         args = (
             self.model,
             self.optimizer,
             self.since_fired,
             self.leaning,
             cfg.dead_window_tokens,
-            cfg.reassign_low,
-            cfg.reassign_high,
+            low,
+            high,
             gen,
             self.model_cfg.decoder_init_norm,
         )
         if cfg.adapt_partitions:
-            recycle_after = round(cfg.recycle_after_windows * cfg.dead_window_tokens)
             residual = self._gathered(errors) if cfg.recycle_init == "residual" else None
             moves, self.leaning, order = adapt(
                 *args,
@@ -444,7 +452,7 @@ class Trainer:
                 recycle_after,
                 residual,
                 self.lean_at_move,
-                cfg.swap_margin,
+                swap_margin,
             )
             if order is not None:
                 self._groups = self._selection_groups()

@@ -231,15 +231,19 @@ def test_the_first_reassignment_check_waits_for_reassign_after():
     assert run.crosscoder.partition == model.partition()
 
 
-def test_partitions_freeze_after_reassign_stop():
+def test_partitions_settle_after_reassign_stop():
     cfg = TrainConfig(steps=2000, reassign_every=100, reassign_stop=0.9)
-    assert [s for s in range(0, 2001, 50) if cfg.reassigns_at(s)][-2:] == [1700, 1800]
-    assert TrainConfig(steps=2000, reassign_stop=1.0).reassigns_at(2000)
+    assert cfg.reassigns_at(2000) and not cfg.reassigns_at(1950)
+    assert not cfg.settling(1800) and cfg.settling(1900)
     assert not TrainConfig(reassign_every=0).reassigns_at(100)
     for bad in (0.0, 1.5):
         with pytest.raises(ConfigError, match="reassign_stop"):
             TrainConfig(reassign_stop=bad)
-    # A run that would recycle and move keeps its partition once checks have stopped.
+    for bad in (0.5, 1.1):
+        with pytest.raises(ConfigError, match="late_lean"):
+            TrainConfig(late_lean=bad)
+    # A run that recycles and moves does neither once settling, when no feature can lean
+    # enough (late_lean = 1: only a feature without any other decoder would move).
     g = torch.Generator().manual_seed(1)
     data = (torch.randn(1024, D_A, generator=g), torch.randn(1024, D_B, generator=g))
     model = CrosscoderConfig(
@@ -250,12 +254,12 @@ def test_partitions_freeze_after_reassign_stop():
         cfg = TrainConfig(
             steps=30, batch_size=64, k=4, k_initial=None, lr=1e-2, k_aux=8,
             dead_window_tokens=64, log_every=10, checkpoint_every=30, device="cpu",
-            reassign_every=5, reassign_stop=stop,
+            reassign_every=5, reassign_stop=stop, late_lean=1.0,
         )  # fmt: skip
         runs[stop] = train(model, cfg, data, progress=False).final
     assert runs[1.0]["recycled_to_shared"] + runs[1.0]["moved_to_a"] + runs[1.0]["moved_to_b"] > 0
     assert runs[0.1]["recycled_to_shared"] == runs[0.1]["moved_to_a"] == 0
-    assert runs[0.1]["moved_to_b"] == 0
+    assert runs[0.1]["moved_to_b"] == runs[0.1]["swapped_to_shared"] == 0
 
 
 def test_recycle_init_and_exclusive_start_are_validated():
