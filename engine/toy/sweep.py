@@ -96,7 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--reassign-stop",
         type=float,
         metavar="SHARE",
-        help="share of the run after which the partitions are frozen",
+        help="share of the run after which the partitions settle (only near-exclusive "
+        "features move)",
+    )
+    p.add_argument(
+        "--late-lean",
+        type=float,
+        metavar="LEAN",
+        help="while settling, the lean (max(rel, 1 - rel)) a feature needs to move",
     )
     p.add_argument("--quick", action="store_true", help="tiny smoke-test sweep (about a minute)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -130,6 +137,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         "exclusive_start": args.exclusive_start,
         "swap_margin": args.swap_margin,
         "reassign_stop": args.reassign_stop,
+        "late_lean": args.late_lean,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return SweepConfig(**settings)

@@ -60,6 +60,7 @@ class SweepConfig:
     exclusive_start: float | None = None  # None: the trainer's default
     swap_margin: float | None = None  # None: the trainer's default (0.5: no swaps)
     reassign_stop: float | None = None  # None: the trainer's default
+    late_lean: float | None = None  # None: the trainer's default
     # None: 5% of the training tokens, scaled to these short runs as 10M is to 800M pairs
     # in the paper (but coarser, so AuxK gets a chance to act).
     dead_window_tokens: int | None = None
@@ -124,7 +125,8 @@ class SweepConfig:
     def _reassignment(self) -> dict[str, Any]:
         """The reassignment settings this sweep sets (the rest keep TrainConfig's defaults)."""
         names = ("reassign_every", "reassign_low", "reassign_high", "adapt_partitions")
-        names += ("recycle_after_windows", "exclusive_start", "swap_margin", "reassign_stop")
+        names += ("recycle_after_windows", "exclusive_start", "swap_margin")
+        names += ("reassign_stop", "late_lean")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def crosscoder_config(self, architecture: str, n_features: int) -> CrosscoderConfig:

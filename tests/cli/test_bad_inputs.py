@@ -338,9 +338,9 @@ CASES = {
         ["toy", "--out", "{root}/t", "--recycle-after", "0"],
         "recycle_after_windows",
     ),
-    "toy --reassign-stop 0": (
-        ["toy", "--out", "{root}/t", "--reassign-stop", "0"],
-        "reassign_stop",
+    "toy --late-lean 0.5": (
+        ["toy", "--out", "{root}/t", "--late-lean", "0.5"],
+        "late_lean",
     ),
 }
 
