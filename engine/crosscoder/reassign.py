@@ -71,11 +71,13 @@ def reassign(
     high: float,
     generator: torch.Generator,
     init_norm: float,
+    min_lean: float = 0.0,
 ) -> tuple[Moves, torch.Tensor]:
     """Move persistently lopsided live shared features into dead exclusive slots.
 
     `previous` is the leaning label of every feature at the last check; returns the moves
-    made and the labels to pass as `previous` next time.
+    made and the labels to pass as `previous` next time. Only features whose lean
+    (max(rel, 1 - rel)) is at least `min_lean` move.
     """
     p = model.partition
     rel = model.relative_decoder_norm()
@@ -90,7 +92,7 @@ def reassign(
         (Role.B_EXCLUSIVE, _B_LEANING, "b"),
     ):
         block = p.block(role)
-        candidates = _candidates(current, previous, live, rel, tag)
+        candidates = _candidates(current, previous, live, rel, tag, min_lean)
         slots = torch.nonzero(dead[block]).squeeze(1) + block.start
         n = min(candidates.numel(), slots.numel())
         if n == 0:
@@ -115,10 +117,13 @@ def _candidates(
     live: torch.Tensor,
     rel: torch.Tensor,
     tag: int,
+    min_lean: float = 0.0,
 ) -> torch.Tensor:
-    """Live features leaning the `tag` way at this check and the last, the most lopsided
-    first: they are the surest exclusive concepts."""
-    candidates = torch.nonzero((current == tag) & (previous == tag) & live).squeeze(1)
+    """Live features leaning the `tag` way at this check and the last (and now by at least
+    `min_lean`), the most lopsided first: they are the surest exclusive concepts."""
+    lean = rel if tag == _A_LEANING else 1 - rel
+    mask = (current == tag) & (previous == tag) & live & (lean >= min_lean)
+    candidates = torch.nonzero(mask).squeeze(1)
     order = rel[candidates].argsort(descending=tag == _A_LEANING)
     return candidates[order]
 
@@ -206,6 +211,7 @@ def adapt(
     residual: tuple[torch.Tensor, torch.Tensor] | None = None,
     lean_at_move: torch.Tensor | None = None,
     swap_margin: float | None = None,
+    min_lean: float = 0.0,
 ) -> tuple[Moves, torch.Tensor, torch.Tensor | None]:
     """Adaptive partitions: exclusive features that have not fired for `recycle_after`
     tokens (default: the dead window) return to the shared block as fresh features, and
@@ -220,7 +226,8 @@ def adapt(
     rows and gaining fresh rows for the other model, when a candidate leans more by the
     margin. Slots filled early by whatever leant first then pass to the concepts that turn
     out most exclusive (a planted concept's other-model decoder shrinks slowly). The
-    caller's `lean_at_move` is updated and reordered in place.
+    caller's `lean_at_move` is updated and reordered in place. Only candidates whose lean
+    is at least `min_lean` move.
 
     Returns the moves, the leaning labels for the next check, and the new feature order
     (new feature i was feature order[i]; None when nothing changed) for the caller's own
@@ -246,7 +253,7 @@ def adapt(
             continue  # the user asked for no features of this kind
         dead = torch.zeros_like(fresh)
         dead[block] = since_fired[block] >= (recycle_after or dead_window)
-        candidates = _candidates(current, previous, live, rel, tag)
+        candidates = _candidates(current, previous, live, rel, tag, min_lean)
         n_move = min(candidates.numel(), cap - (block.stop - block.start - int(dead.sum())))
         movers = candidates[: max(n_move, 0)]
         if n_move <= 0 and int(dead.sum()) == block.stop - block.start:

@@ -425,22 +425,20 @@ class Trainer:
         cfg = self.cfg
         # Seeded by step so every rank, and a resumed run, draws the same re-initialisations.
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.counters.step)
-        low, high = cfg.reassign_low, cfg.reassign_high
         recycle_after = round(cfg.recycle_after_windows * cfg.dead_window_tokens)
-        swap_margin = cfg.swap_margin
+        swap_margin, min_lean = cfg.swap_margin, 0.0
         if cfg.settling(self.counters.step):
             # Only near-free moves: no recycling (inf: no feature is silent that long),
-            # no swaps, and bounds a feature passes only with a negligible other decoder.
-            low, high = 1 - cfg.late_lean, cfg.late_lean
-            recycle_after, swap_margin = math.inf, 0.5
+            # no swaps, and only features whose other decoder is already negligible.
+            recycle_after, swap_margin, min_lean = math.inf, 0.5, cfg.late_lean
         args = (
             self.model,
             self.optimizer,
             self.since_fired,
             self.leaning,
             cfg.dead_window_tokens,
-            low,
-            high,
+            cfg.reassign_low,
+            cfg.reassign_high,
             gen,
             self.model_cfg.decoder_init_norm,
         )
@@ -453,11 +451,12 @@ class Trainer:
                 residual,
                 self.lean_at_move,
                 swap_margin,
+                min_lean,
             )
             if order is not None:
                 self._groups = self._selection_groups()
         else:
-            moves, self.leaning = reassign(*args)
+            moves, self.leaning = reassign(*args, min_lean=min_lean)
         self.moved += torch.tensor([moves.to_a, moves.to_b, moves.recycled, moves.swapped])
 
     def _gathered(self, errors: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
