@@ -109,6 +109,25 @@ def _pre(cc: Crosscoder, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
         return cc.pre_activations(x_a, x_b)
 
 
+def test_min_lean_holds_back_features_whose_other_decoder_is_not_negligible():
+    cc, opt = _lopsided_dfc()
+    with torch.no_grad():
+        cc.w_dec_a[6] *= 0.2  # feature 8 (A row 6) leans to B even more than 6 to A
+    since = torch.zeros(10, dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    rel = cc.relative_decoder_norm()
+    lean_6, lean_8 = float(rel[6]), float(1 - rel[8])
+    assert 0.9 < lean_6 < lean_8 - 0.02
+    labels = leaning(cc, 0.2, 0.8)
+    args = (cc, opt, since, labels, WINDOW, 0.2, 0.8, gen, 0.4, (3, 3))
+    # A bar above both leans holds both back (the labels still carry over) ...
+    moves, kept, order = adapt(*args, min_lean=max(lean_6, lean_8) + 1e-3)
+    assert order is None and (moves.to_a, moves.to_b) == (0, 0) and torch.equal(kept, labels)
+    # ... a bar between them lets only the more lopsided one move.
+    moves, _, _ = adapt(*args, min_lean=(lean_6 + lean_8) / 2)
+    assert (moves.to_a, moves.to_b) == (0, 1)
+
+
 def test_adaptive_move_changes_the_role_in_place_and_keeps_every_other_feature():
     cc, opt = _lopsided_dfc()
     since = torch.zeros(10, dtype=torch.long)
