@@ -146,7 +146,7 @@ class TrainConfig:
     # no steps to absorb what that decoder carried (docs/planted.md), while a near-
     # exclusive feature loses almost nothing by moving. 1: the same checks to the end.
     reassign_stop: float = 0.9
-    late_lean: float = 0.9
+    late_lean: float = 0.8
     # Pairs held out of training (whole windows of an activation store, at most a tenth of
     # it; in-memory pairs are not split) on which validation FVE is measured at every log
     # step, and on whose windows `modeldiff evaluate` measures CE loss recovered. 0: train

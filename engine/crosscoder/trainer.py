@@ -50,7 +50,7 @@ _BEFORE_THE_SETTING_EXISTED = {
     "equal_score_steps": 0,
     "swap_margin": 0.5,
     "reassign_stop": 1.0,
-    "late_lean": 0.9,
+    "late_lean": 0.8,
     "validation_pairs": 0,
 }
 _RESUMABLE_CHANGES = {
