@@ -7,7 +7,6 @@ figures is printed every `PLAIN_EVERY` seconds instead, and once more at the end
 
 from __future__ import annotations
 
-import sys
 import time
 from types import TracebackType
 
@@ -95,7 +94,7 @@ class ProgressBar:
         return f"{line}  {self.status}" if self.status else line
 
     def _print_line(self, now: float) -> None:
-        print(self.plain_line(now), file=self._file or sys.stdout, flush=True)
+        print(self.plain_line(now), file=self._file, flush=True)
 
     def __exit__(
         self,
