@@ -33,11 +33,13 @@ class DemoSettings:
     explain_limit: int = 1000  # exclusive features first, then the strongest shared ones
     # The exclusivity stage runs the Figure-5 calibration: this many A-exclusive,
     # B-exclusive and shared features and random directions (the paper samples hundreds),
-    # one sampled generation of 32 new tokens per prompt and strength (the paper: 200),
-    # so that it takes minutes on a 2-core CPU.
+    # one sampled generation of 32 new tokens per prompt (the paper: 200) at every other
+    # strength (0, 2, ..., 10; the paper: 0, 1, ..., 10), so that it takes about a minute
+    # and a half on a 2-core CPU (three minutes at every strength).
     calibration_per_category: int = 3
     exclusivity_samples: int = 1
     exclusivity_tokens: int = 32
+    exclusivity_alphas: tuple[float, ...] = (0.0, 2.0, 4.0, 6.0, 8.0, 10.0)
     eval_rubric: str = "harmless_refusal"
     eval_prompts: int = 8
     eval_alphas: tuple[float, ...] = (-8.0, -4.0, 0.0, 4.0, 8.0)
@@ -206,7 +208,9 @@ def stage_exclusivity(demo: Demo) -> str:
 
     s = demo.settings
     cfg = stages.exclusivity_config(
-        max_new_tokens=s.exclusivity_tokens, samples=s.exclusivity_samples
+        alphas=s.exclusivity_alphas,
+        max_new_tokens=s.exclusivity_tokens,
+        samples=s.exclusivity_samples,
     )
     calibration = CalibrationConfig(per_category=s.calibration_per_category, exclusivity=cfg)
     judge = stages.steering_judge(_backend())
@@ -216,7 +220,8 @@ def stage_exclusivity(demo: Demo) -> str:
     stages.calibration_figure(frame, figure, "demo: exclusivity by category")
     short = (
         f"demo settings: {s.calibration_per_category} per category, {s.exclusivity_tokens} "
-        f"new tokens (paper: 200), {s.exclusivity_samples} sample(s) per prompt"
+        f"new tokens (paper: 200), {s.exclusivity_samples} sample(s) per prompt, strengths "
+        f"{_strengths(s.exclusivity_alphas)} (paper: 0, 1, ..., 10)"
     )
     lines = "; ".join(stages.calibration_lines(frame))
     return f"{judge.name} ({short}): {lines} -> {figure}"
@@ -261,6 +266,11 @@ def dashboard_url(host: str, port: int) -> str:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _strengths(alphas: tuple[float, ...]) -> str:
+    """Strengths as a short list: "0, 2, 4, 6, 8, 10"."""
+    return ", ".join(f"{a:g}" for a in alphas)
 
 
 def _has_run(db_path: Path) -> bool:

@@ -79,6 +79,12 @@ def test_demo_runs_every_stage_then_reuses_them(demo_dir):
     # random direction; its features get exclusivity scores.
     assert 1 <= first["exclusivity"] <= 4 and first["scores"] > first["exclusivity"]
     assert first["evaluations"] == 1 and list(tmp_path.glob("steer-eval-*.html"))
+    # Its short settings are the ones used, and its note says so.
+    with Database(demo.db, read_only=True) as db:
+        details = db.calibration(RUN_ID)["details"].tolist()
+    assert all(d["alphas"] == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0] for d in details)
+    note = demo.timings["exclusivity"]["note"]
+    assert "strengths 0, 2, 4, 6, 8, 10 (paper: 0, 1, ..., 10)" in note
     assert (tmp_path / "timings.json").is_file() and demo.stitch.is_file()
 
     start = time.perf_counter()
