@@ -19,14 +19,19 @@ Every item is scored like `modeldiff exclusivity` (same prompts, strengths, samp
 seeds), and the similarity is judged even when the interpretability filter fails, so the
 table keeps both the filtered score and the unfiltered 6 - similarity. Features are also
 recorded as ordinary exclusivity scores. Draws are seeded: the same settings pick the same
-items. Items already in the table for this protocol and judge are skipped (resumable).
+items. Items already in the table for this protocol and judge, scored with the same
+settings, are skipped (resumable). Only items scored alike are comparable: the
+distributions hold each judge's items of its newest settings (`settings_key`), so a rerun
+with other strengths, prompts or decoding replaces the panel instead of mixing into it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -177,10 +182,12 @@ def run_calibration(
     record each as it finishes, and return the run's calibration rows of this judge."""
     cfg = cfg or CalibrationConfig()
     ex_cfg = replace(cfg.exclusivity, judge_filtered=True)
+    key = settings_key(ex_cfg, cfg.seed)
     items = pick_items(db, run_id, cfg.per_category, cfg.seed)
     done = set()
     if not force:
         stored = db.calibration(run_id, protocol=cfg.protocol, judge=judge.name)
+        stored = stored[_settings(stored) == key]
         done = set(zip(stored["category"], stored["item"].astype(int), strict=True))
     # Round-robin over the categories, so an interrupted calibration has some of each.
     todo = [it for it in _interleaved(items) if (it.category, it.item) not in done]
@@ -193,7 +200,7 @@ def run_calibration(
             vectors = pair.vectors(it.feature_id, s_max, it.source)
         result = score_vectors(pair, vectors, judge, ex_cfg)
         details = result_details(result, pair, vectors.s_max, ex_cfg)
-        details.update(selection=it.selection, protocol=cfg.protocol, seed=cfg.seed)
+        details.update(selection=it.selection, protocol=cfg.protocol, seed=cfg.seed, settings=key)
         if it.feature_id is not None:
             db.add_exclusivity_score(
                 run_id, it.feature_id, judge=result.judge,
@@ -217,10 +224,39 @@ def run_calibration(
 # -- reading the distributions ----------------------------------------------------------------
 
 
+def settings_key(cfg: ExclusivityConfig, seed: int) -> str:
+    """What makes two items' scores comparable, as a short digest: prompts, strengths,
+    decoding, samples per prompt, the interpretability filter and the draw's seed (which
+    also seeds the random directions). Batch size is left out: it changes no text."""
+    generation = asdict(cfg.generation)
+    generation.pop("max_batch", None)
+    payload = {
+        "prompts": list(cfg.prompts),
+        "alphas": [float(a) for a in cfg.alphas],
+        "generation": generation,
+        "samples": cfg.samples,
+        "min_interpretability": cfg.min_interpretability,
+        "seed": int(seed),
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _settings(frame: pd.DataFrame) -> pd.Series:
+    """Each row's settings key ("" for rows stored without one)."""
+    if "details" not in frame:
+        return pd.Series("", index=frame.index)
+    return frame["details"].map(lambda d: d.get("settings", "") if isinstance(d, dict) else "")
+
+
 def latest(frame: pd.DataFrame) -> pd.DataFrame:
-    """The newest row of each (judge, category, item)."""
+    """The rows a distribution is drawn from: per judge, the items scored with its newest
+    settings, the newest row of each (category, item)."""
     if frame.empty:
         return frame
+    keys = _settings(frame)
+    newest = keys.groupby(frame["judge"]).transform("last")
+    frame = frame[keys == newest]
     return frame.drop_duplicates(["judge", "category", "item"], keep="last")
 
 

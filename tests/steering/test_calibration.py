@@ -3,6 +3,8 @@ directions of matched norm, scored, stored, summarised and drawn."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +15,7 @@ from engine.steering.calibration import (
     RANDOM,
     CalibrationConfig,
     calibration_figure,
+    latest,
     pick_items,
     standing,
     standing_text,
@@ -114,6 +117,31 @@ def test_summary_standing_and_figure_read_the_stored_rows(tmp_path):
     assert "shared: scored (4 of 5 interpretable)" in names
 
 
+def test_distributions_hold_only_the_newest_settings_of_each_judge(tmp_path):
+    """Items scored with other strengths or decoding are not pooled with the newest ones:
+    the older settings' items drop out of the summary, per judge."""
+    rows = [
+        ("offline:x", "old", "shared", 0, 1.0),
+        ("offline:x", "old", "shared", 1, 1.0),
+        ("claude", "c1", "shared", 0, 2.0),
+        ("offline:x", "new", "shared", 1, 5.0),
+        ("offline:x", "new", "shared", 2, 4.0),
+    ]
+    with standard_run(tmp_path / "r.duckdb") as db:
+        for judge, key, category, item, value in rows:
+            db.add_calibration(
+                "std", protocol="figure5", judge=judge, category=category, item=item,
+                feature_id=item, value=value, ci_low=None, ci_high=None, unfiltered=value,
+                interpretability=3.0, details={"settings": key},
+            )  # fmt: skip
+        frame = db.calibration("std", protocol="figure5")
+    offline = summary(frame[frame["judge"] == "offline:x"]).set_index("category")
+    assert offline.loc["shared", "items"] == 2
+    assert offline.loc["shared", "mean"] == pytest.approx(4.5)
+    # Each judge keeps its own newest settings.
+    assert standing(frame, 3.0)["shared"]["n"] == 3
+
+
 # -- end to end on the tiny run ----------------------------------------------------------------
 
 
@@ -166,5 +194,14 @@ def test_protocol_scores_every_category_and_resumes(tiny_run):
             db, run.run_id, pair, judge, cfg, on_item=lambda i, r: done.append(i)
         )
         assert len(done) == 4 and len(again) == 4
+        # Other strengths are other settings: every item is scored anew, and only the
+        # new scores make up the distributions.
+        other = replace(cfg, exclusivity=replace(ex, alphas=(30.0,)))
+        again = run_calibration(
+            db, run.run_id, pair, judge, other, on_item=lambda i, r: done.append(i)
+        )
+        assert len(done) == 8 and len(again) == 8
+        assert summary(again)["items"].sum() == 4
+        assert {d["alphas"][-1] for d in latest(again)["details"]} == {30.0}
     lines = stages.calibration_lines(frame)
     assert len(lines) == 4 and all("(offline proxy)" in line for line in lines)
