@@ -359,11 +359,15 @@ def calibrate(
     """Score the Figure-5 protocol's features per category and random directions (paper
     Figure 5); return the run's calibration rows of this judge."""
     from engine.progress import ProgressBar
-    from engine.steering.calibration import pick_items, run_calibration
+    from engine.steering.calibration import pending, run_calibration
+    from engine.steering.stitching import Stitch
 
-    total = len(pick_items(db, run_id, cfg.per_category, cfg.seed))
+    stitch = stitch if isinstance(stitch, Stitch) else Stitch.load(stitch)
+    todo = len(pending(db, run_id, judge.name, cfg, stitch, force=force))
+    if not todo:  # all scored: no need to load the models
+        return db.calibration(run_id, protocol=cfg.protocol, judge=judge.name)
     pair = _open_pair(db, run_id, stitch, device)
-    with ProgressBar(f"exclusivity {cfg.protocol}", total, enabled=progress) as bar:
+    with ProgressBar(f"exclusivity {cfg.protocol}", todo, enabled=progress) as bar:
         return run_calibration(
             db, run_id, pair, judge, cfg, force=force,
             on_item=lambda item, r: bar.update(

@@ -20,9 +20,10 @@ seeds), and the similarity is judged even when the interpretability filter fails
 table keeps both the filtered score and the unfiltered 6 - similarity. Features are also
 recorded as ordinary exclusivity scores. Draws are seeded: the same settings pick the same
 items. Items already in the table for this protocol and judge, scored with the same
-settings, are skipped (resumable). Only items scored alike are comparable: the
+settings and stitch, are skipped (resumable). Only items scored alike are comparable: the
 distributions hold each judge's items of its newest settings (`settings_key`), so a rerun
-with other strengths, prompts or decoding replaces the panel instead of mixing into it.
+with other strengths, prompts, decoding or stitch replaces the panel instead of mixing
+into it.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from engine.steering.exclusivity import (
 from engine.steering.judges import SteeringJudge
 from engine.steering.pair import FeatureVectors, SteeringPair
 from engine.steering.steer import feature_vector
+from engine.steering.stitching import Stitch
 from engine.steering.transfer import other_model
 
 log = logging.getLogger(__name__)
@@ -168,6 +170,28 @@ def null_vectors(
     return out
 
 
+def pending(
+    db: Database,
+    run_id: str,
+    judge: str,
+    cfg: CalibrationConfig,
+    stitch: Stitch,
+    *,
+    force: bool = False,
+) -> list[Item]:
+    """The protocol's items `judge` has not yet scored with these settings and stitch
+    (all with `force`), round-robin over the categories so an interrupted calibration has
+    some of each."""
+    items = pick_items(db, run_id, cfg.per_category, cfg.seed)
+    done = set()
+    if not force:
+        key = settings_key(replace(cfg.exclusivity, judge_filtered=True), cfg.seed, stitch)
+        stored = db.calibration(run_id, protocol=cfg.protocol, judge=judge)
+        stored = stored[_settings(stored) == key]
+        done = set(zip(stored["category"], stored["item"].astype(int), strict=True))
+    return [it for it in _interleaved(items) if (it.category, it.item) not in done]
+
+
 def run_calibration(
     db: Database,
     run_id: str,
@@ -182,15 +206,9 @@ def run_calibration(
     record each as it finishes, and return the run's calibration rows of this judge."""
     cfg = cfg or CalibrationConfig()
     ex_cfg = replace(cfg.exclusivity, judge_filtered=True)
-    key = settings_key(ex_cfg, cfg.seed)
+    key = settings_key(ex_cfg, cfg.seed, pair.stitch)
     items = pick_items(db, run_id, cfg.per_category, cfg.seed)
-    done = set()
-    if not force:
-        stored = db.calibration(run_id, protocol=cfg.protocol, judge=judge.name)
-        stored = stored[_settings(stored) == key]
-        done = set(zip(stored["category"], stored["item"].astype(int), strict=True))
-    # Round-robin over the categories, so an interrupted calibration has some of each.
-    todo = [it for it in _interleaved(items) if (it.category, it.item) not in done]
+    todo = pending(db, run_id, judge.name, cfg, pair.stitch, force=force)
     nulls = null_vectors(pair, db, run_id, items, cfg.seed) if todo else {}
     for it in todo:
         if it.feature_id is None:
@@ -224,10 +242,11 @@ def run_calibration(
 # -- reading the distributions ----------------------------------------------------------------
 
 
-def settings_key(cfg: ExclusivityConfig, seed: int) -> str:
+def settings_key(cfg: ExclusivityConfig, seed: int, stitch: Stitch) -> str:
     """What makes two items' scores comparable, as a short digest: prompts, strengths,
-    decoding, samples per prompt, the interpretability filter and the draw's seed (which
-    also seeds the random directions). Batch size is left out: it changes no text."""
+    decoding, samples per prompt, the interpretability filter, the draw's seed (which also
+    seeds the random directions) and the stitch. Batch size is left out: it changes no
+    text."""
     generation = asdict(cfg.generation)
     generation.pop("max_batch", None)
     payload = {
@@ -237,6 +256,7 @@ def settings_key(cfg: ExclusivityConfig, seed: int) -> str:
         "samples": cfg.samples,
         "min_interpretability": cfg.min_interpretability,
         "seed": int(seed),
+        "stitch": stitch.fingerprint,
     }
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

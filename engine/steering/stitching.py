@@ -44,6 +44,7 @@ which feature exclusivity is judged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -102,6 +103,15 @@ class Stitch:
     @property
     def d_a(self) -> int:
         return self.w_ab.shape[1]
+
+    @property
+    def fingerprint(self) -> str:
+        """A short digest of what the stitch does (maps, scales, translation): equal for
+        the same fit, different for another."""
+        digest = hashlib.sha256(f"{self.scale_a!r} {self.scale_b!r} {self.translation}".encode())
+        for t in (self.w_ab, self.b_ab, self.w_ba, self.b_ba):
+            digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     @property
     def d_b(self) -> int:

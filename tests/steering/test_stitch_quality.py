@@ -3,6 +3,8 @@ deterministic refits, the chosen ridge, the translation modes, and the low-FVE w
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -104,6 +106,13 @@ def test_two_fits_on_the_same_store_are_identical(tmp_path):
     assert (fits[0].scale_a, fits[0].scale_b) == (fits[1].scale_a, fits[1].scale_b)
     other = train_stitch(store, D_A, D_B, steps=15, batch_size=128, samples=900, seed=4)
     assert not torch.equal(other.w_ab, fits[0].w_ab)
+    # The fingerprint that keys stored scores to their stitch: same fit, same print, also
+    # after a save and load; another fit or translation, another print.
+    fits[0].save(tmp_path / "s.safetensors")
+    loaded = Stitch.load(tmp_path / "s.safetensors")
+    assert fits[0].fingerprint == fits[1].fingerprint == loaded.fingerprint
+    assert other.fingerprint != fits[0].fingerprint
+    assert replace(loaded, translation="affine").fingerprint != loaded.fingerprint
 
 
 def test_a_draw_never_repeats_a_pair(tmp_path):
