@@ -377,8 +377,9 @@ def calibrate(
 
 
 def calibration_lines(frame: Any) -> list[str]:
-    """Per category: items, interpretable ones, mean and 95% interval."""
-    from engine.steering.calibration import summary
+    """Per category: items, interpretable ones, mean and 95% interval; then a warning
+    if exclusive features do not score above random directions."""
+    from engine.steering.calibration import discrimination_warning, summary
     from engine.steering.exclusivity import is_proxy
 
     proxy = not frame.empty and bool(frame["judge"].map(is_proxy).any())
@@ -399,7 +400,8 @@ def calibration_lines(frame: Any) -> list[str]:
             f"{row['label']}: {row['kept']} of {row['items']} interpretable, {kept}{raw}"
             + (" (offline proxy)" if proxy else "")
         )
-    return lines
+    warning = discrimination_warning(frame)
+    return [*lines, f"warning: {warning}"] if warning else lines
 
 
 def calibration_figure(frame: Any, path: str | Path, title: str = "") -> None:

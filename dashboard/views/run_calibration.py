@@ -14,7 +14,13 @@ import streamlit as st
 from dashboard import data
 from dashboard.markdown import md_code
 from dashboard.views.common import fmt
-from engine.steering.calibration import PROTOCOL, calibration_figure, standing_text, summary
+from engine.steering.calibration import (
+    PROTOCOL,
+    calibration_figure,
+    discrimination_warning,
+    standing_text,
+    summary,
+)
 from engine.steering.exclusivity import is_proxy
 
 
@@ -55,6 +61,9 @@ def calibration_panel(path: str, run_id: str) -> None:
             "not the paper's LLM judge.",
             icon="⚠️",
         )
+    warning = discrimination_warning(rows)
+    if warning:
+        st.warning(f"Exclusive features do not stand out: {warning}.", icon="⚠️")
     fig = calibration_figure(rows, f"run {run_id}: exclusivity by category")
     fig.update_layout(height=460, margin={"l": 10, "r": 10, "t": 50, "b": 10})
     st.plotly_chart(fig, width="stretch", key="calibration_figure")
@@ -97,4 +106,8 @@ def feature_standing(path: str, run_id: str, value, judge: str | None) -> str:
     frame = calibration(path, run_id)
     if frame.empty or value is None or value != value:
         return ""
-    return standing_text(frame[frame["judge"] == judge], float(value))
+    rows = frame[frame["judge"] == judge]
+    text = standing_text(rows, float(value))
+    if text and discrimination_warning(rows):
+        text += "; on this run random directions score as high as exclusive features"
+    return text

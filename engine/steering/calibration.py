@@ -350,6 +350,30 @@ def standing_text(frame: pd.DataFrame, value: float | None) -> str:
     return f"above {', '.join(parts)}" if parts else ""
 
 
+def discrimination_warning(frame: pd.DataFrame) -> str:
+    """A warning when the calibration does not set exclusive features apart from the
+    null: the random directions' mean unfiltered score reaches the lower end of the
+    exclusive features' 95% interval (at least two of each). Empty otherwise."""
+    frame = latest(frame)
+    if frame.empty:
+        return ""
+    scores = frame.dropna(subset=["unfiltered"])
+    exclusive = scores.loc[scores["category"].isin([A_EXCLUSIVE, B_EXCLUSIVE]), "unfiltered"]
+    null = scores.loc[scores["category"] == RANDOM, "unfiltered"]
+    if len(exclusive) < 2 or len(null) < 2:
+        return ""
+    low, mid, high = score_interval(exclusive.astype(float).tolist())
+    noise = float(null.astype(float).mean())
+    if noise < low:
+        return ""
+    return (
+        f"random directions score {noise:.2f} (unfiltered, n = {len(null)}), as high as the "
+        f"exclusive features' {mid:.2f} [{low:.2f}, {high:.2f}] (n = {len(exclusive)}): with "
+        "this judge and stitch, an exclusivity score on this run does not tell an exclusive "
+        "feature from a steering vector with no feature behind it"
+    )
+
+
 def calibration_figure(frame: pd.DataFrame, title: str = ""):
     """Figure 5 style: each category's exclusivity scores (interpretable items) as a
     violin with every point, the mean marked; the unfiltered 6 - similarity of all items

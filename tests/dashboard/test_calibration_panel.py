@@ -99,6 +99,33 @@ def test_feature_page_reads_a_score_against_the_calibration(db_path):
     assert "offline proxy</span>, 95% interval [3.9, 5.0] over 9 prompt × sample units" in page
 
 
+def test_pages_warn_when_exclusive_features_score_like_random_directions(tmp_path, monkeypatch):
+    """A calibration whose random directions score as high as its exclusive features
+    says so on the Runs page and next to a feature's score."""
+    path = build_results_db(tmp_path)
+    flat = {"a_exclusive": [5.0, 4.8, 5.0], "random": [5.0, 5.0, 4.8]}
+    with Database(path) as db:
+        for category, values in flat.items():
+            for item, value in enumerate(values):
+                db.add_calibration(
+                    RUN, protocol="figure5", judge=JUDGE, category=category, item=item,
+                    feature_id=None if category == "random" else item, value=value,
+                    ci_low=None, ci_high=None, unfiltered=value, interpretability=3.5,
+                    details={"selection": "test"},
+                )  # fmt: skip
+        db.add_exclusivity_score(
+            RUN, TEA, judge=JUDGE, prompt_version="minilm-shift-v1", value=5.0, ci_low=5.0,
+            ci_high=5.0, n_examples=9, details={"source": "a", "target": "b", "units": 9},
+        )  # fmt: skip
+    monkeypatch.setenv("MODELDIFF_DB", str(path))
+    at = app()
+    (warning,) = [w.value for w in at.warning if "do not stand out" in w.value]
+    assert "random directions score 4.93" in warning and "n = 3" in warning
+    feature = app("views/feature.py", feature=str(TEA))
+    (line,) = [c.value for c in feature.caption if c.value.startswith("Exclusivity 5.0")]
+    assert "random directions score as high as exclusive features" in line
+
+
 def test_features_list_and_report_show_interval_and_proxy(db_path):
     at = app("views/features.py")
     table = at.dataframe[0].value.set_index("feature_id")

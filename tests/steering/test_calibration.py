@@ -15,6 +15,7 @@ from engine.steering.calibration import (
     RANDOM,
     CalibrationConfig,
     calibration_figure,
+    discrimination_warning,
     latest,
     pending,
     pick_items,
@@ -117,6 +118,34 @@ def test_summary_standing_and_figure_read_the_stored_rows(tmp_path):
     assert "offline judge: proxy scores" in fig.layout.title.text
     names = [t.name for t in fig.data]
     assert "shared: scored (4 of 5 interpretable)" in names
+
+
+def test_a_calibration_that_does_not_separate_exclusive_from_random_says_so(tmp_path):
+    from engine.stages import calibration_lines
+
+    def frame(exclusive, null):
+        rows = [("a_exclusive", v) for v in exclusive] + [(RANDOM, v) for v in null]
+        return pd.DataFrame(
+            {
+                "judge": "offline:x",
+                "category": [c for c, _ in rows],
+                "item": range(len(rows)),
+                "value": [v for _, v in rows],
+                "ci_low": None,
+                "ci_high": None,
+                "unfiltered": [v for _, v in rows],
+                "details": [{"settings": "k"}] * len(rows),
+            }
+        )
+
+    flat = frame([5.0, 4.8, 5.0, 4.6], [5.0, 4.9])
+    warning = discrimination_warning(flat)
+    assert warning.startswith("random directions score 4.95 (unfiltered, n = 2)")
+    assert calibration_lines(flat)[-1] == f"warning: {warning}"
+    # Exclusive features clearly above the null: nothing to say; too few items: nothing.
+    assert discrimination_warning(frame([5.0, 4.8, 5.0, 4.6], [1.0, 2.0, 1.5])) == ""
+    assert discrimination_warning(frame([5.0], [5.0, 5.0])) == ""
+    assert not calibration_lines(frame([5.0, 4.8], [1.0, 1.2]))[-1].startswith("warning")
 
 
 def test_distributions_hold_only_the_newest_settings_of_each_judge(tmp_path):
