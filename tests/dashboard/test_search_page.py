@@ -180,13 +180,15 @@ def test_search_explains_how_to_enable_it_without_models(search_db):
 
 # -- in a real browser ---------------------------------------------------------------------
 
-IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
+# Beside the browser test's screenshots (git-ignored); copy them to docs/images/ by hand
+# when the pages change, so a test run leaves the checkout clean.
+IMAGES = Path(__file__).resolve().parents[2] / "test-output" / "screenshots"
 
 
 @pytest.mark.slow
 def test_browser_screenshots_of_logit_effects_and_search(search_db, tmp_path):
     """The served dashboard in headless Chromium: the feature page's logit effects and a
-    search, clicked down to one token; screenshots to docs/images/."""
+    search, clicked down to one token; screenshots to test-output/screenshots/."""
     import subprocess
 
     sync_api = pytest.importorskip("playwright.sync_api")
