@@ -25,11 +25,11 @@ SCORES = {
 }
 
 
-@pytest.fixture(scope="module")
-def db_path(tmp_path_factory):
-    path = build_results_db(tmp_path_factory.mktemp("calibration_panel"))
+def store_calibration(path, scores: dict, tea: tuple[float, float, float]) -> None:
+    """Calibration items (category -> exclusivity of each, None: filtered, unfiltered 3.0)
+    and the tea feature's score again with its interval, as `modeldiff exclusivity` stores."""
     with Database(path) as db:
-        for category, values in SCORES.items():
+        for category, values in scores.items():
             for item, value in enumerate(values):
                 db.add_calibration(
                     RUN, protocol="figure5", judge=JUDGE, category=category, item=item,
@@ -39,11 +39,17 @@ def db_path(tmp_path_factory):
                     unfiltered=3.0 if value is None else value, interpretability=3.5,
                     details={"selection": "test"},
                 )  # fmt: skip
-        # The tea feature's score again, with its interval (as `modeldiff exclusivity` stores).
+        value, low, high = tea
         db.add_exclusivity_score(
-            RUN, TEA, judge=JUDGE, prompt_version="minilm-shift-v1", value=4.5, ci_low=3.9,
-            ci_high=5.0, n_examples=9, details={"source": "a", "target": "b", "units": 9},
+            RUN, TEA, judge=JUDGE, prompt_version="minilm-shift-v1", value=value, ci_low=low,
+            ci_high=high, n_examples=9, details={"source": "a", "target": "b", "units": 9},
         )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def db_path(tmp_path_factory):
+    path = build_results_db(tmp_path_factory.mktemp("calibration_panel"))
+    store_calibration(path, SCORES, (4.5, 3.9, 5.0))
     old = os.environ.get("MODELDIFF_DB")
     os.environ["MODELDIFF_DB"] = str(path)
     yield path
@@ -104,19 +110,7 @@ def test_pages_warn_when_exclusive_features_score_like_random_directions(tmp_pat
     says so on the Runs page and next to a feature's score."""
     path = build_results_db(tmp_path)
     flat = {"a_exclusive": [5.0, 4.8, 5.0], "random": [5.0, 5.0, 4.8]}
-    with Database(path) as db:
-        for category, values in flat.items():
-            for item, value in enumerate(values):
-                db.add_calibration(
-                    RUN, protocol="figure5", judge=JUDGE, category=category, item=item,
-                    feature_id=None if category == "random" else item, value=value,
-                    ci_low=None, ci_high=None, unfiltered=value, interpretability=3.5,
-                    details={"selection": "test"},
-                )  # fmt: skip
-        db.add_exclusivity_score(
-            RUN, TEA, judge=JUDGE, prompt_version="minilm-shift-v1", value=5.0, ci_low=5.0,
-            ci_high=5.0, n_examples=9, details={"source": "a", "target": "b", "units": 9},
-        )  # fmt: skip
+    store_calibration(path, flat, (5.0, 5.0, 5.0))
     monkeypatch.setenv("MODELDIFF_DB", str(path))
     at = app()
     (warning,) = [w.value for w in at.warning if "do not stand out" in w.value]
