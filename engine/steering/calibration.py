@@ -182,14 +182,22 @@ def pending(
     """The protocol's items `judge` has not yet scored with these settings and stitch
     (all with `force`), round-robin over the categories so an interrupted calibration has
     some of each."""
+    return _plan(db, run_id, judge, cfg, stitch, force)[1]
+
+
+def _plan(
+    db: Database, run_id: str, judge: str, cfg: CalibrationConfig, stitch: Stitch, force: bool
+) -> tuple[list[Item], list[Item], str]:
+    """All the protocol's items, those still to score (`pending`), and the settings key."""
     items = pick_items(db, run_id, cfg.per_category, cfg.seed)
+    key = settings_key(replace(cfg.exclusivity, judge_filtered=True), cfg.seed, stitch)
     done = set()
     if not force:
-        key = settings_key(replace(cfg.exclusivity, judge_filtered=True), cfg.seed, stitch)
         stored = db.calibration(run_id, protocol=cfg.protocol, judge=judge)
         stored = stored[_settings(stored) == key]
         done = set(zip(stored["category"], stored["item"].astype(int), strict=True))
-    return [it for it in _interleaved(items) if (it.category, it.item) not in done]
+    todo = [it for it in _interleaved(items) if (it.category, it.item) not in done]
+    return items, todo, key
 
 
 def run_calibration(
@@ -206,9 +214,7 @@ def run_calibration(
     record each as it finishes, and return the run's calibration rows of this judge."""
     cfg = cfg or CalibrationConfig()
     ex_cfg = replace(cfg.exclusivity, judge_filtered=True)
-    key = settings_key(ex_cfg, cfg.seed, pair.stitch)
-    items = pick_items(db, run_id, cfg.per_category, cfg.seed)
-    todo = pending(db, run_id, judge.name, cfg, pair.stitch, force=force)
+    items, todo, key = _plan(db, run_id, judge.name, cfg, pair.stitch, force)
     nulls = null_vectors(pair, db, run_id, items, cfg.seed) if todo else {}
     for it in todo:
         if it.feature_id is None:
