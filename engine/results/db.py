@@ -20,13 +20,15 @@ Values reach SQL only as `?` parameters; table and column names only from the al
   Arrow conversion), `clauses` (shared SQL fragments), `errors`;
 - the families: `runs`, `features` (with `features_sql`, the feature table's query),
   `contexts` (windows and contexts), `neighbors` (and matches), `logit_effects` (and the
-  token texts), `explanations` (and scores), `steering` (and evaluations), `triage`,
+  token texts), `explanations` (and scores), `steering` (and evaluations), `effects`
+  (the judge-free effect measure and its null), `triage`,
   `export`.
 """
 
 from __future__ import annotations
 
 from engine.results.contexts import ContextsMixin
+from engine.results.effects import EffectsMixin
 from engine.results.errors import ResultsDBError
 from engine.results.explanations import ExplanationsMixin
 from engine.results.export import ExportMixin
@@ -48,6 +50,7 @@ class Database(
     LogitEffectsMixin,
     ExplanationsMixin,
     SteeringMixin,
+    EffectsMixin,
     TriageMixin,
     ExportMixin,
 ):

@@ -256,7 +256,30 @@ CREATE TABLE vocab (
 );
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, EXCLUSIVITY_SPREAD, LOGIT_EFFECTS]
+# Judge-free effect measure (engine.steering.effects): per run and settings key, each
+# measured feature and each random direction of the null (kind 'null', cached so a run
+# computes its null once), with the exclusivity, its z-score and percentile against the
+# null, and the per-model effects in details.
+EFFECTS = """
+CREATE SEQUENCE effect_ids START 1;
+CREATE TABLE effects (
+    effect_id BIGINT PRIMARY KEY DEFAULT nextval('effect_ids'),
+    run_id VARCHAR NOT NULL,
+    settings VARCHAR NOT NULL,  -- digest of the measure's settings, stitch and models
+    kind VARCHAR NOT NULL,      -- 'feature', 'null' (a random direction) or 'direction'
+    item INTEGER NOT NULL,      -- the feature id, or the direction's number
+    feature_id INTEGER,         -- NULL for a direction
+    source VARCHAR NOT NULL,    -- the model steered with the vector itself
+    similarity DOUBLE,          -- rank correlation of the two models' effects
+    exclusivity DOUBLE,         -- 1 - similarity
+    z DOUBLE,                   -- against the null of the same source model
+    percentile DOUBLE,          -- % of that null less exclusive
+    details JSON,
+    created_at TIMESTAMP NOT NULL
+);
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, EXCLUSIVITY_SPREAD, LOGIT_EFFECTS, EFFECTS]
 
 # The indexes of the newest version: name -> (table, column).
 INDEXES: dict[str, tuple[str, str]] = {
@@ -320,6 +343,10 @@ COLUMNS: dict[str, tuple[str, ...]] = {
         "suppressed_ids", "suppressed_values", "hist_counts", "hist_min", "hist_max",
     ),
     "vocab": ("run_id", "model", "token_id", "token"),
+    "effects": (
+        "effect_id", "run_id", "settings", "kind", "item", "feature_id", "source",
+        "similarity", "exclusivity", "z", "percentile", "details", "created_at",
+    ),
 }  # fmt: skip
 
 JSON_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -328,6 +355,7 @@ JSON_COLUMNS: dict[str, tuple[str, ...]] = {
     "steering_samples": ("transfer",),
     "evaluations": ("config", "result"),
     "calibration": ("details",),
+    "effects": ("details",),
 }
 
 # List columns and how deeply they nest (2: one [n, 2] array per row).

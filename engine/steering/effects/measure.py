@@ -1,0 +1,193 @@
+"""The effect measure of one steering vector and its stitched copy: iso-KL strengths, a
+panel of strings, and how alike the two models' reactions to the panel are.
+
+1. Matched strength. Each model is steered with a coefficient chosen so that its
+   next-token distribution on neutral prompts moves by the same KL budget (`Probe.iso_kl`):
+   no model is pushed into nonsense, and strengths are comparable across vectors and
+   models whatever their norms.
+2. A panel of strings: the tokens each model's steering promotes and demotes most (among its
+   likely next tokens), decoded to text so that they mean the same in both tokenizers, plus
+   any known target strings (an organism's marker).
+3. Compare effects, not texts: for every panel string, the change of its teacher-forced
+   log-probability after each prompt under steering, in each model (each string tokenised
+   by that model). Similarity is the Spearman rank correlation of the two models' changes;
+   exclusivity = 1 - similarity (0: the target reacts like the source, 2: the opposite).
+
+The number is read against a null of random directions (`engine.steering.effects.null`),
+as a z-score and a percentile.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from engine.errors import ConfigError
+from engine.steering.effects.probe import NEUTRAL_PROMPTS, Probe
+
+VERSION = "effects-v1"
+
+
+@dataclass(frozen=True)
+class EffectsConfig:
+    """The measure's settings: KL budget, prompts, panel size, null size and seed."""
+
+    budget: float = 0.5  # nats of KL(steered || unsteered) on the next token, per model
+    prompts: tuple[str, ...] = NEUTRAL_PROMPTS
+    panel: int = 8  # strings each model contributes per direction (promoted, demoted)
+    candidates: int = 200  # among this many most likely next tokens
+    nulls: int = 32  # random directions per source model
+    bisection: int = 12  # halvings of log(coefficient) in the iso-KL search
+    seed: int = 0
+    targets: tuple[str, ...] = ()  # known strings that always join the panel
+
+    def __post_init__(self) -> None:
+        if not self.budget > 0:
+            raise ConfigError(f"the KL budget must be positive, got {self.budget}")
+        if self.panel < 2:
+            raise ConfigError(f"the panel needs at least 2 strings per model, got {self.panel}")
+        if self.nulls < 2:
+            raise ConfigError(f"the null needs at least 2 random directions, got {self.nulls}")
+        if not self.prompts:
+            raise ConfigError("the effect measure needs at least one prompt")
+
+    def key_payload(self) -> dict[str, Any]:
+        """What makes two measurements comparable (targets are per item, not here)."""
+        payload = asdict(self)
+        payload.pop("targets")
+        payload["prompts"] = list(self.prompts)
+        payload["version"] = VERSION
+        return payload
+
+
+@dataclass
+class Effect:
+    """One vector's measured effects in both models, and (once read against a null) its
+    standing among random directions."""
+
+    source: str
+    target: str
+    coefficients: dict[str, float]  # iso-KL coefficient per model, raw units
+    kl: dict[str, float]  # the KL reached per model
+    reached: dict[str, bool]  # whether the budget was reachable within 8x the typical norm
+    strings: list[str]  # the panel
+    origins: list[str]  # where each string came from: "a+", "b-", "target", ...
+    changes: dict[str, list[float]]  # per model: each string's change of log-probability
+    output: dict[str, float]  # per model: mean change of the vector's own logit-lens tokens
+    similarity: float
+    exclusivity: float
+    z: float | None = None
+    percentile: float | None = None  # share of random directions less exclusive, in %
+    null_n: int = 0
+    companions: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict (the `details` of a stored row)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Effect:
+        """The inverse of `to_json`."""
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def measure_vectors(
+    probes: dict[str, Probe],
+    vectors: dict[str, torch.Tensor],
+    source: str,
+    cfg: EffectsConfig,
+    targets: Sequence[str] = (),
+) -> Effect:
+    """Measure a vector steering `source` and its stitched copy steering the other model;
+    `vectors` maps each model to the vector that steers it."""
+    target = "b" if source == "a" else "a"
+    coefficients, kls, reached, panels, output = {}, {}, {}, {}, {}
+    for m in (source, target):
+        probe, v = probes[m], vectors[m].float()
+        if not torch.isfinite(v).all() or float(v.norm()) == 0.0:
+            raise ConfigError(f"the vector for model {m.upper()} is zero or not finite")
+        coef, kl, ok = probe.iso_kl(v, cfg.budget, cfg.bisection)
+        coefficients[m], kls[m], reached[m] = coef, kl, ok
+        change = (probe.next_token(v, coef) - probe.base).mean(0)
+        panels[m] = _panel(probe, change, cfg)
+        output[m] = _output_score(probe, v, change)
+    strings, origins = _merge(panels, source, list(cfg.targets) + list(targets))
+    changes = {}
+    for m in (source, target):
+        probe = probes[m]
+        steered = probe.string_logprobs(strings, vectors[m], coefficients[m])
+        changes[m] = (steered - probe.string_logprobs(strings)).tolist()
+    similarity = rank_correlation(changes[source], changes[target])
+    return Effect(
+        source, target, coefficients, kls, reached, strings, origins, changes, output,
+        similarity, 1.0 - similarity,
+    )  # fmt: skip
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rho, 0 where either side is constant."""
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return 0.0
+    rho = float(spearmanr(x, y).statistic)
+    return 0.0 if math.isnan(rho) else rho
+
+
+def _panel(probe: Probe, change: torch.Tensor, cfg: EffectsConfig) -> list[tuple[str, str]]:
+    """The strings steering promotes most among the likely steered tokens, and demotes most
+    among the likely unsteered ones, as (text, "+"|"-")."""
+    likely_up = torch.topk((probe.base.mean(0) + change).exp(), cfg.candidates).indices
+    likely_down = torch.topk(probe.base.exp().mean(0), cfg.candidates).indices
+    out: list[tuple[str, str]] = []
+    for ids, sign in ((likely_up, "+"), (likely_down, "-")):
+        order = torch.argsort(change[ids], descending=sign == "+", stable=True)
+        taken = 0
+        for i in ids[order].tolist():
+            text = probe.decode(i)
+            if not _usable(text):
+                continue
+            out.append((text, sign))
+            taken += 1
+            if taken == cfg.panel:
+                break
+    return out
+
+
+def _usable(text: str) -> bool:
+    """A string that survives a trip through another tokenizer: printable, not blank, not
+    a piece of a multi-byte character."""
+    return bool(text.strip()) and "\ufffd" not in text and text.isprintable()
+
+
+def _merge(
+    panels: dict[str, list[tuple[str, str]]], source: str, targets: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """The union of the models' panels (source first) and the targets, each string once."""
+    strings, origins, seen = [], [], set()
+    for text in targets:
+        if text and text not in seen:
+            seen.add(text)
+            strings.append(text)
+            origins.append("target")
+    for m in sorted(panels, key=lambda k: k != source):
+        for text, sign in panels[m]:
+            if text not in seen:
+                seen.add(text)
+                strings.append(text)
+                origins.append(f"{m}{sign}")
+    return strings, origins
+
+
+def _output_score(probe: Probe, vector: torch.Tensor, change: torch.Tensor, k: int = 10) -> float:
+    """Mean change of next-token log-probability, under steering, of the vector's own top
+    `k` logit-lens tokens (its direction read through the unembedding)."""
+    head = probe.loaded.model.lm_head.weight
+    with torch.inference_mode():
+        lens = head.float() @ vector.float().to(head.device)
+    top = torch.topk(lens, k).indices.cpu()
+    return float(change[top].mean())

@@ -1,0 +1,140 @@
+"""The judge-free effect measure on the tiny real models: matched KL, a planted direction
+that transfers scores above random directions, the same numbers twice, and the null
+measured once and reused from the results DB."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.steering.effects.measure import EffectsConfig, rank_correlation
+from engine.steering.effects.null import random_directions, standing
+from engine.steering.effects.session import EffectSession
+from engine.steering.stitching import Stitch
+
+# Small settings: two prompts, a short search; the tiny random models move little.
+CFG = EffectsConfig(
+    budget=0.004, prompts=("I think that", "It was a"), panel=4, candidates=50, nulls=6,
+    bisection=8,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_pair):
+    """The tiny Llama as both "models", and a stitch that carries one planted direction
+    over unchanged and maps everything orthogonal to it at random: the planted direction
+    transfers, random directions mostly do not."""
+    a, _ = tiny_pair
+    gen = torch.Generator().manual_seed(0)
+    d = torch.randn(32, generator=gen)
+    unit = d / d.norm()
+    rotate = torch.linalg.qr(torch.randn(32, 32, generator=gen))[0]
+    w = torch.outer(unit, unit) + rotate @ (torch.eye(32) - torch.outer(unit, unit))
+    stitch = Stitch(w, torch.zeros(32), w.T, torch.zeros(32), 1.0, 1.0)
+    assert torch.allclose(stitch.map(d, "a"), d, atol=1e-4)
+    sample = {m: torch.randn(400, 32, generator=gen) for m in ("a", "b")}
+    return {"a": a, "b": a}, stitch, sample, d
+
+
+def session(planted, cfg=CFG) -> EffectSession:
+    models, stitch, sample, _ = planted
+    return EffectSession(models, {"a": 1, "b": 1}, stitch, cfg, sample)
+
+
+def test_iso_kl_reaches_the_budget_in_both_models(planted):
+    s = session(planted)
+    probe = s.probes["a"]
+    coef, kl, reached = probe.iso_kl(planted[3], CFG.budget, CFG.bisection)
+    assert reached and kl == pytest.approx(CFG.budget, rel=0.1)
+    assert probe.kl(planted[3], 2 * coef) > CFG.budget > probe.kl(planted[3], coef / 2)
+
+
+def test_a_planted_direction_that_transfers_scores_above_random_directions(planted):
+    s = session(planted)
+    effect = s.measure(planted[3], "a", targets=(" river stone",))
+    null = s.null("a")
+    assert effect.strings[0] == " river stone" and effect.origins[0] == "target"
+    # Both sides react alike to the planted direction: the same coefficient, the same
+    # changes; random directions, rotated by the stitch, do not.
+    assert effect.coefficients["a"] == pytest.approx(effect.coefficients["b"], rel=1e-4)
+    assert effect.similarity > 0.99 > max(e.similarity for e in null)
+    assert effect.percentile == 0.0 and effect.z < -1.5  # less exclusive than every one
+    assert effect.null_n == CFG.nulls and set(effect.changes) == {"a", "b"}
+
+
+def test_two_measurements_give_identical_numbers(planted):
+    first = session(planted).measure(planted[3], "a")
+    second = session(planted).measure(planted[3], "a")
+    assert json.dumps(first.to_json(), sort_keys=True) == json.dumps(
+        second.to_json(), sort_keys=True
+    )
+
+
+def test_null_directions_follow_the_activation_covariance():
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.tensor([10.0, 1.0, 0.1])
+    sample = torch.randn(5000, 3, generator=gen) * scales
+    directions = random_directions(sample, 2000, seed=3)
+    assert torch.allclose(directions.std(0), scales, rtol=0.1)
+    assert torch.equal(directions, random_directions(sample, 2000, seed=3))
+
+
+def test_standing_and_rank_correlation():
+    z, pct = standing(3.0, [1.0, 2.0, 3.0, 4.0])
+    assert pct == pytest.approx(62.5) and z == pytest.approx((3.0 - 2.5) / 1.2909944, rel=1e-5)
+    assert standing(1.0, []) == (None, None)
+    assert rank_correlation([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert rank_correlation([1, 1, 1], [1, 2, 3]) == 0.0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from engine import stages
+    from tests.tiny_run import build_tiny_run
+
+    tmp = tmp_path_factory.mktemp("effects")
+    run = build_tiny_run(tmp)
+    _, path = stages.fit_stitch(run.store, tmp / "stitch.safetensors", steps=0, seed=0)
+    return run, path
+
+
+def test_run_measure_stores_features_and_computes_the_null_once(tiny_run, monkeypatch):
+    from engine.results import Database
+    from engine.steering.effects import run as effects_run
+    from engine.steering.effects import session as effects_session
+    from engine.steering.effects.run import measure_feature, measure_features
+    from engine.steering.pair import SteeringPair
+
+    run, stitch = tiny_run
+    calls = []
+    real = effects_session.measure_vectors
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(effects_session, "measure_vectors", counted)
+    with Database(run.db) as db:
+        table = db.features(run.run_id, dead=False)
+        live = table[table["s_max"].fillna(0) > 0]["feature_id"].astype(int).tolist()[:2]
+        pair = SteeringPair.open(db, run.run_id, stitch)
+        got = measure_features(db, run.run_id, pair, live[:1], CFG)
+        assert len(calls) == 2 * CFG.nulls + 1  # the null of both models, then the feature
+        stored = db.effects(run.run_id)
+        assert (stored["kind"] == "null").sum() == 2 * CFG.nulls
+        assert stored.loc[stored["kind"] == "feature", "z"].notna().all()
+        assert got[0][1].null_n == CFG.nulls
+        # A second feature reuses the stored null; a stored feature is not measured again.
+        calls.clear()
+        measure_features(db, run.run_id, pair, live, CFG)
+        assert len(calls) == 1
+        # The one-call form for other code: a raw direction, read against the same null.
+        calls.clear()
+        effect = measure_feature(
+            db, run.run_id, stitch, direction=torch.ones(32), source="a", cfg=CFG, pair=pair,
+            targets=("the river",),
+        )  # fmt: skip
+        assert len(calls) == 1 and effect.z is not None and "the river" in effect.strings
+        assert effects_run.latest(db.effects(run.run_id))["kind"].value_counts()["null"] == 12
