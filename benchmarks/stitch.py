@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from engine.activations import ActivationStore
-from engine.steering import stitching
 from engine.steering.stitching import Stitch, evaluate, train_stitch
+from engine.steering.stitching import fit as stitching
 
 EARLIER = {"samples": 32768, "steps": 500, "batch_size": 1024, "lr": 1e-4, "inversion": 1.0}
 
