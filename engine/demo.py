@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from engine import stages
 from engine.config import RunConfig, load_preset
@@ -49,6 +49,10 @@ class DemoSettings:
     stitch_steps: int = 0
     evaluate_windows: int = 24  # held-out windows for CE loss recovered (the run has 7)
     progress: bool = True
+    # Consent to paid Claude requests when ANTHROPIC_API_KEY is set (else each paid stage
+    # shows its estimate and asks; with no terminal to ask, it runs offline).
+    yes: bool = False
+    max_cost: float | None = None  # USD per paid stage
     # Replacements for preset values, per section, e.g. {"harvest": {"max_pairs": 3000}}.
     overrides: dict[str, dict] = field(default_factory=dict)
 
@@ -60,6 +64,7 @@ class Demo:
     out: Path
     settings: DemoSettings = field(default_factory=DemoSettings)
     timings: dict[str, dict] = field(default_factory=dict)
+    claude_declined: bool = False  # once declined, no later stage asks again
 
     @property
     def store(self) -> Path:
@@ -171,7 +176,11 @@ def stage_explain(demo: Demo) -> str:
     from engine.results import Database
 
     with Database(demo.db) as db:
-        explainer = _explainer(db, demo.settings.explain_limit)
+        explainer = _paid_or_offline(
+            demo,
+            lambda kind: stages.explainer(kind, db, RUN_ID),
+            lambda ex: stages.explain_cost(ex, demo.settings.explain_limit),
+        )
         run = stages.explain(
             db, RUN_ID, explainer, limit=demo.settings.explain_limit,
             progress=demo.settings.progress,
@@ -181,10 +190,15 @@ def stage_explain(demo: Demo) -> str:
 
 def stage_score(demo: Demo) -> str:
     """Detection scores of the explanations (resumable)."""
+    from engine.interp.run import to_score
     from engine.results import Database
 
-    judge = stages.detection_judge(_backend())
     with Database(demo.db) as db:
+        judge = _paid_or_offline(
+            demo,
+            stages.detection_judge,
+            lambda j: stages.score_cost(j, len(to_score(db, RUN_ID, j, None, None))),
+        )
         run = stages.score(db, RUN_ID, judge, progress=demo.settings.progress)
     return f"{judge.name}: {run.summary()}"
 
@@ -204,7 +218,8 @@ def stage_exclusivity(demo: Demo) -> str:
     """The exclusivity calibration (paper Figure 5, small): a few features per category and
     random directions, scored; each category's mean and 95% interval (resumable)."""
     from engine.results import Database
-    from engine.steering.calibration import CalibrationConfig
+    from engine.steering.calibration import CalibrationConfig, pending
+    from engine.steering.stitching import Stitch
 
     s = demo.settings
     cfg = stages.exclusivity_config(
@@ -213,8 +228,15 @@ def stage_exclusivity(demo: Demo) -> str:
         samples=s.exclusivity_samples,
     )
     calibration = CalibrationConfig(per_category=s.calibration_per_category, exclusivity=cfg)
-    judge = stages.steering_judge(_backend())
     with Database(demo.db) as db:
+        stitch = Stitch.load(demo.stitch)
+        judge = _paid_or_offline(
+            demo,
+            stages.steering_judge,
+            lambda j: stages.exclusivity_cost(
+                j, len(pending(db, RUN_ID, j.name, calibration, stitch)), cfg
+            ),
+        )
         frame = stages.calibrate(db, RUN_ID, demo.stitch, judge, calibration)
     figure = demo.out / "exclusivity-figure5.html"
     stages.calibration_figure(frame, figure, "demo: exclusivity by category")
@@ -235,7 +257,6 @@ def stage_steer_eval(demo: Demo) -> str:
 
     s = demo.settings
     rub = rubric(s.eval_rubric)
-    judge = stages.steering_judge(_backend())
     with Database(demo.db) as db:
         # The most exclusive scored feature; if none passed the interpretability filter,
         # the strongest exclusive one, so the demo still shows an evaluation.
@@ -250,6 +271,9 @@ def stage_steer_eval(demo: Demo) -> str:
             return f"cached: feature {feature} on {rub.name}"
         cfg = stages.eval_config(
             rub.name, alphas=s.eval_alphas, limit=s.eval_prompts, max_new_tokens=s.eval_tokens
+        )
+        judge = _paid_or_offline(
+            demo, stages.steering_judge, lambda j: stages.steer_eval_cost(j, cfg)
         )
         result = stages.steer_eval(db, RUN_ID, demo.stitch, feature, judge, cfg)
     figure = demo.out / f"steer-eval-{feature}-{rub.name}.html"
@@ -292,20 +316,24 @@ def _most_exclusive(db) -> int | None:
     return int(best["feature_id"].iloc[0])
 
 
-def _backend() -> str:
-    """Claude explains and judges when a key is set (the paper's setting), else offline."""
-    return "anthropic" if os.environ.get("ANTHROPIC_API_KEY") else stages.DEFAULT_BACKEND
+def _paid_or_offline(demo: Demo, make: Callable[[str], Any], cost: Callable[[Any], str]):
+    """Claude (`make("anthropic")`) when a key is set and the user accepts the estimate
+    `cost` gives (or the settings' yes / max_cost), else the offline backend. A refusal, no
+    answer or no terminal to ask sends nothing, and later stages do not ask again."""
+    from engine.interp.anthropic.client import SpendingRefused
 
-
-def _explainer(db, limit: int):
-    """Anthropic explainer with a key (after the cost is shown and accepted), else offline."""
-    if _backend() == "anthropic":
-        explainer = stages.explainer("anthropic", db, RUN_ID)
-        print(stages.explain_cost(explainer, limit))
-        if not sys.stdin.isatty() or input("explain with Claude? [y/N] ").lower() == "y":
-            return explainer
-        print("using the offline explainer")
-    return stages.explainer("offline", db, RUN_ID)
+    if not os.environ.get("ANTHROPIC_API_KEY") or demo.claude_declined:
+        return make(stages.DEFAULT_BACKEND)
+    backend = make("anthropic")
+    s = demo.settings
+    try:
+        if stages.consent(backend, cost(backend), yes=s.yes, max_cost=s.max_cost):
+            return backend
+    except SpendingRefused as err:
+        print(f"{err}; running offline")
+    demo.claude_declined = True
+    print("using the offline backends")
+    return make(stages.DEFAULT_BACKEND)
 
 
 def _fve(fve: dict[str, float]) -> str:

@@ -166,9 +166,66 @@ def evaluate(
 # -- explain -> score -------------------------------------------------------------------------
 
 
+# -- paid calls: every Claude explainer and judge sends nothing until `consent` approves it ---
+
+
+def paid(backend: Any) -> bool:
+    """Whether `backend` (an explainer or judge) sends paid Claude requests."""
+    return hasattr(backend, "caller")
+
+
+def consent(
+    backend: Any,
+    estimate: str,
+    *,
+    yes: bool = False,
+    max_cost: float | None = None,
+    ask: Callable[[str], str] | None = None,
+    say: Callable[[str], Any] = print,
+) -> bool:
+    """Show `estimate` (a line) for a paid `backend` and record the user's answer on it.
+
+    --max-cost approves spending up to that many USD, --yes approves it without asking;
+    otherwise the user is asked on the terminal, and anything but "y" (no answer included)
+    sends nothing and returns False. Without a terminal to ask, SpendingRefused. An
+    offline backend costs nothing and needs no consent.
+    """
+    import sys
+
+    from engine.interp.anthropic.client import CONSENT_HINT, Spending, SpendingRefused
+
+    if not paid(backend):
+        return True
+    say(estimate)
+    if max_cost is not None:
+        backend.caller.spending = Spending.agreed(max_cost)
+        say(f"spending up to ${max_cost:,.2f} (--max-cost)")
+        return True
+    if yes:
+        backend.caller.spending = Spending.agreed()
+        return True
+    if ask is None:
+        if not sys.stdin.isatty():
+            raise SpendingRefused(
+                f"paid Claude requests need your consent and there is no terminal to ask; "
+                f"{CONSENT_HINT}"
+            )
+        ask = input
+    try:
+        answer = ask("proceed? [y/N] ")
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() in ("y", "yes"):
+        backend.caller.spending = Spending.agreed()
+        return True
+    say("nothing sent")
+    return False
+
+
 def explainer(kind: str, db: Database, run_id: str, *, model: str | None = None, batch=False):
     """The explainer `kind` names: "anthropic" (Claude `model`, optionally through the
-    Message Batches API) or "offline" (n-grams against the run's own text)."""
+    Message Batches API; it sends nothing until `consent`) or "offline" (n-grams against
+    the run's own text)."""
     if kind == "anthropic":
         from engine.interp.anthropic.explainer import AnthropicExplainer
 
@@ -185,6 +242,55 @@ def explain_cost(explainer: Any, n_features: int) -> str:
     return describe_cost(estimate_cost(n_features, explainer.model, batch=explainer.batch))
 
 
+def score_cost(judge: Any, n_features: int) -> str:
+    """What detection-scoring `n_features` explanations with a Claude judge would cost."""
+    from engine.interp.anthropic.client import EXAMPLE_CHARS, describe_requests, estimate_requests
+    from engine.interp.detection import N_EACH
+    from engine.interp.prompts import DETECTION_SYSTEM, DETECTION_TEMPLATE
+
+    chars = len(DETECTION_TEMPLATE) + 2 * N_EACH * EXAMPLE_CHARS
+    estimate = estimate_requests(
+        "score", n_features, judge.model, prompt_chars=chars,
+        prefix_chars=len(DETECTION_SYSTEM), output_tokens=100,
+    )  # fmt: skip
+    return describe_requests(estimate)
+
+
+def exclusivity_cost(judge: Any, n_items: int, cfg: Any) -> str:
+    """What scoring the exclusivity of `n_items` features (or random directions) with a
+    Claude judge would cost: an interpretability and a similarity request per unit."""
+    from engine.interp.anthropic.client import describe_requests, estimate_requests
+    from engine.steering.judges import RESPONSE_CHARS, SIMILARITY_SYSTEM
+
+    response = min(RESPONSE_CHARS, cfg.generation.max_new_tokens * 6)
+    strengths = len(set(cfg.alphas) | {0.0})
+    prompt = max(map(len, cfg.prompts), default=0)
+    estimate = estimate_requests(
+        "exclusivity", 2 * n_items * cfg.units, judge.model,
+        prompt_chars=prompt + 2 * strengths * response,
+        prefix_chars=len(SIMILARITY_SYSTEM), output_tokens=150,
+    )  # fmt: skip
+    return describe_requests(estimate)
+
+
+def steer_eval_cost(judge: Any, cfg: Any) -> str:
+    """What rating a steering evaluation's answers with a Claude judge would cost: one
+    request per model x prompt x strength."""
+    from engine.interp.anthropic.client import describe_requests, estimate_requests
+    from engine.steering.rubrics import load_prompts, rubric
+
+    rub = rubric(cfg.rubric)
+    prompts = load_prompts(cfg.prompts or rub.prompt_set)[: cfg.limit]
+    alphas = cfg.alphas if cfg.alphas is not None else rub.alphas
+    response = cfg.generation.max_new_tokens * 6
+    prompt = max(map(len, prompts), default=0)
+    estimate = estimate_requests(
+        "steer-eval", len(cfg.models) * len(prompts) * len(alphas), judge.model,
+        prompt_chars=prompt + response, prefix_chars=len(rub.system_prompt()),
+    )  # fmt: skip
+    return describe_requests(estimate)
+
+
 def explain(db: Database, run_id: str, explainer: Any, **options):
     """Explain features (exclusive partitions first) and flag potentially harmful ones;
     `options` are `explain_run`'s (partitions, limit, ledger, progress)."""
@@ -194,7 +300,8 @@ def explain(db: Database, run_id: str, explainer: Any, **options):
 
 
 def detection_judge(kind: str, model: str | None = None):
-    """The detection judge `kind` names: "anthropic" (Claude `model`) or "offline"."""
+    """The detection judge `kind` names: "anthropic" (Claude `model`; it sends nothing
+    until `consent`) or "offline"."""
     if kind == "anthropic":
         from engine.interp.anthropic.judge import AnthropicJudge
 
@@ -243,7 +350,8 @@ def fit_stitch(
 
 
 def steering_judge(kind: str, model: str | None = None):
-    """The steering judge `kind` names: "anthropic" (Claude `model`) or "offline" (MiniLM)."""
+    """The steering judge `kind` names: "anthropic" (Claude `model`; it sends nothing until
+    `consent`) or "offline" (MiniLM)."""
     from engine.steering.judges import steering_judge as make
 
     return make(kind, **given(model=model))

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine.cli.interp import add_consent
 from engine.cli.types import port, run_id
 from engine.errors import UserError
 
@@ -115,7 +116,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "modeldiff demo: SmolLM2-135M-Instruct (A) vs Gemma-3-270m (B) on offline chat and "
         f"prose -> {out}"
     )
-    demo = run_demo(out, DemoSettings(progress=not args.quiet))
+    settings = DemoSettings(progress=not args.quiet, yes=args.yes, max_cost=args.max_cost)
+    demo = run_demo(out, settings)
     print(f"demo finished in {demo.timings['total']['seconds']:.0f} s; results in {demo.db}")
     if args.no_dashboard:
         print(f"open it with: modeldiff dashboard --db {demo.db}")
@@ -165,4 +167,5 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=DASHBOARD_HOST, help="dashboard address (default localhost)")
     p.add_argument("--port", type=port, default=DASHBOARD_PORT)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_consent(p)  # used only with ANTHROPIC_API_KEY set
     p.set_defaults(func=cmd_demo)

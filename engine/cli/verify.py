@@ -14,6 +14,7 @@ from pathlib import Path
 
 from engine import stages
 from engine.categories import CANDIDATES
+from engine.cli.interp import add_consent
 from engine.cli.types import (
     any_int,
     finite_float,
@@ -87,7 +88,7 @@ def cmd_exclusivity(args: argparse.Namespace) -> None:
     """Score exclusive (and leaning shared) features by whether their steering transfers
     through a stitch."""
     from engine.results import Database
-    from engine.steering.exclusivity import pick_features
+    from engine.steering.exclusivity import pick_features, scored_features
     from engine.steering.stitching import Stitch, stitch_warning
 
     judge = stages.steering_judge(args.judge, args.model)
@@ -108,6 +109,11 @@ def cmd_exclusivity(args: argparse.Namespace) -> None:
         if not features:
             print("no live exclusive or leaning shared features to score")
             return
+        if stages.paid(judge):
+            done = set() if args.force else scored_features(db, args.run_id, judge.name)
+            todo = [f for f in features if int(f) not in done]
+            if not _consent(args, judge, stages.exclusivity_cost(judge, len(todo), cfg)):
+                return
         results = stages.exclusivity(
             db, args.run_id, stitch, judge, features, cfg, device=args.device,
             force=args.force, progress=not args.quiet,
@@ -123,12 +129,16 @@ def _calibrate(args: argparse.Namespace, judge, cfg, stitch) -> None:
     """`exclusivity --protocol figure5`: score the calibration categories, print each
     category's mean and 95% interval, and write the Figure-5 plot."""
     from engine.results import Database
-    from engine.steering.calibration import CalibrationConfig
+    from engine.steering.calibration import CalibrationConfig, pending
 
     options = stages.given(per_category=args.per_category, seed=args.seed)
     calibration = CalibrationConfig(exclusivity=cfg, protocol=args.protocol, **options)
     with Database(args.db, create=False, hold=False) as db:
         db.run(args.run_id)
+        if stages.paid(judge):
+            todo = pending(db, args.run_id, judge.name, calibration, stitch, force=args.force)
+            if not _consent(args, judge, stages.exclusivity_cost(judge, len(todo), cfg)):
+                return
         frame = stages.calibrate(
             db, args.run_id, stitch, judge, calibration, device=args.device,
             force=args.force, progress=not args.quiet,
@@ -153,6 +163,8 @@ def cmd_steer_eval(args: argparse.Namespace) -> None:
     )  # fmt: skip
     with Database(args.db, create=False, hold=False) as db:
         db.run(args.run_id)
+        if stages.paid(judge) and not _consent(args, judge, stages.steer_eval_cost(judge, cfg)):
+            return
         result = stages.steer_eval(
             db, args.run_id, args.stitch, args.feature, judge, cfg, device=args.device,
             progress=not args.quiet,
@@ -165,6 +177,11 @@ def cmd_steer_eval(args: argparse.Namespace) -> None:
     if args.figure:
         stages.eval_figure(result, args.feature, args.figure)
         print(f"figure: {args.figure}")
+
+
+def _consent(args: argparse.Namespace, judge, cost: str) -> bool:
+    """The cost line shown and the user's consent to it (--yes, --max-cost or asked)."""
+    return stages.consent(judge, cost, yes=args.yes, max_cost=args.max_cost)
 
 
 # -- parsers: a flag left out is None, so the stage's (or its config's) default applies ---------
@@ -254,6 +271,7 @@ def _add_steering(sub: argparse._SubParsersAction, name: str, func, source_help:
     )
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_consent(p)
     p.set_defaults(func=func)
     return p
 

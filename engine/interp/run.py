@@ -123,7 +123,7 @@ def score_run(
 ) -> ScoreRun:
     """Detection-score the latest explanation of each feature (paper B.4.4)."""
     done = db.scored_explanations(run_id, judge.name, judge.prompt_version)
-    todo = list(_to_score(db, run_id, explainer, done, limit))
+    todo = to_score(db, run_id, judge, explainer, limit)
     out = ScoreRun(skipped_done=len(done))
     all_examples = examples_of(db, run_id, [int(r.feature_id) for r in todo])
     with ProgressBar(f"score ({judge.name})", len(todo), progress) as bar:
@@ -151,6 +151,14 @@ def score_run(
             out.scored[fid] = result.accuracy
             bar.update(advance=1)
     return out
+
+
+def to_score(
+    db: Database, run_id: str, judge: Judge, explainer: str | None, limit: int | None
+) -> list:
+    """The explanations `score_run` would send to `judge` (its cost estimate counts them)."""
+    done = db.scored_explanations(run_id, judge.name, judge.prompt_version)
+    return list(_to_score(db, run_id, explainer, done, limit))
 
 
 def _to_score(db, run_id, explainer, done, limit) -> Iterator:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from engine.interp.anthropic.client import DEFAULT_MODEL, Caller, cached_system
+from engine.interp.anthropic.client import DEFAULT_MODEL, Caller, Spending, cached_system
 from engine.interp.embeddings import SentenceEncoder, shared_encoder
 from engine.steering.rubrics import Rubric, parse_scores, score_from_count
 
@@ -173,8 +173,9 @@ class AnthropicSteeringJudge:
         retries: int = 4,
         backoff: float = 2.0,
         sleep: Callable[[float], None] = time.sleep,
+        spending: Spending | None = None,
     ) -> None:
-        self.caller = Caller(model, client, "--judge", retries, backoff, sleep)
+        self.caller = Caller(model, client, "--judge", retries, backoff, sleep, spending)
         self.model, self.max_tokens, self.temperature = model, max_tokens, temperature
         self.name = f"anthropic:{model}"
 
@@ -231,10 +232,13 @@ class AnthropicSteeringJudge:
         return Verdict(None, f"unparsed: {raw[:500]}")
 
 
-def steering_judge(kind: str, model: str = DEFAULT_MODEL) -> SteeringJudge:
-    """The judge named by `kind`: "anthropic" (needs ANTHROPIC_API_KEY) or "offline"."""
+def steering_judge(
+    kind: str, model: str = DEFAULT_MODEL, spending: Spending | None = None
+) -> SteeringJudge:
+    """The judge named by `kind`: "anthropic" (needs ANTHROPIC_API_KEY, and `spending`
+    approved before it sends anything) or "offline"."""
     if kind == "anthropic":
-        return AnthropicSteeringJudge(model=model)
+        return AnthropicSteeringJudge(model=model, spending=spending)
     return OfflineSteeringJudge()
 
 

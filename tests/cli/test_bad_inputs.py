@@ -23,6 +23,7 @@ import torch
 from engine.cli import is_loopback
 from engine.crosscoder.pairs import save_pairs
 from engine.results import Database, ResultsDBError
+from engine.steering.stitching import Stitch
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # A valid training config for the fixture's 8-wide pairs.
@@ -67,7 +68,13 @@ def root(tmp_path_factory) -> Path:
                 }
             ),
         )
+        for fid in range(4):  # explanations to score
+            db.add_explanation(
+                RUN, fid, explainer="offline:ngram-v1", prompt_version="v", explanation="tea"
+            )
     save_pairs(root / "pairs.safetensors", torch.randn(64, 8), torch.randn(64, 8))
+    eye, zero = torch.eye(8), torch.zeros(8)
+    Stitch(eye, zero, eye.clone(), zero.clone(), 1.0, 1.0).save(root / "stitch.safetensors")
     con = sqlite3.connect(root / "other.sqlite")
     con.execute("CREATE TABLE t (x)")
     con.commit()
@@ -357,6 +364,46 @@ def test_bad_input_is_one_error_line_and_changes_nothing(root, name):
     assert needle in lines[0]
     assert snapshot(root) == before  # no file created (a database, a ledger) or changed
     assert not (root.parent / "escaped").exists()
+
+
+# -- paid Claude requests without consent -----------------------------------------------
+
+# A key is set but nothing is answered (no terminal): each refuses before sending anything.
+# The API address is a closed local port, so a request that slipped through fails there.
+PAID = {
+    "explain --explainer anthropic": ["explain", *DB, "--run-id", RUN, "--explainer", "anthropic"],
+    "score --judge anthropic": ["score", *DB, "--run-id", RUN, "--judge", "anthropic"],
+    "exclusivity --judge anthropic": [
+        "exclusivity", *DB, "--run-id", RUN, "--stitch", "{root}/stitch.safetensors",
+        "--judge", "anthropic",
+    ],
+    "exclusivity --protocol figure5 --judge anthropic": [
+        "exclusivity", *DB, "--run-id", RUN, "--stitch", "{root}/stitch.safetensors",
+        "--judge", "anthropic", "--protocol", "figure5", "--per-category", "1",
+    ],
+    "steer-eval --judge anthropic": [
+        "steer-eval", *DB, "--run-id", RUN, "--stitch", "{root}/stitch.safetensors",
+        "--feature", "1", "--rubric", "harmless_refusal", "--judge", "anthropic",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(PAID))
+def test_paid_requests_without_consent_send_nothing(root, name):
+    pytest.importorskip("anthropic")
+    env = {**ENV, "ANTHROPIC_API_KEY": "sk-test", "ANTHROPIC_BASE_URL": "http://127.0.0.1:9"}
+    before = snapshot(root)
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.cli", *(a.format(root=root) for a in PAID[name])],
+        env=env, cwd=root, capture_output=True, text=True, timeout=300,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "consent" in lines[0] and "--yes" in lines[0] and "--max-cost" in lines[0]
+    assert "claude-" in result.stdout and "$" in result.stdout  # the estimate came first
+    assert snapshot(root) == before
 
 
 # -- typed export filters ----------------------------------------------------------------

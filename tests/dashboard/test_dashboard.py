@@ -766,6 +766,7 @@ def test_a_blocked_save_says_so_and_can_be_retried(db_path, tmp_path, monkeypatc
 
 def test_explain_batch_holds_no_lock_while_the_batch_runs(db_path, tmp_path):
     pytest.importorskip("anthropic")
+    from engine.interp.anthropic.client import Spending
     from engine.interp.anthropic.explainer import AnthropicExplainer
     from engine.interp.run import explain_run, ordered_features
     from tests.interp.test_interp import GOOD, FakeAPI, batch, jsonl, message
@@ -787,7 +788,10 @@ def test_explain_batch_holds_no_lock_while_the_batch_runs(db_path, tmp_path):
         command = [sys.executable, "-c", WRITE_TRIAGE, str(path), OTHER, str(ids[0])]
         writes.append(subprocess.run(command, env=CLI_ENV, capture_output=True, text=True))
 
-    ex = AnthropicExplainer(client=api.client(), batch=True, poll_interval=1.0, sleep=poll_wait)
+    ex = AnthropicExplainer(
+        client=api.client(), batch=True, poll_interval=1.0, sleep=poll_wait,
+        spending=Spending.agreed(),
+    )  # fmt: skip
     explain_run(db, OTHER, ex, ledger=tmp_path / "batches.json", progress=False)
     assert len(writes) == 1 and writes[0].returncode == 0, writes[0].stderr
     assert set(db.explanations(OTHER)["feature_id"]) == set(ids)

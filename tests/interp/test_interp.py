@@ -252,9 +252,11 @@ def api() -> FakeAPI:
 
 
 def explainer(api: FakeAPI, sleeps: list[float] | None = None, **kwargs):
+    from engine.interp.anthropic.client import Spending
     from engine.interp.anthropic.explainer import AnthropicExplainer
 
     record: Callable[[float], None] = sleeps.append if sleeps is not None else lambda s: None
+    kwargs.setdefault("spending", Spending.agreed())  # as after the user's yes
     return AnthropicExplainer(client=api.client(), sleep=record, **kwargs)
 
 
@@ -473,7 +475,9 @@ def test_anthropic_judge(api: FakeAPI) -> None:
     top, random = planted(0, ["tea"], n=2)
     contexts = [top[0], random[0], top[1]]
     api.on("POST", "/v1/messages", message("Not sure."), message("[1, 0, 1]"))
-    judge = AnthropicJudge(client=api.client(), sleep=lambda s: None)
+    from engine.interp.anthropic.client import Spending
+
+    judge = AnthropicJudge(client=api.client(), sleep=lambda s: None, spending=Spending.agreed())
     assert isinstance(judge, Judge)
     assert judge.judge("Mentions of tea", contexts) == [True, False, True]
     body = api.bodies("POST", "/v1/messages")[0]

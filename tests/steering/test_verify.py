@@ -148,9 +148,12 @@ def test_offline_rubric_scores(offline):
 
 
 def anthropic_judge(api: FakeAPI):
+    from engine.interp.anthropic.client import Spending
     from engine.steering.judges import AnthropicSteeringJudge
 
-    return AnthropicSteeringJudge(client=api.client(), sleep=lambda s: None)
+    return AnthropicSteeringJudge(
+        client=api.client(), sleep=lambda s: None, spending=Spending.agreed()
+    )
 
 
 def test_anthropic_judge_sends_the_paper_prompts_and_reads_the_answers():

@@ -128,6 +128,9 @@ class _BatchRun:
         ]
         batches = self.ex.caller.client.messages.batches
         batch = self.ex.caller.retrying(batches.create, requests=requests)
+        # Billed as the answers come; counted now, so a cap stops the next batch.
+        estimate = self.ex.estimate([self.todo[fid] for fid in ids], batch=True)["usd"]
+        self.ex.caller.spending.charge(estimate or 0.0)
         log.info("submitted batch %s: %d requests (attempt %d)", batch.id, len(ids), attempt)
         self.ledger.add(
             {
@@ -145,7 +148,7 @@ class _BatchRun:
         """Wait for a batch to end; each feature's (answer text or None, error)."""
         caller, batches = self.ex.caller, self.ex.caller.client.messages.batches
         while True:
-            batch = caller.retrying(batches.retrieve, batch_id)
+            batch = caller.fetching(batches.retrieve, batch_id)
             if batch.processing_status == "ended":
                 break
             counts = batch.request_counts
@@ -159,7 +162,7 @@ class _BatchRun:
             )
             self.ex.sleep(self.ex.poll_interval)
         answers: dict[int, tuple[str | None, str]] = {fid: (None, "no result") for fid in ids}
-        for line in caller.retrying(batches.results, batch_id):
+        for line in caller.fetching(batches.results, batch_id):
             result = line.result
             if result.type == "succeeded":
                 answers[feature_of(line.custom_id)] = (message_text(result.message), "")

@@ -19,6 +19,7 @@ from engine.interp.anthropic.client import (
     DEFAULT_MODEL,
     N_EXAMPLES,
     Caller,
+    Spending,
     cached_system,
     estimate_cost,
     sdk,
@@ -65,8 +66,9 @@ class AnthropicExplainer:
         poll_interval: float = 30.0,
         batch_size: int = MAX_BATCH,
         sleep: Callable[[float], None] = time.sleep,
+        spending: Spending | None = None,
     ) -> None:
-        self.caller = Caller(model, client, "--explainer", retries, backoff, sleep)
+        self.caller = Caller(model, client, "--explainer", retries, backoff, sleep, spending)
         self.model, self.max_tokens, self.batch = model, max_tokens, batch
         self.n_examples, self.workers = n_examples, workers
         self.poll_interval, self.batch_size, self.sleep = poll_interval, batch_size, sleep

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.contexts import Context
-from engine.interp.anthropic.client import DEFAULT_MODEL, Caller, cached_system
+from engine.interp.anthropic.client import DEFAULT_MODEL, Caller, Spending, cached_system
 from engine.interp.format import format_plain
 from engine.interp.parse import ParseError, parse_judgement
 from engine.interp.prompts import DETECTION_PROMPT_VERSION, DETECTION_SYSTEM, DETECTION_TEMPLATE
@@ -30,8 +30,9 @@ class AnthropicJudge:
         retries: int = 4,
         backoff: float = 2.0,
         sleep: Callable[[float], None] = time.sleep,
+        spending: Spending | None = None,
     ) -> None:
-        self.caller = Caller(model, client, "--judge", retries, backoff, sleep)
+        self.caller = Caller(model, client, "--judge", retries, backoff, sleep, spending)
         self.model, self.max_tokens = model, max_tokens
         self.name = f"anthropic:{model}"
 
