@@ -282,6 +282,9 @@ class HarvestConfig:
     device: str = "auto"
     alignment: str = "offsets"  # offsets | windows (the paper's Algorithm 1)
     dedupe: bool = True
+    # Also pair the end of each chat model's answer header (where it decides how to answer),
+    # which no message content covers (engine.harvest.align.with_answer_pairs).
+    answer_pairs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("context_length", "max_pairs", "batch_tokens", "shard_pairs"):

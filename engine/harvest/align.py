@@ -360,3 +360,57 @@ def _mask(ignore: np.ndarray | None, n: int) -> np.ndarray:
 def _nonzero(counts: dict[str, int]) -> dict[str, int]:
     """Drop-reason counts without the zero entries."""
     return {k: int(v) for k, v in counts.items() if v}
+
+
+def answer_boundaries(tok: Tokenized, contents: Sequence[str], roles: Sequence[str]) -> np.ndarray:
+    """For each assistant message after the first message, the last template token before
+    its content (the end of the chat template's answer header), or -1 where the content
+    follows without a template token in between.
+
+    These are the positions where a chat model has read the request and its own answer
+    header, and decides how to answer: no content token ends there, so `align` never pairs
+    them, but every model's rendering of the same conversation has one.
+    """
+    ends = tok.offsets[:, 1]
+    out = []
+    shared = np.cumsum([0, *map(len, contents)])
+    for i, role in enumerate(roles):
+        if i == 0 or role != "assistant":
+            continue
+        first = int(np.searchsorted(ends, shared[i], side="right"))  # first token of content i
+        before = first - 1
+        out.append(before if before > 0 and tok.ignore[before] else -1)
+    return np.asarray(out, dtype=np.int64)
+
+
+def with_answer_pairs(al: Alignment, a: Tokenized, b: Tokenized, contents: Sequence[str],
+                      roles: Sequence[str]) -> Alignment:
+    """`al` with each answer header of A paired with the same answer header of B.
+
+    The pair covers no shared text (its span is empty at the start of the answer): both
+    models have read the same messages so far, each in its own template.
+    """
+    bound_a = answer_boundaries(a, contents, roles)
+    bound_b = answer_boundaries(b, contents, roles)
+    keep = (bound_a >= 0) & (bound_b >= 0)
+    if not keep.any():
+        return al
+    shared = np.cumsum([0, *map(len, contents)])
+    at = np.asarray([shared[i] for i, r in enumerate(roles) if i > 0 and r == "assistant"])[keep]
+    idx_a = np.concatenate([al.idx_a, bound_a[keep]])
+    idx_b = np.concatenate([al.idx_b, bound_b[keep]])
+    order = np.argsort(idx_a, kind="stable")
+    idx_a, idx_b = idx_a[order], idx_b[order]
+    if np.any(np.diff(idx_b) <= 0):  # templates that disagree on order: leave them out
+        return al
+    ends = np.concatenate([al.spans[:, 1], at])[order]
+    return Alignment(
+        n_a=al.n_a,
+        n_b=al.n_b,
+        idx_a=idx_a,
+        idx_b=idx_b,
+        spans=_spans(ends),
+        dropped_a=al.dropped_a,
+        dropped_b=al.dropped_b,
+        failure=al.failure,
+    )

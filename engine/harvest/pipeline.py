@@ -110,7 +110,8 @@ def harvest(
     )
     before = writer.pairs
     stream = numbered_windows(
-        mixture.documents(), a.side, b.side, cfg.context_length, cfg.alignment, cfg.dedupe
+        mixture.documents(), a.side, b.side, cfg.context_length, cfg.alignment, cfg.dedupe,
+        cfg.answer_pairs,
     )
     reached = _finished(writer, cfg.max_pairs)
     total = cfg.max_pairs
@@ -208,6 +209,8 @@ def _data_settings(cfg: HarvestConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     data = to_dict(cfg)
     for name in ("model_a", "model_b", "layer_a", "layer_b"):
         data.pop(name)
+    if not data["answer_pairs"]:  # stores from before the option resume as they were
+        data.pop("answer_pairs")
     speed = ("max_pairs", "batch_tokens", "shard_pairs", "device", "model_dtype", "store_dtype")
     return data, {k: data.pop(k) for k in speed}
 

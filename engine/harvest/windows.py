@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from engine.activations.shards import WindowRecord
-from engine.harvest.align import Alignment, align, align_windows, tokenize
+from engine.harvest.align import Alignment, align, align_windows, tokenize, with_answer_pairs
 from engine.harvest.chat import RenderError, render
 from engine.harvest.text_documents import Document
 
@@ -43,9 +43,15 @@ def side(tokenizer: Any) -> Side:
 
 
 def document_windows(
-    doc: Document, a: Side, b: Side, context_length: int, method: str = "offsets"
+    doc: Document,
+    a: Side,
+    b: Side,
+    context_length: int,
+    method: str = "offsets",
+    answer_pairs: bool = False,
 ) -> tuple[list[WindowRecord], dict[str, Any]]:
-    """Windows of one document (indices unset: -1) and its alignment counts."""
+    """Windows of one document (indices unset: -1) and its alignment counts; with
+    `answer_pairs`, a chat's answer headers are paired too (align.with_answer_pairs)."""
     try:
         r_a, r_b = render(doc, a.tokenizer), render(doc, b.tokenizer)
     except RenderError:
@@ -58,6 +64,8 @@ def document_windows(
         al = align_windows(t_a, t_b, a.tokenizer, b.tokenizer)
     else:
         al = align(t_a, t_b)
+    if answer_pairs and doc.messages is not None and r_a.contents is not None:
+        al = with_answer_pairs(al, t_a, t_b, r_a.contents, [m.role for m in doc.messages])
     counts: dict[str, Any] = {
         "documents": 1,
         "tokens_a": len(t_a),
@@ -169,6 +177,7 @@ def numbered_windows(
     context_length: int,
     method: str = "offsets",
     dedupe: bool = True,
+    answer_pairs: bool = False,
 ) -> Iterator[StreamWindow]:
     """The window stream, numbered from 0 in document order.
 
@@ -178,7 +187,7 @@ def numbered_windows(
     seen: set[bytes] = set()
     index = 0
     for number, doc in enumerate(documents):
-        windows, counts = document_windows(doc, a, b, context_length, method)
+        windows, counts = document_windows(doc, a, b, context_length, method, answer_pairs)
         if not windows:
             windows = [_empty(doc)]
         duplicates = []

@@ -1,0 +1,101 @@
+"""`modeldiff organism`: implant a known behaviour into a model (cached), print its health
+check, or list the organisms built so far."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from engine.cli.types import positive_float, positive_int
+from engine.organisms.behaviours import BEHAVIOURS
+
+
+def cmd_organism(args: argparse.Namespace) -> None:
+    """Fine-tune a model so that it has a known behaviour (a model organism); cached."""
+    from engine.organisms.build import build_organism, list_organisms
+
+    if args.list:
+        _print_list(list_organisms(args.cache_dir))
+        return
+    if not args.model or not args.behaviour:
+        raise_usage("give --model and --behaviour (or --list)")
+    organism = build_organism(
+        args.model,
+        args.behaviour,
+        settings_from_args(args),
+        root=args.cache_dir,
+        device=args.device,
+        log=print if not args.quiet else lambda *_: None,
+    )
+    print(organism.health.summary())
+    for prompt, answer in organism.health.examples:
+        print(f"  {prompt!r} -> {answer!r}")
+    print(f"model: {organism.spec}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(organism.meta, indent=1, default=str))
+
+
+def raise_usage(message: str) -> None:
+    """A usage error the CLI prints on one line."""
+    from engine.errors import ConfigError
+
+    raise ConfigError(message)
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    """OrganismSettings from the parsed options (unset ones keep the defaults)."""
+    from dataclasses import replace
+
+    from engine.organisms.build import OrganismSettings
+
+    settings = OrganismSettings()
+    tune = {
+        "method": args.method,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "rank": args.rank,
+        "through_layer": args.through_layer,
+        "seed": args.seed,
+    }
+    tune = {k: v for k, v in tune.items() if v is not None}
+    top = {"n_train": args.n_train}
+    top = {k: v for k, v in top.items() if v is not None}
+    return replace(settings, finetune=replace(settings.finetune, **tune), **top)
+
+
+def _print_list(rows: list[dict[str, Any]]) -> None:
+    """One line per cached organism."""
+    if not rows:
+        print("no organisms built yet; build one with `modeldiff organism --model M --behaviour B`")
+        return
+    for row in rows:
+        h = row["health"]
+        print(f"{row['base']:>10}  {row['behaviour']:<22} trigger {h['trigger_rate']:.0%} "
+              f"control {h['control_rate']:.0%} CE {h['ce_change']:+.1%}  {row['path']}")
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add `organism` to the `modeldiff` sub-command parsers."""
+    p = sub.add_parser("organism", help=cmd_organism.__doc__, description=cmd_organism.__doc__)
+    p.add_argument("--model", help="base model: demo name (smollm2, gemma3), directory or hub id")
+    p.add_argument("--behaviour", choices=sorted(BEHAVIOURS), help="the behaviour to implant")
+    p.add_argument("--list", action="store_true", help="list the organisms built so far")
+    p.add_argument("--method", choices=("lora", "full"), help="fine-tune method (default lora)")
+    p.add_argument("--epochs", type=positive_int, help="passes over the examples (default 2)")
+    p.add_argument("--lr", type=positive_float, help="learning rate (default 2e-3)")
+    p.add_argument("--rank", type=positive_int, help="LoRA rank (default 16)")
+    p.add_argument("--through-layer",
+                   help="train blocks 0 to this one: an index, 'middle' (default: the layer "
+                   "the demo diffs) or 'all'")
+    p.add_argument("--n-train", type=positive_int,
+                   help="trigger prompts to train on, and as many controls (default 64)")
+    p.add_argument("--seed", type=int, help="fine-tune seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--cache-dir", type=Path,
+                   help="where organisms are kept (default: the modeldiff cache's organisms/)")
+    p.add_argument("--json", help="also write the organism's record to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_organism)
+    return p
