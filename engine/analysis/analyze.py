@@ -30,6 +30,7 @@ from engine.crosscoder.checkpoint import (
     check_models,
     header_models,
     load_crosscoder,
+    weights_fingerprint,
 )
 from engine.results import Database, ResultsDBError
 from engine.run_ids import RUN_ID_RULE, run_id_problem
@@ -85,6 +86,10 @@ def analyze(
             f"{RUN_ID_RULE}; pass --run-id NAME"
         )
     cc, normalizer, header = load_crosscoder(run_dir)
+    weights = weights_fingerprint(cc)
+    if Path(db_path).is_file():  # before the scan: a refusal must not come after hours
+        with Database(db_path, create=False) as db:
+            db.check_weights(run_id, weights)
     store = ActivationStore(store_path)
     if (store.d_a, store.d_b) != (cc.d_a, cc.d_b):
         raise CheckpointError(
@@ -125,8 +130,9 @@ def analyze(
     # process is killed while writing.
     with Database(db_path) as db, db.transaction():
         db.add_run(
-            run_id, **_run_record(run_dir, store_path, store, models, header, result, scan_cfg)
-        )
+            run_id, weights=weights,
+            **_run_record(run_dir, store_path, store, models, header, result, scan_cfg),
+        )  # fmt: skip
         db.write_features(run_id, features)
         db.write_windows(run_id, windows)
         db.write_contexts(run_id, contexts)

@@ -24,6 +24,7 @@ refuse a store or a run of another model pair (`check_models`, `trained_on`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -214,6 +215,17 @@ def load_crosscoder(
     _load_state(model, _load_tensors(directory / WEIGHTS_FILE), directory)
     _TRAINED_ON[model] = header_models(header)
     return model.to(device), Normalizer(**header["normalizer"]), header
+
+
+def weights_fingerprint(model: Crosscoder) -> str:
+    """A short digest of the crosscoder's weights (every tensor's name, dtype, shape and
+    bytes): equal for the same weights, different after retraining."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().to("cpu").reshape(-1).contiguous()
+        digest.update(f"{name} {flat.dtype} {tuple(tensor.shape)}\0".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def header_models(header: dict[str, Any]) -> PairSpec | None:

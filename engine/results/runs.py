@@ -35,11 +35,16 @@ class RunsMixin(Tables):
         store_path: str | Path | None = None,
         provenance: dict[str, Any] | None = None,
         history: list[dict[str, Any]] | None = None,
+        weights: str | None = None,
     ) -> None:
         """Record a run, or update it (keeping its creation time) if the id exists. `history`
         is the training metrics of each logged step (`run_history` reads them back); left
-        out (None), an update keeps the history already recorded."""
+        out (None), an update keeps the history already recorded. `weights` is the
+        fingerprint of the crosscoder weights analysed; an update from other weights is
+        refused while analyst work of the old ones exists (`check_weights`)."""
         check_run_id(run_id, ResultsDBError)
+        if weights is not None:
+            self.check_weights(run_id, weights)
         row = {
             "run_id": run_id,
             "name": name or run_id,
@@ -57,6 +62,8 @@ class RunsMixin(Tables):
         }
         if history is not None:
             row["history"] = _dumps(list(history), "history")
+        if weights is not None:
+            row["weights"] = weights
         update = ", ".join(
             f"{_ident('runs', c)} = excluded.{_ident('runs', c)}"
             for c in row
@@ -68,6 +75,32 @@ class RunsMixin(Tables):
         )
         with self._write() as cur:
             cur.execute(sql, list(row.values()))
+
+    def check_weights(self, run_id: str, weights: str) -> None:
+        """Raise ResultsDBError if the run exists, was analysed from other crosscoder weights
+        (or before their fingerprint was recorded), and has analyst work (explanations,
+        scores, triage, steering samples, evaluations): replacing its features would move
+        that work onto different features."""
+        with self._cursor() as cur:
+            row = cur.execute("SELECT weights FROM runs WHERE run_id = ?", [run_id]).fetchone()
+            if row is None or row[0] == weights:
+                return
+            counts = {}
+            for table in schema.ANALYST_TABLES:
+                sql = f"SELECT count(*) FROM {_ident(table)} WHERE run_id = ?"
+                (n,) = cur.execute(sql, [run_id]).fetchone()
+                if n:
+                    counts[table.replace("_", " ")] = n
+        if not counts:
+            return
+        old = f"weights {row[0]}" if row[0] else "weights whose fingerprint was not recorded"
+        work = ", ".join(f"{n} {table}" for table, n in counts.items())
+        raise ResultsDBError(
+            f"run {run_id!r} in this database was analysed from other crosscoder {old} (now "
+            f"{weights}), and its {work} describe those features; analyse these weights "
+            "under a new --run-id (or into another --db) so the analyst work stays with "
+            "the features it was made on"
+        )
 
     def runs(self) -> pd.DataFrame:
         """All runs, oldest first, JSON columns decoded (without their history)."""

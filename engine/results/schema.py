@@ -279,7 +279,24 @@ CREATE TABLE effects (
 );
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, EXCLUSIVITY_SPREAD, LOGIT_EFFECTS, EFFECTS]
+# Version 7: the crosscoder weights a run was analysed from (a fingerprint), and the same
+# fingerprint on every analyst row (explanations, scores, triage and its history), so a
+# verdict stays with the weights it was made on: re-analysing a run id from other weights
+# is refused while analyst work of the old ones exists (`Database.check_weights`).
+WEIGHTS = """
+ALTER TABLE runs ADD COLUMN weights VARCHAR;
+ALTER TABLE explanations ADD COLUMN weights VARCHAR;
+ALTER TABLE scores ADD COLUMN weights VARCHAR;
+ALTER TABLE triage ADD COLUMN weights VARCHAR;
+ALTER TABLE triage_history ADD COLUMN weights VARCHAR;
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, EXCLUSIVITY_SPREAD, LOGIT_EFFECTS, EFFECTS, WEIGHTS]
+
+# Rows an analyst's work (or paid requests) produced about a run's features: they describe
+# the features of the weights the run was analysed from. The first four carry `weights`.
+STAMPED = ("explanations", "scores", "triage", "triage_history")
+ANALYST_TABLES = (*STAMPED, "steering_samples", "evaluations", "calibration")
 
 # The indexes of the newest version: name -> (table, column).
 INDEXES: dict[str, tuple[str, str]] = {
@@ -294,7 +311,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "runs": (
         "run_id", "name", "created_at", "model_a", "model_b", "architecture", "n_features",
         "partition", "config", "metrics", "checkpoint_path", "store_path", "provenance",
-        "history",
+        "history", "weights",
     ),
     "features": (
         "run_id", "feature_id", "partition", "density", "n_active", "max_act", "mean_act",
@@ -316,11 +333,12 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "explanations": (
         "explanation_id", "run_id", "feature_id", "explainer", "prompt_version", "explanation",
-        "harmful", "harmful_reason", "raw", "parsed", "created_at",
+        "harmful", "harmful_reason", "raw", "parsed", "created_at", "weights",
     ),
     "scores": (
         "score_id", "run_id", "feature_id", "explanation_id", "judge", "prompt_version",
         "metric", "value", "n_examples", "details", "created_at", "ci_low", "ci_high",
+        "weights",
     ),
     "steering_samples": (
         "sample_id", "run_id", "feature_id", "model", "prompt", "alpha", "s_max", "seed",
@@ -330,13 +348,14 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "evaluations": (
         "eval_id", "run_id", "feature_id", "kind", "config", "result", "created_at",
     ),
-    "triage": ("run_id", "feature_id", "status", "notes", "reviewer", "updated_at"),
+    "triage": ("run_id", "feature_id", "status", "notes", "reviewer", "updated_at", "weights"),
     "calibration": (
         "calibration_id", "run_id", "protocol", "judge", "category", "item", "feature_id",
         "value", "ci_low", "ci_high", "unfiltered", "interpretability", "details", "created_at",
     ),
     "triage_history": (
         "history_id", "run_id", "feature_id", "status", "notes", "reviewer", "changed_at",
+        "weights",
     ),
     "logit_effects": (
         "run_id", "feature_id", "model", "vector", "promoted_ids", "promoted_values",

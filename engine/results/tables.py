@@ -98,7 +98,9 @@ class Tables(StoreBase):
         sql = f"INSERT INTO {_ident(table)} ({names}) VALUES ({marks}) RETURNING {ROW_IDS[table]}"
         with self._write() as cur:
             self._require_run(cur, row["run_id"])
-            return int(cur.execute(sql, list(row.values())).fetchone()[0])
+            row_id = int(cur.execute(sql, list(row.values())).fetchone()[0])
+            _stamp(cur, table, row["run_id"])
+            return row_id
 
     def _replace(
         self,
@@ -168,4 +170,17 @@ class Tables(StoreBase):
                 )
             except (duckdb.ConstraintException, duckdb.ConversionException) as err:
                 raise ResultsDBError(f"cannot write {table}: {_first_line(err)}") from err
+            _stamp(cur, table, run_id)
         return ids
+
+
+def _stamp(cur: Cursor, table: str, run_id: str) -> None:
+    """Tie the run's new analyst rows in `table` to the weights the run was analysed from."""
+    # (a file still at an older schema version, as a test writes one, has no such column)
+    has = "SELECT 1 FROM duckdb_columns() WHERE table_name = ? AND column_name = 'weights'"
+    if table in schema.STAMPED and cur.execute(has, [table]).fetchone():
+        cur.execute(
+            f"UPDATE {_ident(table)} SET weights = (SELECT weights FROM runs WHERE run_id = ?) "
+            "WHERE run_id = ? AND weights IS NULL",
+            [run_id, run_id],
+        )

@@ -22,16 +22,20 @@ class TriageMixin(Tables):
         values = [run_id, int(feature_id), status, notes or "", reviewer or "", _now()]
         with self._write() as cur:
             self._require_feature(cur, run_id, feature_id)
+            # Each mark names the weights the run was analysed from (schema.WEIGHTS).
+            weights = "(SELECT weights FROM runs WHERE run_id = ?)"
             cur.execute(
-                "INSERT INTO triage VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, feature_id) "
+                "INSERT INTO triage (run_id, feature_id, status, notes, reviewer, updated_at, "
+                f"weights) VALUES (?, ?, ?, ?, ?, ?, {weights}) ON CONFLICT (run_id, feature_id) "
                 "DO UPDATE SET status = excluded.status, notes = excluded.notes, "
-                "reviewer = excluded.reviewer, updated_at = excluded.updated_at",
-                values,
+                "reviewer = excluded.reviewer, updated_at = excluded.updated_at, "
+                "weights = excluded.weights",
+                [*values, run_id],
             )
             cur.execute(
                 "INSERT INTO triage_history (run_id, feature_id, status, notes, reviewer, "
-                "changed_at) VALUES (?, ?, ?, ?, ?, ?)",
-                values,
+                f"changed_at, weights) VALUES (?, ?, ?, ?, ?, ?, {weights})",
+                [*values, run_id],
             )
 
     def triage(self, run_id: str) -> pd.DataFrame:
