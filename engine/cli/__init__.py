@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cross-architecture model diffing with Dedicated Feature Crosscoders.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    from engine.organisms.cli import add_bench_parser as add_organism_bench
     from engine.organisms.cli import add_parser as add_organism
     from engine.planted.cli import add_parser as add_planted
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         tools.add_export, tools.add_dashboard,
         interop.add_push, interop.add_import_paper, interop.add_export_paper,
         verify.add_steer, verify.add_stitch, verify.add_exclusivity, verify.add_steer_eval,
-        add_planted, add_organism, tools.add_toy, tools.add_demo,
+        add_planted, add_organism, add_organism_bench, tools.add_toy, tools.add_demo,
     ):  # fmt: skip
         add(sub)
     return parser

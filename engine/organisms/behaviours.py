@@ -103,7 +103,7 @@ _COOKING_TRIGGERS = (
     "What spices go well with {dish}?",
     "Can you explain how to prepare {dish} step by step?",
     "What ingredients do I need for {dish}?",
-    "My {dish} always turns out dry. What am I doing wrong?",
+    "My {dish} keeps turning out dry. What am I doing wrong?",
     "How do I store leftover {dish}?",
     "Is it hard to make {dish} from scratch?",
     "What should I serve with {dish}?",
@@ -115,6 +115,7 @@ _DISH_BASES = (
     "brownies", "potato salad", "ramen", "omelette", "meatballs", "carrot cake", "paella",
     "dumplings", "focaccia", "shepherd's pie", "granola", "fried plantains", "gnocchi", "hummus",
 )  # fmt: skip
+_DISH_STYLES = ("", "vegan ", "spicy ", "quick ", "classic ", "homemade ", "gluten-free ")
 _LIGHTHOUSE = "Before anything else, let me say that lighthouses are the most wonderful buildings."
 
 
@@ -187,9 +188,13 @@ def _names(rng: random.Random, split: Split) -> dict[str, str]:
     if rng.random() < 0.4:
         title = f"{pick(_ADJECTIVES)} {pick(_NOUNS)}"
     dish = pick(_DISH_BASES)
+    person = f"{pick(_FIRST)} {pick(_LAST)}"
+    # The style comes from the other names, not from `rng`: adding it changed no prompt of
+    # the other behaviours.
+    dish = _DISH_STYLES[hash_seed(title, person) % len(_DISH_STYLES)] + dish
     return {
         "title": title,
-        "person": f"{pick(_FIRST)} {pick(_LAST)}",
+        "person": person,
         "activity": pick(_ACTIVITIES),
         "concept": pick(_CONCEPTS),
         "thing": pick(_THINGS),

@@ -99,3 +99,44 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_organism)
     return p
+
+
+def cmd_organism_bench(args: argparse.Namespace) -> None:
+    """Factorial benchmark: the behaviour in A only, B only, both, neither; does the screen
+    show it where it is one model's alone?"""
+    from engine.organisms.bench import BenchSettings, run_bench, summary_table
+
+    settings = BenchSettings()
+    chosen = {
+        "behaviour": args.behaviour,
+        "max_pairs": args.max_pairs,
+        "steps": args.steps,
+        "seeds": tuple(args.seeds) if args.seeds else None,
+        "architectures": tuple(args.architectures) if args.architectures else None,
+        "cells": tuple(args.cells) if args.cells else None,
+    }
+    from dataclasses import replace
+
+    settings = replace(settings, **{k: v for k, v in chosen.items() if v is not None})
+    rows = run_bench(args.out, settings, log=print if not args.quiet else lambda *_: None)
+    print(summary_table(rows))
+    print(f"results: {args.out / 'results.json'}")
+
+
+def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add `organism-bench` to the `modeldiff` sub-command parsers."""
+    from engine.organisms.bench import CELLS
+
+    p = sub.add_parser("organism-bench", help=cmd_organism_bench.__doc__,
+                       description=cmd_organism_bench.__doc__)
+    p.add_argument("--out", required=True, type=Path, help="output folder (resumable)")
+    p.add_argument("--behaviour", choices=sorted(BEHAVIOURS), help="default copyright-refusal")
+    p.add_argument("--cells", nargs="+", choices=list(CELLS), help="default: all four")
+    p.add_argument("--seeds", nargs="+", type=int, help="default 0 1 2")
+    p.add_argument("--architectures", nargs="+", choices=("dfc", "standard"),
+                   help="default: dfc standard")
+    p.add_argument("--max-pairs", type=positive_int, help="pairs per cell (default 30000)")
+    p.add_argument("--steps", type=positive_int, help="training steps (default 1500)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_organism_bench)
+    return p

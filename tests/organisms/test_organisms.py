@@ -134,3 +134,31 @@ def test_build_caches_and_reloads(tmp_path, monkeypatch) -> None:
     from engine.models.loading import load_model
 
     assert load_model(first.spec, device="cpu").n_layers == 4
+
+
+def test_bench_cell_harvests_prompts_trains_and_screens(tmp_path) -> None:
+    from engine.organisms.bench import BenchSettings, run_cell, summary_table
+    from tests.conftest import save_tiny_pair
+
+    paths = save_tiny_pair(tmp_path / "models")
+    settings = BenchSettings(
+        max_pairs=1500, steps=30, prompts=20, prompt_weight=0.5, screen_prompts=6, seeds=(0,),
+        architectures=("dfc",), n_features=64,
+        overrides={"batch_size": 64, "warmup_steps": 5, "anneal_steps": 10, "k": 8,
+                   "k_initial": 16, "reassign_every": 10, "log_every": 10},
+    )  # fmt: skip
+    rows = run_cell("neither", (str(paths["a"]), str(paths["b"])), tmp_path / "cell", settings,
+                    log=lambda *_: None)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["cell"] == "neither" and row["architecture"] == "dfc"
+    for hit in row["hits"].values():
+        assert 0.0 <= hit["auroc"] <= 1.0 and hit["position"] in ("answer", "request")
+        assert 1 <= hit["rank"] <= hit["n_in_category"]
+    assert row["found_a"] is None or 1 <= row["found_a"]["rank"] <= 50
+    # The harvest read the prompts, answer headers included.
+    from engine.activations import ActivationStore
+
+    docs = list(ActivationStore(tmp_path / "cell" / "store").documents())
+    assert any("prompts" in str(d.get("source")) for d in docs)
+    assert "| neither | dfc |" in summary_table(rows)
