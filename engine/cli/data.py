@@ -174,6 +174,12 @@ def add_harvest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-dtype", help="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--alignment", help="offsets (default) | windows (the paper's Algorithm 1)")
+    p.add_argument(
+        "--answer-pairs",
+        action="store_const",
+        const=True,
+        help="also pair each chat model's answer header, where it decides how to answer",
+    )
     p.add_argument("--fresh", action="store_true", help="discard an existing store in --out")
     p.add_argument(
         "--rank",
