@@ -95,6 +95,9 @@ def harvest(
     # Everything that can be checked without the models is checked first: loading two
     # large models takes minutes, and a typo in a source path must not cost them.
     mixture = Mixture([source_from_spec(s) for s in cfg.sources], cfg.weights)
+    for source in mixture.sources:  # local files: an empty one is an error, not 0 pairs
+        if hasattr(source, "check"):
+            source.check()
     names = (cfg.model_a, cfg.model_b) if models is None else (models[0].name, models[1].name)
     _check_out(cfg, Path(out), names, fresh, rank, world_size)
     if models is None:

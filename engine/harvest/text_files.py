@@ -21,7 +21,25 @@ from engine.harvest.text_documents import (
 BATCH_ROWS = 1024
 
 
-class TextFiles:
+class _LocalSource:
+    """A source read from this machine's files (`path`)."""
+
+    path: Path
+
+    def documents(self) -> Iterator[Document]:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise ConfigError unless the source holds at least one document: checked before
+        the models load or a store is written."""
+        if next(iter(self.documents()), None) is None:
+            raise ConfigError(
+                f"{self.path} holds no text (empty, or only blank lines or records without "
+                "text); point --sources at files with text"
+            )
+
+
+class TextFiles(_LocalSource):
     """Plain text: one prose Document per .txt file (a file, or a directory of them, sorted)."""
 
     def __init__(self, path: str | Path, name: str | None = None) -> None:
@@ -51,7 +69,7 @@ def _text_document(file: Path, doc_id: str, source: str) -> Iterator[Document]:
         yield Document(doc_id, source, text=text)
 
 
-class _RecordFile:
+class _RecordFile(_LocalSource):
     """A file of records, each holding a text field or a chat (list of messages) field."""
 
     def __init__(

@@ -90,6 +90,11 @@ def root(tmp_path_factory) -> Path:
     (root / "binary.toml").write_bytes(bytes(range(128, 256)))
     (root / "tiny.toml").write_text(TINY_TOML)
     (root / "notes.txt").write_text("not a store, not a database")
+    (root / "empty.txt").write_text("")
+    (root / "blank.txt").write_text("\n  \n\n")
+    (root / "blank.jsonl").write_text('{"text": ""}\n\n')
+    (root / "no-text").mkdir()
+    (root / "no-text" / "readme.md").write_text("not a .txt file")
     foreign = duckdb.connect(str(root / "foreign.duckdb"))
     foreign.execute("CREATE TABLE t (x INTEGER)")
     foreign.close()
@@ -123,6 +128,8 @@ FT_EXPORT = [*EXPORT[:4], "feature_table", "--run-id", RUN, "--out", "{root}/ft.
 TRAIN = ["train", "--pairs", "{root}/pairs.safetensors", "--out", "{root}/run-out"]
 TINY = ["train", "--config", "{root}/tiny.toml", "--out", "{root}/run-out"]
 DB = ["--db", "{root}/r.duckdb"]
+STEER = ["steer", *DB, "--run-id", RUN, "--feature", "1", "--prompt", "x"]
+EXCL = ["exclusivity", *DB, "--run-id", RUN, "--stitch", "{root}/stitch.safetensors"]
 CASES = {
     "analyze --top-k -1": ([*ANALYZE, "--top-k", "-1"], "--top-k"),
     "analyze --top-k abc": ([*ANALYZE, "--top-k", "abc"], "--top-k"),
@@ -157,6 +164,18 @@ CASES = {
             "0",
         ],
         "--max-new-tokens",
+    ),
+    "steer, a 100,000-character prompt": (
+        ["steer", *DB, "--run-id", RUN, "--feature", "1", "--prompt", "tea " * 25_000],
+        "keep it under 20,000",
+    ),
+    "steer --max-new-tokens 100000": (
+        [*STEER, "--max-new-tokens", "100000"],
+        "max_new_tokens must be between 1 and 2,048",
+    ),
+    "exclusivity --max-new-tokens 100000": (
+        [*EXCL, "--max-new-tokens", "100000"],
+        "max_new_tokens must be between 1 and 2,048",
     ),
     "steer --alphas nan": (
         [
@@ -311,6 +330,23 @@ CASES = {
     "harvest --sources missing": (
         ["harvest", "--out", "{root}/s", "--sources", "{root}/missing.txt"],
         "does not exist",
+    ),
+    # Sources without text fail before a model loads or a store is written.
+    "harvest --sources an empty file": (
+        ["harvest", "--out", "{root}/s", "--sources", "{root}/empty.txt"],
+        "holds no text",
+    ),
+    "harvest --sources blank lines": (
+        ["harvest", "--out", "{root}/s", "--sources", "{root}/blank.txt"],
+        "holds no text",
+    ),
+    "harvest --sources records without text": (
+        ["harvest", "--out", "{root}/s", "--sources", "{root}/blank.jsonl"],
+        "holds no text",
+    ),
+    "harvest --sources a folder without .txt files": (
+        ["harvest", "--out", "{root}/s", "--sources", "{root}/no-text"],
+        "no .txt files",
     ),
     "harvest --weights for other sources": (
         ["harvest", "--out", "{root}/s", "--sources", "demo:kjv", "--weights", "0.5", "0.5"],
