@@ -23,7 +23,7 @@ from engine import categories
 from engine.errors import UserError
 from engine.results import ResultsDBError
 from engine.steering.run import SteeringPlan, plan_steering, steering_problem, stream_text
-from engine.steering.steer import GenerationConfig
+from engine.steering.steer import GenerationConfig, check_prompt
 
 DEFAULTS = {
     "s_prompt": "Tell me about your favourite drink.",
@@ -120,6 +120,7 @@ def _panel(path: str, run_id: str, feature_id: int, run: dict, stats: dict) -> N
             alphas = _alphas(sweep_text) if sweep else [float(alpha)]
             if not prompt.strip():
                 raise UserError("type a prompt first")
+            check_prompt(prompt)  # before the models load or the generation lock is taken
             loaded = models.load(run, keys)
             feature = data.feature(path, run_id, feature_id)
             plans = {

@@ -22,7 +22,13 @@ from engine.models.loading import HUB_ID, INSTALL, LoadedModel, load_model
 from engine.models.tokenizers import DEMO
 from engine.results import Database
 from engine.specs import SIDES, ModelSpec, PairSpec
-from engine.steering.steer import GenerationConfig, feature_vector, stream, sweep
+from engine.steering.steer import (
+    GenerationConfig,
+    check_prompt,
+    feature_vector,
+    stream,
+    sweep,
+)
 from engine.steering.transfer import transfer
 
 
@@ -58,6 +64,7 @@ def steer_feature(
     """Steer `model` with a run's feature at each alpha (x s_max); optionally record samples."""
     if model not in ("a", "b"):
         raise ConfigError(f"model must be 'a' or 'b', got {model!r}")
+    check_prompt(prompt)  # before any model loads
     cfg = cfg or GenerationConfig()
     alphas = list(alphas if alphas is not None else [0.0, 2.0, 4.0, 6.0, 8.0, 10.0])
     run = db.run(run_id)

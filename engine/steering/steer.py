@@ -31,6 +31,19 @@ from engine.models.layers import decoder_layers
 from engine.models.loading import LoadedModel
 
 POSITIONS = ("all", "prompt", "generated")
+# Generation runs one request at a time (the dashboard holds a lock while it generates), so
+# one huge prompt or token count would stall everyone: both are capped. 2,048 new tokens
+# covers the paper's longest steering evaluation (2,000).
+MAX_PROMPT_CHARS = 20_000
+MAX_NEW_TOKENS = 2_048
+
+
+def check_prompt(prompt: str) -> None:
+    """Refuse a prompt too long to steer interactively (ConfigError naming the limit)."""
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ConfigError(
+            f"the prompt has {len(prompt):,} characters; keep it under {MAX_PROMPT_CHARS:,}"
+        )
 
 
 @dataclass(frozen=True)
@@ -51,8 +64,11 @@ class GenerationConfig:
     max_batch: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise ConfigError(
+                f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS:,}, got "
+                f"{self.max_new_tokens:,}"
+            )
         if self.max_batch is not None and self.max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}")
 
@@ -131,6 +147,8 @@ def generate(
 
     Sampled rows draw from random streams seeded by `seeds` (one per row; default: every
     row `cfg.seed`), independently of the other rows in the batch."""
+    for prompt in set(prompts):  # before the lock: a refused prompt holds no one up
+        check_prompt(prompt)
     cfg = cfg or GenerationConfig()
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError("sampling needs one seed per prompt")
@@ -315,6 +333,7 @@ def stream(
     cfg: GenerationConfig | None = None,
 ) -> Iterator[str]:
     """The steered continuation of one prompt, piece by piece as it is generated."""
+    check_prompt(prompt)
     from transformers import TextIteratorStreamer
 
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
