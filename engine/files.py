@@ -3,11 +3,46 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from engine.errors import UserError
+
+# From torch 2.6 on, torch.load(weights_only=True) cannot be made to run code (earlier
+# versions can: CVE-2025-32434), so a pickled .pt file is read only on such a torch.
+SAFE_TORCH_LOAD = (2, 6)
+
+
+def torch_version() -> tuple[int, int]:
+    """The installed torch's (major, minor)."""
+    match = re.match(r"(\d+)\.(\d+)", str(torch.__version__))
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+def load_pickled_tensors(path: Path, error: type[UserError]) -> Any:
+    """A .pt file's tensors and plain values, read with torch.load(weights_only=True) so no
+    code from the file runs; `error` (one line) on a torch where that guard can be bypassed
+    and on a file it refuses or cannot read."""
+    if torch_version() < SAFE_TORCH_LOAD:
+        raise error(
+            f"reading {path} (a pickled .pt file) needs torch >= 2.6, where loading it cannot "
+            f"run code; this is torch {torch.__version__}: upgrade torch, or give the "
+            ".safetensors form"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # an untrusted file: any failure is the file's, said in a line
+        lines = str(err).strip().splitlines()
+        reason = lines[0] if lines else type(err).__name__
+        raise error(
+            f"refused to read {path} ({reason}); give a .safetensors file, or a .pt file of "
+            "tensors and plain values only"
+        ) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -56,7 +56,7 @@ from engine.crosscoder.checkpoint import (
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.errors import UserError
-from engine.files import atomic_save_tensors, atomic_write_text
+from engine.files import atomic_save_tensors, atomic_write_text, load_pickled_tensors
 from engine.hub import parse_ref, resolve_run
 from engine.partition import Partition
 
@@ -239,20 +239,20 @@ def _weights_file(source: Path) -> Path:
 
 
 def _read_state(path: Path) -> dict[str, Any]:
+    if path.suffix != ".safetensors":
+        # Tensors and plain values only, on a torch where no code from the file can run.
+        state = load_pickled_tensors(path, PaperFormatError)
+        if not isinstance(state, dict):
+            raise PaperFormatError(f"{path} holds a {type(state).__name__}, not a state dict")
+        return state
     try:
-        if path.suffix == ".safetensors":
-            return dict(load_file(str(path)))
-        # weights_only: tensors and plain values only; no code from the file runs.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return dict(load_file(str(path)))
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         text = str(err).strip().splitlines()
         raise PaperFormatError(
             f"cannot read {path} as a state dict ({text[0] if text else type(err).__name__}); "
             "give the model_final.pt or model.safetensors the paper's code wrote"
         ) from None
-    if not isinstance(state, dict):
-        raise PaperFormatError(f"{path} holds a {type(state).__name__}, not a state dict")
-    return state
 
 
 def _read_config(path: Path) -> dict[str, Any]:

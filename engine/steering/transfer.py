@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.errors import ConfigError
+from engine.files import load_pickled_tensors
 
 MODELS = ("a", "b")
 VECTOR_SUFFIXES = (".safetensors", ".pt", ".npy")
@@ -161,8 +162,8 @@ def _read_safetensors(path: Path) -> torch.Tensor:
 
 
 def _read_pt(path: Path) -> torch.Tensor:
-    # weights_only: a .pt file from elsewhere must not be able to run code when loaded.
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    # A .pt file from elsewhere must not be able to run code when loaded.
+    obj = load_pickled_tensors(path, ConfigError)
     if isinstance(obj, dict) and "vector" in obj:
         obj = obj["vector"]
     if not torch.is_tensor(obj):
