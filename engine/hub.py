@@ -98,26 +98,49 @@ def run_name(location: str | Path) -> str:
     return ref.name if ref else Path(location).resolve().name
 
 
-def resolve_run(location: str | Path) -> Path:
+def resolve_run(
+    location: str | Path,
+    files: Sequence[str] | None = None,
+    marker: str | None = None,
+) -> Path:
     """The local directory of the run at `location`: the path itself, or the Hub run
-    downloaded to (or already in) the Hugging Face cache."""
+    downloaded to (or already in) the Hugging Face cache.
+
+    Only `files` (names or patterns in the run's folder; default: a modeldiff run's
+    crosscoder.json, weights and feature statistics) are downloaded, never the whole
+    repository, and only once `marker` (default crosscoder.json) is found there: a
+    repository that is not a run is refused after one small file."""
     ref = parse_ref(location)
     if ref is None:
         return Path(location)
+    if files is None:
+        from engine.crosscoder.checkpoint import HEADER_FILE, RUN_FILES
+
+        files, marker = RUN_FILES, HEADER_FILE
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise HubError(
             f"reading {ref} needs the huggingface_hub package: pip install huggingface_hub"
         ) from None
-    patterns = [f"{ref.path}/*"] if ref.path else None
-    with _hub_errors(ref):
-        root = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))
-    folder = root / ref.path if ref.path else root
+    prefix = f"{ref.path}/" if ref.path else ""
+
+    def download(names: Sequence[str]) -> Path:
+        patterns = [prefix + name for name in names]
+        with _hub_errors(ref):
+            root = snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns)
+        return Path(root) / ref.path if ref.path else Path(root)
+
+    if marker is not None and not (download([marker]) / marker).is_file():
+        raise HubError(
+            f"{ref} is not a modeldiff run (no {marker} in it); give the repository, or "
+            "hf://OWNER/NAME/FOLDER of the folder, that holds a pushed run"
+        )
+    folder = download(files)
     if not folder.is_dir() or not any(folder.iterdir()):
         raise HubError(
-            f"{ref.repo_id} has no folder {ref.path!r}; give the folder that holds the run's "
-            "crosscoder.json"
+            f"{ref.repo_id} has no folder {ref.path!r} with a run's files; give the folder "
+            "that holds the run's crosscoder.json"
         )
     return folder
 

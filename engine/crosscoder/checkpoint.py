@@ -53,6 +53,8 @@ FORMAT_VERSION = 1
 HEADER_FILE = "crosscoder.json"
 WEIGHTS_FILE = "crosscoder.safetensors"
 STATS_FILE = "feature_stats.safetensors"
+# What reading a run needs: all that is downloaded of a run on the Hub (engine.hub).
+RUN_FILES = (HEADER_FILE, WEIGHTS_FILE, STATS_FILE)
 CHECKPOINTS_DIR = "checkpoints"
 # ... and of its checkpoints/ folder: `latest` names the newest step-NNNNNNNN/ folder.
 LATEST_FILE = "latest"

@@ -484,7 +484,10 @@ def import_paper(
     `modeldiff analyze --run OUT`); `models` is a store's "models" entry (the pair it was
     trained on), recorded so analysis refuses another pair."""
     location = str(source) if parse_ref(source) else str(Path(source).resolve())
-    source, out = resolve_run(source), Path(out)
+    # From the Hub only the paper's own files (read_paper refuses a folder without them).
+    paper_files = (PAPER_WEIGHTS_FILE, PAPER_CONFIG_FILE, PROVENANCE_FILE, *PAPER_TORCH_FILES,
+                   "checkpoint_*.pt")  # fmt: skip
+    source, out = resolve_run(source, paper_files), Path(out)
     paper = read_paper(source)
     cc, normalizer = to_crosscoder(paper)
     # A folder `export_paper` wrote says which models it came from, and its scale factors

@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from engine.cli import main
-from engine.crosscoder.checkpoint import CheckpointError, load_crosscoder, save_crosscoder
+from engine.crosscoder.checkpoint import (
+    RUN_FILES,
+    CheckpointError,
+    load_crosscoder,
+    save_crosscoder,
+)
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
 from engine.hub import HubError, HubRef, parse_ref, resolve_run, run_name
@@ -176,7 +181,7 @@ def test_hub_errors_name_the_fix_and_local_paths_never_reach_the_network(saved, 
     assert push(saved, hub) == 0
     with pytest.raises(HubError, match="has no revision 'v9'"):
         resolve_run(f"hf://{REPO}@v9")
-    with pytest.raises(HubError, match="no folder 'runs/a'"):
+    with pytest.raises(HubError, match="is not a modeldiff run"):
         resolve_run(f"hf://{REPO}/runs/a")
 
     # No network: a push says so on one line.
@@ -250,3 +255,41 @@ def test_a_run_in_a_folder_of_a_repository_loads_by_its_path(saved, hub):
     loaded, _, _ = load_crosscoder("hf://lab/sweep/runs/seed1")
     local, _, _ = load_crosscoder(saved)
     assert torch.equal(loaded.w_dec_a, local.w_dec_a)
+
+
+# -- downloads: only a run's files, only from a run ---------------------------------------
+
+BIG = "weights-of-something-else.bin"
+
+
+def downloads(hub) -> set[str]:
+    """The file names the fake Hub served."""
+    return {path.rsplit("/", 1)[-1] for method, path in hub.requests if "/resolve/" in path}
+
+
+def test_only_the_runs_files_are_downloaded(saved, hub):
+    from huggingface_hub import HfApi
+
+    assert push(saved, hub) == 0
+    api = HfApi(token=hub.token)
+    api.upload_file(repo_id=REPO, path_in_repo=BIG, path_or_fileobj=b"x" * 4096)
+    api.upload_file(repo_id=REPO, path_in_repo="checkpoints/step-1/model.safetensors",
+                    path_or_fileobj=b"y" * 4096)  # fmt: skip
+    hub.requests.clear()
+    folder = resolve_run(f"hf://{REPO}")
+    assert {p.name for p in folder.iterdir()} <= set(RUN_FILES)
+    assert BIG not in downloads(hub) and "model.safetensors" not in downloads(hub)
+    load_crosscoder(f"hf://{REPO}")  # and it is a complete run
+
+
+def test_a_repository_that_is_not_a_run_is_refused_after_one_small_file(hub):
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=hub.token)
+    api.create_repo("someone/llm")
+    api.upload_file(repo_id="someone/llm", path_in_repo=BIG, path_or_fileobj=b"x" * 4096)
+    api.upload_file(repo_id="someone/llm", path_in_repo="config.json", path_or_fileobj=b"{}")
+    hub.requests.clear()
+    with pytest.raises(HubError, match="hf://someone/llm is not a modeldiff run"):
+        load_crosscoder("hf://someone/llm")
+    assert downloads(hub) == set()
