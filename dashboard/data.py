@@ -292,6 +292,12 @@ def scores(path: str, run_id: str, feature_id: int, metric: str) -> pd.DataFrame
 
 
 @cached
+def effects(path: str, run_id: str) -> pd.DataFrame:
+    """The run's judge-free effect measurements (features and the null), oldest first."""
+    return database(path).effects(run_id)
+
+
+@cached
 def evaluations(path: str, run_id: str, feature_id: int) -> pd.DataFrame:
     """A feature's stored evaluations (e.g. steer-eval:<rubric>), oldest first."""
     return database(path).evaluations(run_id, feature_id=feature_id)

@@ -1,8 +1,8 @@
 """`modeldiff demo`: the whole pipeline on the demo models, every stage cached.
 
 harvest -> train -> analyze -> evaluate -> explain -> score -> stitch -> exclusivity ->
-steer-eval -> dashboard, on SmolLM2-135M-Instruct (A) and Gemma-3-270m (B) from their PyPI
-packages and the offline text mixture, sized by the `demo` preset for a 2-core CPU. Each
+effects -> steer-eval -> dashboard, on SmolLM2-135M-Instruct (A) and Gemma-3-270m (B) from
+their PyPI packages and the offline text mixture, sized by the `demo` preset for a 2-core CPU. Each
 stage checks what is already on disk and skips or resumes, so a second run (or a run after
 an interruption) only does what is missing. Stage timings go to `<out>/timings.json`.
 """
@@ -40,6 +40,9 @@ class DemoSettings:
     exclusivity_samples: int = 1
     exclusivity_tokens: int = 32
     exclusivity_alphas: tuple[float, ...] = (0.0, 2.0, 4.0, 6.0, 8.0, 10.0)
+    # The judge-free effect measure of the same features, against this many random
+    # directions per model (measured once per run and stitch).
+    effects_nulls: int = 32
     eval_rubric: str = "harmless_refusal"
     eval_prompts: int = 8
     eval_alphas: tuple[float, ...] = (-8.0, -4.0, 0.0, 4.0, 8.0)
@@ -105,6 +108,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> Demo:
         ("score", stage_score),
         ("stitch", stage_stitch),
         ("exclusivity", stage_exclusivity),
+        ("effects", stage_effects),
         ("steer-eval", stage_steer_eval),
     ]
     started = time.perf_counter()
@@ -247,6 +251,26 @@ def stage_exclusivity(demo: Demo) -> str:
     )
     lines = "; ".join(stages.calibration_lines(frame))
     return f"{judge.name} ({short}): {lines} -> {figure}"
+
+
+def stage_effects(demo: Demo) -> str:
+    """The judge-free effect measure of the calibration's features, against random
+    directions from each model's activation covariance (the null, measured once)."""
+    from engine.results import Database
+    from engine.steering.effects.reading import categorised, effects_figure, summary_lines
+
+    s = demo.settings
+    cfg = stages.effects_config(nulls=s.effects_nulls)
+    with Database(demo.db) as db:
+        items = db.calibration(RUN_ID)
+        features = sorted({int(f) for f in items["feature_id"].dropna()}) if len(items) else []
+        if not features:
+            return "no calibration features to measure"
+        stages.effects(db, RUN_ID, demo.stitch, features, cfg, progress=s.progress)
+        frame = categorised(db.effects(RUN_ID), db.features(RUN_ID))
+    figure = demo.out / "effects.html"
+    effects_figure(frame, "demo: judge-free effect exclusivity").write_html(figure)
+    return f"{'; '.join(summary_lines(frame))} -> {figure}"
 
 
 def stage_steer_eval(demo: Demo) -> str:

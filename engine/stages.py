@@ -519,6 +519,55 @@ def calibration_figure(frame: Any, path: str | Path, title: str = "") -> None:
     figure(frame, title).write_html(path)
 
 
+def effects_config(**options: Any):
+    """The judge-free effect measure's settings, defaults kept for options given as None."""
+    from engine.steering.effects.measure import EffectsConfig
+
+    return with_options(EffectsConfig(), options)
+
+
+def effects(
+    db: Database,
+    run_id: str,
+    stitch: Any,
+    features: Sequence[int],
+    cfg: Any = None,
+    *,
+    store: str | Path | None = None,
+    targets: Sequence[str] = (),
+    device: str | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> list:
+    """Measure `features` with the judge-free effect measure against random directions
+    (the null is measured once per run, stitch and settings, and stored); features
+    already measured with these settings are skipped unless `force`."""
+    from engine.progress import ProgressBar
+    from engine.steering.effects.run import load_null, measure_features, open_session, pending
+    from engine.steering.stitching import Stitch
+
+    stitch = stitch if isinstance(stitch, Stitch) else Stitch.load(stitch)
+    cfg = cfg or effects_config()
+    if not force and not pending(db, run_id, stitch, features, cfg):
+        return []  # all measured: no need to load the models
+    pair = _open_pair(db, run_id, stitch, device)
+    session = open_session(pair, cfg, store)
+    todo = 2 * session.cfg.nulls - load_null(db, run_id, session) + len(features)
+    with ProgressBar("effects (null first)", todo, enabled=progress) as bar:
+        return measure_features(
+            db, run_id, pair, features, session.cfg, targets=targets, force=force,
+            session=session, on_item=lambda kind, i: bar.update(advance=1, status=f"{kind} {i}"),
+        )  # fmt: skip
+
+
+def effects_line(feature_id: int, effect: Any) -> str:
+    """One measured feature as a line: exclusivity, z and what it means."""
+    from engine.steering.effects.reading import effect_line
+
+    row = {**effect.to_json(), "details": {"null_n": effect.null_n}}
+    return effect_line(feature_id, row)
+
+
 def eval_config(
     rubric: str,
     *,

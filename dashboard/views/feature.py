@@ -25,6 +25,7 @@ from dashboard.views.common import (
     triage_note_html,
     yes_no,
 )
+from dashboard.views.effects import feature_effect_line
 from dashboard.views.probe import probe_panel
 from dashboard.views.steering import steering_panel
 from dashboard.views.verification import exclusivity_summary, verification_panel
@@ -120,6 +121,8 @@ m[7].metric(
 excl_line = exclusivity_summary(path, run_id, row)
 if excl_line:
     st.caption(excl_line)
+# Beside the judge's score, the judge-free measure read against random directions.
+st.caption(feature_effect_line(path, run_id, fid))
 
 fig = activation_histogram(stats["hist_counts"], stats["hist_edges"], "Activation histogram")
 if fig is not None:

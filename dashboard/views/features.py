@@ -9,6 +9,7 @@ import streamlit as st
 
 from dashboard import data
 from dashboard.views.common import exclusivity_note
+from dashboard.views.effects import effect_columns
 from engine.results.schema import FEATURE_TABLE_ORDER
 
 EXCLUSIVITY_RANGE = (1.0, 5.0)  # the exclusivity score's scale (paper B.5)
@@ -114,6 +115,10 @@ if "exclusivity" in shown:
         [exclusivity_note(r) for r in page.to_dict("records")],
     )
 
+# The judge-free effect measure beside the judge's score, where the run has one.
+for column, values in effect_columns(path, run_id, page["feature_id"].astype(int).tolist()).items():
+    shown[column] = values
+
 event = st.dataframe(
     shown,
     hide_index=True,
@@ -134,6 +139,14 @@ event = st.dataframe(
             "'offline proxy': scored by the offline sentence-embedding judge, a stand-in for "
             "the paper's LLM judge",
         ),
+        "effect_z": st.column_config.NumberColumn(
+            "effect z",
+            format="%+.1f",
+            help="judge-free effect measure (`modeldiff effects`): z-score of the feature's "
+            "effect exclusivity against random directions; above 0: the other model reacts "
+            "to the translated vector less than random directions' copies do",
+        ),
+        "effect_note": st.column_config.TextColumn("effect measure, in words"),
         "rel_norm": st.column_config.NumberColumn("rel. norm", format="%.3f"),
         "density": st.column_config.NumberColumn("density", format="percent"),
         "max_act": st.column_config.NumberColumn("max act", format="%.3g"),

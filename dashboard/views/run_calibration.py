@@ -14,6 +14,7 @@ import streamlit as st
 from dashboard import data
 from dashboard.markdown import md_code
 from dashboard.views.common import fmt
+from dashboard.views.effects import effects_panel
 from engine.steering.calibration import (
     PROTOCOL,
     calibration_figure,
@@ -36,8 +37,18 @@ def _judges(frame: pd.DataFrame) -> list[str]:
 
 
 def calibration_panel(path: str, run_id: str) -> None:
-    """The "Exclusivity calibration" section: the Figure-5 plot and per-category table."""
+    """The "Exclusivity calibration" section: the judge's Figure-5 plot and per-category
+    table, and beside it the judge-free effect measure against random directions."""
     st.subheader("Exclusivity calibration")
+    judge_side, effects_side = st.columns(2)
+    with judge_side:
+        _judge_panel(path, run_id)
+    with effects_side:
+        effects_panel(path, run_id)
+
+
+def _judge_panel(path: str, run_id: str) -> None:
+    """The judge's Figure-5 plot and per-category table."""
     frame = calibration(path, run_id)
     if frame.empty:
         st.caption(

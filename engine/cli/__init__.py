@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         interp.add_explain, interp.add_score,
         tools.add_export, tools.add_dashboard,
         interop.add_push, interop.add_import_paper, interop.add_export_paper,
-        verify.add_steer, verify.add_stitch, verify.add_exclusivity, verify.add_steer_eval,
+        verify.add_steer, verify.add_stitch, verify.add_exclusivity, verify.add_effects,
+        verify.add_steer_eval,
         add_planted, add_organism, add_organism_bench, tools.add_toy, tools.add_demo,
     ):  # fmt: skip
         add(sub)

@@ -3,7 +3,8 @@ screen-and-verify.
 
 `steer` generates with a feature added to one model; `stitch` fits the crosscoder-free
 affine maps between the two models; `exclusivity` scores features by whether their steering
-effect transfers through that stitch (paper B.5); `steer-eval` measures a feature's effect
+effect transfers through that stitch (paper B.5); `effects` measures the same without a
+judge, against random directions; `steer-eval` measures a feature's effect
 on a behaviour rubric per strength (B.5.2-B.5.6).
 """
 
@@ -148,6 +149,37 @@ def _calibrate(args: argparse.Namespace, judge, cfg, stitch) -> None:
     figure = args.figure or args.db.with_name(f"exclusivity-{args.protocol}-{args.run_id}.html")
     stages.calibration_figure(frame, figure, f"run {args.run_id}: exclusivity by category")
     print(f"{judge.name}: {len(frame)} items stored in {args.db}; figure: {figure}")
+
+
+def cmd_effects(args: argparse.Namespace) -> None:
+    """Judge-free verification: measure features' steering effects at a matched KL in both
+    models and read how alike they are against random directions (z-score, percentile)."""
+    from engine.results import Database
+    from engine.steering.exclusivity import pick_features
+    from engine.steering.stitching import Stitch, stitch_warning
+
+    cfg = stages.effects_config(
+        budget=args.budget, nulls=args.nulls, seed=args.seed, panel=args.panel
+    )
+    stitch = Stitch.load(args.stitch)
+    warning = stitch_warning(stitch)
+    if warning:
+        print(f"warning: {warning}")
+    with Database(args.db, create=False, hold=False) as db:
+        db.run(args.run_id)
+        features = args.features or pick_features(db, args.run_id, args.top, args.categories)
+        if not features:
+            print("no live exclusive or leaning shared features to measure")
+            return
+        results = stages.effects(
+            db, args.run_id, stitch, features, cfg, store=args.store, targets=args.target or (),
+            device=args.device, force=args.force, progress=not args.quiet,
+        )  # fmt: skip
+    for fid, effect in results:
+        print(stages.effects_line(fid, effect))
+    skipped = len(features) - len(results)
+    done = f", {skipped} already measured with these settings" if skipped else ""
+    print(f"effects: measured {len(results)} features{done}; stored in {args.db}")
 
 
 def cmd_steer_eval(args: argparse.Namespace) -> None:
@@ -321,6 +353,40 @@ def add_exclusivity(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="with --protocol: the plot's HTML file (default: beside the database)",
     )
+
+
+def add_effects(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("effects", help=cmd_effects.__doc__, description=cmd_effects.__doc__)
+    p.add_argument("--db", required=True, type=Path)
+    p.add_argument("--run-id", required=True, type=run_id)
+    p.add_argument("--stitch", required=True, type=Path, help="from `modeldiff stitch`")
+    p.add_argument("--features", nargs="+", type=non_negative_int, help="feature ids")
+    p.add_argument(
+        "--top", type=positive_int, default=5, help="without --features: this many per category"
+    )
+    p.add_argument(
+        "--categories",
+        nargs="+",
+        choices=CANDIDATES,
+        metavar="CATEGORY",
+        help=f"without --features: pick from these ({', '.join(CANDIDATES)})",
+    )
+    p.add_argument(
+        "--store", type=Path, help="activation store the null is drawn from (default: the run's)"
+    )
+    p.add_argument(
+        "--target",
+        action="append",
+        help="a known string (e.g. a marker sentence) added to the string panel; repeatable",
+    )
+    p.add_argument("--budget", type=positive_float, help="KL budget per model in nats (0.5)")
+    p.add_argument("--nulls", type=positive_int, help="random directions per model (32)")
+    p.add_argument("--panel", type=positive_int, help="strings per model and sign (8)")
+    p.add_argument("--seed", type=any_int)
+    p.add_argument("--force", action="store_true", help="measure features already done")
+    p.add_argument("--device")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_effects)
 
 
 def add_steer_eval(sub: argparse._SubParsersAction) -> None:

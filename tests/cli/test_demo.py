@@ -21,6 +21,7 @@ STAGES = [
     "score",
     "stitch",
     "exclusivity",
+    "effects",
     "steer-eval",
 ]
 
@@ -32,6 +33,7 @@ def small_settings() -> DemoSettings:
         explain_limit=40,
         exclusivity_tokens=6,
         calibration_per_category=1,
+        effects_nulls=2,
         eval_prompts=2,
         eval_alphas=(-4.0, 0.0, 4.0),
         eval_tokens=6,

@@ -17,7 +17,6 @@ from engine.steering.stitching import Stitch
 # Small settings: two prompts, a short search; the tiny random models move little.
 CFG = EffectsConfig(
     budget=0.004, prompts=("I think that", "It was a"), panel=4, candidates=50, nulls=6,
-    bisection=8,
 )  # fmt: skip
 
 
@@ -46,9 +45,10 @@ def session(planted, cfg=CFG) -> EffectSession:
 def test_iso_kl_reaches_the_budget_in_both_models(planted):
     s = session(planted)
     probe = s.probes["a"]
-    coef, kl, reached = probe.iso_kl(planted[3], CFG.budget, CFG.bisection)
-    assert reached and kl == pytest.approx(CFG.budget, rel=0.1)
-    assert probe.kl(planted[3], 2 * coef) > CFG.budget > probe.kl(planted[3], coef / 2)
+    found = probe.iso_kl(planted[3], CFG.budget, CFG.grid, CFG.rounds)
+    assert found.reached and found.kl == pytest.approx(CFG.budget, rel=0.05)
+    assert probe.kl(planted[3], found.coef) == pytest.approx(found.kl, rel=1e-5)
+    assert probe.kl(planted[3], 2 * found.coef) > CFG.budget > probe.kl(planted[3], found.coef / 2)
 
 
 def test_a_planted_direction_that_transfers_scores_above_random_directions(planted):
@@ -100,6 +100,7 @@ def tiny_run(tmp_path_factory):
     return run, path
 
 
+@pytest.mark.slow
 def test_run_measure_stores_features_and_computes_the_null_once(tiny_run, monkeypatch):
     from engine.results import Database
     from engine.steering.effects import run as effects_run
@@ -138,3 +139,42 @@ def test_run_measure_stores_features_and_computes_the_null_once(tiny_run, monkey
         )  # fmt: skip
         assert len(calls) == 1 and effect.z is not None and "the river" in effect.strings
         assert effects_run.latest(db.effects(run.run_id))["kind"].value_counts()["null"] == 12
+
+
+def test_replayed_prefix_gives_what_steering_the_whole_model_gives(tiny_pair):
+    """The probe runs only the blocks after the layer on a steered pass; the log-
+    probabilities must equal a full forward pass with the steering hook (Gemma's sliding
+    window included)."""
+    from engine.models.tokenizers import load_tokenizer
+    from engine.steering.effects.probe import Probe
+    from engine.steering.steer import steering
+    from tests.conftest import tiny_gemma, wrap
+
+    tok = load_tokenizer("gemma3")
+    models = (tiny_pair[0], wrap(tiny_gemma(tok, sliding_window=4), tok, "gemma-window-4"))
+    for loaded in models:
+        probe = Probe(loaded, 1, ("I think that it was", "One"))
+        d = torch.randn(loaded.d_model, generator=torch.Generator().manual_seed(0))
+        got = probe.next_tokens(d, [0.5, 2.0])
+        ids, mask = probe._pad(probe._ids)
+        last = torch.tensor([len(i) - 1 for i in probe._ids])
+        for coef, mine in zip([0.5, 2.0], got, strict=True):
+            delta = (coef * d / d.norm())[None].expand(len(probe._ids), -1)
+            with torch.inference_mode(), steering(loaded.model, 1, delta):
+                logits = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            ref = torch.log_softmax(logits.float()[torch.arange(len(last)), last], -1)
+            assert torch.allclose(mine, ref, atol=1e-5)
+        # A string of several tokens: the first from the next-token distribution, the rest
+        # teacher-forced.
+        text = " the river runs"
+        tail = loaded.tokenizer.encode(text, add_special_tokens=False)
+        want = []
+        for p in probe._ids:
+            row = torch.tensor([p + tail])
+            with torch.inference_mode(), steering(loaded.model, 1, (2.0 * d / d.norm())[None]):
+                lp = torch.log_softmax(loaded.model(input_ids=row, use_cache=False).logits[0], -1)
+            want.append(sum(float(lp[len(p) - 1 + j, t]) for j, t in enumerate(tail)))
+        assert len(tail) > 1
+        assert float(probe.string_logprobs([text], d, 2.0)[0]) == pytest.approx(
+            sum(want) / len(want), abs=1e-4
+        )

@@ -43,7 +43,8 @@ class EffectsConfig:
     panel: int = 8  # strings each model contributes per direction (promoted, demoted)
     candidates: int = 200  # among this many most likely next tokens
     nulls: int = 32  # random directions per source model
-    bisection: int = 12  # halvings of log(coefficient) in the iso-KL search
+    grid: int = 6  # coefficients per batched forward pass of the iso-KL search
+    rounds: int = 2  # grids in the iso-KL search (each narrows the bracket)
     seed: int = 0
     targets: tuple[str, ...] = ()  # known strings that always join the panel
 
@@ -107,22 +108,23 @@ def measure_vectors(
     """Measure a vector steering `source` and its stitched copy steering the other model;
     `vectors` maps each model to the vector that steers it."""
     target = "b" if source == "a" else "a"
-    coefficients, kls, reached, panels, output = {}, {}, {}, {}, {}
+    coefficients, kls, reached, panels, output, steered = {}, {}, {}, {}, {}, {}
     for m in (source, target):
         probe, v = probes[m], vectors[m].float()
         if not torch.isfinite(v).all() or float(v.norm()) == 0.0:
             raise ConfigError(f"the vector for model {m.upper()} is zero or not finite")
-        coef, kl, ok = probe.iso_kl(v, cfg.budget, cfg.bisection)
-        coefficients[m], kls[m], reached[m] = coef, kl, ok
-        change = (probe.next_token(v, coef) - probe.base).mean(0)
+        found = probe.iso_kl(v, cfg.budget, cfg.grid, cfg.rounds)
+        coefficients[m], kls[m], reached[m] = found.coef, found.kl, found.reached
+        steered[m] = found.steered
+        change = (steered[m] - probe.base).mean(0)
         panels[m] = _panel(probe, change, cfg)
         output[m] = _output_score(probe, v, change)
     strings, origins = _merge(panels, source, list(cfg.targets) + list(targets))
     changes = {}
     for m in (source, target):
         probe = probes[m]
-        steered = probe.string_logprobs(strings, vectors[m], coefficients[m])
-        changes[m] = (steered - probe.string_logprobs(strings)).tolist()
+        moved = probe.string_logprobs(strings, vectors[m], coefficients[m], steered[m])
+        changes[m] = (moved - probe.string_logprobs(strings)).tolist()
     similarity = rank_correlation(changes[source], changes[target])
     return Effect(
         source, target, coefficients, kls, reached, strings, origins, changes, output,

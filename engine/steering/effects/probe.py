@@ -12,15 +12,18 @@ block `layer` at every position, as steering does (`engine.steering.steer.steeri
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from engine.errors import ConfigError
 from engine.models.capture import capture_residual
+from engine.models.layers import decoder_layers
 from engine.models.loading import LoadedModel
-from engine.steering.steer import steering
+from engine.steering.steer import _LOCK
 
 # Neutral, topic-free openings: the next token after each could be almost anything, so a
 # steering vector's effect on it shows what the vector promotes rather than the prompt.
@@ -37,6 +40,16 @@ NEUTRAL_PROMPTS = (
 CHUNK = 64  # positions per log-softmax over the vocabulary (Gemma's is 262,144 wide)
 
 
+@dataclass(frozen=True)
+class IsoKL:
+    """A coefficient found by the iso-KL search, and what steering with it does."""
+
+    coef: float
+    kl: float  # the KL reached, nats
+    reached: bool  # False: the budget is out of reach within 8x the residual's median norm
+    steered: torch.Tensor  # next-token log-probabilities after each prompt [prompts, vocab]
+
+
 @dataclass
 class Probe:
     """One model and its steering layer over a fixed set of prompts."""
@@ -48,6 +61,7 @@ class Probe:
     _base: torch.Tensor | None = field(default=None, init=False, repr=False)
     _strings: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     _scale: float | None = field(default=None, init=False, repr=False)
+    _prompt_prefix: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -80,32 +94,64 @@ class Probe:
     def next_token(self, direction: torch.Tensor | None, coef: float) -> torch.Tensor:
         """Next-token log-probabilities after each prompt with `coef` x `direction` added
         [prompts, vocab]."""
-        positions = [[len(ids) - 1] for ids in self._ids]
-        return self._logprobs(self._ids, positions, direction, coef, None)[0]
+        return self.next_tokens(direction, [coef])[0]
+
+    def next_tokens(
+        self, direction: torch.Tensor | None, coefs: Sequence[float]
+    ) -> list[torch.Tensor]:
+        """`next_token` at several coefficients in one batched forward pass."""
+        rows = [ids for _ in coefs for ids in self._ids]
+        positions = [[len(ids) - 1] for ids in rows]
+        per_row = [c for c in coefs for _ in self._ids]
+        full = self._logprobs(rows, positions, direction, per_row, None)[0]
+        n = len(self._ids)
+        return [full[k * n : (k + 1) * n] for k in range(len(coefs))]
+
+    def divergence(self, steered: torch.Tensor) -> float:
+        """Mean over prompts of KL(steered || unsteered) of the next token, in nats."""
+        return float((steered.exp() * (steered - self.base)).sum(-1).mean())
 
     def kl(self, direction: torch.Tensor, coef: float) -> float:
         """Mean over prompts of KL(steered || unsteered) of the next token, in nats."""
-        steered = self.next_token(direction, coef)
-        return float((steered.exp() * (steered - self.base)).sum(-1).mean())
+        return self.divergence(self.next_token(direction, coef))
 
     def iso_kl(
-        self, direction: torch.Tensor, budget: float, steps: int = 14
-    ) -> tuple[float, float, bool]:
+        self, direction: torch.Tensor, budget: float, grid: int = 8, rounds: int = 2
+    ) -> IsoKL:
         """The coefficient (raw units, along the unit `direction`) at which the KL reaches
-        `budget`, by bisection on its logarithm between 1e-3 and 8 x the residual's median
-        norm; with the KL there and whether the budget was reached at all."""
+        `budget`, with the KL there, whether the budget was reached at all, and the steered
+        next-token log-probabilities.
+
+        The search brackets the budget on a grid of `grid` log-spaced coefficients from
+        1e-3 to 8 x the residual's median norm, narrows the bracket with another grid
+        (`rounds` in all; each grid is one batched forward pass), then interpolates
+        log KL linearly in log coefficient."""
         lo, hi = math.log(1e-3 * self.scale), math.log(8.0 * self.scale)
-        top = self.kl(direction, math.exp(hi))
-        if top < budget:  # even 8x the typical norm moves the distribution less
-            return math.exp(hi), top, False
-        for _ in range(steps):
-            mid = 0.5 * (lo + hi)
-            if self.kl(direction, math.exp(mid)) < budget:
-                lo = mid
-            else:
-                hi = mid
-        coef = math.exp(0.5 * (lo + hi))
-        return coef, self.kl(direction, coef), True
+        k_lo = k_hi = None
+        for _ in range(rounds):
+            logs = torch.linspace(lo, hi, grid).tolist()
+            kls = [self.divergence(x) for x in self.next_tokens(direction, _exp(logs))]
+            above = [i for i, k in enumerate(kls) if k >= budget]
+            if not above:  # even the top of the range moves the distribution less
+                if k_hi is None:
+                    return self._at(direction, math.exp(hi), False)
+                lo, k_lo = logs[-1], kls[-1]
+                break
+            j = above[0]
+            if j == 0:
+                if k_lo is None:  # even the bottom of the range moves it more
+                    return self._at(direction, math.exp(lo), True)
+                hi, k_hi = logs[0], kls[0]
+                break
+            lo, hi, k_lo, k_hi = logs[j - 1], logs[j], kls[j - 1], kls[j]
+        t = 0.5
+        if k_lo and k_hi and k_lo > 0 and k_hi > k_lo:
+            t = (math.log(budget) - math.log(k_lo)) / (math.log(k_hi) - math.log(k_lo))
+        return self._at(direction, math.exp(lo + min(max(t, 0.0), 1.0) * (hi - lo)), True)
+
+    def _at(self, direction: torch.Tensor, coef: float, reached: bool) -> IsoKL:
+        steered = self.next_token(direction, coef)
+        return IsoKL(coef, self.divergence(steered), reached, steered)
 
     # -- strings ---------------------------------------------------------------------------
 
@@ -114,25 +160,41 @@ class Probe:
         return self.loaded.tokenizer.encode(text, add_special_tokens=False)
 
     def string_logprobs(
-        self, strings: Sequence[str], direction: torch.Tensor | None = None, coef: float = 0.0
+        self,
+        strings: Sequence[str],
+        direction: torch.Tensor | None = None,
+        coef: float = 0.0,
+        first: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Each string's log-probability as the continuation of each prompt, averaged over
-        the prompts [strings]; unsteered values are cached."""
+        the prompts [strings]. The first token's comes from the next-token distribution
+        (`first`, if already computed at this coefficient); only strings of several tokens
+        need another forward pass. Unsteered values are cached."""
         steered = direction is not None and coef != 0.0
-        todo = [s for s in strings if steered or s not in self._strings]
+        todo = [s for s in dict.fromkeys(strings) if steered or s not in self._strings]
         values: dict[str, float] = {}
         if todo:
-            rows, positions, targets = [], [], []
+            if first is None:
+                first = self.next_token(direction, coef) if steered else self.base
+            tails = {s: self.string_ids(s) for s in todo}
+            rows, positions, targets, owners = [], [], [], []
             for s in todo:
-                tail = self.string_ids(s)
-                for ids in self._ids:
-                    rows.append(ids + tail)
-                    positions.append(list(range(len(ids) - 1, len(ids) + len(tail) - 1)))
-                    targets.append(tail)
-            sums = self._logprobs(rows, positions, direction, coef, targets)[1]
-            n = len(self._ids)
-            for i, s in enumerate(todo):
-                values[s] = float(sums[i * n : (i + 1) * n].mean())
+                tail = tails[s]
+                if not tail:
+                    raise ConfigError(f"the string {s!r} is empty in {self.loaded.name}'s tokens")
+                values[s] = float(first[:, tail[0]].mean())
+                if len(tail) > 1:
+                    for ids in self._ids:
+                        rows.append(ids + tail[:-1])
+                        positions.append(list(range(len(ids), len(ids) + len(tail) - 1)))
+                        targets.append(tail[1:])
+                    owners.append(s)
+            if rows:
+                coefs = [coef if steered else 0.0] * len(rows)
+                sums = self._logprobs(rows, positions, direction, coefs, targets)[1]
+                n = len(self._ids)
+                for i, s in enumerate(owners):
+                    values[s] += float(sums[i * n : (i + 1) * n].mean())
             if not steered:
                 self._strings.update(values)
         return torch.tensor([values[s] if s in values else self._strings[s] for s in strings])
@@ -148,17 +210,17 @@ class Probe:
         rows: list[list[int]],
         positions: list[list[int]],
         direction: torch.Tensor | None,
-        coef: float,
+        coefs: Sequence[float],
         targets: list[list[int]] | None,
         batch: int = 64,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-softmax at `positions` of each row: the full distributions when `targets` is
         None ([rows, vocab], one position per row), else the summed log-probability of each
-        row's targets [rows]."""
+        row's targets [rows]. Row i is steered with coefs[i] x the unit `direction`."""
         full, sums = [], []
         for start in range(0, len(rows), batch):
             part = rows[start : start + batch]
-            hidden = self._hidden(part, direction, coef)
+            hidden = self._hidden(part, direction, coefs[start : start + batch])
             picked = [
                 hidden[i, positions[start + i]] for i in range(len(part))
             ]  # per row [positions, d]
@@ -179,10 +241,35 @@ class Probe:
         return torch.empty(0), torch.stack(sums)
 
     def _hidden(
-        self, rows: list[list[int]], direction: torch.Tensor | None, coef: float
+        self, rows: list[list[int]], direction: torch.Tensor | None, coefs: Sequence[float]
     ) -> torch.Tensor:
-        """The final hidden states (after the last norm) of right-padded rows."""
+        """The final hidden states (after the last norm) of right-padded rows, each row
+        steered with its coefficient x the unit `direction` at the layer's output.
+
+        The blocks up to the layer do not see the steering, so their output is computed
+        once per set of rows (`_prefix`, cached for the prompts) and replayed: a steered
+        pass runs only the blocks after the layer."""
         model = self.loaded.model
+        ids, mask = self._pad(rows)
+        device = self.loaded.device
+        body = model.model
+        steer = direction is not None and any(c != 0.0 for c in coefs)
+        if not steer:
+            with torch.inference_mode():
+                out = body(input_ids=ids, attention_mask=mask, use_cache=False)
+            return out.last_hidden_state.float()
+        unit = direction.float() / direction.float().norm()
+        deltas = (torch.tensor([float(c) for c in coefs])[:, None] * unit[None, :]).to(device)
+        prefix = self._prefix(rows, ids, mask)
+        layers = decoder_layers(model)
+        replay = [_Replay(None) for _ in range(self.layer)]
+        replay.append(_Replay(prefix + deltas[:, None, :].to(prefix.dtype)))
+        with _LOCK, torch.inference_mode(), _swapped(layers, replay):
+            out = body(input_ids=ids, attention_mask=mask, use_cache=False)
+        return out.last_hidden_state.float()
+
+    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded token ids and attention mask of `rows`, on the model's device."""
         width = max(len(r) for r in rows)
         pad = self.loaded.tokenizer.pad_token_id or 0
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -190,15 +277,20 @@ class Probe:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
-        device = self.loaded.device
-        body = getattr(model, "model", None)
-        ctx = _nothing()
-        if direction is not None and coef != 0.0:
-            delta = (coef * direction.float() / direction.float().norm()).to(device)
-            ctx = steering(model, self.layer, delta[None, :].expand(len(rows), -1))
-        with torch.inference_mode(), ctx:
-            out = body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-        return out.last_hidden_state.float()
+        return ids.to(self.loaded.device), mask.to(self.loaded.device)
+
+    def _prefix(self, rows: list[list[int]], ids: torch.Tensor, mask: torch.Tensor):
+        """The unsteered output of block `layer` for `rows` [rows, width, d]; rows that
+        repeat the prompts reuse one cached pass."""
+        n = len(self._ids)
+        if len(rows) % n == 0 and all(rows[i] == self._ids[i % n] for i in range(len(rows))):
+            if self._prompt_prefix is None:
+                p_ids, p_mask = self._pad(self._ids)
+                self._prompt_prefix = capture_residual(
+                    self.loaded.model, self.layer, p_ids, p_mask
+                ).clone()
+            return self._prompt_prefix.repeat(len(rows) // n, 1, 1)
+        return capture_residual(self.loaded.model, self.layer, ids, mask).clone()
 
     def _log_softmax(self, hidden: torch.Tensor) -> torch.Tensor:
         """Log-probabilities over the vocabulary of final hidden states [n, vocab]."""
@@ -219,15 +311,34 @@ def _split(targets: list[list[int]], start: int, part: list) -> list[torch.Tenso
     return [col[k : k + CHUNK] for k in range(0, len(col), CHUNK)]
 
 
+def _exp(logs: Sequence[float]) -> list[float]:
+    return [math.exp(x) for x in logs]
+
+
 def _tensor(rows: list[list[int]], loaded: LoadedModel) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=loaded.device)
 
 
-class _nothing:
-    """A context manager that does nothing (torch's inference_mode cannot nest a None)."""
+class _Replay(torch.nn.Module):
+    """A stand-in for a decoder block: passes its input on, or returns a stored output."""
 
-    def __enter__(self) -> None:
-        return None
+    def __init__(self, value: torch.Tensor | None) -> None:
+        super().__init__()
+        self.value = value
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states if self.value is None else self.value
+
+
+@contextmanager
+def _swapped(layers: torch.nn.ModuleList, replay: list[torch.nn.Module]) -> Iterator[None]:
+    """The first len(replay) blocks replaced by `replay` (same indices, so per-layer
+    settings such as Gemma's sliding windows stay with their blocks), then restored."""
+    kept = [layers[i] for i in range(len(replay))]
+    try:
+        for i, module in enumerate(replay):
+            layers[i] = module
+        yield
+    finally:
+        for i, module in enumerate(kept):
+            layers[i] = module

@@ -14,9 +14,10 @@ import torch
 from engine.errors import ConfigError
 from engine.models.loading import LoadedModel
 from engine.results import Database
+from engine.specs import PairSpec
 from engine.steering.effects.measure import Effect, EffectsConfig
 from engine.steering.effects.null import store_sample
-from engine.steering.effects.session import MODELS, EffectSession
+from engine.steering.effects.session import MODELS, EffectSession, settings_key
 from engine.steering.pair import SteeringPair
 from engine.steering.stitching import Stitch
 
@@ -83,10 +84,11 @@ def measure_features(
     targets: Sequence[str] = (),
     force: bool = False,
     on_item: Callable[[str, int], None] | None = None,
+    session: EffectSession | None = None,
 ) -> list[tuple[int, Effect]]:
     """Measure each feature (skipping those stored with the same settings, unless `force`)
     against the run's null, store them, and return (feature id, effect) for those measured."""
-    session = open_session(pair, cfg, store)
+    session = session or open_session(pair, cfg, store)
     done = set()
     if not force:
         stored = db.effects(run_id, settings=session.key, kind=FEATURE)
@@ -108,6 +110,18 @@ def measure_features(
         if on_item is not None:
             on_item(FEATURE, fid)
     return out
+
+
+def pending(
+    db: Database, run_id: str, stitch: Stitch, features: Sequence[int], cfg: EffectsConfig
+) -> list[int]:
+    """The features not yet measured with these settings, stitch and the run's models
+    (found without loading a model)."""
+    spec = PairSpec.from_run(db.run(run_id))
+    names = {m: (spec.require(m, ConfigError).name, spec.layer(m, ConfigError)) for m in MODELS}
+    stored = db.effects(run_id, settings=settings_key(cfg, stitch, names), kind=FEATURE)
+    done = set(stored["item"].astype(int))
+    return [int(f) for f in features if int(f) not in done]
 
 
 def feature_direction(

@@ -25,6 +25,18 @@ from engine.steering.stitching import Stitch
 MODELS = ("a", "b")
 
 
+def settings_key(cfg: EffectsConfig, stitch: Stitch, models: dict[str, tuple[str, int]]) -> str:
+    """What makes measurements comparable, as a short digest: the settings, the stitch and
+    the models (name, layer) by side."""
+    payload = {
+        **cfg.key_payload(),
+        "stitch": stitch.fingerprint,
+        "models": {m: [models[m][0], int(models[m][1])] for m in MODELS},
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class EffectSession:
     """Probes of both models, the stitch between them, the activation sample the null is
     drawn from, and the null's effects by (source model, direction number)."""
@@ -46,15 +58,9 @@ class EffectSession:
 
     @property
     def key(self) -> str:
-        """What makes measurements comparable, as a short digest: the settings, the stitch
-        and the models with their layers."""
-        payload = {
-            **self.cfg.key_payload(),
-            "stitch": self.stitch.fingerprint,
-            "models": {m: [self.models[m].name, self.layers[m]] for m in MODELS},
-        }
-        text = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """What makes measurements comparable (`settings_key`)."""
+        names = {m: (self.models[m].name, self.layers[m]) for m in MODELS}
+        return settings_key(self.cfg, self.stitch, names)
 
     def translate(self, vector: torch.Tensor, source: str) -> dict[str, torch.Tensor]:
         """The vector for each model: itself in `source`, its stitched copy in the other."""
