@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from engine.errors import UserError
@@ -199,25 +199,56 @@ def _first_line(err: BaseException) -> str:
 # -- pushing ---------------------------------------------------------------------------
 
 
+def publishable(value: Any) -> Any:
+    """`value` (JSON: a run header, a store's data sources) with every local path cut to
+    its last part: an absolute or home-relative path names the user's folders, which a
+    published file must not carry. Hub ids, hf:// locations and plain names stay."""
+    if isinstance(value, Mapping):
+        return {key: publishable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [publishable(item) for item in value]
+    if isinstance(value, str) and _local_path(value):
+        return PurePath(value.replace("\\", "/")).name or "."
+    return value
+
+
+def _local_path(text: str) -> bool:
+    """Whether `text` is an absolute or home-relative path of this or another machine."""
+    return (
+        text.startswith(("/", "~", "\\"))
+        or bool(re.match(r"[A-Za-z]:[\\/]", text))
+        or text.startswith(("./", "../"))
+    )
+
+
 def push_folder(
     folder: Path,
     files: Sequence[str],
     repo: str,
     card: str,
     *,
-    private: bool = False,
-    token: str | None = None,
+    private: bool = True,
     revision: str | None = None,
     message: str | None = None,
+    contents: Mapping[str, bytes] | None = None,
 ) -> str:
-    """Upload `files` (paths relative to `folder`) and `card` as README.md to the model
-    repository `repo` (created if missing) in one commit; returns the commit's URL."""
+    """Upload `files` (paths relative to `folder`), `contents` (name -> bytes, uploaded
+    instead of a file of that name) and `card` as README.md to the model repository `repo`
+    (created, private unless `private` is False, if missing) in one commit; returns the
+    commit's URL. The token is HF_TOKEN's or the Hub login's (`hf auth login`)."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     repo = repo_id(repo)
-    api = HfApi(token=token, library_name=LIBRARY_NAME)
+    api = HfApi(library_name=LIBRARY_NAME)
+    contents = dict(contents or {})
     operations = [
-        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
+        for name in files
+        if name not in contents
+    ]
+    operations += [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=data)
+        for name, data in contents.items()
     ]
     operations.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card.encode()))
     with _hub_errors(repo):
@@ -239,24 +270,28 @@ def push_run(
     repo: str,
     *,
     data: Mapping[str, Any] | None = None,
-    private: bool = False,
-    token: str | None = None,
+    private: bool = True,
     revision: str | None = None,
 ) -> str:
     """Upload the run at `location` (its crosscoder.json, crosscoder.safetensors and
     feature_stats.safetensors, not its training checkpoints) with a generated model card to
-    the model repository `repo`; `data` is the activation store's "data" entry for the card.
-    Returns the commit's URL."""
-    from engine.crosscoder.checkpoint import HEADER_FILE, STATS_FILE, WEIGHTS_FILE, load_crosscoder
+    the model repository `repo` (private unless `private` is False); `data` is the
+    activation store's "data" entry for the card. crosscoder.json and the card carry no
+    local paths (`publishable`). Returns the commit's URL."""
+    import json
+
+    from engine.crosscoder.checkpoint import HEADER_FILE, RUN_FILES, load_crosscoder
 
     repo = repo_id(repo)
     folder = resolve_run(location)
     _, _, header = load_crosscoder(folder)  # refuses a folder without a complete crosscoder
-    files = [name for name in (HEADER_FILE, WEIGHTS_FILE, STATS_FILE) if (folder / name).is_file()]
-    card = model_card(header, repo, data)
+    files = [name for name in RUN_FILES if (folder / name).is_file()]
+    header = publishable(header)
+    card = model_card(header, repo, publishable(data) if data is not None else None)
     return push_folder(
-        folder, files, repo, card, private=private, token=token, revision=revision,
+        folder, files, repo, card, private=private, revision=revision,
         message=f"Upload crosscoder run {run_name(location)} with modeldiff",
+        contents={HEADER_FILE: json.dumps(header, indent=2).encode()},  # as saved
     )  # fmt: skip
 
 

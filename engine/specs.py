@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import PurePath
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +126,21 @@ class ModelSpec:
         """What makes two captures the same: the weights, the layer and the width."""
         return self.weights, self.layer, self.d_model
 
+    def same_capture(self, other: ModelSpec) -> bool:
+        """Whether both capture the same weights, layer and width. A run published to the
+        Hub records a local model's folder by its last part only (`engine.hub.publishable`),
+        so such a name matches a full path ending in it."""
+        if self.identity == other.identity:
+            return True
+        ours, theirs = self.weights, other.weights
+        if (self.layer, self.d_model) != (other.layer, other.d_model):
+            return False
+        if not (isinstance(ours, str) and isinstance(theirs, str)):
+            return False
+        if ("/" in ours) == ("/" in theirs):
+            return False
+        return PurePath(ours).name == PurePath(theirs).name
+
     @property
     def label(self) -> str:
         """Name, layer and width for messages: 'smollm2' (layer 15, d 576)."""
@@ -219,6 +235,6 @@ class PairSpec:
         if not self.known or not other.known:
             return None
         for side in SIDES:
-            if self[side].identity != other[side].identity:
+            if not self[side].same_capture(other[side]):
                 return side, self[side], other[side]
         return None

@@ -13,18 +13,21 @@ from pathlib import Path
 
 def cmd_push(args: argparse.Namespace) -> None:
     """Upload a trained run to a Hugging Face Hub model repository with a model card."""
-    from engine.hub import push_run
+    from engine.hub import HubError, push_run
 
+    if args.token is not None:  # refused: a token typed on the command line stays in history
+        raise HubError(
+            "--token on the command line is kept in the shell's history; export HF_TOKEN=... "
+            "or run `hf auth login` instead"
+        )
     data = None
     if args.store is not None:
         from engine.activations.reader import read_manifest
 
         data = read_manifest(args.store).get("data")
-    url = push_run(
-        args.run, args.repo, data=data, private=args.private, token=args.token,
-        revision=args.revision,
-    )  # fmt: skip
-    print(f"pushed {args.run} to hf://{args.repo.removeprefix('hf://')} ({url})")
+    url = push_run(args.run, args.repo, data=data, private=not args.public, revision=args.revision)
+    visibility = "public" if args.public else "private unless it already existed public"
+    print(f"pushed {args.run} to hf://{args.repo.removeprefix('hf://')} ({visibility}; {url})")
 
 
 def cmd_import_paper(args: argparse.Namespace) -> None:
@@ -78,9 +81,13 @@ def add_push(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--store", type=Path, help="the activation store it was trained on (data sources)"
     )
-    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument(
+        "--public", action="store_true",
+        help="create the repository public (default: private); the token is HF_TOKEN's or "
+        "the login's (`hf auth login`)",
+    )  # fmt: skip
     p.add_argument("--revision", help="branch to commit to (default main)")
-    p.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--token", help=argparse.SUPPRESS)  # refused, with the way to give one
     p.set_defaults(func=cmd_push)
 
 

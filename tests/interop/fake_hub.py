@@ -127,7 +127,9 @@ class FakeHub:
                 409, json={"error": message, "url": f"{ENDPOINT}/{repo}"},
                 headers={"X-Error-Code": "Conflict", "X-Error-Message": message},
             )  # fmt: skip
-        self.repos[repo] = Repo(private=bool(body.get("private")))
+        # Older huggingface_hub versions send "private", newer ones "visibility".
+        private = bool(body.get("private")) or body.get("visibility") == "private"
+        self.repos[repo] = Repo(private=private)
         return _httpx().Response(200, json={"url": f"{ENDPOINT}/{repo}", "name": repo})
 
     def _validate_yaml(self, request, **_):

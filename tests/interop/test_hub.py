@@ -5,6 +5,7 @@ hf://OWNER/NAME, against the real huggingface_hub with only its HTTP transport f
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -55,12 +56,21 @@ def saved(tmp_path) -> Path:
 def hub(monkeypatch, tmp_path):
     fake = FakeHub()
     fake.install(monkeypatch, tmp_path / "hf-cache")
+    monkeypatch.setenv("HF_TOKEN", fake.token)  # logged in (pushed repositories are private)
     yield fake
     FakeHub.uninstall()
 
 
-def push(run: Path, hub: FakeHub, *extra: str) -> int:
-    return main(["push", str(run), "--repo", REPO, "--token", hub.token, *extra])
+def push(run: Path, hub: FakeHub, *extra: str, repo: str = REPO, token: str | None = None) -> int:
+    """`modeldiff push RUN --repo REPO EXTRA` with the token in HF_TOKEN (as after a login)."""
+    before = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = token or hub.token
+    try:
+        return main(["push", str(run), "--repo", repo, *extra])
+    finally:
+        os.environ.pop("HF_TOKEN")
+        if before is not None:
+            os.environ["HF_TOKEN"] = before
 
 
 def test_location_rule_never_takes_a_local_path_for_the_hub():
@@ -140,8 +150,8 @@ def test_a_pushed_tiny_run_is_analysed_from_the_hub(tmp_path, hub):
 
     assert push(tmp_path / "run", hub, "--store", str(store)) == 0
     (meta,) = hub.validated
-    assert meta["modeldiff"]["data_sources"] == [str(text)]
-    assert f"- `{text}`" in hub.files(REPO)["README.md"].decode()
+    assert meta["modeldiff"]["data_sources"] == [text.name]  # no local folder published
+    assert f"- `{text.name}`" in hub.files(REPO)["README.md"].decode()
 
     db = tmp_path / "from-hub.duckdb"
     assert main(["analyze", "--run", f"hf://{REPO}", "--store", str(store), "--db", str(db),
@@ -190,11 +200,11 @@ def test_hub_errors_name_the_fix_and_local_paths_never_reach_the_network(saved, 
     assert "cannot reach the Hugging Face Hub" in capsys.readouterr().err
     hub.offline = False
     # A wrong token cannot write.
-    assert main(["push", str(saved), "--repo", "analyst/other", "--token", "bad"]) == 2
+    assert push(saved, hub, repo="analyst/other", token="bad") == 2
     assert "log in" in capsys.readouterr().err
     # A folder that is not a run is refused before anything is uploaded.
     hub.requests.clear()
-    assert main(["push", str(saved / "checkpoints"), "--repo", REPO, "--token", hub.token]) == 2
+    assert push(saved / "checkpoints", hub) == 2
     assert "no trained crosscoder" in capsys.readouterr().err
     # OWNER/NAME without hf:// is a local path, even when no such folder exists.
     with pytest.raises(CheckpointError, match="hf://OWNER/NAME"):
@@ -293,3 +303,46 @@ def test_a_repository_that_is_not_a_run_is_refused_after_one_small_file(hub):
     with pytest.raises(HubError, match="hf://someone/llm is not a modeldiff run"):
         load_crosscoder("hf://someone/llm")
     assert downloads(hub) == set()
+
+
+# -- publishing: private by default, no local paths, no token on the command line ---------
+
+
+def test_push_is_private_by_default_and_publishes_no_local_paths(tmp_path, hub):
+    from engine.crosscoder.paper_format import import_paper
+    from engine.hub import push_run
+
+    home = tmp_path / "home" / "alice" / "secret-project"
+    models = json.loads(json.dumps(MODELS))
+    models["a"].update(name=str(home / "my-model"), source={"kind": "dir", "path": str(home)})
+    cc = Crosscoder(24, 16, Partition(4, 2, 26))
+    save_crosscoder(home / "run", cc, Normalizer(0.5, 2.0), train_config={"k": 8},
+                    models=models)  # fmt: skip
+    data = {"sources": [str(home / "chats.txt"), "demo:kjv"]}  # a store's "data" entry
+    push_run(home / "run", REPO, data=data)
+    assert hub.repos[REPO].private  # nothing is published by accident
+    files = hub.files(REPO)
+    published = b"".join(files.values()).decode(errors="replace")
+    assert "alice" not in published and str(tmp_path) not in published
+    header = json.loads(files["crosscoder.json"])
+    assert header["models"]["a"]["name"] == "my-model"
+    assert header["models"]["b"]["name"] == MODELS["b"]["name"]  # Hub ids stay
+    assert "- `chats.txt`" in files["README.md"].decode()
+    load_crosscoder(f"hf://{REPO}")  # still a complete run
+
+    # An imported run's source path is stripped too; --public publishes.
+    square = Crosscoder(16, 16, Partition(2, 3, 27))  # the paper's format: equal widths
+    save_crosscoder(home / "square", square, Normalizer.identity(), train_config={"k": 8})
+    assert main(["export-paper", str(home / "square"), "--out", str(home / "paper")]) == 0
+    import_paper(home / "paper", home / "imported")
+    assert push(home / "imported", hub, "--public", repo="analyst/imported") == 0
+    assert not hub.repos["analyst/imported"].private
+    assert "alice" not in hub.files("analyst/imported")["crosscoder.json"].decode()
+
+
+def test_push_refuses_a_token_on_the_command_line(saved, hub, capsys):
+    hub.requests.clear()
+    assert main(["push", str(saved), "--repo", REPO, "--token", hub.token]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "HF_TOKEN" in err and "hf auth login" in err
+    assert hub.requests == []
