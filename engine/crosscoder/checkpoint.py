@@ -286,7 +286,9 @@ def clear_run(run_dir: Path, remove: bool = True) -> None:
     foreign = [e for e in out.iterdir() if e not in own and e != checkpoints]
     if checkpoints.is_dir():
         foreign += [e for e in checkpoints.iterdir() if e not in own]
-    if foreign and not _is_run(out):
+    # Files with a run's names prove nothing (another tool may write a crosscoder.json or
+    # checkpoints/step-*): anything is removed only from a folder holding modeldiff's own.
+    if (foreign or own) and not _is_run(out):
         shown = ", ".join(str(e.relative_to(out)) for e in sorted(foreign)[:3])
         raise CheckpointError(
             f"refusing to clear {out}: it is not a training run directory (it holds "

@@ -553,6 +553,15 @@ def run_k(header: dict[str, Any]) -> int | None:
     return None if k is None else int(k)
 
 
+def _is_export(folder: Path) -> bool:
+    """Whether `folder` holds an earlier `export_paper` (its provenance file says so)."""
+    try:
+        provenance = json.loads((folder / PROVENANCE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(provenance, dict) and "exported_from" in provenance
+
+
 def export_paper(run_dir: str | Path, out: str | Path) -> Converted:
     """Write the crosscoder of run `run_dir` in the paper's format into the folder `out`."""
     out = Path(out)
@@ -565,6 +574,17 @@ def export_paper(run_dir: str | Path, out: str | Path) -> Converted:
     if out.exists() and (not out.is_dir() or has_crosscoder(out) or (out / WEIGHTS_FILE).exists()):
         raise CheckpointError(
             f"refusing to write into {out}: it is a file or a modeldiff run; choose a new folder"
+        )
+    # Replace only an earlier export's files, never another tool's model.safetensors or
+    # config.json.
+    taken = [
+        name for name in (PAPER_WEIGHTS_FILE, PAPER_CONFIG_FILE, PROVENANCE_FILE)
+        if (out / name).exists()
+    ]  # fmt: skip
+    if taken and not _is_export(out):
+        raise CheckpointError(
+            f"refusing to write into {out}: its {', '.join(taken)} was not written by "
+            "`modeldiff export-paper`; choose a new folder"
         )
     out.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors(out / PAPER_WEIGHTS_FILE, paper.state_dict())

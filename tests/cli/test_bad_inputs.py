@@ -94,6 +94,8 @@ def root(tmp_path_factory) -> Path:
     (root / "blank.txt").write_text("\n  \n\n")
     (root / "blank.jsonl").write_text('{"text": ""}\n\n')
     (root / "no-text").mkdir()
+    (root / "other-tool").mkdir()  # another tool's folder that happens to use a run's names
+    (root / "other-tool" / "crosscoder.json").write_text('{"format": "another-tool"}')
     (root / "no-text" / "readme.md").write_text("not a .txt file")
     foreign = duckdb.connect(str(root / "foreign.duckdb"))
     foreign.execute("CREATE TABLE t (x INTEGER)")
@@ -274,6 +276,10 @@ CASES = {
         "not an activation store",
     ),
     "train pairs of other models than the preset's": ([*TRAIN, "--config", "demo"], "width 8"),
+    "train --fresh into another tool's folder": (
+        [*TINY[:3], *TRAIN[1:3], "--out", "{root}/other-tool", "--fresh"],
+        "not a training run directory",
+    ),
     "train --out a file": ([*TINY[:3], *TRAIN[1:3], "--out", "{root}/notes.txt"], "notes.txt"),
     # Unknown runs and features, runs without a crosscoder, foreign files as --db.
     "explain unknown run": (["explain", *DB, "--run-id", "nope"], "unknown run"),
