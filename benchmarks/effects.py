@@ -45,6 +45,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write every number as JSON here")
+    parser.add_argument(
+        "--null-json",
+        nargs="+",
+        type=Path,
+        help="null effects measured beforehand (EffectSession.save_null) to store first",
+    )
     args = parser.parse_args()
 
     from dataclasses import replace
@@ -84,6 +90,8 @@ def main() -> None:
         )
         pair = SteeringPair.open(db, args.run_id, args.stitch)
         session = open_session(pair, cfg)
+        if args.null_json:
+            import_null(db, args.run_id, session, args.null_json)
         t0 = time.perf_counter()
         ensure_null(
             db, args.run_id, session, on_item=lambda s, i: print(f"null {s}{i}", flush=True)
@@ -127,6 +135,7 @@ def main() -> None:
             report[f"auc_output_{model}_shared_over_null"] = auc(
                 comp(results["shared"], "output", model), comp(null_rows, "output", model)
             )
+        report["variants"] = variants(results["shared"], null_rows)
         report["shared"] = {
             "n": len(sim_shared),
             "similarity_mean": float(np.mean(sim_shared)),
@@ -162,6 +171,49 @@ def main() -> None:
     print(json.dumps({k: v for k, v in report.items()}, indent=2, default=str))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def import_null(db, run_id: str, session, paths: list[Path]) -> None:
+    """Store null effects saved by `EffectSession.save_null` with the same settings key."""
+    from engine.steering.effects.run import NULL, load_null
+
+    load_null(db, run_id, session)
+    have = set(session.nulls)
+    for path in paths:
+        session.load_null(path)
+    for (source, i), effect in sorted(session.nulls.items()):
+        if (source, i) in have:
+            continue
+        db.add_effect(
+            run_id, settings=session.key, kind=NULL, item=i, feature_id=None, source=source,
+            similarity=effect.similarity, exclusivity=effect.exclusivity, z=None,
+            percentile=None, details=effect.to_json(),
+        )  # fmt: skip
+
+
+def variants(shared: list, null: list) -> dict:
+    """AUCs (shared over null) of other readings of the same stored effects: rank
+    correlation on the source's own panel strings only, Pearson correlation, and the share
+    of the source's promoted strings the target also raises."""
+    from scipy.stats import pearsonr
+
+    from engine.steering.effects.measure import rank_correlation
+
+    def readings(row) -> dict:
+        d = row["details"]
+        src, tgt = d["source"], d["target"]
+        a, b = np.asarray(d["changes"][src]), np.asarray(d["changes"][tgt])
+        own = np.asarray([o.startswith(src) for o in d["origins"]])
+        up = np.asarray([o == f"{src}+" for o in d["origins"]])
+        return {
+            "spearman_all": rank_correlation(a, b),
+            "spearman_source_panel": rank_correlation(a[own], b[own]),
+            "pearson_all": float(pearsonr(a, b).statistic) if np.ptp(a) and np.ptp(b) else 0.0,
+            "promoted_raised": float((b[up] > 0).mean()) if up.any() else 0.0,
+        }
+
+    rs, rn = [readings(r) for r in shared], [readings(r) for r in null]
+    return {k: auc([r[k] for r in rs], [r[k] for r in rn]) for k in rs[0]}
 
 
 def offline_protocol(db, args, pair, session, shared) -> dict:

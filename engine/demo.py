@@ -41,8 +41,9 @@ class DemoSettings:
     exclusivity_tokens: int = 32
     exclusivity_alphas: tuple[float, ...] = (0.0, 2.0, 4.0, 6.0, 8.0, 10.0)
     # The judge-free effect measure of the same features, against this many random
-    # directions per model (measured once per run and stitch).
-    effects_nulls: int = 32
+    # directions per model (32 in all; the measure's default is 32 per model), measured
+    # once per run and stitch.
+    effects_nulls: int = 16
     eval_rubric: str = "harmless_refusal"
     eval_prompts: int = 8
     eval_alphas: tuple[float, ...] = (-8.0, -4.0, 0.0, 4.0, 8.0)

@@ -560,6 +560,22 @@ def effects(
         )  # fmt: skip
 
 
+def stored_effect_lines(db: Database, run_id: str, features: Sequence[int]) -> list[str]:
+    """The newest stored effect measurement of each of `features` that has one, as lines."""
+    from engine.steering.effects.reading import effect_line
+
+    frame = db.effects(run_id, kind="feature")
+    if frame.empty:
+        return []
+    frame = frame[frame["settings"] == frame["settings"].iloc[-1]]
+    newest = frame.drop_duplicates("item", keep="last").set_index("item")
+    return [
+        effect_line(int(f), newest.loc[int(f)].to_dict())
+        for f in features
+        if int(f) in newest.index
+    ]
+
+
 def effects_line(feature_id: int, effect: Any) -> str:
     """One measured feature as a line: exclusivity, z and what it means."""
     from engine.steering.effects.reading import effect_line

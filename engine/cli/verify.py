@@ -124,6 +124,27 @@ def cmd_exclusivity(args: argparse.Namespace) -> None:
     skipped = len(features) - len(results)
     done = f", {skipped} skipped (already scored or never active)" if skipped else ""
     print(f"{judge.name}: scored {len(results)} features{done}")
+    if not stages.paid(judge):
+        _effects_beside(args, features)
+
+
+def _effects_beside(args: argparse.Namespace, features) -> None:
+    """Without an LLM judge, the judge-free measure of the same features where stored, or
+    the command that measures it."""
+    from engine.results import Database
+
+    with Database(args.db, create=False, hold=False) as db:
+        lines = stages.stored_effect_lines(db, args.run_id, features)
+    if lines:
+        print("judge-free effect measure (modeldiff effects), against random directions:")
+        print("\n".join(f"  {line}" for line in lines))
+    missing = len(features) - len(lines)
+    if missing:
+        print(
+            f"{missing} of these features have no judge-free effect measure: `modeldiff effects "
+            f"--db {args.db} --run-id {args.run_id} --stitch {args.stitch} --features "
+            f"{' '.join(str(f) for f in features)}` reads them against random directions"
+        )
 
 
 def _calibrate(args: argparse.Namespace, judge, cfg, stitch) -> None:
