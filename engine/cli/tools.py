@@ -29,7 +29,13 @@ def cmd_export(args: argparse.Namespace) -> None:
     with Database(args.db, read_only=True, hold=False) as db:
         # Typed, so `dead=false` is False (not the true-ish string "false").
         filters = db.parse_filters(args.what, texts)
-        path = db.export(args.what, args.out, run_id=args.run_id, **filters)
+        run = args.run_id
+        if "run_id" in filters:  # --where run_id=X is --run-id X
+            where_run = str(filters.pop("run_id"))
+            if run is not None and run != where_run:
+                raise UserError(f"--run-id {run} and --where run_id={where_run} differ; give one")
+            run = where_run
+        path = db.export(args.what, args.out, run_id=run, **filters)
     print(f"wrote {path}")
 
 

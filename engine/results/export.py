@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,8 @@ class ExportMixin(Tables):
                 d[0] for d in cur.execute(f"SELECT * FROM ({sql}) LIMIT 0", params).description
             ]
             _check_replaceable(cur, path, what, columns)
+            if path.suffix.lower() == ".csv":
+                sql = _spreadsheet_safe(cur, sql, params)
             path.parent.mkdir(parents=True, exist_ok=True)
             # Written beside the target and renamed: a failed export leaves the old file.
             tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
@@ -121,8 +124,10 @@ def _column_kind(data_type: str) -> str:
         return "int"
     if data_type in ("FLOAT", "DOUBLE", "REAL") or data_type.startswith("DECIMAL"):
         return "float"
-    if data_type == "VARCHAR" or data_type.startswith(("TIMESTAMP", "DATE")):
-        return "str"  # DuckDB casts text to a timestamp in the comparison
+    if data_type.startswith(("TIMESTAMP", "DATE")):
+        return "time"
+    if data_type == "VARCHAR":
+        return "str"
     return f"unfilterable {data_type}"
 
 
@@ -143,6 +148,8 @@ def _parse_value(name: str, text: str, kind: str) -> Any:
             return number
         if kind == "ints":
             return [int(v) for v in value.split(",")]
+        if kind == "time":
+            return datetime.fromisoformat(value)
         if kind == "list":
             names = [v.strip() for v in value.split(",") if v.strip()]
             if not names:
@@ -152,11 +159,34 @@ def _parse_value(name: str, text: str, kind: str) -> Any:
         wanted = {
             "bool": "true or false", "int": "an integer", "float": "a number",
             "ints": "integers separated by commas", "list": "names separated by commas",
+            "time": "a date or time such as 2026-12-07 or 2026-12-07T14:30:00",
         }[kind]  # fmt: skip
         raise ResultsDBError(f"filter {name}={text!r}: expected {wanted}") from None
     if kind.startswith("unfilterable"):
         raise ResultsDBError(f"cannot filter on {name}: its values are {kind.split()[1]}")
     return text
+
+
+# A text cell starting with one of these is a formula to a spreadsheet (corpus text can be
+# "=HYPERLINK(...)"); a CSV export writes it after a quote, as text.
+FORMULA_PATTERN = r"^[=+\-@\t\r]"
+
+
+def _spreadsheet_safe(cur: Cursor, sql: str, params: list[Any]) -> str:
+    """`sql` with every text column's formula-like values prefixed by a quote."""
+    described = cur.execute(f"DESCRIBE SELECT * FROM ({sql})", params).fetchall()
+    quote = "''''"  # the SQL literal of one quote character
+    parts = []
+    for name, kind, *_ in described:
+        column = '"' + str(name).replace('"', '""') + '"'
+        if kind == "VARCHAR":
+            parts.append(
+                f"CASE WHEN regexp_matches({column}, '{FORMULA_PATTERN}') "
+                f"THEN {quote} || {column} ELSE {column} END AS {column}"
+            )
+        else:
+            parts.append(column)
+    return f"SELECT {', '.join(parts)} FROM ({sql})"
 
 
 def _check_replaceable(cur: Cursor, path: Path, what: str, columns: list[str]) -> None:

@@ -13,6 +13,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -72,6 +73,9 @@ def root(tmp_path_factory) -> Path:
             db.add_explanation(
                 RUN, fid, explainer="offline:ngram-v1", prompt_version="v", explanation="tea"
             )
+        db.add_explanation(  # corpus text that a spreadsheet would run as a formula
+            RUN, 5, explainer="x", prompt_version="v", explanation='=HYPERLINK("http://x.example")'
+        )
     save_pairs(root / "pairs.safetensors", torch.randn(64, 8), torch.randn(64, 8))
     eye, zero = torch.eye(8), torch.zeros(8)
     Stitch(eye, zero, eye.clone(), zero.clone(), 1.0, 1.0).save(root / "stitch.safetensors")
@@ -250,6 +254,15 @@ CASES = {
     "export --where dead=maybe": ([*EXPORT, "--where", "dead=maybe"], "true or false"),
     "export feature_table --where limit=x": ([*FT_EXPORT, "--where", "limit=x"], "integer"),
     "export --where without =": ([*EXPORT, "--where", "dead"], "column=value"),
+    "export --where run_id=nope": ([*EXPORT, "--where", "run_id=nope"], "unknown run 'nope'"),
+    "export --where run_id and another --run-id": (
+        [*EXPORT, "--run-id", RUN, "--where", "run_id=nope"],
+        "differ",
+    ),
+    "export --where created_at=yesterday": (
+        [*EXPORT[:4], "explanations", *EXPORT[5:], "--where", "created_at=yesterday"],
+        "a date or time",
+    ),
     "export --run-id no-such-run": ([*EXPORT, "--run-id", "no-such-run"], "unknown run"),
     "export feature_table --run-id no-such-run": (
         [*FT_EXPORT[:6], "no-such-run", *FT_EXPORT[7:]],
@@ -474,6 +487,22 @@ def test_export_filters_have_their_types(root, tmp_path):
     rows = export(root, tmp_path, "--what", "features", "--where", "dead=false", "feature_id=14")
     assert list(rows["feature_id"]) == [14]
     assert export(root, tmp_path, "--what", "features", "--where", "dead=0").shape[0] == 18
+
+
+def test_csv_exports_write_formulas_as_text_and_filter_times_as_times(root, tmp_path):
+    rows = export(root, tmp_path, "--what", "explanations")
+    cells = dict(zip(rows["feature_id"], rows["explanation"], strict=True))
+    assert cells[5] == '\'=HYPERLINK("http://x.example")' and cells[0] == "tea"
+    assert export(root, tmp_path, "--what", "features", "--where", "feature_id=1")[
+        "density"
+    ].tolist() == [0.01]  # numbers are untouched
+    assert len(export(root, tmp_path, "--what", "explanations", "--where", "run_id=r")) == 5
+    old = export(root, tmp_path, "--what", "explanations", "--where", "created_at=2020-01-01")
+    assert old.empty
+    with Database(root / "r.duckdb", read_only=True) as db:
+        assert isinstance(
+            db.parse_filters("explanations", {"created_at": "2026-12-07"})["created_at"], datetime
+        )
 
 
 def test_export_replaces_only_an_earlier_export(root, tmp_path):
