@@ -213,8 +213,10 @@ def load_crosscoder(
         )
     header = _load_json(directory / HEADER_FILE)
     check_header(header, directory / HEADER_FILE)
+    tensors = _load_tensors(directory / WEIGHTS_FILE)
+    _check_shapes(header, tensors, directory)  # before the sizes the JSON states are allocated
     model = crosscoder_from_header(header)
-    _load_state(model, _load_tensors(directory / WEIGHTS_FILE), directory)
+    _load_state(model, tensors, directory)
     _TRAINED_ON[model] = header_models(header)
     return model.to(device), Normalizer(**header["normalizer"]), header
 
@@ -246,6 +248,28 @@ def trained_on(crosscoder: Crosscoder) -> PairSpec | None:
     """The models a crosscoder loaded by `load_crosscoder` was trained on; None where its
     run does not record them or it was not loaded from a run."""
     return _TRAINED_ON.get(crosscoder)
+
+
+def _check_shapes(header: dict[str, Any], tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse a header whose sizes the weights file cannot hold, before a crosscoder of
+    those sizes is allocated: a crosscoder.json cannot make us allocate what it claims.
+    Every feature has an encoder and a decoder row in at least one model, so the weights
+    hold at least 2 x features x the smaller width values."""
+    try:
+        d_a, d_b = int(header["d_a"]), int(header["d_b"])
+        n_features = Partition(**header["partition"]).n_features
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{source / HEADER_FILE} describes no usable crosscoder ({_first_line(err)}); "
+            f"{_fix(source / HEADER_FILE)}"
+        ) from None
+    stored = sum(t.numel() for t in tensors.values())
+    if min(d_a, d_b) < 1 or 2 * n_features * min(d_a, d_b) > stored:
+        raise CheckpointError(
+            f"{source / HEADER_FILE} states {n_features:,} features of widths {d_a}/{d_b}, "
+            f"which the {stored:,} values of {WEIGHTS_FILE} cannot hold; "
+            f"{_fix(source / HEADER_FILE)}"
+        )
 
 
 def _load_state(model: Crosscoder, tensors: dict[str, torch.Tensor], source: Path) -> None:

@@ -201,6 +201,14 @@ def read_paper(source: str | Path) -> PaperCrosscoder:
     except ValueError as err:
         raise PaperFormatError(f"{weights}: its partition is unusable ({err})") from None
     mean, scale = _paper_normaliser(state, config, weights)
+    d = enc.shape[1]
+    _check_tensors(
+        weights,
+        {"encoder.weight": (enc, None), "decoder.weight": (dec, None),
+         "encoder.bias": (state["encoder.bias"], (n_features,)),
+         "decoder.bias": (state["decoder.bias"], (2, d)),
+         "activation_mean": (mean, (2, d)), "activation_global_scale": (scale, (2,))},
+    )  # fmt: skip
     return PaperCrosscoder(
         encoder_weight=enc,
         encoder_bias=state["encoder.bias"].float(),
@@ -214,6 +222,26 @@ def read_paper(source: str | Path) -> PaperCrosscoder:
         activation_global_scale=scale,
         config=config,
     )
+
+
+def _check_tensors(
+    source: Path, tensors: dict[str, tuple[torch.Tensor | None, tuple[int, ...] | None]]
+) -> None:
+    """Refuse a tensor of the wrong shape (a [1] bias would silently broadcast) or with
+    NaN or infinite values; None tensors (no normaliser) and shapes pass."""
+    for name, (tensor, shape) in tensors.items():
+        if tensor is None:
+            continue
+        if shape is not None and tuple(tensor.shape) != shape:
+            raise PaperFormatError(
+                f"{source}: {name} has shape {list(tensor.shape)}, expected {list(shape)}; "
+                "give the crosscoder file the paper's code wrote"
+            )
+        if not bool(torch.isfinite(tensor.float()).all()):
+            raise PaperFormatError(
+                f"{source}: {name} holds NaN or infinite values; give a crosscoder whose "
+                "training finished with finite weights"
+            )
 
 
 def _weights_file(source: Path) -> Path:

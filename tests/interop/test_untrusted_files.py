@@ -84,3 +84,51 @@ def test_import_paper_of_a_hostile_file_is_one_error_line(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: refused")
     assert not (tmp_path / "run").exists()
+
+
+# -- tensors from elsewhere: shapes and values checked, sizes bounded ---------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "needle"),
+    [
+        ("encoder.bias", lambda t: t[:1], r"encoder.bias has shape \[1\]"),
+        ("decoder.bias", lambda t: t[0], "decoder.bias has shape"),
+        ("activation_mean", lambda t: t[:, :1], "activation_mean has shape"),
+        ("decoder.weight", lambda t: t.index_fill(1, torch.tensor([9]), float("nan")), "NaN"),
+        ("encoder.bias", lambda t: t.index_fill(0, torch.tensor([0]), float("inf")), "NaN or"),
+    ],
+)
+def test_paper_tensors_of_the_wrong_shape_or_not_finite_are_refused(tmp_path, name, bad, needle):
+    from tests.interop.test_paper_format import F, paper_state, save_paper_run
+
+    state = paper_state(4, 6, normaliser=True)
+    state[name] = bad(state[name])
+    folder = save_paper_run(tmp_path / "paper", state, (4 / F, 6 / F))
+    with pytest.raises(PaperFormatError, match=needle):
+        read_paper(folder)
+
+
+def test_a_crosscoder_json_cannot_make_us_allocate_what_it_claims(tmp_path, monkeypatch):
+    import json
+
+    from engine.crosscoder import checkpoint
+    from engine.crosscoder.checkpoint import CheckpointError, load_crosscoder, save_crosscoder
+    from engine.crosscoder.model import Crosscoder
+    from engine.crosscoder.normalize import Normalizer
+    from engine.partition import Partition
+
+    save_crosscoder(tmp_path, Crosscoder(8, 8, Partition(1, 1, 6)), Normalizer.identity())
+    header = json.loads((tmp_path / "crosscoder.json").read_text())
+    header.update(d_a=1_000_000, d_b=1_000_000)
+    header["partition"]["n_shared"] = 10_000_000  # terabytes, if it were allocated
+    (tmp_path / "crosscoder.json").write_text(json.dumps(header))
+    built = []
+    monkeypatch.setattr(checkpoint, "Crosscoder", lambda *a, **k: built.append(a))
+    with pytest.raises(CheckpointError, match="cannot hold"):
+        load_crosscoder(tmp_path)
+    assert built == []
+    header["d_a"] = "wide"
+    (tmp_path / "crosscoder.json").write_text(json.dumps(header))
+    with pytest.raises(CheckpointError, match="describes no usable crosscoder"):
+        load_crosscoder(tmp_path)
