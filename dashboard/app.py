@@ -7,6 +7,7 @@ The chosen run and feature are in the URL (`?run=..&feature=..`), so a link rest
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,10 +18,14 @@ if _ROOT not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from dashboard import data  # noqa: E402
+from dashboard import data, serving  # noqa: E402
 from dashboard.markdown import md_code  # noqa: E402
 
 st.set_page_config(layout="wide", page_title="modeldiff", page_icon="🔬")
+_EXPOSED = serving.exposure(st.get_option("server.address"), os.environ.get(serving.ALLOWED_HOST))
+if _EXPOSED:  # e.g. `streamlit run` outside the repository root, without its config.toml
+    st.error(_EXPOSED)
+    st.stop()
 # An analyst's tool, not an app under development: no "Deploy" button or developer menu.
 st.set_option("client.toolbarMode", "viewer")
 

@@ -42,6 +42,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """Open the dashboard on a results database (Streamlit, on this machine by default)."""
     import importlib.util
+    import os
     import subprocess
 
     if importlib.util.find_spec("streamlit") is None:
@@ -63,8 +64,12 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         )
     command = dashboard_command(db.resolve(), args.host, args.port)
     print(f"modeldiff dashboard on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    # The app refuses an address beyond this machine unless it was chosen here, on purpose.
+    from dashboard.serving import ALLOWED_HOST
+
+    env = {**os.environ, ALLOWED_HOST: args.host}
     try:
-        return subprocess.call(command)
+        return subprocess.call(command, env=env)
     except KeyboardInterrupt:
         return 0
 
