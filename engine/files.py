@@ -50,13 +50,31 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk: a rename made after it then
+    survives a power loss with the content, not an empty file."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # a folder cannot be opened on some systems (Windows): nothing to do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # a file system without fsync for folders
+    finally:
+        os.close(fd)
+
+
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors `save_file` to a temporary name, then rename into place."""
+    """safetensors `save_file` to a temporary name, fsync it, then rename into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    fsync_path(tmp)
     os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -70,6 +88,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_path(path.parent)  # the rename itself
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

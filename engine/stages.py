@@ -514,9 +514,11 @@ def calibration_lines(frame: Any) -> list[str]:
 
 def calibration_figure(frame: Any, path: str | Path, title: str = "") -> None:
     """Write the Figure-5 plot of a calibration (HTML)."""
+    from engine.files import atomic_write_text
     from engine.steering.calibration import calibration_figure as figure
 
-    figure(frame, title).write_html(path)
+    # Written beside and renamed: a reader never sees half a figure, an interrupt no loss.
+    atomic_write_text(Path(path), figure(frame, title).to_html())
 
 
 def effects_config(**options: Any):
@@ -637,6 +639,7 @@ def eval_figure(result: Any, feature: int, path: str | Path) -> None:
     from engine.steering.rubrics import rubric
 
     rub = rubric(result.rubric)
-    evaluation_figure(result.summary, rub.metric, f"feature {feature}: {rub.title}").write_html(
-        path
-    )
+    from engine.files import atomic_write_text
+
+    figure = evaluation_figure(result.summary, rub.metric, f"feature {feature}: {rub.title}")
+    atomic_write_text(Path(path), figure.to_html())  # never half a figure in place

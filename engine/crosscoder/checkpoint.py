@@ -40,8 +40,9 @@ from safetensors.torch import load_file, save_file
 
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
+from engine.crosscoder.tracking import TENSORBOARD_DIR
 from engine.errors import UserError
-from engine.files import atomic_save_tensors, atomic_write_text
+from engine.files import atomic_save_tensors, atomic_write_text, fsync_path
 from engine.hub import resolve_run
 from engine.partition import Partition
 from engine.specs import PairSpec
@@ -305,6 +306,8 @@ def clear_run(run_dir: Path, remove: bool = True) -> None:
         raise CheckpointError(f"refusing to clear {out}: it is a file, not a run directory")
     checkpoints = out / CHECKPOINTS_DIR
     own = [e for e in out.iterdir() if _RUN_FILES.fullmatch(e.name) and e.is_file()]
+    if (out / TENSORBOARD_DIR).is_dir():  # the old run's curves must not mix with the new
+        own.append(out / TENSORBOARD_DIR)
     if checkpoints.is_dir():
         own += [e for e in checkpoints.iterdir() if _CHECKPOINT_ENTRIES.fullmatch(e.name)]
     foreign = [e for e in out.iterdir() if e not in own and e != checkpoints]
@@ -366,10 +369,14 @@ def save_training_checkpoint(
         save_file(_cpu(state_tensors), str(tmp / STATE_FILE))
         header = describe(crosscoder, normalizer, step=step, **state_json)
         (tmp / CHECKPOINT_HEADER_FILE).write_text(json.dumps(header, indent=2))
+        for file in tmp.iterdir():  # on disk before `latest` may point at it
+            fsync_path(file)
+        fsync_path(tmp)
         final = root / name
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

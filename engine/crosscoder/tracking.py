@@ -41,12 +41,16 @@ class NoTracker:
 class TensorBoardTracker:
     """Scalars to TensorBoard event files."""
 
-    def __init__(self, log_dir: Path, config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, log_dir: Path, config: dict[str, Any] | None = None, first_step: int = 0
+    ) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # torch raises this when the tensorboard package is missing
             raise TrackingError(f"tracking = 'tensorboard' needs TensorBoard: {INSTALL}") from None
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        # A resumed run logs again the steps after its checkpoint: TensorBoard drops what
+        # an earlier attempt logged from `first_step` on, so no step appears twice.
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=first_step or None)
         if config:
             lines = [f"{k} = {v!r}" for k, v in sorted(config.items())]
             self.writer.add_text("train_config", "    " + "\n    ".join(lines), 0)
@@ -64,9 +68,14 @@ class TensorBoardTracker:
 
 
 def open_tracker(
-    kind: str, run_dir: Path | None, main: bool = True, config: dict[str, Any] | None = None
+    kind: str,
+    run_dir: Path | None,
+    main: bool = True,
+    config: dict[str, Any] | None = None,
+    first_step: int = 0,
 ) -> Tracker:
-    """The tracker `kind` names, writing into `run_dir` (a no-op off the main rank)."""
+    """The tracker `kind` names, writing into `run_dir` (a no-op off the main rank), from
+    `first_step` on (a resumed run: what was logged from there on is replaced)."""
     if kind == "none" or not main:
         return NoTracker()
     if kind == "tensorboard":
@@ -75,7 +84,7 @@ def open_tracker(
                 "tracking = 'tensorboard' writes into the run directory; give an output "
                 "directory (--out) or set tracking = 'none'"
             )
-        return TensorBoardTracker(Path(run_dir) / TENSORBOARD_DIR, config)
+        return TensorBoardTracker(Path(run_dir) / TENSORBOARD_DIR, config, first_step)
     raise TrackingError(f"unknown tracking {kind!r}; choose 'none' or 'tensorboard'")
 
 

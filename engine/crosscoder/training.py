@@ -103,7 +103,10 @@ def _train(
         trainer.load_checkpoint(latest)  # every rank reads it: a shared file system
     else:
         _initialise(trainer, source, normalizer)
-    tracker = open_tracker(train_cfg.tracking, out, ctx.is_main, to_dict(train_cfg))
+    tracker = open_tracker(
+        train_cfg.tracking, out, ctx.is_main, to_dict(train_cfg),
+        first_step=trainer.counters.step + 1,  # after the checkpoint resumed from
+    )  # fmt: skip
     try:
         _loop(
             trainer, RankSlice(source, ctx.rank, ctx.world_size), out, progress, validation, tracker

@@ -190,10 +190,9 @@ def _convert_gguf(gguf: Path, target: Path, tokenizer: Any = None) -> None:
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(f"converting GGUF files needs {' and '.join(missing)}; {INSTALL}")
-    # The file is local and needs no hub; offline mode (honoured if the hub client is not
-    # imported yet) makes sure nothing waits on the network.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    kwargs: dict[str, Any] = {}
+    # The file is local and needs no hub: local_files_only keeps this load off the network
+    # without switching the whole process offline (HF_HUB_OFFLINE would outlive it).
+    kwargs: dict[str, Any] = {"local_files_only": True}
     try:
         from transformers import GgufConfig
 
@@ -207,7 +206,7 @@ def _convert_gguf(gguf: Path, target: Path, tokenizer: Any = None) -> None:
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, **kwargs
         )
     if tokenizer is None:
-        tokenizer = _fast_tokenizer(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = _fast_tokenizer(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     # The weights are dense now; left in place, these make the saved config claim quantisation.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

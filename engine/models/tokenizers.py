@@ -83,9 +83,10 @@ def load_tokenizer(name: str, cache_dir: str | Path | None = None) -> Any:
     if (cache / "tokenizer_config.json").is_file():
         return auto.from_pretrained(str(cache))
     gguf = demo_gguf(name)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        tokenizer = auto.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:  # a local file: no network, without switching the whole process offline
+        tokenizer = auto.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, local_files_only=True
+        )
     except ImportError as err:
         raise ConfigError(f'{err}; run: pip install -e ".[models]"') from None
     cache.parent.mkdir(parents=True, exist_ok=True)

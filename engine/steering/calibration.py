@@ -225,21 +225,24 @@ def run_calibration(
         result = score_vectors(pair, vectors, judge, ex_cfg)
         details = result_details(result, pair, vectors.s_max, ex_cfg)
         details.update(selection=it.selection, protocol=cfg.protocol, seed=cfg.seed, settings=key)
-        if it.feature_id is not None:
-            db.add_exclusivity_score(
-                run_id, it.feature_id, judge=result.judge,
-                prompt_version=result.prompt_version, value=result.exclusivity,
-                ci_low=result.ci_low, ci_high=result.ci_high,
-                n_examples=len(result.per_prompt), details=details,
-            )  # fmt: skip
-        else:
+        if it.feature_id is None:
             details["vector_norm"] = float(vectors.source_vector.norm())
-        db.add_calibration(
-            run_id, protocol=cfg.protocol, judge=result.judge, category=it.category,
-            item=it.item, feature_id=it.feature_id, value=result.exclusivity,
-            ci_low=result.ci_low, ci_high=result.ci_high, unfiltered=result.unfiltered,
-            interpretability=result.interpretability, details=details,
-        )  # fmt: skip
+        # The score and its calibration row land together: an interrupt between two
+        # transactions would leave a score whose item is scored (and paid for) again.
+        with db.transaction():
+            if it.feature_id is not None:
+                db.add_exclusivity_score(
+                    run_id, it.feature_id, judge=result.judge,
+                    prompt_version=result.prompt_version, value=result.exclusivity,
+                    ci_low=result.ci_low, ci_high=result.ci_high,
+                    n_examples=len(result.per_prompt), details=details,
+                )  # fmt: skip
+            db.add_calibration(
+                run_id, protocol=cfg.protocol, judge=result.judge, category=it.category,
+                item=it.item, feature_id=it.feature_id, value=result.exclusivity,
+                ci_low=result.ci_low, ci_high=result.ci_high, unfiltered=result.unfiltered,
+                interpretability=result.interpretability, details=details,
+            )  # fmt: skip
         if on_item is not None:
             on_item(it, result)
     return db.calibration(run_id, protocol=cfg.protocol, judge=judge.name)

@@ -81,16 +81,17 @@ def steer_feature(
     texts = sweep(loaded, prompt, vector, int(spec.layer), s_max, [0.0, *alphas], positions, cfg)
     result = SteerResult(feature_id, model, prompt, s_max, alphas, texts[0], texts[1:], moved)
     if save:
-        for alpha, text in zip(alphas, result.steered, strict=True):
-            result.sample_ids.append(
-                db.add_steering_sample(
-                    run_id, feature_id, model=model, prompt=prompt, alpha=alpha, s_max=s_max,
-                    seed=None if cfg.greedy else cfg.seed,
-                    temperature=0.0 if cfg.greedy else cfg.temperature,
-                    max_new_tokens=cfg.max_new_tokens, baseline=result.baseline, steered=text,
-                    transfer=moved, author=author,
-                )
-            )  # fmt: skip
+        with db.transaction():  # every strength's sample, or none
+            for alpha, text in zip(alphas, result.steered, strict=True):
+                result.sample_ids.append(
+                    db.add_steering_sample(
+                        run_id, feature_id, model=model, prompt=prompt, alpha=alpha,
+                        s_max=s_max, seed=None if cfg.greedy else cfg.seed,
+                        temperature=0.0 if cfg.greedy else cfg.temperature,
+                        max_new_tokens=cfg.max_new_tokens, baseline=result.baseline,
+                        steered=text, transfer=moved, author=author,
+                    )
+                )  # fmt: skip
     return result
 
 
