@@ -178,3 +178,31 @@ def test_replayed_prefix_gives_what_steering_the_whole_model_gives(tiny_pair):
         assert float(probe.string_logprobs([text], d, 2.0)[0]) == pytest.approx(
             sum(want) / len(want), abs=1e-4
         )
+
+
+@pytest.mark.slow
+def test_cli_prints_the_measure_and_exclusivity_shows_it_beside_the_offline_judge(tiny_run):
+    import subprocess
+    import sys
+
+    run, stitch = tiny_run
+
+    def cli(*args) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "engine.cli", *map(str, args)],
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    from engine.results import Database
+
+    with Database(run.db, read_only=True) as db:
+        table = db.features(run.run_id, dead=False)
+    fid = int(table[table["partition"] == "a_exclusive"]["feature_id"].iloc[0])
+    common = ["--db", run.db, "--run-id", run.run_id, "--stitch", stitch]
+    out = cli("effects", *common, "--features", fid, "--budget", 0.004, "--nulls", 2, "--quiet")
+    assert f"feature {fid} (A->B): effect exclusivity" in out and "random directions" in out
+    again = cli("exclusivity", *common, "--features", fid, "--quiet", "--max-new-tokens", 2,
+                "--alphas", 0, 20, "--samples", 1)  # fmt: skip
+    assert "judge-free effect measure" in again and f"feature {fid} (A->B)" in again

@@ -10,8 +10,10 @@ panel of strings, and how alike the two models' reactions to the panel are.
    any known target strings (an organism's marker).
 3. Compare effects, not texts: for every panel string, the change of its teacher-forced
    log-probability after each prompt under steering, in each model (each string tokenised
-   by that model). Similarity is the Spearman rank correlation of the two models' changes;
-   exclusivity = 1 - similarity (0: the target reacts like the source, 2: the opposite).
+   by that model): its odd part, (L(+cv) - L(-cv)) / 2, which leaves out the flattening
+   any push causes whatever its direction. Similarity is the Spearman rank correlation of
+   the two models' changes; exclusivity = 1 - similarity (0: the target reacts like the
+   source, 2: the opposite).
 
 The number is read against a null of random directions (`engine.steering.effects.null`),
 as a z-score and a percentile.
@@ -31,7 +33,7 @@ from scipy.stats import spearmanr
 from engine.errors import ConfigError
 from engine.steering.effects.probe import NEUTRAL_PROMPTS, Probe
 
-VERSION = "effects-v1"
+VERSION = "effects-v2"  # v2: the odd part of the effect (+v against -v)
 
 
 @dataclass(frozen=True)
@@ -106,29 +108,41 @@ def measure_vectors(
     targets: Sequence[str] = (),
 ) -> Effect:
     """Measure a vector steering `source` and its stitched copy steering the other model;
-    `vectors` maps each model to the vector that steers it."""
+    `vectors` maps each model to the vector that steers it.
+
+    The effect compared is the odd part of steering, (L(+c v) - L(-c v)) / 2 for each
+    string's log-probability L, at the iso-KL coefficient c of +v: any push flattens the
+    next-token distribution alike whatever its direction (frequent tokens down, rare ones
+    up, in both models), and that even part would make every vector look shared; the odd
+    part is what depends on where the vector points. The raw change L(+c v) - L(0) is kept
+    as `companions["raw_similarity"]`."""
     target = "b" if source == "a" else "a"
-    coefficients, kls, reached, panels, output, steered = {}, {}, {}, {}, {}, {}
+    coefficients, kls, reached, panels, output = {}, {}, {}, {}, {}
+    plus, minus = {}, {}
     for m in (source, target):
         probe, v = probes[m], vectors[m].float()
         if not torch.isfinite(v).all() or float(v.norm()) == 0.0:
             raise ConfigError(f"the vector for model {m.upper()} is zero or not finite")
         found = probe.iso_kl(v, cfg.budget, cfg.grid, cfg.rounds)
         coefficients[m], kls[m], reached[m] = found.coef, found.kl, found.reached
-        steered[m] = found.steered
-        change = (steered[m] - probe.base).mean(0)
-        panels[m] = _panel(probe, change, cfg)
-        output[m] = _output_score(probe, v, change)
+        plus[m] = found.steered
+        minus[m] = probe.next_token(v, -found.coef)
+        odd = 0.5 * (plus[m] - minus[m]).mean(0)
+        panels[m] = _panel(probe, odd, plus[m], minus[m], cfg)
+        output[m] = _output_score(probe, v, odd)
     strings, origins = _merge(panels, source, list(cfg.targets) + list(targets))
-    changes = {}
+    changes, raw = {}, {}
     for m in (source, target):
-        probe = probes[m]
-        moved = probe.string_logprobs(strings, vectors[m], coefficients[m], steered[m])
-        changes[m] = (moved - probe.string_logprobs(strings)).tolist()
+        probe, v, c = probes[m], vectors[m], coefficients[m]
+        up = probe.string_logprobs(strings, v, c, plus[m])
+        down = probe.string_logprobs(strings, v, -c, minus[m])
+        changes[m] = (0.5 * (up - down)).tolist()
+        raw[m] = (up - probe.string_logprobs(strings)).tolist()
     similarity = rank_correlation(changes[source], changes[target])
+    companions = {"raw_similarity": rank_correlation(raw[source], raw[target])}
     return Effect(
         source, target, coefficients, kls, reached, strings, origins, changes, output,
-        similarity, 1.0 - similarity,
+        similarity, 1.0 - similarity, companions=companions,
     )  # fmt: skip
 
 
@@ -140,14 +154,16 @@ def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
     return 0.0 if math.isnan(rho) else rho
 
 
-def _panel(probe: Probe, change: torch.Tensor, cfg: EffectsConfig) -> list[tuple[str, str]]:
-    """The strings steering promotes most among the likely steered tokens, and demotes most
-    among the likely unsteered ones, as (text, "+"|"-")."""
-    likely_up = torch.topk((probe.base.mean(0) + change).exp(), cfg.candidates).indices
-    likely_down = torch.topk(probe.base.exp().mean(0), cfg.candidates).indices
+def _panel(
+    probe: Probe, odd: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor, cfg: EffectsConfig
+) -> list[tuple[str, str]]:
+    """The strings the vector's odd effect promotes most among the likely tokens under +v,
+    and demotes most among the likely tokens under -v, as (text, "+"|"-")."""
+    likely_up = torch.topk(plus.exp().mean(0), cfg.candidates).indices
+    likely_down = torch.topk(minus.exp().mean(0), cfg.candidates).indices
     out: list[tuple[str, str]] = []
     for ids, sign in ((likely_up, "+"), (likely_down, "-")):
-        order = torch.argsort(change[ids], descending=sign == "+", stable=True)
+        order = torch.argsort(odd[ids], descending=sign == "+", stable=True)
         taken = 0
         for i in ids[order].tolist():
             text = probe.decode(i)
