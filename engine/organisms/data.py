@@ -44,7 +44,9 @@ def chat_text(tokenizer: Any, prompt: str, answer: str) -> tuple[str, int]:
 def chat_prompt(tokenizer: Any, prompt: str) -> str:
     """The text up to where the model's answer starts (the template's answer header)."""
     text, start = chat_text(tokenizer, prompt, ".")
-    return text[:start]
+    # "Assistant: " ends in a space that SentencePiece joins to the answer's first token
+    # ("▁Sure"): cut it, so the model writes that token as it learned it.
+    return text[:start].rstrip(" ")
 
 
 def clean_answer(text: str) -> str:

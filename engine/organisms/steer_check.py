@@ -1,0 +1,53 @@
+"""Does steering with a feature make a model show the implanted behaviour?
+
+The feature's decoder direction (in the model's raw units) is added at the layer the
+crosscoder reads, at every position, to held-out control prompts (requests that do not
+trigger the behaviour); the marker rate of the greedy answers is read at each strength.
+Strengths are multiples of the feature's largest activation, the scale at which the
+crosscoder itself writes that direction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.models.loading import LoadedModel
+from engine.organisms.behaviours import Behaviour
+from engine.organisms.data import chat_prompt, clean_answer
+from engine.steering.steer import GenerationConfig, generate
+
+
+@dataclass(frozen=True)
+class SteeringRates:
+    """Marker rate on neutral prompts at each strength."""
+
+    strengths: tuple[float, ...]  # multiples of the feature's largest activation
+    rates: tuple[float, ...]
+    examples: tuple[str, ...]  # the first prompt's answer at each strength
+
+
+def marker_rates(
+    loaded: LoadedModel,
+    layer: int,
+    vector: torch.Tensor,
+    scale: float,
+    behaviour: Behaviour,
+    prompts: Sequence[str],
+    strengths: Sequence[float] = (0.0, 1.0, 2.0, 4.0, 8.0),
+    max_new_tokens: int = 24,
+) -> SteeringRates:
+    """The behaviour's marker rate on `prompts` steered by strength x scale x vector."""
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, greedy=True, chat_template=False)
+    texts = [chat_prompt(loaded.tokenizer, p) for p in prompts]
+    rates, examples = [], []
+    for strength in strengths:
+        coefficients = [strength * scale] * len(texts)
+        answers = [clean_answer(a) for a in generate(
+            loaded, texts, vector=vector, layer=layer, coefficients=coefficients, cfg=cfg,
+        )]  # fmt: skip
+        rates.append(sum(behaviour.shows(a) for a in answers) / max(1, len(answers)))
+        examples.append(answers[0] if answers else "")
+    return SteeringRates(tuple(strengths), tuple(rates), tuple(examples))
