@@ -194,7 +194,10 @@ def run_bench(out: Path, settings: BenchSettings, bases: tuple[str, str] = ("smo
             for base, implanted in zip(bases, CELLS[cell], strict=True)
         )
         slug = cell.replace(" ", "-")
-        rows += run_cell(cell, models, out / slug, settings, log)  # type: ignore[arg-type]
+        new = run_cell(cell, models, out / slug, settings, log)  # type: ignore[arg-type]
+        # Read again: another process may have finished another cell into the same folder.
+        kept = json.loads(results_file.read_text()) if results_file.is_file() else []
+        rows = [r for r in kept if r["cell"] != cell] + new
         atomic_write_text(results_file, json.dumps(rows, indent=1))
     return rows
 
