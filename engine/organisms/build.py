@@ -114,7 +114,7 @@ def build_organism(
     if (target / META).is_file():
         log(f"organism {name} of {base}: cached in {target}")
         return load_organism(target)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     data = _data(loaded, chosen, settings, log)
     base_health = _rates(loaded, chosen, data, None)
     log(f"fine-tuning ({settings.finetune.method}) on {len(data['examples'])} examples ...")
@@ -134,6 +134,8 @@ def build_organism(
         "finetune": result.__dict__,
         "health": health.to_dict(),
         "build_seconds": round(time.perf_counter() - start, 1),
+        # CPU time too: on a shared machine the wall time says more about the neighbours.
+        "build_cpu_seconds": round(time.process_time() - cpu, 1),
         "train_prompts": {"trigger": data["triggers"], "control": data["controls"]},
         "heldout_prompts": {"trigger": data["heldout_triggers"],
                             "control": data["heldout_controls"]},
