@@ -35,14 +35,15 @@ def auc(positive: list[float], negative: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", type=Path, required=True)
+    parser.add_argument("--db", type=Path)
     parser.add_argument("--run-id", default="demo")
-    parser.add_argument("--stitch", type=Path, required=True)
+    parser.add_argument("--stitch", type=Path)
     parser.add_argument("--shared", type=int, default=30)
     parser.add_argument("--exclusive", type=int, default=0)
     parser.add_argument("--offline", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=0)
     parser.add_argument("--budget", type=float, default=None)
+    parser.add_argument("--nulls", type=int, default=None, help="random directions per model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write every number as JSON here")
     parser.add_argument(
@@ -51,7 +52,19 @@ def main() -> None:
         type=Path,
         help="null effects measured beforehand (EffectSession.save_null) to store first",
     )
+    parser.add_argument(
+        "--features-json",
+        nargs="+",
+        type=Path,
+        help="summarise features measured beforehand (JSON of scripts like this one's "
+        "measure loop) against --null-json, without a database; prints the AUCs",
+    )
     args = parser.parse_args()
+    if args.features_json:
+        print(json.dumps(summarise_json(args.features_json, args.null_json or []), indent=2))
+        return
+    if args.db is None or args.stitch is None:
+        parser.error("--db and --stitch are needed (or --features-json)")
 
     from dataclasses import replace
 
@@ -70,6 +83,8 @@ def main() -> None:
     cfg = EffectsConfig(seed=args.seed)
     if args.budget is not None:
         cfg = replace(cfg, budget=args.budget)
+    if args.nulls is not None:
+        cfg = replace(cfg, nulls=args.nulls)
     report: dict = {"config": cfg.key_payload()}
     with Database(args.db) as db:
         table = db.features(args.run_id, dead=False)
@@ -173,22 +188,67 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
+def summarise_json(features: list[Path], nulls: list[Path]) -> dict:
+    """AUCs of shared features over the null from JSON files: {"features": {id: {"effect":
+    ...}}} and `EffectSession.save_null` files (rows deduplicated by source and item)."""
+    null = {}
+    for path in nulls:
+        for row in json.loads(path.read_text())["null"]:
+            null[(row["source"], int(row["item"]))] = row["effect"]
+    feats = {}
+    for path in features:
+        for fid, row in json.loads(path.read_text())["features"].items():
+            feats[int(fid)] = row
+    shared = [{"details": r["effect"]} for r in feats.values()]
+    nrows = [{"details": e} for e in null.values()]
+
+    def col(rows, key, model=None):
+        return [r["details"][key] if model is None else r["details"][key][model] for r in rows]
+
+    out = {
+        "n_features": len(shared),
+        "n_null": len(nrows),
+        "auc_similarity": auc(col(shared, "similarity"), col(nrows, "similarity")),
+        "auc_raw_similarity": auc(
+            [r["details"]["companions"]["raw_similarity"] for r in shared],
+            [r["details"]["companions"]["raw_similarity"] for r in nrows],
+        ),
+        "similarity_features": sorted(round(x, 3) for x in col(shared, "similarity")),
+        "similarity_null": sorted(round(x, 3) for x in col(nrows, "similarity")),
+        "seconds_per_feature": sorted(round(r["seconds"], 1) for r in feats.values()),
+    }
+    for m in ("a", "b"):
+        out[f"auc_log_coef_{m}_null_over_features"] = auc(
+            np.log(col(nrows, "coefficients", m)).tolist(),
+            np.log(col(shared, "coefficients", m)).tolist(),
+        )
+        out[f"auc_output_{m}"] = auc(col(shared, "output", m), col(nrows, "output", m))
+    out["variants"] = variants(shared, nrows)
+    return out
+
+
 def import_null(db, run_id: str, session, paths: list[Path]) -> None:
-    """Store null effects saved by `EffectSession.save_null` with the same settings key."""
+    """Store null effects saved by `EffectSession.save_null` (the first `nulls` of each
+    model). A file saved with another `nulls` holds the same directions: they are drawn
+    in one seeded sequence, so the first n of a larger draw are the draw of n."""
+    from engine.steering.effects.measure import Effect
     from engine.steering.effects.run import NULL, load_null
 
     load_null(db, run_id, session)
     have = set(session.nulls)
     for path in paths:
-        session.load_null(path)
-    for (source, i), effect in sorted(session.nulls.items()):
-        if (source, i) in have:
-            continue
-        db.add_effect(
-            run_id, settings=session.key, kind=NULL, item=i, feature_id=None, source=source,
-            similarity=effect.similarity, exclusivity=effect.exclusivity, z=None,
-            percentile=None, details=effect.to_json(),
-        )  # fmt: skip
+        for row in json.loads(path.read_text())["null"]:
+            key = (row["source"], int(row["item"]))
+            if key in have or key[1] >= session.cfg.nulls:
+                continue
+            have.add(key)
+            effect = Effect.from_json(row["effect"])
+            session.nulls[key] = effect
+            db.add_effect(
+                run_id, settings=session.key, kind=NULL, item=key[1], feature_id=None,
+                source=key[0], similarity=effect.similarity, exclusivity=effect.exclusivity,
+                z=None, percentile=None, details=effect.to_json(),
+            )  # fmt: skip
 
 
 def variants(shared: list, null: list) -> dict:
