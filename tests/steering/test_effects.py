@@ -206,3 +206,45 @@ def test_cli_prints_the_measure_and_exclusivity_shows_it_beside_the_offline_judg
     again = cli("exclusivity", *common, "--features", fid, "--quiet", "--max-new-tokens", 2,
                 "--alphas", 0, 20, "--samples", 1)  # fmt: skip
     assert "judge-free effect measure" in again and f"feature {fid} (A->B)" in again
+
+
+def test_reading_says_what_a_measurement_means():
+    import pandas as pd
+
+    from engine.steering.effects.reading import (
+        categorised,
+        effect_line,
+        effects_figure,
+        meaning,
+        summary_lines,
+    )
+
+    assert meaning("a", 97.0, 32) == (
+        "B reacts to the translated vector less than 97% of random directions do (n = 32)"
+    )
+    assert meaning("b", 10.0, 32).startswith("A reacts to the translated vector more than 90%")
+    assert meaning("a", None, 0) == ""
+    row = {"source": "a", "similarity": 0.25, "exclusivity": 0.75, "z": 2.0, "percentile": 97.0,
+           "details": {"null_n": 32}}  # fmt: skip
+    assert effect_line(5, row) == (
+        "feature 5 (A->B): effect exclusivity 0.75 (rank correlation +0.25), z +2.0; B reacts "
+        "to the translated vector less than 97% of random directions do (n = 32)"
+    )
+    frame = pd.DataFrame(
+        {
+            "settings": ["old", "k", "k", "k", "k"],
+            "kind": ["feature", "null", "null", "feature", "feature"],
+            "item": [1, 0, 1, 1, 2],
+            "feature_id": [1, None, None, 1, 2],
+            "source": ["a", "a", "b", "a", "a"],
+            "exclusivity": [9.0, 0.4, 0.6, 0.7, 0.9],
+            "z": [None, None, None, 1.0, 3.0],
+        }
+    )
+    features = pd.DataFrame({"feature_id": [1, 2], "partition": ["a_exclusive", "shared"]})
+    rows = categorised(frame, features)
+    assert sorted(rows["category"]) == ["a_exclusive", "null", "null", "shared"]  # newest key
+    lines = summary_lines(rows)
+    assert lines[0].startswith("A-exclusive") and "median z +1.0" in lines[0]
+    assert any(line.startswith("random direction (null): 2 items") for line in lines)
+    assert len(effects_figure(rows).data) == 3
