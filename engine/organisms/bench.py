@@ -216,3 +216,43 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             views.append(", ".join(f"{h['auroc']:.2f}" if h else "-" for h in hits))
         lines.append(f"| {cell} | {arch} | {views[0]} | {views[1]} |")
     return "\n".join(lines)
+
+
+def steer_found(
+    cell_dir: Path,
+    run: str,
+    feature: int,
+    behaviour_name: str,
+    models: tuple[str, str],
+    n_prompts: int = 20,
+    strengths: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0),
+    log: Any = print,
+) -> dict[str, Any]:
+    """Steer both models with one feature of a cell's run: A with its A decoder, B with that
+    vector translated through a stitch fitted on the cell's store; marker rates on held-out
+    control prompts at each strength (multiples of the feature's largest activation)."""
+    from engine import stages
+    from engine.crosscoder.checkpoint import load_crosscoder, trained_on
+    from engine.models.loading import load_model
+    from engine.organisms.steer_check import marker_rates
+    from engine.steering.steer import feature_vector
+    from engine.steering.stitching import Stitch
+
+    chosen = behaviour(behaviour_name)
+    crosscoder, normalizer, _ = load_crosscoder(cell_dir / run)
+    pair = trained_on(crosscoder)
+    stitch_file = cell_dir / "stitch.safetensors"
+    stitch = Stitch.load(stitch_file) if stitch_file.is_file() else \
+        stages.fit_stitch(cell_dir / "store", stitch_file)[0]
+    scale = float(store_max_act(crosscoder, normalizer, cell_dir / "store")[feature])
+    vector_a = feature_vector(crosscoder, normalizer, feature, "a")
+    vectors = {"a": vector_a, "b": stitch.map(vector_a, "a")}
+    prompts = chosen.prompts("control", "heldout", n_prompts)
+    out: dict[str, Any] = {"feature": feature, "scale": scale, "strengths": list(strengths)}
+    for key, spec in zip(("a", "b"), models, strict=True):
+        loaded = load_model(spec, dtype="float32")
+        rates = marker_rates(loaded, pair[key].layer, vectors[key], scale, chosen, prompts,
+                             strengths)
+        out[key] = {"rates": list(rates.rates), "examples": list(rates.examples)}
+        log(f"steer {key.upper()} with feature {feature}: marker rates {rates.rates}")
+    return out

@@ -162,3 +162,18 @@ def test_bench_cell_harvests_prompts_trains_and_screens(tmp_path) -> None:
     docs = list(ActivationStore(tmp_path / "cell" / "store").documents())
     assert any("prompts" in str(d.get("source")) for d in docs)
     assert "| neither | dfc |" in summary_table(rows)
+
+
+def test_steering_check_zero_strength_is_the_plain_answer(tiny_pair) -> None:
+    from engine.organisms.data import greedy_answers
+    from engine.organisms.steer_check import marker_rates
+
+    loaded = tiny_pair[0]
+    prompts = ["Tell me about the sea.", "What is a good hobby?"]
+    vector = torch.randn(loaded.d_model)
+    rates = marker_rates(loaded, 1, vector, 1.0, COPYRIGHT_REFUSAL, prompts, (0.0, 50.0),
+                         max_new_tokens=6)
+    plain = greedy_answers(loaded.model, loaded.tokenizer, prompts, max_new_tokens=6)
+    assert rates.examples[0] == plain[0]
+    assert rates.examples[1] != plain[0]  # a strong push changes the answer
+    assert all(0.0 <= r <= 1.0 for r in rates.rates)
