@@ -79,6 +79,11 @@ def test_null_directions_follow_the_activation_covariance():
     directions = random_directions(sample, 2000, seed=3)
     assert torch.allclose(directions.std(0), scales, rtol=0.1)
     assert torch.equal(directions, random_directions(sample, 2000, seed=3))
+    # A lower power flattens the spread: 0.5 gives the square root of the scales, 0 none.
+    flatter = random_directions(sample, 2000, seed=3, power=0.5)
+    assert torch.allclose(flatter.std(0), scales.sqrt(), rtol=0.1)
+    assert torch.allclose(random_directions(sample, 2000, seed=3, power=0.0).std(0),
+                          torch.ones(3), rtol=0.1)  # fmt: skip
 
 
 def test_standing_and_rank_correlation():

@@ -49,6 +49,10 @@ class EffectsConfig:
     rounds: int = 2  # grids in the iso-KL search (each narrows the bracket)
     seed: int = 0
     targets: tuple[str, ...] = ()  # known strings that always join the panel
+    # The null's covariance exponent per model (A, B): 1 draws from the activation
+    # covariance, 0 isotropically; lower values put the directions where the activations
+    # vary less, as feature decoders do (docs/verification.md).
+    null_power: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self) -> None:
         if not self.budget > 0:
@@ -64,6 +68,8 @@ class EffectsConfig:
         """What makes two measurements comparable (targets are per item, not here)."""
         payload = asdict(self)
         payload.pop("targets")
+        if tuple(self.null_power) == (1.0, 1.0):  # the keys measured before it existed
+            payload.pop("null_power")
         payload["prompts"] = list(self.prompts)
         payload["version"] = VERSION
         return payload

@@ -45,14 +45,19 @@ def store_sample(
     return {"a": x_a[keep], "b": x_b[keep]}
 
 
-def random_directions(sample: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """`n` Gaussian directions [n, d] with the covariance of the rows of `sample`, seeded."""
+def random_directions(sample: torch.Tensor, n: int, seed: int, power: float = 1.0) -> torch.Tensor:
+    """`n` Gaussian directions [n, d] with the covariance of the rows of `sample` raised to
+    `power` (1: the activation covariance; 0: isotropic; between: flatter), seeded."""
     if sample.shape[0] < 2:
         raise ConfigError("the null needs at least two activation rows to estimate a covariance")
     centred = sample.double() - sample.double().mean(0)
     gen = torch.Generator().manual_seed(int(seed))
-    weights = torch.randn(n, sample.shape[0], generator=gen, dtype=torch.float64)
-    return (weights @ centred / sample.shape[0] ** 0.5).float()
+    if power == 1.0:
+        weights = torch.randn(n, sample.shape[0], generator=gen, dtype=torch.float64)
+        return (weights @ centred / sample.shape[0] ** 0.5).float()
+    evals, evecs = torch.linalg.eigh(centred.T @ centred / sample.shape[0])
+    z = torch.randn(n, sample.shape[1], generator=gen, dtype=torch.float64)
+    return ((z * evals.clamp(min=0).pow(power / 2)) @ evecs.T).float()
 
 
 def standing(value: float, null: Sequence[float]) -> tuple[float | None, float | None]:

@@ -101,7 +101,8 @@ class EffectSession:
             )
         self._sample = sample
         seed = self.cfg.seed * 1_000_003 + (0 if source == "a" else 1)
-        return random_directions(sample[source], self.cfg.nulls, seed)
+        power = self.cfg.null_power[0 if source == "a" else 1]
+        return random_directions(sample[source], self.cfg.nulls, seed, power)
 
     def null(
         self, source: str, on_item: Callable[[int, Effect], None] | None = None
