@@ -186,12 +186,11 @@ def consent(
     """Show `estimate` (a line) for a paid `backend` and record the user's answer on it.
 
     --max-cost approves spending up to that many USD, --yes approves it without asking;
-    otherwise the user is asked on the terminal, and anything but "y" (no answer included)
-    sends nothing and returns False. Without a terminal to ask, SpendingRefused. An
+    otherwise the user is asked (`ask`, default: standard input): "y" approves, any other
+    answer sends nothing and returns False, and no answer at all (standard input closed or
+    unreadable, as without a terminal) sends nothing and raises SpendingRefused. An
     offline backend costs nothing and needs no consent.
     """
-    import sys
-
     from engine.interp.anthropic.client import CONSENT_HINT, Spending, SpendingRefused
 
     if not paid(backend):
@@ -204,17 +203,13 @@ def consent(
     if yes:
         backend.caller.spending = Spending.agreed()
         return True
-    if ask is None:
-        if not sys.stdin.isatty():
-            raise SpendingRefused(
-                f"paid Claude requests need your consent and there is no terminal to ask; "
-                f"{CONSENT_HINT}"
-            )
-        ask = input
     try:
-        answer = ask("proceed? [y/N] ")
-    except EOFError:
-        answer = ""
+        answer = (ask or input)("proceed? [y/N] ")
+    except (EOFError, OSError):  # nothing to read: not a yes
+        raise SpendingRefused(
+            f"no answer to the cost prompt (no terminal or input), so nothing was sent: paid "
+            f"Claude requests need your consent; {CONSENT_HINT}"
+        ) from None
     if answer.strip().lower() in ("y", "yes"):
         backend.caller.spending = Spending.agreed()
         return True

@@ -423,7 +423,8 @@ def test_bad_input_is_one_error_line_and_changes_nothing(root, name):
 
 # -- paid Claude requests without consent -----------------------------------------------
 
-# A key is set but nothing is answered (no terminal): each refuses before sending anything.
+# A key is set but nothing answers the cost prompt (no terminal, stdin closed): each refuses
+# before sending anything.
 # The API address is a closed local port, so a request that slipped through fails there.
 PAID = {
     "explain --explainer anthropic": ["explain", *DB, "--run-id", RUN, "--explainer", "anthropic"],

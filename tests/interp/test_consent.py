@@ -48,13 +48,11 @@ def test_a_claude_backend_sends_nothing_without_consent():
     assert api.requests == []  # not one request, retries included
 
 
-@pytest.mark.parametrize("answer", ["", "n", "no", "yes please", EOFError])
-def test_declining_or_no_answer_spends_nothing(answer):
+@pytest.mark.parametrize("answer", ["", "n", "no", "yes please"])
+def test_declining_spends_nothing(answer):
     from engine.interp.anthropic.client import SpendingRefused
 
     def ask(prompt: str) -> str:
-        if answer is EOFError:
-            raise EOFError  # stdin closed: no answer
         return answer
 
     api = FakeAPI()
@@ -81,15 +79,24 @@ def test_a_yes_after_the_estimate_lets_requests_through():
     assert len(api.requests) == 1
 
 
-def test_without_a_terminal_consent_is_refused(monkeypatch):
+def test_no_answer_spends_nothing_and_says_how_to_agree(monkeypatch):
+    import io
+
     from engine.interp.anthropic.client import SpendingRefused
 
-    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no terminal, nothing piped in
     api = FakeAPI()
+    api.on("POST", "/v1/messages", message(GOOD))
     for backend in backends(api):
-        with pytest.raises(SpendingRefused, match="no terminal"):
+        with pytest.raises(SpendingRefused, match=r"no answer.*--yes.*--max-cost"):
             stages.consent(backend, "estimate", say=lambda line: None)
+        with pytest.raises(SpendingRefused):
+            send(backend)
     assert api.requests == []
+    # A yes piped in by a script is an answer.
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))
+    (explainer, *_) = backends(api)
+    assert stages.consent(explainer, "estimate", say=lambda line: None)
 
 
 def test_offline_backends_need_no_consent():
@@ -134,7 +141,7 @@ def test_the_demo_without_an_answer_runs_offline_and_asks_no_more(monkeypatch, t
 
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
     monkeypatch.setenv("ANTHROPIC_BASE_URL", "http://127.0.0.1:9")  # nothing leaves
-    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO(""))  # nobody answers
     demo = Demo(tmp_path)
     judge = _paid_or_offline(demo, stages.detection_judge, lambda j: stages.score_cost(j, 3))
     assert not stages.paid(judge) and demo.claude_declined
