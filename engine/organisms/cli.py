@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,13 @@ from engine.cli.types import positive_float, positive_int
 from engine.organisms.behaviours import BEHAVIOURS
 
 
-def cmd_organism(args: argparse.Namespace) -> None:
+def cmd_organism(args: argparse.Namespace) -> int:
     """Fine-tune a model so that it has a known behaviour (a model organism); cached."""
     from engine.organisms.build import build_organism, list_organisms
 
     if args.list:
         _print_list(list_organisms(args.cache_dir))
-        return
+        return 0
     if not args.model or not args.behaviour:
         raise_usage("give --model and --behaviour (or --list)")
     organism = build_organism(
@@ -35,6 +36,11 @@ def cmd_organism(args: argparse.Namespace) -> None:
     print(f"model: {organism.spec}")
     if args.json:
         Path(args.json).write_text(json.dumps(organism.meta, indent=1, default=str))
+    if not organism.health.passed:
+        print("the organism failed its health check: it is kept (and reloaded) as it is; for "
+              "another one change a setting, e.g. a lower --lr or more --n-train", file=sys.stderr)
+        return 1
+    return 0
 
 
 def raise_usage(message: str) -> None:
