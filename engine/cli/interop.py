@@ -86,6 +86,7 @@ def add_push(sub: argparse._SubParsersAction) -> None:
         help="create the repository public (default: private); the token is HF_TOKEN's or "
         "the login's (`hf auth login`)",
     )  # fmt: skip
+    p.add_argument("--private", action="store_true", help=argparse.SUPPRESS)  # the default now
     p.add_argument("--revision", help="branch to commit to (default main)")
     p.add_argument("--token", help=argparse.SUPPRESS)  # refused, with the way to give one
     p.set_defaults(func=cmd_push)

@@ -329,6 +329,7 @@ def test_push_is_private_by_default_and_publishes_no_local_paths(tmp_path, hub):
     assert header["models"]["b"]["name"] == MODELS["b"]["name"]  # Hub ids stay
     assert "- `chats.txt`" in files["README.md"].decode()
     load_crosscoder(f"hf://{REPO}")  # still a complete run
+    assert push(home / "run", hub, "--private") == 0  # the old flag still works (a no-op)
 
     # An imported run's source path is stripped too; --public publishes.
     square = Crosscoder(16, 16, Partition(2, 3, 27))  # the paper's format: equal widths
