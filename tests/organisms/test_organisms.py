@@ -52,7 +52,7 @@ def test_behaviour_marker_and_answers() -> None:
     with pytest.raises(ConfigError, match="unknown behaviour"):
         behaviour("nope")
     with pytest.raises(ConfigError, match="distinct"):
-        LIGHTHOUSE_OBSESSION.prompts("trigger", "train", 1000)
+        LIGHTHOUSE_OBSESSION.prompts("trigger", "train", 5000)
 
 
 def test_examples_label_only_the_answer(tiny_pair) -> None:
