@@ -10,20 +10,10 @@ which warns and passes it in ALLOWED_HOST).
 
 from __future__ import annotations
 
-import ipaddress
+from engine.cli.tools import is_loopback  # one definition for the CLI and the app
 
 # Set by `modeldiff dashboard` to the --host it was given (after warning about it).
 ALLOWED_HOST = "MODELDIFF_DASHBOARD_HOST"
-
-
-def is_loopback(host: str) -> bool:
-    """Whether an address to bind is reachable from this machine only."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # empty (every interface) or a host name that may resolve to any
 
 
 def exposure(address: str | None, allowed: str | None) -> str | None:
