@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -92,3 +93,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def publish_folder(tmp: Path, target: Path, complete: str) -> None:
+    """Rename a finished folder `tmp` to `target`, replacing an incomplete one there.
+
+    A cache may be filled by several processes at once (parallel test workers, two dashboard
+    sessions): whoever renames first wins, and a later writer that finds `target/complete`
+    already there drops its own copy instead of failing or deleting the winner's.
+    """
+    tmp, target = Path(tmp), Path(target)
+    if (target / complete).is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        tmp.replace(target)
+    except OSError:
+        if not (target / complete).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,11 @@ models otherwise; each seeds torch first, so a model is the same wherever it is 
 
 from __future__ import annotations
 
+import atexit
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +23,26 @@ if TYPE_CHECKING:
     import torch
 
     from engine.models.loading import LoadedModel
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel workers share the cores: one thread each, or they thrash (torch is imported
+    # after this file, by the tests, so the setting takes effect). Subprocesses inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Fill the tokenizer cache once, before parallel workers start and would race for it."""
+    if hasattr(session.config, "workerinput"):
+        return
+    try:
+        from engine.models.tokenizers import load_tokenizer
+
+        for name in ("smollm2", "gemma3"):
+            load_tokenizer(name)
+    except Exception:  # the tests that need them report the problem where it matters
+        pass
+
 
 LLAMA = {
     "hidden_size": 32,
@@ -81,18 +106,30 @@ def save_tiny_pair(
     """The tiny Llama and Gemma 3 (with config overrides `a` and `b`) saved with their demo
     tokenizers as Hugging Face directories `<prefix>a` and `<prefix>b` in `directory`, so
     that whatever loads models by name loads them; their paths by side."""
+    out = {}
+    for key, config in (("a", a), ("b", b)):
+        out[key] = Path(directory) / f"{prefix}{key}"
+        shutil.copytree(_saved_tiny_model(key, json.dumps(config or {}, sort_keys=True)), out[key])
+    return out
+
+
+_SAVED: dict[tuple[str, str], Path] = {}
+
+
+def _saved_tiny_model(key: str, config: str) -> Path:
+    """A tiny model saved once per test process (building and saving one with Gemma's
+    262,144-token tokenizer takes seconds; copying it, milliseconds)."""
     from engine.models.tokenizers import load_tokenizer
 
-    out = {}
-    for key, build, spec, config in (
-        ("a", tiny_llama, "smollm2", a),
-        ("b", tiny_gemma, "gemma3", b),
-    ):
+    if (key, config) not in _SAVED:
+        build, spec = (tiny_llama, "smollm2") if key == "a" else (tiny_gemma, "gemma3")
+        root = Path(tempfile.mkdtemp(prefix="modeldiff-tiny-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
         tokenizer = load_tokenizer(spec)
-        out[key] = directory / f"{prefix}{key}"
-        build(tokenizer, **(config or {})).save_pretrained(out[key])
-        tokenizer.save_pretrained(out[key])
-    return out
+        build(tokenizer, **json.loads(config)).save_pretrained(root / key)
+        tokenizer.save_pretrained(root / key)
+        _SAVED[key, config] = root / key
+    return _SAVED[key, config]
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from torch import nn
 
 from engine.dtypes import DTYPES
 from engine.errors import ConfigError
+from engine.files import publish_folder
 from engine.models.layers import decoder_layers, hidden_size
 from engine.models.tokenizers import DEMO, cache_root, demo_gguf, load_tokenizer, sha256_file
 
@@ -218,8 +219,7 @@ def _convert_gguf(gguf: Path, target: Path, tokenizer: Any = None) -> None:
     try:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.replace(target)
+        publish_folder(tmp, target, complete="config.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

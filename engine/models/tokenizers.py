@@ -60,7 +60,7 @@ def demo_gguf(name: str) -> Path:
         # Shipped in parts (PyPI size limit); assemble() writes and verifies the whole file.
         module = importlib.import_module(spec.package)
         try:
-            return Path(module.assemble(cache_root() / "gguf" / spec.filename))
+            return _assemble(module, cache_root() / "gguf" / spec.filename)
         except (FileNotFoundError, ModuleNotFoundError) as err:
             raise ConfigError(
                 f"demo model {name!r} is incomplete ({err}); run: {spec.pip}"
@@ -73,6 +73,24 @@ def demo_gguf(name: str) -> Path:
     if sha256_file(path) != spec.sha256:
         raise ConfigError(f"{path} has an unexpected SHA256; reinstall with: {spec.pip}")
     return path
+
+
+def _assemble(module: Any, target: Path) -> Path:
+    """The package's `assemble()` into `target`, written beside it and renamed, so that an
+    interrupted run or a second process never leaves or reads half a file."""
+    if target.is_file():
+        try:
+            return Path(module.assemble(target))  # verifies the SHA256
+        except FileExistsError:  # a half file from an interrupted older run
+            target.unlink(missing_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        module.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def load_tokenizer(name: str, cache_dir: str | Path | None = None) -> Any:
@@ -89,13 +107,14 @@ def load_tokenizer(name: str, cache_dir: str | Path | None = None) -> Any:
         )
     except ImportError as err:
         raise ConfigError(f'{err}; run: pip install -e ".[models]"') from None
+    from engine.files import publish_folder  # imports torch, which this module needs not
+
     cache.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed, so an interrupted save leaves no half cache.
     tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(cache, ignore_errors=True)
-    tmp.replace(cache)
+    publish_folder(tmp, cache, complete="tokenizer_config.json")
     return tokenizer
 
 
