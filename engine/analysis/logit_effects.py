@@ -134,7 +134,13 @@ def token_texts(tokenizer, vocab: int) -> list[str]:
     """Each token id's text as the tokenizer decodes it alone (" the", "<bos>"); ids past the
     tokenizer's vocabulary (padding rows of an unembedding) read "<id N>"."""
     n = min(len(tokenizer), vocab)
-    texts = list(tokenizer.batch_decode([[i] for i in range(n)]))
+    ids = [[i] for i in range(n)]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        # The Rust tokenizer directly: the same texts, 3x faster on Gemma's 262,144 ids.
+        texts = list(backend.decode_batch(ids, skip_special_tokens=False))
+    else:
+        texts = list(tokenizer.batch_decode(ids))
     return texts + [f"<id {i}>" for i in range(n, vocab)]
 
 

@@ -204,3 +204,15 @@ def test_analyze_stores_logit_effects_and_token_texts(tmp_path):
     with Database(db_path, read_only=True) as db:
         assert not db.has_logit_effects("r")
         assert db.logit_effects("r", TEA).empty
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_token_texts_are_what_the_tokenizer_decodes_for_each_id(name):
+    from engine.analysis.logit_effects import token_texts
+    from engine.models.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(name)
+    texts = token_texts(tok, len(tok) + 2)
+    sample = list(range(0, len(tok), 997)) + [len(tok) - 1]
+    assert [texts[i] for i in sample] == tok.batch_decode([[i] for i in sample])
+    assert texts[-2:] == [f"<id {len(tok)}>", f"<id {len(tok) + 1}>"]
