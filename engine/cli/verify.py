@@ -250,7 +250,11 @@ def add_steer(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--alphas", nargs="+", type=finite_float, help="strengths in units of the feature's s_max"
     )
-    p.add_argument("--positions", choices=("all", "prompt", "generated"))
+    p.add_argument(
+        "--positions",
+        choices=("all", "prompt", "generated", "last"),
+        help="where to add the vector (last: only the prompt's last token, the answer header)",
+    )
     p.add_argument("--max-new-tokens", type=positive_int)
     p.add_argument("--temperature", type=non_negative_float, help="0: greedy (default)")
     p.add_argument("--seed", type=any_int)

@@ -227,6 +227,7 @@ def steer_found(
     n_prompts: int = 20,
     strengths: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0),
     log: Any = print,
+    positions: str = "all",
 ) -> dict[str, Any]:
     """Steer both models with one feature of a cell's run: A with its A decoder, B with that
     vector translated through a stitch fitted on the cell's store; marker rates on held-out
@@ -248,11 +249,13 @@ def steer_found(
     vector_a = feature_vector(crosscoder, normalizer, feature, "a")
     vectors = {"a": vector_a, "b": stitch.map(vector_a, "a")}
     prompts = chosen.prompts("control", "heldout", n_prompts)
-    out: dict[str, Any] = {"feature": feature, "scale": scale, "strengths": list(strengths)}
+    out: dict[str, Any] = {
+        "feature": feature, "scale": scale, "strengths": list(strengths), "positions": positions
+    }
     for key, spec in zip(("a", "b"), models, strict=True):
         loaded = load_model(spec, dtype="float32")
         rates = marker_rates(loaded, pair[key].layer, vectors[key], scale, chosen, prompts,
-                             strengths)
+                             strengths, positions=positions)
         out[key] = {"rates": list(rates.rates), "examples": list(rates.examples)}
         log(f"steer {key.upper()} with feature {feature}: marker rates {rates.rates}")
     return out

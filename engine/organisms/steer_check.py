@@ -38,8 +38,10 @@ def marker_rates(
     prompts: Sequence[str],
     strengths: Sequence[float] = (0.0, 1.0, 2.0, 4.0, 8.0),
     max_new_tokens: int = 24,
+    positions: str = "all",
 ) -> SteeringRates:
-    """The behaviour's marker rate on `prompts` steered by strength x scale x vector."""
+    """The behaviour's marker rate on `prompts` steered by strength x scale x vector, added
+    at `positions` (engine.steering.steer.POSITIONS; "last": the answer header only)."""
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, greedy=True, chat_template=False)
     texts = [chat_prompt(loaded.tokenizer, p) for p in prompts]
     rates, examples = [], []
@@ -47,6 +49,7 @@ def marker_rates(
         coefficients = [strength * scale] * len(texts)
         answers = [clean_answer(a) for a in generate(
             loaded, texts, vector=vector, layer=layer, coefficients=coefficients, cfg=cfg,
+            positions=positions,
         )]  # fmt: skip
         rates.append(sum(behaviour.shows(a) for a in answers) / max(1, len(answers)))
         examples.append(answers[0] if answers else "")

@@ -30,7 +30,10 @@ from engine.errors import ConfigError
 from engine.models.layers import decoder_layers
 from engine.models.loading import LoadedModel
 
-POSITIONS = ("all", "prompt", "generated")
+# Where the vector is added: every position, the prompt's, the generated tokens', or only the
+# prompt's last token (for a chat prompt, the end of the answer header, where a chat model
+# decides how to answer: a feature that lives at one position is tested there).
+POSITIONS = ("all", "prompt", "generated", "last")
 # Generation runs one request at a time (the dashboard holds a lock while it generates), so
 # one huge prompt or token count would stall everyone: both are capped. 2,048 new tokens
 # covers the paper's longest steering evaluation (2,000).
@@ -104,10 +107,16 @@ def steering(model, layer: int, deltas: torch.Tensor, positions: str = "all"):
         # The first call sees the whole prompt; with a KV cache, later calls see one new token.
         first = state["calls"] == 0
         state["calls"] += 1
-        if (positions == "prompt" and not first) or (positions == "generated" and first):
+        if (positions in ("prompt", "last") and not first) or (
+            positions == "generated" and first
+        ):
             return None
         hidden = output[0] if isinstance(output, tuple | list) else output
-        steered = hidden + deltas.to(hidden.device, hidden.dtype)[:, None, :]
+        delta = deltas.to(hidden.device, hidden.dtype)[:, None, :]
+        if positions == "last":  # prompts are left-padded: the last column is each one's end
+            steered = torch.cat([hidden[:, :-1], hidden[:, -1:] + delta], dim=1)
+        else:
+            steered = hidden + delta
         if isinstance(output, tuple | list):
             return (steered, *output[1:])
         return steered

@@ -107,6 +107,40 @@ def test_positions_prompt_only_and_generated_only(tiny):
         generate(tiny, ["x"], vector=vector, layer=1, coefficients=[1.0], positions="middle")
 
 
+def test_last_position_steers_only_each_prompts_final_token(tiny):
+    """positions="last" adds the vector at each left-padded prompt's last token, in the
+    prompt pass only: earlier positions and later tokens see the unsteered model."""
+    vector = 50 * torch.randn(32, generator=torch.Generator().manual_seed(3))
+    layers = tiny.model.model.layers
+    seen = {}
+    handle = layers[2].register_forward_hook(lambda _m, _a, out: seen.setdefault("h", out))
+    side, tiny.tokenizer.padding_side = tiny.tokenizer.padding_side, "left"
+    try:
+        enc = tiny.tokenizer(["Hi", "Tell me about the sea"], return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            tiny.model(**enc)
+            plain = seen.pop("h")
+            plain = plain[0] if isinstance(plain, tuple) else plain
+            deltas = torch.stack([vector, 2 * vector])
+            with steering(tiny.model, 1, deltas, positions="last"):
+                tiny.model(**enc)
+            steered = seen.pop("h")
+            steered = steered[0] if isinstance(steered, tuple) else steered
+    finally:
+        handle.remove()
+        tiny.tokenizer.padding_side = side
+    # Causal attention: positions before the last are untouched, the last one changes.
+    assert torch.allclose(steered[:, :-1], plain[:, :-1], atol=1e-5)
+    assert not torch.allclose(steered[:, -1], plain[:, -1], atol=1e-3)
+    cfg = GenerationConfig(max_new_tokens=6)
+    base = generate(tiny, ["Hello there"], cfg=cfg)[0]
+    last = generate(
+        tiny, ["Hello there"], vector=vector, layer=1, coefficients=[1.0], positions="last",
+        cfg=cfg,
+    )[0]  # fmt: skip
+    assert last != base
+
+
 def test_stream_yields_the_same_text_as_generate(tiny):
     cfg = GenerationConfig(max_new_tokens=8)
     vector = torch.randn(32, generator=torch.Generator().manual_seed(3))
