@@ -33,12 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.defaults import EVALUATION_WINDOWS
 from engine.errors import UserError
 from engine.files import atomic_write_text
 from engine.specs import SIDES, PairSpec
 
 EVALUATION_FILE = "evaluation.json"
-DEFAULT_WINDOWS = 32  # held-out windows (the demo run holds out 7: 1,095 pairs)
+DEFAULT_WINDOWS = EVALUATION_WINDOWS
 
 
 class EvaluationError(UserError, ValueError):

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from engine.activations import ActivationStore
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
+from engine.defaults import SEGMENT_PAIRS
 from engine.progress import ProgressBar
 
 HIST_LOW, HIST_HIGH, HIST_BINS = 1e-3, 1e3, 60  # activations (crosscoder units), log-spaced
@@ -38,7 +39,7 @@ class ScanConfig:
     top_k: int = 20
     sample_active: int = 64  # reservoir for quantile contexts
     sample_inactive: int = 10  # random non-activating segments
-    segment_pairs: int = 32
+    segment_pairs: int = SEGMENT_PAIRS
     chunk_rows: int = 2048  # rows encoded at once (memory: chunk_rows x n_features floats)
     seed: int = 0
 

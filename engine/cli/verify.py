@@ -298,7 +298,7 @@ def add_stitch(sub: argparse._SubParsersAction) -> None:
 
 def _add_steering(sub: argparse._SubParsersAction, name: str, func, source_help: str):
     """The options exclusivity and steer-eval share."""
-    from engine.steering.steer import GenerationConfig as Sampled
+    from engine.defaults import SAMPLED_TEMPERATURE, SAMPLED_TOP_P
 
     p = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
     p.add_argument("--db", required=True, type=Path)
@@ -316,7 +316,7 @@ def _add_steering(sub: argparse._SubParsersAction, name: str, func, source_help:
     p.add_argument(
         "--temperature",
         type=non_negative_float,
-        help=f"0 = greedy (default: {Sampled.temperature:g} with top-p {Sampled.top_p:g} for "
+        help=f"0 = greedy (default: {SAMPLED_TEMPERATURE:g} with top-p {SAMPLED_TOP_P:g} for "
         "exclusivity, greedy for steer-eval)",
     )
     p.add_argument("--seed", type=any_int)

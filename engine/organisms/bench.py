@@ -24,10 +24,9 @@ from engine.categories import A_EXCLUSIVE, A_LEANING, B_EXCLUSIVE, B_LEANING, LA
 from engine.config import load_preset
 from engine.files import atomic_write_text
 from engine.organisms.behaviours import behaviour
+from engine.organisms.cells import CELLS
 from engine.organisms.screen import Hit, best_per_category, prompt_chats, prompt_codes
 
-CELLS = {"A only": (True, False), "B only": (False, True), "both": (True, True),
-         "neither": (False, False)}
 # What the analyst browses as one model's own: its exclusive and leaning features.
 VIEWS = {"a": (A_EXCLUSIVE, A_LEANING), "b": (B_EXCLUSIVE, B_LEANING)}
 FIRST_PAGE = 50  # rows on the features browser's first page (dashboard PAGE_SIZE)

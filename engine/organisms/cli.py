@@ -131,7 +131,7 @@ def cmd_organism_bench(args: argparse.Namespace) -> None:
 
 def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     """Add `organism-bench` to the `modeldiff` sub-command parsers."""
-    from engine.organisms.bench import CELLS
+    from engine.organisms.cells import CELLS
 
     p = sub.add_parser("organism-bench", help=cmd_organism_bench.__doc__,
                        description=cmd_organism_bench.__doc__)

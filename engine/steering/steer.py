@@ -26,6 +26,7 @@ import torch
 
 from engine.crosscoder.model import Crosscoder
 from engine.crosscoder.normalize import Normalizer
+from engine.defaults import SAMPLED_TEMPERATURE, SAMPLED_TOP_P
 from engine.errors import ConfigError
 from engine.models.layers import decoder_layers
 from engine.models.loading import LoadedModel
@@ -55,8 +56,8 @@ class GenerationConfig:
 
     max_new_tokens: int = 64
     greedy: bool = True
-    temperature: float = 0.7
-    top_p: float = 0.9
+    temperature: float = SAMPLED_TEMPERATURE
+    top_p: float = SAMPLED_TOP_P
     # Sampling draws from the top_k most likely tokens first (0: all), then top-p among
     # them: the library's default of 50, which sampled generation here always applied.
     top_k: int = 50

@@ -241,3 +241,17 @@ def test_sigterm_saves_a_checkpoint_and_rerun_matches_an_uninterrupted_run(files
     resumed, full = load_crosscoder(files / "cut")[0], load_crosscoder(files / "full")[0]
     for name, tensor in full.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_building_the_parser_imports_no_heavy_library():
+    """`modeldiff --help` and every argument error come back at once: building the parser
+    must not import torch, scipy or transformers (seconds each)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from engine.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'scipy', 'transformers', 'pandas') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
