@@ -213,6 +213,6 @@ def test_token_texts_are_what_the_tokenizer_decodes_for_each_id(name):
 
     tok = load_tokenizer(name)
     texts = token_texts(tok, len(tok) + 2)
-    sample = list(range(0, len(tok), 997)) + [len(tok) - 1]
+    sample = [*range(0, len(tok), 997), len(tok) - 1]
     assert [texts[i] for i in sample] == tok.batch_decode([[i] for i in sample])
     assert texts[-2:] == [f"<id {len(tok)}>", f"<id {len(tok) + 1}>"]

@@ -177,7 +177,7 @@ def _settled(page, quiet_ms: int = 500) -> None:
 def _walk(page, url: str, shots: Shots) -> None:
     """The user's path through the app, one screenshot per step."""
     page.goto(f"{url}/?run={RUN}")
-    page.get_by_text("By partition").wait_for()
+    page.get_by_text("By partition", exact=True).wait_for()
     shots.take("runs")
 
     # The features browser: select the (only) exclusive live feature's row.
