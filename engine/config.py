@@ -318,12 +318,46 @@ class HarvestConfig:
 
 
 @dataclass
+class StreamConfig:
+    """Streaming training (`modeldiff train --stream`): the pairs kept on disk for analysis
+    and validation, and the mixing buffer of the pairs computed live (docs/scaling.md)."""
+
+    # Pairs of the stream's first documents harvested into RUN_DIR/store: validation and
+    # `modeldiff analyze` read them, training never sees their documents.
+    analysis_pairs: int = 20_000
+    # Pairs per mixing block: the stream is cut into blocks of this many pairs, each
+    # shuffled before its batches are cut. A multiple of batch_size; memory
+    # buffer_pairs x (d_a + d_b) x 4 bytes.
+    buffer_pairs: int = 65_536
+
+    def __post_init__(self) -> None:
+        for name in ("analysis_pairs", "buffer_pairs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+    def check_batch(self, batch_size: int, world_size: int = 1) -> None:
+        """Refuse a batch size that does not cut the blocks (or the ranks' shares) evenly."""
+        if self.buffer_pairs % batch_size:
+            raise ConfigError(
+                f"buffer_pairs ({self.buffer_pairs:,}) must be a multiple of batch_size "
+                f"({batch_size:,}); e.g. {max(1, self.buffer_pairs // batch_size) * batch_size:,}"
+            )
+        if batch_size % world_size:
+            raise ConfigError(
+                f"batch_size ({batch_size:,}) must be a multiple of the {world_size} "
+                "processes streaming it: each takes an equal share of every batch"
+            )
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs; sections map to TOML tables."""
 
     crosscoder: CrosscoderConfig | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
 
 T = TypeVar("T")
@@ -351,10 +385,31 @@ def load_run_config(path: str | Path, dims: tuple[int, int] | None = None) -> Ru
     `dims` (d_a, d_b), e.g. from an activation store, fill in the crosscoder widths when the
     file leaves them out, and must agree with them when it does not.
     """
+    if not Path(path).is_file() and str(path) in preset_names():
+        return load_preset(str(path), dims)
+    text, where = _config_text(path)
+    return _parse_run_config(text, where, dims, preset=False)
+
+
+def load_data_config(path: str | Path) -> tuple[HarvestConfig, StreamConfig]:
+    """The [harvest] and [stream] settings of a TOML file or preset (what `modeldiff train
+    --stream` streams); its other tables are read where they are used."""
+    text, where = _config_text(path)
+    data = _parse_toml(text, where)
+    return (
+        from_dict(HarvestConfig, data.get("harvest", {}), "harvest"),
+        from_dict(StreamConfig, data.get("stream", {}), "stream"),
+    )
+
+
+def _config_text(path: str | Path) -> tuple[str, str]:
+    """The TOML text of a config file, or of the preset `path` names if no such file
+    exists, and its name for error messages."""
     path = Path(path)
     if not path.is_file():
         if str(path) in preset_names():
-            return load_preset(str(path), dims)
+            text = (resources.files("engine") / "presets" / f"{path}.toml").read_text()
+            return text, f"preset {str(path)!r}"
         raise ConfigError(
             f"config file not found: {path}; give a TOML file or a preset "
             f"({', '.join(preset_names())})"
@@ -366,7 +421,7 @@ def load_run_config(path: str | Path, dims: tuple[int, int] | None = None) -> Ru
             f"{path} is not a UTF-8 text file (byte {err.start}: {err.reason}); save the "
             "config as UTF-8 TOML"
         ) from None
-    return _parse_run_config(text, str(path), dims, preset=False)
+    return text, str(path)
 
 
 def preset_names() -> list[str]:
@@ -389,15 +444,7 @@ def _parse_run_config(
     text: str, where: str, dims: tuple[int, int] | None, preset: bool
 ) -> RunConfig:
     """A RunConfig from TOML text; `where` names its origin in error messages."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{where} is not valid TOML: {err}") from None
-    unknown = sorted(set(data) - {"crosscoder", "train", "harvest"})
-    if unknown:
-        raise ConfigError(
-            f"unknown section(s) {', '.join(unknown)} in {where}; valid: crosscoder, harvest, train"
-        )
+    data = _parse_toml(text, where)
     crosscoder = None
     if "crosscoder" in data or dims is not None:
         section = dict(data.get("crosscoder", {}))
@@ -418,7 +465,23 @@ def _parse_run_config(
         crosscoder=crosscoder,
         train=from_dict(TrainConfig, data.get("train", {}), "train"),
         harvest=from_dict(HarvestConfig, data.get("harvest", {}), "harvest"),
+        stream=from_dict(StreamConfig, data.get("stream", {}), "stream"),
     )
+
+
+def _parse_toml(text: str, where: str) -> dict[str, Any]:
+    """The tables of a run TOML, refusing invalid TOML and unknown tables."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{where} is not valid TOML: {err}") from None
+    unknown = sorted(set(data) - {"crosscoder", "train", "harvest", "stream"})
+    if unknown:
+        raise ConfigError(
+            f"unknown section(s) {', '.join(unknown)} in {where}; valid: crosscoder, harvest, "
+            "stream, train"
+        )
+    return data
 
 
 def to_dict(config: Any) -> dict[str, Any]:

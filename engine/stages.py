@@ -97,6 +97,37 @@ def training_data(store: str | Path | None = None, pairs: str | Path | None = No
     return TrainingData((x_a, x_b), (x_a.shape[1], x_b.shape[1]))
 
 
+def stream_run(
+    config: str | Path,
+    out: str | Path,
+    *,
+    options: Mapping[str, Any] | None = None,
+    fresh: bool = False,
+    progress: bool = True,
+):
+    """The data side of a streamed training run into `out` (engine.streaming.run.StreamRun):
+    the [harvest] and [stream] settings of the TOML file or preset `config` (the flags in
+    `options` override them), checked against the run directory, and the models loaded.
+    `.dims` gives the widths; `.open(batch_size)` harvests the analysis store and returns
+    the live source (`streaming_data` wraps it for `train`)."""
+    from engine.config import load_data_config
+    from engine.models.loading import quiet_transformers
+    from engine.streaming.run import StreamRun
+
+    harvest_cfg, stream_cfg = load_data_config(config)
+    harvest_cfg = with_options(harvest_cfg, options or {})
+    stream_cfg = with_options(stream_cfg, options or {})
+    quiet_transformers()  # one line per loaded model instead
+    return StreamRun(harvest_cfg, stream_cfg, out, fresh=fresh, progress=progress)
+
+
+def streaming_data(run: Any, batch_size: int) -> TrainingData:
+    """A streamed run's training data: its analysis store harvested (or resumed), then the
+    live source. Normalisation is fitted on the stream's first rows, as for a pairs file."""
+    source = run.open(batch_size)
+    return TrainingData(source, run.dims)
+
+
 def train(
     cfg: RunConfig, data: TrainingData, out: str | Path, *, resume: bool = True, progress=True
 ):
@@ -113,9 +144,30 @@ def train(
     )  # fmt: skip
 
 
+def run_store(run_dir: str | Path, store: str | Path | None) -> str | Path:
+    """`store`, or when it is None the analysis store a streamed run recorded."""
+    if store is not None:
+        return store
+    from engine.hub import resolve_run
+    from engine.streaming.run import recorded_store
+
+    recorded = recorded_store(resolve_run(run_dir))
+    if recorded is None:
+        raise ConfigError(
+            f"{run_dir} was not trained with --stream, so it records no store of its own; "
+            "give the activation store it trained on with --store"
+        )
+    if not recorded.is_dir():  # e.g. a streamed run downloaded from the Hub
+        raise ConfigError(
+            f"the analysis store of the streamed run {run_dir} is not at {recorded}; give "
+            "it with --store"
+        )
+    return recorded
+
+
 def analyze(
     run_dir: str | Path,
-    store: str | Path,
+    store: str | Path | None,
     db: str | Path,
     *,
     run_id: str | None = None,
@@ -127,7 +179,7 @@ def analyze(
     """Analyse every feature of a trained crosscoder (a run directory, or a Hub location
     hf://OWNER/NAME: see `engine.hub`) into the results database `db`: `top_k`
     max-activating contexts of `segment_pairs` aligned tokens and `n_random` non-activating
-    ones per feature."""
+    ones per feature. `store` None: the analysis store of a streamed run."""
     from engine.analysis.analyze import analyze as run
     from engine.analysis.examples import ExampleConfig
     from engine.analysis.scan import ScanConfig
@@ -136,7 +188,7 @@ def analyze(
     # A Hub run is analysed from its cached copy, named after its repository.
     run_id = run_id or run_name(run_dir)
     return run(
-        resolve_run(run_dir), store, db, run_id=run_id, progress=progress,
+        resolve_run(run_dir), run_store(run_dir, store), db, run_id=run_id, progress=progress,
         scan_cfg=ScanConfig(**given(top_k=top_k, segment_pairs=segment_pairs)),
         example_cfg=ExampleConfig(**given(n_random=n_random)),
     )  # fmt: skip
@@ -144,7 +196,7 @@ def analyze(
 
 def evaluate(
     run_dir: str | Path,
-    store: str | Path,
+    store: str | Path | None,
     *,
     max_windows: int | None = None,
     out: str | Path | None = None,
@@ -154,11 +206,12 @@ def evaluate(
 ) -> dict[str, Any]:
     """CE loss recovered of both models with the run's reconstruction spliced in at the
     captured layer, on up to `max_windows` of the windows the run held out of training;
-    written to `out` (default `<run_dir>/evaluation.json`)."""
+    written to `out` (default `<run_dir>/evaluation.json`); `store` None: the analysis
+    store of a streamed run."""
     from engine.analysis.evaluate import evaluate as run
 
     return run(
-        run_dir, store, allow_trained=allow_trained, progress=progress,
+        run_dir, run_store(run_dir, store), allow_trained=allow_trained, progress=progress,
         **given(max_windows=max_windows, out=out, device=device),
     )  # fmt: skip
 

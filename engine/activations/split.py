@@ -50,10 +50,11 @@ def store_identity(store: ActivationStore) -> dict[str, Any]:
     return {"path": str(store.path.resolve()), "created": store.manifest.get("created")}
 
 
-def split_store(store: ActivationStore, n_pairs: int) -> StoreSplit | None:
+def split_store(store: ActivationStore, n_pairs: int, whole: bool = False) -> StoreSplit | None:
     """Hold out whole windows of `store` holding at least `n_pairs` pairs (at most a tenth
-    of the store's pairs); None when that leaves nothing to hold out."""
-    target = min(n_pairs, len(store) // 10)
+    of the store's pairs, or all of them with `whole`: a streamed run's store, which
+    training never reads); None when that leaves nothing to hold out."""
+    target = min(n_pairs, len(store) if whole else len(store) // 10)
     if target <= 0:
         return None
     counts = _WindowCounts(store)

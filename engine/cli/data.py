@@ -50,7 +50,8 @@ def _harvest_rank(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Train a crosscoder on paired activations (an activation store or a pairs file).
+    """Train a crosscoder on paired activations: an activation store, a pairs file, or a
+    stream computed live from the two models (--stream).
 
     Under `torchrun --nproc-per-node N` the N processes split every batch (data parallel).
     """
@@ -62,14 +63,24 @@ def cmd_train(args: argparse.Namespace) -> None:
         load_preset(args.preset)
     elif not args.config.is_file() and str(args.config) not in preset_names():
         load_run_config(args.config)  # raises "config file not found", listing the presets
-    data = stages.training_data(store=args.store, pairs=args.pairs)
-    if args.preset is not None:
-        cfg: RunConfig = load_preset(args.preset, data.dims)
+    stream = None
+    if args.stream is not None:  # the run directory checked and the models loaded
+        stream = stages.stream_run(
+            args.stream, args.out, options=vars(args), fresh=args.fresh, progress=not args.quiet
+        )
+        dims = stream.dims
     else:
-        cfg = load_run_config(args.config, data.dims)
+        data = stages.training_data(store=args.store, pairs=args.pairs)
+        dims = data.dims
+    if args.preset is not None:
+        cfg: RunConfig = load_preset(args.preset, dims)
+    else:
+        cfg = load_run_config(args.config, dims)
     if cfg.crosscoder is None:
         raise ConfigError(f"{args.config} has no [crosscoder] section")
     cfg.train = stages.with_options(cfg.train, vars(args))  # --steps, --batch-size, --device
+    if stream is not None:  # the analysis store harvested, then the live source
+        data = stages.streaming_data(stream, cfg.train.batch_size)
     # With --fresh, train clears the run directory once the config and data are known good
     # (a typo must not cost the run), and refuses a folder that is not a training run.
     result = stages.train(cfg, data, args.out, resume=not args.fresh, progress=not args.quiet)
@@ -209,6 +220,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--pairs", type=Path, help="safetensors file with tensors 'a' [n, d_a] and 'b' [n, d_b]"
     )
+    data.add_argument(
+        "--stream",
+        metavar="HARVEST_CONFIG",
+        help="train on activations computed live: a harvest TOML or preset ([harvest] and "
+        "[stream] tables); its first analysis_pairs pairs go to OUT/store, held out",
+    )
     p.add_argument("--out", required=True, type=Path, help="run directory (resumed if present)")
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in --out")
     # Each of these is the [train] setting of the same name (TrainConfig).
@@ -217,18 +234,31 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=positive_int, default=None, help="override [train] batch_size"
     )
     p.add_argument("--device", default=None, help="override [train] device (auto|cpu|cuda)")
+    # With --stream: the [stream] settings of the same name (StreamConfig).
+    p.add_argument(
+        "--analysis-pairs", type=positive_int, help="--stream: pairs kept in OUT/store (20,000)"
+    )
+    p.add_argument(
+        "--buffer-pairs",
+        type=positive_int,
+        help="--stream: pairs per shuffled block, a multiple of the batch size (65,536)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
 
 def add_analyze(sub: argparse._SubParsersAction) -> None:
-    from engine.analysis.scan import ScanConfig
+    from engine.defaults import SEGMENT_PAIRS
 
     p = sub.add_parser("analyze", help=cmd_analyze.__doc__, description=cmd_analyze.__doc__)
     p.add_argument(
         "--run", required=True, help="run directory of modeldiff train, or hf://OWNER/NAME (Hub)"
     )
-    p.add_argument("--store", required=True, type=Path, help="the activation store it used")
+    p.add_argument(
+        "--store",
+        type=Path,
+        help="the activation store it used (default for a --stream run: its RUN/store)",
+    )
     p.add_argument("--db", required=True, type=Path, help="DuckDB results file (created)")
     p.add_argument(
         "--run-id", type=run_id, help="name of the run in the database (default: the run dir)"
@@ -238,7 +268,7 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--context-pairs",
         type=positive_int,
-        help=f"aligned tokens per context (default {ScanConfig.segment_pairs})",
+        help=f"aligned tokens per context (default {SEGMENT_PAIRS})",
     )
     p.add_argument(
         "--match", type=run_id, metavar="RUN_ID", help="also match features against this run"

@@ -24,7 +24,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
-    from engine.analysis.evaluate import DEFAULT_WINDOWS
+    from engine.defaults import EVALUATION_WINDOWS as DEFAULT_WINDOWS
 
     p = sub.add_parser(
         "evaluate",
@@ -32,7 +32,11 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         description=cmd_evaluate.__doc__,
     )
     p.add_argument("--run", required=True, type=Path, help="run directory of modeldiff train")
-    p.add_argument("--store", required=True, type=Path, help="the activation store it used")
+    p.add_argument(
+        "--store",
+        type=Path,
+        help="the activation store it used (default for a --stream run: its RUN/store)",
+    )
     p.add_argument(
         "--windows",
         type=positive_int,

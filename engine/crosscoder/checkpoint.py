@@ -31,6 +31,7 @@ import re
 import shutil
 import tempfile
 import weakref
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -295,10 +296,12 @@ _CHECKPOINT_ENTRIES = re.compile(
 )
 
 
-def clear_run(run_dir: Path, remove: bool = True) -> None:
+def clear_run(run_dir: Path, remove: bool = True, keep: Collection[str] = ()) -> None:
     """Remove a run directory's crosscoder and checkpoints (so no checkpoint of an old run
     outlives a new one's), refusing a folder that is not a training run. With
-    `remove=False` only check (ranks other than 0 of a distributed run)."""
+    `remove=False` only check (ranks other than 0 of a distributed run). `keep` names
+    entries of the run directory that belong to the run and stay (a streamed run's store
+    and stream settings, written anew before training starts)."""
     out = Path(run_dir)
     if not out.exists():
         return
@@ -310,7 +313,8 @@ def clear_run(run_dir: Path, remove: bool = True) -> None:
         own.append(out / TENSORBOARD_DIR)
     if checkpoints.is_dir():
         own += [e for e in checkpoints.iterdir() if _CHECKPOINT_ENTRIES.fullmatch(e.name)]
-    foreign = [e for e in out.iterdir() if e not in own and e != checkpoints]
+    kept = {out / name for name in keep}
+    foreign = [e for e in out.iterdir() if e not in own and e != checkpoints and e not in kept]
     if checkpoints.is_dir():
         foreign += [e for e in checkpoints.iterdir() if e not in own]
     # Files with a run's names prove nothing (another tool may write a crosscoder.json or

@@ -25,7 +25,7 @@ from engine.crosscoder.trainer import Trainer, TrainingError, resolve_device
 from engine.crosscoder.validation import PREFIX, Validation, split
 from engine.progress import ProgressBar
 
-_NORMALIZER_FIT_ROWS = 8192
+NORMALIZER_FIT_ROWS = 8192
 
 
 @dataclass
@@ -50,7 +50,7 @@ def fit_normalizer(
         parts_a.append(x_a[keep].float().cpu())
         parts_b.append(x_b[keep].float().cpu())
         rows += int(keep.sum())
-        if rows >= _NORMALIZER_FIT_ROWS:
+        if rows >= NORMALIZER_FIT_ROWS:
             break
     if rows == 0:
         raise TrainingError("the activation source yielded no finite rows to fit normalisation")
@@ -96,7 +96,8 @@ def _train(
     source, held = split(source, train_cfg.validation_pairs)
     validation = held and Validation(held.x_a, held.x_b, held.info(), train_cfg.outlier_factor)
     if out is not None and not resume:  # an old run's checkpoint must not outlive this one
-        ckpt.clear_run(out, remove=ctx.is_main)
+        # A streamed run's store and settings live in the run directory: they stay.
+        ckpt.clear_run(out, remove=ctx.is_main, keep=getattr(source, "run_entries", ()))
         ctx.barrier()
     latest = ckpt.latest_checkpoint(out) if out is not None and resume else None
     if latest is not None:
@@ -142,6 +143,8 @@ def _train(
             **({"models": source.manifest["models"]} if _store_models(source) else {}),
             # What was held out: `modeldiff evaluate` reads the held-out windows from here.
             **({"validation": validation.info} if validation else {}),
+            # What the source records of itself (a streamed run: its settings and store).
+            **(source.run_record() if hasattr(source, "run_record") else {}),
         )
     ctx.barrier()  # when train returns on any rank, the files are written
     return TrainResult(trainer.model, trainer.normalizer, trainer.counters.history, final, out)
@@ -199,14 +202,12 @@ def _loop(
         StopRequests() as stop,
     ):
         for step in range(start, cfg.steps):
-            try:
-                x_a, x_b = next(batches)
-            except StopIteration:
-                raise TrainingError(
-                    f"the activation source ran out after {step} of {cfg.steps} steps; lower "
-                    f"`steps` or provide more data"
-                ) from None
-            stats = trainer.step(x_a, x_b)
+            batch = next(batches, None)
+            # Every rank stops at the same step, also when only one ran out (a stream's
+            # ranks read different documents), or the others would wait in a collective.
+            if ctx.any(batch is None):
+                raise TrainingError(_ran_out(source, step, cfg.steps, batch is not None))
+            stats = trainer.step(*batch)
             window_tokens += int(stats["rows"])
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
@@ -226,6 +227,21 @@ def _loop(
                 trainer.save_checkpoint(out)
             if stop.pending(ctx):
                 raise KeyboardInterrupt
+
+
+def _ran_out(source, step: int, steps: int, elsewhere: bool = False) -> str:
+    """Why training stopped at `step`: the source's own account where it gives one
+    (`elsewhere`: another rank's source ran out, not this one's)."""
+    if elsewhere:
+        return f"stopped after {step:,} of {steps:,} steps: another rank's data ran out"
+    inner = getattr(source, "source", source)  # a RankSlice's source
+    reason = getattr(inner, "ran_out", None)
+    if reason:
+        return f"stopped after {step:,} of {steps:,} steps: {reason}"
+    return (
+        f"the activation source ran out after {step} of {steps} steps; lower `steps` or "
+        "provide more data"
+    )
 
 
 def _record(trainer: Trainer, stats: dict[str, torch.Tensor], step: int, rate: float) -> dict:

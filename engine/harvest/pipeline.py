@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import os
 import platform
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,13 +33,19 @@ from engine.activations.shards import WindowRecord
 from engine.activations.stats import bytes_per_pair, median_norms
 from engine.activations.writer import StoreWriter
 from engine.config import HarvestConfig, to_dict
-from engine.harvest.text import source_from_spec
-from engine.harvest.text_mixture import Mixture
-from engine.harvest.windows import Side, StreamWindow, numbered_windows, side
+from engine.harvest.forward import (
+    CapturedModel,
+    chunk_budget,
+    load_pair,
+    prepare,
+    window_activations,
+)
+from engine.harvest.text import mixture_of
+from engine.harvest.windows import StreamWindow, window_stream
 from engine.interrupts import deferred_interrupts
 from engine.models.capture import capture_residual
 from engine.models.layers import resolve_layer
-from engine.models.loading import LoadedModel, load_model
+from engine.models.loading import LoadedModel
 from engine.progress import ProgressBar
 from engine.specs import ModelSpec, PairSpec
 
@@ -61,16 +65,6 @@ class HarvestResult:
     @property
     def pairs_per_second(self) -> float:
         return self.new_pairs / self.seconds if self.seconds > 0 else float("nan")
-
-
-@dataclass
-class _Model:
-    """A loaded model with its captured layer and window tokenization."""
-
-    loaded: LoadedModel
-    layer: int
-    side: Side
-    capture: Callable[..., torch.Tensor]
 
 
 def harvest(
@@ -94,28 +88,18 @@ def harvest(
     check_rank(rank, world_size)
     # Everything that can be checked without the models is checked first: loading two
     # large models takes minutes, and a typo in a source path must not cost them.
-    mixture = Mixture([source_from_spec(s) for s in cfg.sources], cfg.weights)
-    for source in mixture.sources:  # local files: an empty one is an error, not 0 pairs
-        if hasattr(source, "check"):
-            source.check()
+    mixture_of(cfg.sources, cfg.weights, check=True)  # local files: empty is an error, not 0 pairs
     names = (cfg.model_a, cfg.model_b) if models is None else (models[0].name, models[1].name)
     _check_out(cfg, Path(out), names, fresh, rank, world_size)
     if models is None:
-        device = rank_device(cfg.device, rank, world_size)
-        models = (
-            _load(cfg.model_a, cfg, device, progress),
-            _load(cfg.model_b, cfg, device, progress),
-        )
+        models = load_pair(cfg, progress, rank, world_size)
     started = time.perf_counter()
-    a, b = _prepare(models[0], cfg.layer_a, capture), _prepare(models[1], cfg.layer_b, capture)
+    a, b = prepare(models[0], cfg.layer_a, capture), prepare(models[1], cfg.layer_b, capture)
     writer = StoreWriter(
         out, _header(cfg, a, b), cfg.store_dtype, cfg.shard_pairs, fresh, rank, world_size
     )
     before = writer.pairs
-    stream = numbered_windows(
-        mixture.documents(), a.side, b.side, cfg.context_length, cfg.alignment, cfg.dedupe,
-        cfg.answer_pairs,
-    )
+    stream = window_stream(cfg, a.side, b.side)
     reached = _finished(writer, cfg.max_pairs)
     total = cfg.max_pairs
     label = "harvest" if world_size == 1 else f"harvest (rank {rank} of {world_size})"
@@ -148,31 +132,6 @@ def _finished(writer: StoreWriter, max_pairs: int) -> bool:
     state = writer.manifest["progress"]
     earlier = state["complete"] and state.get("max_pairs_reached", -1) >= max_pairs
     return earlier or writer.pairs >= max_pairs
-
-
-def rank_device(device: str, rank: int = 0, world_size: int = 1) -> str:
-    """The device of one rank: under torchrun, 'auto' and 'cuda' mean the rank's own GPU."""
-    if world_size == 1 or device not in ("auto", "cuda") or not torch.cuda.is_available():
-        return device
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    return f"cuda:{local % torch.cuda.device_count()}"
-
-
-def _load(spec: str, cfg: HarvestConfig, device: str, progress: bool) -> LoadedModel:
-    """Load one model, saying what was loaded when progress is shown."""
-    loaded = load_model(spec, device=device, dtype=cfg.model_dtype)
-    if progress:
-        print(
-            f"loaded {spec}: {type(loaded.model).__name__}, {loaded.n_layers} layers, "
-            f"d {loaded.d_model}, {loaded.dtype} on {loaded.device} "
-            f"({loaded.load_seconds:.1f} s)",
-            file=sys.stderr,
-        )
-    return loaded
-
-
-def _prepare(loaded: LoadedModel, layer: int | str, capture: Callable) -> _Model:
-    return _Model(loaded, resolve_layer(loaded.n_layers, layer), side(loaded.tokenizer), capture)
 
 
 def _check_out(
@@ -218,7 +177,7 @@ def _data_settings(cfg: HarvestConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return data, {k: data.pop(k) for k in speed}
 
 
-def _header(cfg: HarvestConfig, a: _Model, b: _Model) -> dict[str, Any]:
+def _header(cfg: HarvestConfig, a: CapturedModel, b: CapturedModel) -> dict[str, Any]:
     """What must match for a store to be resumed, plus provenance."""
     data, run = _data_settings(cfg)
     models = PairSpec(
@@ -266,8 +225,8 @@ def _run(
     cfg: HarvestConfig,
     stream: Iterator[StreamWindow],
     writer: StoreWriter,
-    a: _Model,
-    b: _Model,
+    a: CapturedModel,
+    b: CapturedModel,
     meter: _Meter,
     rank: int = 0,
     world_size: int = 1,
@@ -280,8 +239,7 @@ def _run(
     """
     chunk: list[tuple[WindowRecord, dict[str, Any]]] = []
     chunk_tokens = position = 0
-    # A chunk spans about two batches per model, so sorting by length saves padding.
-    budget = 4 * cfg.batch_tokens
+    budget = chunk_budget(cfg.batch_tokens)
     for window, counts, duplicate, document in stream:
         useful = not duplicate and len(window) > 0
         position += len(window) if useful else 0
@@ -307,43 +265,14 @@ def _run(
     return False
 
 
-def _flush_chunk(cfg, chunk, writer: StoreWriter, a: _Model, b: _Model) -> None:
+def _flush_chunk(cfg, chunk, writer: StoreWriter, a: CapturedModel, b: CapturedModel) -> None:
     """Run both models over a chunk of windows and hand the pairs to the writer."""
     if not chunk:
         return
-    windows = [w for w, _ in chunk]
-    acts_a = _activations(a, [w.ids_a for w in windows], [w.pos_a for w in windows], cfg)
-    acts_b = _activations(b, [w.ids_b for w in windows], [w.pos_b for w in windows], cfg)
+    acts_a, acts_b = window_activations([w for w, _ in chunk], a, b, cfg.batch_tokens)
     for (window, counts), x_a, x_b in zip(chunk, acts_a, acts_b, strict=True):
         with deferred_interrupts():  # the writer's queue must never be half-updated
             writer.add(window, x_a, x_b, counts)
-
-
-def _activations(m: _Model, ids: list, positions: list, cfg: HarvestConfig) -> list[torch.Tensor]:
-    """Activations at `positions` of each sequence, from length-sorted padded batches."""
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out: list[torch.Tensor | None] = [None] * len(ids)
-    model = m.loaded.model
-    pad = m.loaded.tokenizer.pad_token_id or 0
-    lo = 0
-    while lo < len(order):
-        # Grow the batch while its padded size stays within batch_tokens.
-        hi = lo + 1
-        while hi < len(order) and (hi + 1 - lo) * len(ids[order[hi]]) <= cfg.batch_tokens:
-            hi += 1
-        batch = order[lo:hi]
-        width = len(ids[batch[-1]])
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            input_ids[row, : len(ids[i])] = torch.as_tensor(ids[i])
-            mask[row, : len(ids[i])] = 1
-        device = m.loaded.device
-        hidden = m.capture(model, m.layer, input_ids.to(device), mask.to(device))
-        for row, i in enumerate(batch):
-            out[i] = hidden[row, torch.as_tensor(positions[i], device=device)].float().cpu()
-        lo = hi
-    return out  # type: ignore[return-value]
 
 
 def summary(result: HarvestResult) -> str:

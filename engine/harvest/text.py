@@ -21,6 +21,7 @@ from engine.harvest.text_demo import DEMO_SOURCES
 from engine.harvest.text_documents import SPEC_FORMS, TextSource
 from engine.harvest.text_files import file_source
 from engine.harvest.text_hub import HubDataset
+from engine.harvest.text_mixture import Mixture
 
 HUB = {
     "fineweb": {"dataset": "HuggingFaceFW/fineweb", "config": "sample-10BT", "text_field": "text"},
@@ -45,6 +46,18 @@ def source_from_spec(spec: str | dict[str, Any]) -> TextSource:
     if spec in HUB:
         return HubDataset(name=spec, **HUB[spec])
     return file_source(spec)
+
+
+def mixture_of(
+    specs: Sequence[str | dict[str, Any]], weights: Sequence[float] | None, check: bool = False
+) -> Mixture:
+    """The Mixture of the sources `specs` name; with `check`, a local source that holds no
+    text is refused now (before models load), not found to give 0 pairs later."""
+    mixture = Mixture([source_from_spec(s) for s in specs], weights)
+    for source in mixture.sources if check else ():
+        if hasattr(source, "check"):
+            source.check()
+    return mixture
 
 
 def _source_from_dict(spec: dict[str, Any]) -> TextSource:

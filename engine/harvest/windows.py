@@ -18,8 +18,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from engine.activations.shards import WindowRecord
+from engine.config import HarvestConfig
 from engine.harvest.align import Alignment, align, align_windows, tokenize, with_answer_pairs
 from engine.harvest.chat import RenderError, render
+from engine.harvest.text import mixture_of
 from engine.harvest.text_documents import Document
 
 OVERFLOW = "gap wider than a window"
@@ -205,6 +207,14 @@ def numbered_windows(
             record["windows"] = 1
             record["duplicate_windows"] = int(duplicate)
             yield StreamWindow(window, record, duplicate, number)
+
+
+def window_stream(cfg: HarvestConfig, a: Side, b: Side) -> Iterator[StreamWindow]:
+    """The numbered window stream of `cfg`'s text sources (a fresh pass from the start)."""
+    documents = mixture_of(cfg.sources, cfg.weights).documents()
+    return numbered_windows(
+        documents, a, b, cfg.context_length, cfg.alignment, cfg.dedupe, cfg.answer_pairs
+    )
 
 
 def _empty(doc: Document) -> WindowRecord:
