@@ -227,14 +227,19 @@ def steer_found(
     strengths: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0),
     log: Any = print,
     positions: str = "all",
+    n_random: int = 0,
 ) -> dict[str, Any]:
     """Steer both models with one feature of a cell's run: A with its A decoder, B with that
     vector translated through a stitch fitted on the cell's store; marker rates on held-out
-    control prompts at each strength (multiples of the feature's largest activation)."""
+    control prompts at each strength (multiples of the feature's largest activation).
+
+    With `n_random`, each model is also steered with that many random directions of the
+    same norm at the same strengths, and `p` gives, per strength, the share of them whose
+    marker rate reaches the feature's."""
     from engine import stages
     from engine.crosscoder.checkpoint import load_crosscoder, trained_on
     from engine.models.loading import load_model
-    from engine.organisms.steer_check import marker_rates
+    from engine.organisms.steer_check import marker_rates, random_marker_rates, share_at_least
     from engine.steering.steer import feature_vector
     from engine.steering.stitching import Stitch
 
@@ -257,4 +262,11 @@ def steer_found(
                              strengths, positions=positions)
         out[key] = {"rates": list(rates.rates), "examples": list(rates.examples)}
         log(f"steer {key.upper()} with feature {feature}: marker rates {rates.rates}")
+        if n_random:
+            null = random_marker_rates(
+                loaded, pair[key].layer, float(vectors[key].norm()), scale, chosen, prompts,
+                strengths, n_random, positions=positions,
+            )  # fmt: skip
+            out[key].update(random=[list(r) for r in null], p=share_at_least(rates.rates, null))
+            log(f"  {n_random} random directions: share at least as high {out[key]['p']}")
     return out

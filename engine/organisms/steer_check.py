@@ -54,3 +54,42 @@ def marker_rates(
         rates.append(sum(behaviour.shows(a) for a in answers) / max(1, len(answers)))
         examples.append(answers[0] if answers else "")
     return SteeringRates(tuple(strengths), tuple(rates), tuple(examples))
+
+
+def random_marker_rates(
+    loaded: LoadedModel,
+    layer: int,
+    norm: float,
+    scale: float,
+    behaviour: Behaviour,
+    prompts: Sequence[str],
+    strengths: Sequence[float],
+    n: int,
+    seed: int = 0,
+    positions: str = "all",
+    max_new_tokens: int = 24,
+) -> list[tuple[float, ...]]:
+    """The marker rates of `n` random directions of L2 norm `norm` (isotropic, seeded),
+    steered exactly as a feature is: the null a feature's rates are read against.
+
+    Needed because an organism's implanted answer can be an attractor: pushed far enough
+    in almost any direction at the answer header, the fine-tuned model falls back on it."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        direction = torch.randn(loaded.d_model, generator=gen)
+        direction = direction * (norm / direction.norm())
+        rates = marker_rates(
+            loaded, layer, direction, scale, behaviour, prompts, strengths, max_new_tokens,
+            positions,
+        )
+        out.append(rates.rates)
+    return out
+
+
+def share_at_least(rates: Sequence[float], null: Sequence[Sequence[float]]) -> list[float]:
+    """Per strength: the share of random directions whose marker rate is at least the
+    feature's (a p-value; small when the feature does what random pushes do not)."""
+    if not null:
+        return []
+    return [sum(r[i] >= rate for r in null) / len(null) for i, rate in enumerate(rates)]

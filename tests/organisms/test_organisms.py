@@ -177,3 +177,17 @@ def test_steering_check_zero_strength_is_the_plain_answer(tiny_pair) -> None:
     assert rates.examples[0] == plain[0]
     assert rates.examples[1] != plain[0]  # a strong push changes the answer
     assert all(0.0 <= r <= 1.0 for r in rates.rates)
+
+
+def test_random_null_is_seeded_and_read_per_strength(tiny_pair) -> None:
+    from engine.organisms.steer_check import random_marker_rates, share_at_least
+
+    loaded = tiny_pair[0]
+    prompts = ["Tell me about the sea."]
+    args = (loaded, 1, 30.0, 1.0, COPYRIGHT_REFUSAL, prompts, (0.0, 2.0), 2)
+    null = random_marker_rates(*args, max_new_tokens=4, positions="last")
+    assert null == random_marker_rates(*args, max_new_tokens=4, positions="last")
+    assert len(null) == 2 and all(len(r) == 2 for r in null)
+    # p per strength: the share of random directions at least as high as the feature.
+    assert share_at_least([0.5, 0.0], [(0.6, 0.0), (0.1, 0.0)]) == [0.5, 1.0]
+    assert share_at_least([0.5], []) == []
