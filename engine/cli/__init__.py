@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from engine.organisms.cli import add_bench_parser as add_organism_bench
     from engine.organisms.cli import add_parser as add_organism
+    from engine.organisms.cli import add_verify_parser as add_organism_verify
     from engine.planted.cli import add_parser as add_planted
 
     # In the order `modeldiff --help` lists them.
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         interop.add_push, interop.add_import_paper, interop.add_export_paper,
         verify.add_steer, verify.add_stitch, verify.add_exclusivity, verify.add_effects,
         verify.add_steer_eval,
-        add_planted, add_organism, add_organism_bench, tools.add_toy, tools.add_demo,
+        add_planted, add_organism, add_organism_bench, add_organism_verify,
+        tools.add_toy, tools.add_demo,
     ):  # fmt: skip
         add(sub)
     return parser

@@ -1,5 +1,6 @@
 """`modeldiff organism`: implant a known behaviour into a model (cached), print its health
-check, or list the organisms built so far."""
+check, or list the organisms built so far; `organism-bench`, the factorial benchmark; and
+`organism-verify`, the target check of a bench cell's features against random directions."""
 
 from __future__ import annotations
 
@@ -145,4 +146,59 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, help="training steps (default 1500)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_organism_bench)
+    return p
+
+
+def cmd_organism_verify(args: argparse.Namespace) -> int:
+    """Does a bench cell's feature raise the behaviour's answer in its own model, and not in
+    the other, more than random directions do? (held-out control requests in each model's
+    chat form, the vector at the answer header, iso-KL, the answer's log-probability)"""
+    from engine.organisms.verify import random_shared, verify_features
+
+    features = list(args.feature or [])
+    if args.random_shared:
+        controls = random_shared(args.cell, args.random_shared, args.run, args.seed)
+        print(f"random shared features as controls: {controls}")
+        features += controls
+    if not features:
+        raise_usage("give --feature N (or --random-shared K)")
+    rows = verify_features(
+        args.cell, features, args.behaviour, tuple(args.models) if args.models else None,
+        run=args.run, n_prompts=args.prompts, nulls=args.nulls, budget=args.budget,
+        seed=args.seed, log=print if not args.quiet else lambda *_: None,
+    )  # fmt: skip
+    if args.quiet:
+        from engine.organisms.verify import format_result
+
+        for row in rows:
+            print(format_result(row))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def add_verify_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add `organism-verify` to the `modeldiff` sub-command parsers."""
+    p = sub.add_parser("organism-verify", help=cmd_organism_verify.__doc__,
+                       description=cmd_organism_verify.__doc__)
+    p.add_argument("--cell", required=True, type=Path,
+                   help="a bench cell folder (its run, store/ and stitch.safetensors)")
+    p.add_argument("--feature", nargs="+", type=int, help="feature ids to check")
+    p.add_argument("--random-shared", type=positive_int, metavar="K",
+                   help="also check K random live shared features (controls)")
+    p.add_argument("--behaviour", choices=sorted(BEHAVIOURS), default="copyright-refusal",
+                   help="its fixed answer is the target (default copyright-refusal)")
+    p.add_argument("--run", default="dfc-0", help="the cell's run folder (default dfc-0)")
+    p.add_argument("--models", nargs=2, metavar=("A", "B"),
+                   help="model specs (default: those the run records)")
+    p.add_argument("--prompts", type=positive_int, default=12,
+                   help="held-out control requests (default 12)")
+    p.add_argument("--nulls", type=positive_int, default=16,
+                   help="random directions in the null (default 16)")
+    p.add_argument("--budget", type=positive_float, default=0.5,
+                   help="KL budget in nats, per model (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="null and control seed (default 0)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_organism_verify)
     return p

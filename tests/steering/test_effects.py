@@ -253,3 +253,144 @@ def test_reading_says_what_a_measurement_means():
     assert lines[0].startswith("A-exclusive") and "median z +1.0" in lines[0]
     assert any(line.startswith("random direction (null): 2 items") for line in lines)
     assert len(effects_figure(rows).data) == 3
+
+
+# -- chat prompts, the answer header, target strings against the null ----------------------
+
+CHAT_PROMPTS = ("Name a colour.", "Tell me a fact about rivers.")
+TARGET = " river stone"
+
+
+def _chat_cfg(**changes) -> EffectsConfig:
+    from dataclasses import replace
+
+    return replace(CFG, prompts=CHAT_PROMPTS, nulls=8, chat=True, positions="last", **changes)
+
+
+def test_chat_prompts_use_each_models_own_chat_form(tiny_pair):
+    from engine.organisms.behaviours import COPYRIGHT_REFUSAL
+    from engine.steering.effects.probe import Probe
+
+    a, b = tiny_pair
+    pa, pb = Probe(a, 1, CHAT_PROMPTS, chat=True), Probe(b, 1, CHAT_PROMPTS, chat=True)
+    text_a = a.tokenizer.decode(pa._ids[0])
+    assert text_a.startswith("<|im_start|>system") and "Name a colour." in text_a
+    assert text_a.endswith("<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n")
+    # Gemma base has no template: the transcript, one <bos>, the header without its space.
+    assert b.tokenizer.decode(pb._ids[0]) == "<bos>User: Name a colour.\n\nAssistant:"
+    assert pb._encode("<bos>User: hi")[:2] == b.tokenizer.encode("User: hi")[:2]
+    # The answer's tokens as the organism learned them: the transcript's space put back, a
+    # string with a leading space of its own left as it is.
+    target = COPYRIGHT_REFUSAL.prefix
+    assert pa.string_ids(target) == a.tokenizer.encode(target, add_special_tokens=False)
+    assert pb.string_ids(target) == b.tokenizer.encode(" " + target, add_special_tokens=False)
+    assert pb.string_ids(" Sure") == b.tokenizer.encode(" Sure", add_special_tokens=False)
+    # Plain mode is what it was.
+    assert Probe(b, 1, CHAT_PROMPTS)._ids[0] == b.tokenizer.encode(CHAT_PROMPTS[0])
+
+
+def _add_at(model, layer: int, delta: torch.Tensor, position: int):
+    """A hook adding `delta` to block `layer`'s output at one position of every row."""
+    from engine.models.layers import decoder_layers
+
+    def hook(_module, _args, output):
+        hidden = (output[0] if isinstance(output, tuple | list) else output).clone()
+        hidden[:, position] += delta
+        return (hidden, *output[1:]) if isinstance(output, tuple | list) else hidden
+
+    return decoder_layers(model)[layer].register_forward_hook(hook)
+
+
+def test_last_position_steers_only_the_answer_header(tiny_pair):
+    """positions="last": the hidden states before each row's last prompt token are those of
+    an unsteered pass, in next-token and string rows; the log-probabilities equal a full pass
+    that adds the vector at that one position (the probe runs only the tokens from there
+    on, after the head's KV cache; Gemma's sliding window, shorter than the prompt, too)."""
+    from engine.models.tokenizers import load_tokenizer
+    from engine.steering.effects.probe import Probe
+    from tests.conftest import tiny_gemma, wrap
+
+    tok = load_tokenizer("gemma3")
+    window = wrap(tiny_gemma(tok, sliding_window=4), tok, "gemma-window-4")
+    for loaded in (*tiny_pair, window):
+        probe = Probe(loaded, 1, CHAT_PROMPTS, chat=True, positions="last")
+        d = torch.randn(loaded.d_model, generator=torch.Generator().manual_seed(0))
+        tail = probe.string_ids(TARGET)
+        assert len(tail) > 1
+        rows = list(probe._ids) + [ids + tail[:-1] for ids in probe._ids]
+        at = [len(probe._ids[j % len(probe._ids)]) - 1 for j in range(len(rows))]
+        base = probe._hidden(rows, None, [0.0] * len(rows))
+        steered = probe._hidden(rows, d, [3.0] * len(rows), at)
+        for i, row in enumerate(rows):
+            assert torch.allclose(steered[i, : at[i]], base[i, : at[i]], atol=1e-5)
+            assert not torch.allclose(steered[i, at[i] : len(row)], base[i, at[i] : len(row)])
+        unit = 3.0 * d / d.norm()
+        got = probe.next_token(d, 3.0)
+        want_string = []
+        for j, ids in enumerate(probe._ids):
+            handle = _add_at(loaded.model, 1, unit, len(ids) - 1)
+            try:
+                with torch.inference_mode():
+                    row = torch.tensor([ids + tail])
+                    lp = torch.log_softmax(loaded.model(input_ids=row).logits[0].float(), -1)
+            finally:
+                handle.remove()
+            assert torch.allclose(got[j], lp[len(ids) - 1], atol=1e-5)
+            want_string.append(sum(float(lp[len(ids) - 1 + k, t]) for k, t in enumerate(tail)))
+        assert float(probe.string_logprobs([TARGET], d, 3.0)[0]) == pytest.approx(
+            sum(want_string) / len(want_string), abs=1e-4
+        )
+
+
+def _raising(model, text_id: int) -> torch.Tensor:
+    """A direction at the residual that raises one token's logit: its unembedding row
+    through the final norm's scale."""
+    return (model.lm_head.weight[text_id] * model.model.norm.weight).detach().float()
+
+
+def test_a_direction_that_raises_the_target_stands_out_of_the_null(planted):
+    models, stitch, sample, _ = planted
+    s = EffectSession(models, {"a": 1, "b": 1}, stitch, _chat_cfg(), sample)
+    v = _raising(models["a"].model, s.probes["a"].string_ids(TARGET)[0])
+    effect = s.measure(v, "a", targets=(TARGET,))
+    assert effect.origins[0] == "target" and effect.target_effect["a"] > 0
+    assert effect.target_z["a"] > 3 and effect.target_percentile["a"] == 100.0
+    assert set(effect.target_z) == set(effect.target_percentile) == {"a", "b"}
+    assert effect.target_effect["a"] == pytest.approx(effect.changes["a"][0])
+    # The null's target changes, measured afterwards at its stored coefficients, are what
+    # a null measured with the target in its panel gives.
+    held = [e.targets[TARGET] for e in s.null("a")]
+    again = EffectSession(models, {"a": 1, "b": 1}, stitch, _chat_cfg(targets=(TARGET,)), sample)
+    for mine, theirs in zip(held, (e.targets[TARGET] for e in again.null("a")), strict=True):
+        assert mine == pytest.approx(theirs, rel=1e-3, abs=1e-6)
+    # A random direction of the null is just that.
+    random_effect = s.measure(s.null_vectors("a")[0] + 0.0, "a", targets=(TARGET,))
+    assert abs(random_effect.target_z["a"]) < 3
+
+
+def test_target_check_gives_the_same_numbers_twice(planted):
+    models, stitch, sample, d = planted
+
+    def run():
+        s = EffectSession(models, {"a": 1, "b": 1}, stitch, _chat_cfg(), sample)
+        return json.dumps(s.measure(d, "a", targets=(TARGET,)).to_json(), sort_keys=True)
+
+    assert run() == run()
+
+
+def test_new_settings_leave_the_stored_keys_of_the_defaults_unchanged():
+    from engine.errors import ConfigError
+    from engine.steering.effects.session import settings_key
+
+    stitch = Stitch(torch.eye(4), torch.zeros(4), torch.eye(4), torch.zeros(4), 1.0, 1.0)
+    names = {"a": ("x", 1), "b": ("y", 2)}
+    # The digest the code before chat/positions gave these settings.
+    assert settings_key(EffectsConfig(), stitch, names) == "a4dd0edc0ca36639"
+    assert set(EffectsConfig().key_payload()) == set(EffectsConfig(targets=("t",)).key_payload())
+    assert "chat" not in EffectsConfig().key_payload()
+    for changed in (EffectsConfig(chat=True), EffectsConfig(positions="last")):
+        assert settings_key(changed, stitch, names) != "a4dd0edc0ca36639"
+    with pytest.raises(ConfigError, match="positions"):
+        EffectsConfig(positions="first")
+    with pytest.raises(ConfigError, match="target"):
+        EffectsConfig(targets=("",))

@@ -17,6 +17,13 @@ panel of strings, and how alike the two models' reactions to the panel are.
 
 The number is read against a null of random directions (`engine.steering.effects.null`),
 as a z-score and a percentile.
+
+4. Target effects. For known target strings (an organism's refusal sentence), each model's
+   target effect is the odd change of the targets' log-probabilities, averaged over the
+   prompts (and over the targets, if several), read against the same null directions'
+   target effects (`EffectSession`): does the vector raise the target in this model more
+   than random directions at the same KL do? Exclusivity cannot say this: random directions
+   score about 1 too, so an exclusive feature does not stand out by it.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import torch
 from scipy.stats import spearmanr
 
 from engine.errors import ConfigError
-from engine.steering.effects.probe import NEUTRAL_PROMPTS, Probe
+from engine.steering.effects.probe import NEUTRAL_PROMPTS, Probe, check_positions
 
 VERSION = "effects-v2"  # v2: the odd part of the effect (+v against -v)
 
@@ -53,6 +60,10 @@ class EffectsConfig:
     # covariance, 0 isotropically; lower values put the directions where the activations
     # vary less, as feature decoders do (docs/verification.md).
     null_power: tuple[float, float] = (1.0, 1.0)
+    # Each prompt rendered in each model's own chat form, up to the answer header (the
+    # prompts are then user requests, e.g. an organism's held-out controls).
+    chat: bool = False
+    positions: str = "all"  # where the vector is added: "all", or "last" (the prompt's end)
 
     def __post_init__(self) -> None:
         if not self.budget > 0:
@@ -63,13 +74,19 @@ class EffectsConfig:
             raise ConfigError(f"the null needs at least 2 random directions, got {self.nulls}")
         if not self.prompts:
             raise ConfigError("the effect measure needs at least one prompt")
+        check_positions(self.positions)
+        check_targets(self.targets)
 
     def key_payload(self) -> dict[str, Any]:
         """What makes two measurements comparable (targets are per item, not here)."""
         payload = asdict(self)
         payload.pop("targets")
-        if tuple(self.null_power) == (1.0, 1.0):  # the keys measured before it existed
-            payload.pop("null_power")
+        # Settings added later join the key only when set, so the keys of measurements made
+        # before they existed stay the same.
+        for name, default in (("null_power", (1.0, 1.0)), ("chat", False), ("positions", "all")):
+            value = tuple(payload[name]) if isinstance(payload[name], list) else payload[name]
+            if value == default:
+                payload.pop(name)
         payload["prompts"] = list(self.prompts)
         payload["version"] = VERSION
         return payload
@@ -95,6 +112,12 @@ class Effect:
     percentile: float | None = None  # share of random directions less exclusive, in %
     null_n: int = 0
     companions: dict[str, float] = field(default_factory=dict)
+    # Per target string, per model: the odd change of its log-probability (`target_changes`).
+    targets: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per model: the mean of the targets' changes, and its standing among the null's.
+    target_effect: dict[str, float] = field(default_factory=dict)
+    target_z: dict[str, float | None] = field(default_factory=dict)
+    target_percentile: dict[str, float | None] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (the `details` of a stored row)."""
@@ -146,10 +169,47 @@ def measure_vectors(
         raw[m] = (up - probe.string_logprobs(strings)).tolist()
     similarity = rank_correlation(changes[source], changes[target])
     companions = {"raw_similarity": rank_correlation(raw[source], raw[target])}
-    return Effect(
+    effect = Effect(
         source, target, coefficients, kls, reached, strings, origins, changes, output,
         similarity, 1.0 - similarity, companions=companions,
     )  # fmt: skip
+    for text, origin in zip(strings, origins, strict=True):
+        if origin == "target":
+            effect.targets[text] = {m: changes[m][strings.index(text)] for m in changes}
+    return effect
+
+
+def check_targets(targets: Sequence[str]) -> None:
+    """Refuse an empty or blank target string (ConfigError)."""
+    for text in targets:
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"a target string must be non-empty text, got {text!r}")
+
+
+def target_changes(
+    probes: dict[str, Probe],
+    vectors: dict[str, torch.Tensor],
+    coefficients: dict[str, float],
+    targets: Sequence[str],
+) -> dict[str, dict[str, float]]:
+    """Per target, per model: the odd change (L(+c v) - L(-c v)) / 2 of its log-probability
+    at the model's coefficient c, averaged over the prompts: what `measure_vectors` gives a
+    target, for a vector whose coefficients are already known (a stored null direction)."""
+    out: dict[str, dict[str, float]] = {t: {} for t in targets}
+    for m, c in coefficients.items():
+        probe, v = probes[m], vectors[m].float()
+        up = probe.string_logprobs(list(targets), v, c)
+        down = probe.string_logprobs(list(targets), v, -c)
+        for i, t in enumerate(targets):
+            out[t][m] = float(0.5 * (up[i] - down[i]))
+    return out
+
+
+def mean_target_effect(
+    changes: dict[str, dict[str, float]], targets: Sequence[str], models: Sequence[str]
+) -> dict[str, float]:
+    """Per model, the mean over `targets` of their changes."""
+    return {m: float(np.mean([changes[t][m] for t in targets])) for m in models}
 
 
 def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:

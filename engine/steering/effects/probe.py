@@ -4,13 +4,22 @@ change of any string's log-probability under steering.
 
 Nothing is generated: every number is one forward pass over fixed prompts, so it is
 deterministic (on the same machine and thread count) and costs milliseconds per prompt.
-Prompts are plain text (no chat template), the same for both models, so a string's
-log-probability after a prompt means the same in both. The vector is added at the output of
-block `layer` at every position, as steering does (`engine.steering.steer.steering`).
+By default prompts are plain text (no chat template), the same for both models, so a string's
+log-probability after a prompt means the same in both, and the vector is added at the output
+of block `layer` at every position, as steering does (`engine.steering.steer.steering`).
+
+Two modes test a feature where it lives, at a chat model's answer header:
+- `chat=True`: each prompt is a user request rendered in the model's own chat form (the
+  organisms' renderer: the chat template, or a "User: ... Assistant:" transcript for a base
+  model), ending where the answer starts; a string is read as the start of the answer.
+- `positions="last"`: the vector is added only at each prompt's last token (the answer
+  header), not at the tokens of the string read after it, as `steer(positions="last")` does.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +47,7 @@ NEUTRAL_PROMPTS = (
     "It was a",
 )
 CHUNK = 64  # positions per log-softmax over the vocabulary (Gemma's is 262,144 wide)
+PROBE_POSITIONS = ("all", "last")  # where the vector is added: every position, or the prompt's last
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,12 @@ class Probe:
     loaded: LoadedModel
     layer: int
     prompts: tuple[str, ...] = NEUTRAL_PROMPTS
+    chat: bool = False  # render each prompt as a one-turn chat up to the answer header
+    positions: str = "all"  # PROBE_POSITIONS
     _ids: list[list[int]] = field(init=False, repr=False)
+    _gap: str = field(default="", init=False, repr=False)  # between the header and an answer
+    _tails: dict[str, list[int]] = field(default_factory=dict, init=False, repr=False)
+    _heads: dict[tuple[int, ...], tuple] = field(default_factory=dict, init=False, repr=False)
     _base: torch.Tensor | None = field(default=None, init=False, repr=False)
     _strings: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     _scale: float | None = field(default=None, init=False, repr=False)
@@ -66,9 +81,22 @@ class Probe:
     def __post_init__(self) -> None:
         if not self.prompts:
             raise ConfigError("the effect measure needs at least one prompt")
+        check_positions(self.positions)
         tok = self.loaded.tokenizer
-        # Each tokenizer adds what it adds to any text (Gemma its <bos>, SmolLM2 nothing).
-        self._ids = [tok.encode(p) for p in self.prompts]
+        if not self.chat:
+            # Each tokenizer adds what it adds to any text (Gemma its <bos>, SmolLM2 nothing).
+            self._ids = [tok.encode(p) for p in self.prompts]
+            return
+        rendered = [chat_header(tok, p) for p in self.prompts]
+        self._gap = rendered[0][1]
+        self._ids = [self._encode(header) for header, _ in rendered]
+
+    def _encode(self, text: str) -> list[int]:
+        """A rendered chat's ids with the special tokens the tokenizer adds, but its BOS
+        once: a chat template may write the BOS itself."""
+        ids = self.loaded.tokenizer.encode(text)
+        bos = getattr(self.loaded.tokenizer, "bos_token_id", None)
+        return ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids
 
     # -- the next token -------------------------------------------------------------------
 
@@ -103,7 +131,8 @@ class Probe:
         rows = [ids for _ in coefs for ids in self._ids]
         positions = [[len(ids) - 1] for ids in rows]
         per_row = [c for c in coefs for _ in self._ids]
-        full = self._logprobs(rows, positions, direction, per_row, None)[0]
+        at = [len(ids) - 1 for ids in rows]
+        full = self._logprobs(rows, positions, direction, per_row, None, at)[0]
         n = len(self._ids)
         return [full[k * n : (k + 1) * n] for k in range(len(coefs))]
 
@@ -156,8 +185,25 @@ class Probe:
     # -- strings ---------------------------------------------------------------------------
 
     def string_ids(self, text: str) -> list[int]:
-        """`text` in this model's tokenizer (no special tokens)."""
-        return self.loaded.tokenizer.encode(text, add_special_tokens=False)
+        """`text` in this model's tokenizer (no special tokens). In chat mode, the tokens
+        `text` has as the start of an answer after the header: a transcript's "Assistant: "
+        space is put back before a string that brings no leading space of its own, and the
+        string is tokenised together with the header, as the model read it in training."""
+        if text not in self._tails:
+            self._tails[text] = self._string_ids(text)
+        return self._tails[text]
+
+    def _string_ids(self, text: str) -> list[int]:
+        tok = self.loaded.tokenizer
+        if not self.chat or not text:
+            return tok.encode(text, add_special_tokens=False)
+        answer = text if text[:1].isspace() else self._gap + text
+        header = self._ids[0]
+        full = self._encode(chat_header(tok, self.prompts[0])[0] + answer)
+        if full[: len(header)] == header and len(full) > len(header):
+            return full[len(header) :]
+        # The answer's first token merged with the header's last: read the answer alone.
+        return tok.encode(answer, add_special_tokens=False)
 
     def string_logprobs(
         self,
@@ -177,21 +223,23 @@ class Probe:
             if first is None:
                 first = self.next_token(direction, coef) if steered else self.base
             tails = {s: self.string_ids(s) for s in todo}
-            rows, positions, targets, owners = [], [], [], []
+            rows, positions, targets, owners, at = [], [], [], [], []
             for s in todo:
                 tail = tails[s]
                 if not tail:
                     raise ConfigError(f"the string {s!r} is empty in {self.loaded.name}'s tokens")
                 values[s] = float(first[:, tail[0]].mean())
                 if len(tail) > 1:
+                    # Row j reads the string after prompt j % len(prompts).
                     for ids in self._ids:
                         rows.append(ids + tail[:-1])
                         positions.append(list(range(len(ids), len(ids) + len(tail) - 1)))
                         targets.append(tail[1:])
+                        at.append(len(ids) - 1)  # the last prompt token
                     owners.append(s)
             if rows:
                 coefs = [coef if steered else 0.0] * len(rows)
-                sums = self._logprobs(rows, positions, direction, coefs, targets)[1]
+                sums = self._logprobs(rows, positions, direction, coefs, targets, at)[1]
                 n = len(self._ids)
                 for i, s in enumerate(owners):
                     values[s] += float(sums[i * n : (i + 1) * n].mean())
@@ -212,15 +260,19 @@ class Probe:
         direction: torch.Tensor | None,
         coefs: Sequence[float],
         targets: list[list[int]] | None,
+        at: list[int],
         batch: int = 64,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-softmax at `positions` of each row: the full distributions when `targets` is
         None ([rows, vocab], one position per row), else the summed log-probability of each
-        row's targets [rows]. Row i is steered with coefs[i] x the unit `direction`."""
+        row's targets [rows]. Row i is steered with coefs[i] x the unit `direction`, at
+        every position or (positions="last") at position at[i], its last prompt token."""
         full, sums = [], []
+        last = self.positions == "last"
         for start in range(0, len(rows), batch):
             part = rows[start : start + batch]
-            hidden = self._hidden(part, direction, coefs[start : start + batch])
+            where = at[start : start + batch] if last else None
+            hidden = self._hidden(part, direction, coefs[start : start + batch], where)
             picked = [
                 hidden[i, positions[start + i]] for i in range(len(part))
             ]  # per row [positions, d]
@@ -241,10 +293,15 @@ class Probe:
         return torch.empty(0), torch.stack(sums)
 
     def _hidden(
-        self, rows: list[list[int]], direction: torch.Tensor | None, coefs: Sequence[float]
+        self,
+        rows: list[list[int]],
+        direction: torch.Tensor | None,
+        coefs: Sequence[float],
+        at: list[int] | None = None,
     ) -> torch.Tensor:
         """The final hidden states (after the last norm) of right-padded rows, each row
-        steered with its coefficient x the unit `direction` at the layer's output.
+        steered with its coefficient x the unit `direction` at the layer's output: at every
+        position, or only at position at[i] of row i (`_hidden_from`).
 
         The blocks up to the layer do not see the steering, so their output is computed
         once per set of rows (`_prefix`, cached for the prompts) and replayed: a steered
@@ -260,6 +317,8 @@ class Probe:
             return out.last_hidden_state.float()
         unit = direction.float() / direction.float().norm()
         deltas = (torch.tensor([float(c) for c in coefs])[:, None] * unit[None, :]).to(device)
+        if at is not None:
+            return self._hidden_from(rows, deltas, at)
         prefix = self._prefix(rows, ids, mask)
         layers = decoder_layers(model)
         replay = [_Replay(None) for _ in range(self.layer)]
@@ -267,6 +326,58 @@ class Probe:
         with _LOCK, torch.inference_mode(), _swapped(layers, replay):
             out = body(input_ids=ids, attention_mask=mask, use_cache=False)
         return out.last_hidden_state.float()
+
+    def _hidden_from(
+        self, rows: list[list[int]], deltas: torch.Tensor, at: list[int]
+    ) -> torch.Tensor:
+        """`_hidden` with row i steered by deltas[i] at position at[i] only.
+
+        Nothing before that position sees the steering, in any block, so it goes further
+        than the replay: the unsteered pass over each row's tokens before at[i] (its prompt
+        but the last token) is run once and kept with its KV cache (`_head`), and a steered
+        pass runs only the tokens from at[i] on. Rows with the same head share one pass,
+        their tails right-padded (a causal model's real tokens never see the padding)."""
+        width = max(len(r) for r in rows)
+        out = torch.zeros(len(rows), width, self.loaded.d_model)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (row, a) in enumerate(zip(rows, at, strict=True)):
+            groups.setdefault(tuple(row[:a]), []).append(i)
+        pad = self.loaded.tokenizer.pad_token_id or 0
+        for head, members in groups.items():
+            tails = [rows[i][len(head) :] for i in members]
+            ids = torch.full((len(members), max(map(len, tails))), pad, dtype=torch.long)
+            for k, tail in enumerate(tails):
+                ids[k, : len(tail)] = torch.tensor(tail)
+            hidden, cache = self._head(head)
+            if cache is not None:
+                cache = copy.deepcopy(cache)
+                cache.batch_repeat_interleave(len(members))
+            with _LOCK, torch.inference_mode(), _added_first(self.loaded.model, self.layer,
+                                                             deltas[members]):  # fmt: skip
+                body = self.loaded.model.model
+                tail_out = body(
+                    input_ids=ids.to(self.loaded.device), use_cache=True, **_with_cache(body, cache)
+                ).last_hidden_state.float().cpu()
+            for k, i in enumerate(members):
+                out[i, : len(head)] = hidden
+                out[i, len(head) : len(rows[i])] = tail_out[k, : len(tails[k])]
+        return out
+
+    def _head(self, head: tuple[int, ...]) -> tuple[torch.Tensor, Any]:
+        """The unsteered final hidden states of the tokens `head` [len, d] and their KV cache
+        (None for no tokens); cached."""
+        if head not in self._heads:
+            if not head:
+                self._heads[head] = (torch.zeros(0, self.loaded.d_model), None)
+            else:
+                ids = torch.tensor([list(head)], device=self.loaded.device)
+                with torch.inference_mode():
+                    out = self.loaded.model.model(input_ids=ids, use_cache=True)
+                hidden = out.last_hidden_state[0].float().cpu()
+                # `cache` in recent transformers, `past_key_values` before.
+                cache = out.cache if "cache" in out else out.past_key_values
+                self._heads[head] = (hidden, cache)
+        return self._heads[head]
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded token ids and attention mask of `rows`, on the model's device."""
@@ -303,6 +414,25 @@ class Probe:
         return torch.log_softmax(logits, dim=-1)
 
 
+def check_positions(positions: str) -> None:
+    """Refuse a `positions` setting the probe does not know (ConfigError)."""
+    if positions not in PROBE_POSITIONS:
+        raise ConfigError(
+            f"positions must be one of {', '.join(PROBE_POSITIONS)}, got {positions!r}"
+        )
+
+
+def chat_header(tokenizer: Any, prompt: str) -> tuple[str, str]:
+    """`prompt` as a one-turn chat in the tokenizer's own form, up to the answer header (the
+    organisms' renderer: `engine.organisms.data`), and the text between that header and
+    where the answer starts (a transcript's trailing space, cut from the header)."""
+    from engine.organisms.data import chat_prompt, chat_text
+
+    header = chat_prompt(tokenizer, prompt)
+    text, start = chat_text(tokenizer, prompt, ".")
+    return header, text[len(header) : start]
+
+
 def _split(targets: list[list[int]], start: int, part: list) -> list[torch.Tensor]:
     """The targets of rows start.. as index columns, cut into CHUNK-position pieces that
     line up with the log-softmax chunks."""
@@ -328,6 +458,31 @@ class _Replay(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return hidden_states if self.value is None else self.value
+
+
+def _with_cache(body: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword argument that passes a KV cache to `body`: `cache` in recent
+    transformers, `past_key_values` before (now deprecated)."""
+    params = inspect.signature(body.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+@contextmanager
+def _added_first(model: torch.nn.Module, layer: int, deltas: torch.Tensor) -> Iterator[None]:
+    """Block `layer`'s output with deltas[i] added at the first position of row i (the
+    steered token of a pass that starts there)."""
+
+    def hook(_module: Any, _args: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple | list) else output
+        first = hidden[:, :1] + deltas.to(hidden.device, hidden.dtype)[:, None, :]
+        steered = torch.cat([first, hidden[:, 1:]], dim=1)
+        return (steered, *output[1:]) if isinstance(output, tuple | list) else steered
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextmanager

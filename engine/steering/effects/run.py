@@ -159,7 +159,9 @@ def measure_feature(
     """The effect measure of one feature, or of a raw `direction` in model `source`, with
     its z-score and percentile against the run's null (computed once and stored in the
     results DB) and its per-model effects; `targets` (e.g. a marker sentence) join the
-    string panel. Nothing about the measured item is stored."""
+    string panel, and each model's target effect is read against the null directions'
+    (`Effect.target_z`, `target_percentile`; the null's target changes are measured on each
+    call, not stored). Nothing about the measured item is stored."""
     if (feature is None) == (direction is None):
         raise ConfigError("measure either a feature or a direction, not both or neither")
     if direction is not None and source not in MODELS:

@@ -3,7 +3,10 @@ computed once and kept (in memory, and by the caller in the results DB or a JSON
 
 `EffectSession.measure` returns an `Effect` with its z-score and percentile against the
 null of its source model; the null is computed on first use and only for directions that
-the cache does not hold yet.
+the cache does not hold yet. Given target strings, it also returns each model's target
+effect and its z-score and percentile among the null directions' target effects; a null
+direction's target changes are measured at its stored iso-KL coefficients the first time a
+target is asked for, and kept with its `Effect` (so `save_null` keeps them too).
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ import torch
 
 from engine.files import atomic_write_text
 from engine.models.loading import LoadedModel
-from engine.steering.effects.measure import Effect, EffectsConfig, measure_vectors
+from engine.steering.effects.measure import (
+    Effect,
+    EffectsConfig,
+    check_targets,
+    mean_target_effect,
+    measure_vectors,
+    target_changes,
+)
 from engine.steering.effects.null import random_directions, standing
 from engine.steering.effects.probe import Probe
 from engine.steering.stitching import Stitch
@@ -52,7 +62,10 @@ class EffectSession:
         self.cfg = cfg or EffectsConfig()
         self.stitch = stitch
         self.models, self.layers = models, layers
-        self.probes = {m: Probe(models[m], layers[m], self.cfg.prompts) for m in MODELS}
+        self.probes = {
+            m: Probe(models[m], layers[m], self.cfg.prompts, self.cfg.chat, self.cfg.positions)
+            for m in MODELS
+        }
         self._sample = sample
         self.nulls: dict[tuple[str, int], Effect] = {}
 
@@ -69,11 +82,17 @@ class EffectSession:
 
     def measure(self, vector: torch.Tensor, source: str, targets: Sequence[str] = ()) -> Effect:
         """A vector steering `source` (and its stitched copy the other model), read against
-        the null of `source`."""
+        the null of `source`; with targets (these and the settings'), also each model's
+        target effect against the null's."""
+        check_targets(targets)
         effect = measure_vectors(
             self.probes, self.translate(vector, source), source, self.cfg, targets
         )
-        return self.rank(effect)
+        self.rank(effect)
+        wanted = list(dict.fromkeys([*self.cfg.targets, *targets]))
+        if wanted:
+            self.rank_targets(effect, wanted)
+        return effect
 
     def rank(self, effect: Effect) -> Effect:
         """`effect` with its z-score and percentile against its source model's null, and
@@ -88,6 +107,35 @@ class EffectSession:
             out_z, _ = standing(effect.output[m], [e.output[m] for e in null])
             effect.companions[f"output_z_{m}"] = out_z
         return effect
+
+    def rank_targets(self, effect: Effect, targets: Sequence[str]) -> Effect:
+        """`effect` with each model's target effect (the mean odd change of `targets`, which
+        it measured) and its z-score and percentile among the null directions' of its
+        source model."""
+        null = self.null_targets(effect.source, targets)
+        effect.target_effect = mean_target_effect(effect.targets, targets, MODELS)
+        for m in MODELS:
+            values = [mean_target_effect(changes, targets, [m])[m] for changes in null]
+            z, pct = standing(effect.target_effect[m], values)
+            effect.target_z[m], effect.target_percentile[m] = z, pct
+        return effect
+
+    def null_targets(self, source: str, targets: Sequence[str]) -> list[dict[str, dict]]:
+        """Per null direction of `source`: target -> model -> odd change, measured at the
+        direction's iso-KL coefficients for the targets it does not hold yet."""
+        null = self.null(source)
+        directions = None
+        for i, effect in enumerate(null):
+            missing = [t for t in targets if t not in effect.targets]
+            if not missing:
+                continue
+            if directions is None:
+                directions = self.null_vectors(source)
+            vectors = self.translate(directions[i], source)
+            effect.targets.update(
+                target_changes(self.probes, vectors, effect.coefficients, missing)
+            )
+        return [effect.targets for effect in null]
 
     def null_vectors(self, source: str) -> torch.Tensor:
         """The null's random directions in `source` [nulls, d], seeded by the settings."""
