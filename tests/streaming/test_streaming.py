@@ -259,3 +259,74 @@ def test_train_stream_and_analyze_from_the_command_line(tmp_path, texts):
     assert main(["analyze", "--run", str(run), "--db", str(db), "--quiet"]) == 0
     with Database(db, create=False) as d:
         assert d.run("run")["store_path"] == str((run / STORE_DIR).resolve())
+
+
+# Trains through the CLI, and after the first checkpoint at step 4 or later writes a flag
+# file and waits, so that the SIGKILL lands between two known steps.
+PAUSED_TRAIN = """
+import sys, time
+from pathlib import Path
+from engine.crosscoder.trainer import Trainer
+
+flag, args = Path(sys.argv[1]), sys.argv[2:]
+save = Trainer.save_checkpoint
+
+def paused(self, run_dir):
+    path = save(self, run_dir)
+    if self.counters.step >= 4:
+        flag.write_text(str(self.counters.step))
+        time.sleep(600)
+    return path
+
+Trainer.save_checkpoint = paused
+from engine.cli import main
+sys.exit(main(args))
+"""
+
+
+def test_a_killed_streaming_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, texts):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from engine.cli import main
+    from engine.crosscoder.checkpoint import load_crosscoder
+    from tests.conftest import save_tiny_pair
+
+    dirs = save_tiny_pair(tmp_path)
+    (tmp_path / "stream.toml").write_text(
+        f"[harvest]\nmodel_a = '{dirs['a']}'\nmodel_b = '{dirs['b']}'\n"
+        f"sources = ['{texts}']\ncontext_length = 24\nstore_dtype = 'float32'\n"
+        f"[stream]\nanalysis_pairs = 60\nbuffer_pairs = {BUFFER}\n"
+    )
+    (tmp_path / "run.toml").write_text(
+        "[crosscoder]\nn_features = 64\na_exclusive = 8\nb_exclusive = 8\n"
+        f"[train]\nsteps = 8\nbatch_size = {BATCH}\nk = 4\nk_initial = 8\nanneal_steps = 3\n"
+        "warmup_steps = 2\nlog_every = 2\ncheckpoint_every = 2\n"
+    )
+
+    def args(out: str) -> list[str]:
+        return ["train", "--stream", str(tmp_path / "stream.toml"), "--config",
+                str(tmp_path / "run.toml"), "--out", str(tmp_path / out), "--quiet"]  # fmt: skip
+
+    flag = tmp_path / "paused"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cut = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_TRAIN, str(flag), *args("cut")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not flag.exists():
+        assert cut.poll() is None, cut.stderr.read()
+        assert time.monotonic() < deadline, "the run never reached its pause"
+        time.sleep(0.2)
+    os.kill(cut.pid, signal.SIGKILL)
+    cut.wait()
+    assert int(flag.read_text()) < 8 and not (tmp_path / "cut" / WEIGHTS_FILE).exists()
+    assert main(args("cut")) == 0  # resumes: replays the text up to its block, then trains
+    assert main(args("full")) == 0
+    got, want = load_crosscoder(tmp_path / "cut")[0], load_crosscoder(tmp_path / "full")[0]
+    for name, tensor in want.state_dict().items():
+        assert torch.equal(tensor, got.state_dict()[name]), name
