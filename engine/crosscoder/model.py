@@ -23,10 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.crosscoder.sparse import (
+    BlockDecoding,
     BlockEncoding,
     Entries,
+    EntryIndex,
     SelectedEncoding,
-    weighted_gather_sum,
+    SparseDecoding,
+    Workspace,
+    owned_columns,
 )
 from engine.partition import Partition, Role
 
@@ -71,6 +75,9 @@ class Crosscoder(nn.Module):
         # Global id <-> per-model parameter row maps, as buffers so they follow .to(device).
         self.register_buffer("rows_in_a", _row_map(p, "a"), persistent=False)
         self.register_buffer("rows_in_b", _row_map(p, "b"), persistent=False)
+        # Training path: accumulate weight gradients in place into param.grad (the trainer
+        # keeps them between steps) instead of returning fresh ones to autograd.
+        self.grads_in_place = False
 
     # -- geometry ---------------------------------------------------------------------
 
@@ -105,8 +112,13 @@ class Crosscoder(nn.Module):
 
     # -- dense forward (inference) ---------------------------------------------------
 
-    def pre_activations(self, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
-        """Encoder pre-activations [n, n_features]."""
+    def pre_activations(
+        self, x_a: torch.Tensor, x_b: torch.Tensor, workspace: Workspace | None = None
+    ) -> torch.Tensor:
+        """Encoder pre-activations [n, n_features]; with a `workspace` (no autograd, for
+        training steps on CPU) into a tensor kept there, by one GEMM."""
+        if workspace is not None:
+            return self._pre_activations_joint(x_a, x_b, workspace)
         p = self.partition
         enc_a = F.linear(x_a, self.w_enc_a)
         enc_b = F.linear(x_b, self.w_enc_b)
@@ -117,6 +129,28 @@ class Crosscoder(nn.Module):
         pre[:, p.n_a_exclusive :] = enc_b
         pre[:, p.shared_start :] += enc_a[:, p.n_a_exclusive :]
         return pre.add_(self.b_enc)
+
+    def _pre_activations_joint(
+        self, x_a: torch.Tensor, x_b: torch.Tensor, workspace: Workspace
+    ) -> torch.Tensor:
+        """[x_a | x_b] @ [[W_a | W_b]].T + b_enc, with zeros where a feature has no row.
+
+        Why: the per-model linears give [n, n_a_features] outputs to copy into place, and
+        an odd row stride (n_a_features = 15,565) ran MKL ~30% below its aligned speed;
+        one GEMM into the kept [n, n_features] result, 5% more multiply-adds, took 0.52 s
+        of CPU time where the two linears and their copies took 0.71 s (1 thread)."""
+        p, d_a = self.partition, self.d_a
+        n_ae, shared = p.n_a_exclusive, p.shared_start
+        # The zero blocks depend on the partition: a new one starts a new (zero) tensor.
+        w = workspace.get("w_enc", (p.n_features, d_a + self.d_b), self.w_enc_a, key=p)
+        w[:n_ae, :d_a] = self.w_enc_a[:n_ae]
+        w[shared:, :d_a] = self.w_enc_a[n_ae:]
+        w[n_ae:, d_a:] = self.w_enc_b
+        x = workspace.get("x", (x_a.shape[0], d_a + self.d_b), x_a)
+        x[:, :d_a] = x_a
+        x[:, d_a:] = x_b
+        pre = workspace.get("pre", (x_a.shape[0], p.n_features), x_a)
+        return torch.addmm(self.b_enc, x, w.T, out=pre)
 
     def selection_scores(self, pre: torch.Tensor, weighting: str | None = None) -> torch.Tensor:
         """BatchTopK ranking score: relu(pre) x the feature's decoder-norm weight
@@ -151,6 +185,15 @@ class Crosscoder(nn.Module):
 
     # -- sparse path (training) ------------------------------------------------------
 
+    def entry_index(self, entries: Entries, model: str) -> EntryIndex:
+        """Where `entries` sit in one model's parameter tables (cached on the entries)."""
+        key = ("index", model)
+        if key not in entries.cache:
+            rows = self._rows(model)
+            n_table = (self.w_enc_a if model == "a" else self.w_enc_b).shape[0]
+            entries.cache[key] = EntryIndex(entries, rows, n_table)
+        return entries.cache[key]
+
     def entry_values(
         self,
         pre_values: torch.Tensor,
@@ -167,35 +210,34 @@ class Crosscoder(nn.Module):
             x_a,
             x_b,
             entries.features,
-            entries.rows,
-            self.rows_in_a[entries.features],
-            self.rows_in_b[entries.features],
+            (self.entry_index(entries, "a"), self.entry_index(entries, "b")),
+            self.grads_in_place,
         )
 
     def decode_entries(
         self, model: str, entries: Entries, values: torch.Tensor, bias: bool = True
     ) -> torch.Tensor:
         """Reconstruction of one model from sparse entries (entries sorted by row)."""
-        rows = self._rows(model)[entries.features]
-        owned = rows >= 0
-        out = weighted_gather_sum(
-            self._decoder_table(model),
-            rows[owned],
-            entries.rows[owned],
-            values[owned],
-            entries.n_rows,
-            groups_sorted=True,
-        )
+        index = self.entry_index(entries, model)
+        table = self._decoder_table(model)
+        out = SparseDecoding.apply(values, table, index, self.grads_in_place)
         if bias:
             out = out + (self.b_dec_a if model == "a" else self.b_dec_b)
         return out
 
     def block_values(
-        self, pre_block: torch.Tensor, features: torch.Tensor, x_a: torch.Tensor, x_b: torch.Tensor
+        self,
+        pre_block: torch.Tensor,
+        keep: torch.Tensor,
+        features: torch.Tensor,
+        x_a: torch.Tensor,
+        x_b: torch.Tensor,
     ) -> torch.Tensor:
-        """Differentiable pre-activations [n, m] of the features `features` for every row."""
+        """Differentiable activations [n, m] of the features `features` for every row: the
+        pre-activations `pre_block` where `keep` (selected, positive), else 0."""
         return BlockEncoding.apply(
             pre_block.float(),
+            keep,
             self.w_enc_a,
             self.w_enc_b,
             self.b_enc,
@@ -204,13 +246,27 @@ class Crosscoder(nn.Module):
             features,
             self.rows_in_a[features],
             self.rows_in_b[features],
+            self.grads_in_place,
         )
 
-    def decode_block(self, model: str, z: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """One model's reconstruction (no bias) from dense activations [n, m] of `features`."""
-        rows = self._rows(model)[features]
-        owned = rows >= 0
-        return z[:, owned] @ self._decoder_table(model)[rows[owned]]
+    def decode_block(
+        self, z: torch.Tensor, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both models' reconstructions (no bias) from dense activations [n, m] of
+        `features` (in `block_order`, each model's own columns are views)."""
+        blocks = []
+        for model in ("a", "b"):
+            rows = self._rows(model)[features]
+            cols = owned_columns(rows)
+            blocks.append((cols, rows[cols]))
+        tables = (self._decoder_table("a"), self._decoder_table("b"))
+        return BlockDecoding.apply(z, *tables, *blocks, self.grads_in_place)
+
+    def block_order(self, features: torch.Tensor) -> torch.Tensor:
+        """Sorted `features` reordered [B-exclusive | shared | designated | A-exclusive], so
+        that each model's own features are contiguous (a block's columns are then views)."""
+        a_only = features < self.partition.n_a_exclusive
+        return torch.cat([features[~a_only], features[a_only]])
 
     # -- helpers ----------------------------------------------------------------------
 

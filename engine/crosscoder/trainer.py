@@ -37,7 +37,7 @@ from engine.crosscoder.normalize import Normalizer
 from engine.crosscoder.partition import Partition, Role
 from engine.crosscoder.reassign import adapt, reassign
 from engine.crosscoder.relayout import resize
-from engine.crosscoder.sparse import Entries, batch_topk
+from engine.crosscoder.sparse import Entries, Workspace, gather, weighted_batch_topk
 from engine.errors import UserError
 
 # Settings that may change between a run and its resumption without changing the result.
@@ -137,6 +137,7 @@ class Trainer:
             gen,
             model_cfg.score_weighting,
         ).to(self.device)
+        self.model.grads_in_place = True  # see `_zero_grads`
         self.normalizer = normalizer or Normalizer.identity()
         # Fused Adam is one pass over each tensor: ~10x faster than the default on CPU.
         self.optimizer = torch.optim.Adam(
@@ -155,6 +156,7 @@ class Trainer:
         self.moved = torch.zeros(4, dtype=torch.long)
         self.batch_rows = 0  # rows of the current global batch left after `prepare`
         self._encode = self.model.pre_activations
+        self._workspace = Workspace()  # see `_pre_activations`
         if train_cfg.compile:
             self._encode = torch.compile(self.model.pre_activations, dynamic=True)
         self._groups = self._selection_groups()
@@ -186,10 +188,10 @@ class Trainer:
             aux_local, aux = torch.zeros_like(aux_local), torch.zeros_like(aux)
         loss = out["recon_a"] + out["recon_b"] + cfg.aux_alpha * aux_local
 
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grads()
         loss.backward()
         ctx.sum_grads_(self.model.parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        grad_norm = self._clip(cfg.grad_clip)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr_at(self.counters.step)
         self.optimizer.step()
@@ -225,14 +227,13 @@ class Trainer:
         n = self.batch_rows if self.ctx.distributed else n_local
         k = self.cfg.k_at(self.counters.step)
         with torch.no_grad():
-            with self._autocast():
-                pre = self._encode(x_a, x_b)
-            scores = model.selection_scores(pre, self._weighting())
-            main, group_minima = self._select(scores, k, n, n_local)
+            pre = self._pre_activations(x_a, x_b)
+            weights = model.score_weights(self._weighting())
+            main, group_minima = self._select(pre, weights, k, n, n_local)
             dead = self.dead_mask() if self.cfg.k_aux else None
             aux = self._select_aux(pre, dead) if dead is not None and dead.any() else None
-            pre_values = pre[main.rows, main.features]
-            del pre, scores
+            pre_values = gather(pre, main.rows, main.features)
+            del pre
 
         values = model.entry_values(pre_values, main, x_a, x_b)
         err_a = x_a - model.decode_entries("a", main, values)
@@ -249,11 +250,12 @@ class Trainer:
         }
         if aux is not None:
             dead_ids, pre_dead, keep = aux
-            z = model.block_values(pre_dead, dead_ids, x_a, x_b).relu() * keep
+            z = model.block_values(pre_dead, keep, dead_ids, x_a, x_b)
+            approx_a, approx_b = model.decode_block(z, dead_ids)
             residual_a, residual_b = err_a.detach(), err_b.detach()
             var_a, var_b = self._variances(residual_a, residual_b, n)
-            out["aux_a"] = self._aux_term("a", z, dead_ids, residual_a, var_a)
-            out["aux_b"] = self._aux_term("b", z, dead_ids, residual_b, var_b)
+            out["aux_a"] = self._aux_term(residual_a, approx_a, var_a)
+            out["aux_b"] = self._aux_term(residual_b, approx_b, var_b)
         return out
 
     def prepare(self, x_a: torch.Tensor, x_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,6 +289,33 @@ class Trainer:
             x_a, x_b = x_a[keep], x_b[keep]
         return x_a, x_b
 
+    def _pre_activations(self, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
+        """Dense pre-activations of a batch: on CPU (uncompiled) by one GEMM into tensors
+        kept between steps, elsewhere by the model's linears (bf16 under autocast)."""
+        if self.device.type == "cpu" and not self.cfg.compile:
+            return self.model.pre_activations(x_a, x_b, self._workspace)
+        with self._autocast():
+            return self._encode(x_a, x_b)
+
+    def _clip(self, max_norm: float) -> torch.Tensor:
+        """The total gradient norm; the gradients are scaled down to `max_norm` when above
+        it by the fused Adam step, as its gradient scale (what `clip_grad_norm_` would
+        multiply in a separate pass over every gradient)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        self.optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp_min(1.0)
+        return norm
+
+    def _zero_grads(self) -> None:
+        """Zero the gradients in place: the sparse backward accumulates into `param.grad`
+        (`Crosscoder.grads_in_place`), and reusing them saves allocating and filling a
+        fresh dense gradient per kernel. One whose parameter was resized (partition
+        moves) is dropped."""
+        for param in self.model.parameters():
+            if param.grad is not None and param.grad.shape != param.shape:
+                param.grad = None
+        self.optimizer.zero_grad(set_to_none=False)
+
     def _autocast(self):
         if self.device.type == "cuda" and self.cfg.autocast_bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -311,18 +340,19 @@ class Trainer:
         ]
 
     def _select(
-        self, scores: torch.Tensor, k: int, n: int, n_local: int
+        self, pre: torch.Tensor, weights: torch.Tensor, k: int, n: int, n_local: int
     ) -> tuple[Entries, list[torch.Tensor | None]]:
         """BatchTopK entries (row-sorted) over the global batch of `n` rows, this rank's
-        `n_local` of them, and the smallest selected score of each group."""
+        `n_local` of them, by the score relu(pre) x weights, and the smallest selected
+        score of each group."""
         rows, feats, minima = [], [], []
         for block, share in self._groups:
-            sub = scores[:, block]
+            sub = pre[:, block]
             budget = min(round(k * share) * n, n * sub.shape[1])
-            r, c = self._batch_topk(sub, budget)
-            selected = sub[r, c]
-            positive = selected > 0  # a zero score is not an activation
-            r, c, selected = r[positive], c[positive], selected[positive]
+            r, c, selected = self._batch_topk(sub, weights[block], budget)
+            if not bool((selected > 0).all()):  # a zero score is not an activation
+                positive = torch.nonzero(selected > 0).squeeze(1)
+                r, c, selected = r[positive], c[positive], selected[positive]
             rows.append(r)
             feats.append(c + block.start)
             minima.append(selected.min().float() if selected.numel() else None)
@@ -330,29 +360,32 @@ class Trainer:
         if len(rows) == 1:
             return Entries(rows[0], feats[0], n_local), minima
         r, f = torch.cat(rows), torch.cat(feats)
-        order = (r * scores.shape[1] + f).argsort()
+        order = (r * pre.shape[1] + f).argsort()
         return Entries(r[order], f[order], n_local), minima
 
-    def _batch_topk(self, sub: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, cols) of this rank's entries among the `budget` largest of the global batch.
+    def _batch_topk(
+        self, sub: torch.Tensor, weights: torch.Tensor, budget: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, cols, scores) of this rank's entries among the `budget` largest scores
+        relu(sub) x weights of the global batch.
 
         Each rank's winners are among its own top `budget`: gathering those (padded with
         -inf) lets every rank find the same global winners and count how many are its own.
         """
         ctx = self.ctx
         if not ctx.distributed:
-            return batch_topk(sub, budget)
+            return weighted_batch_topk(sub, weights, budget)
         local = min(budget, sub.numel())
-        r, c = batch_topk(sub, local)
-        values = sub[r, c].float()
+        r, c, scores = weighted_batch_topk(sub, weights, local)
+        values = scores.float()
         padded = values.new_full((budget,), -math.inf)
         padded[:local] = values
         winners = ctx.gather(padded).topk(budget, sorted=False).indices
         mine = int((winners // budget == ctx.rank).sum())
         if mine < local:
             keep = values.topk(mine, sorted=False).indices.sort().values  # stay row-major
-            r, c = r[keep], c[keep]
-        return r, c
+            r, c, scores = r[keep], c[keep], scores[keep]
+        return r, c, scores
 
     def _global_minima(self, minima: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """Each group's smallest selected score over all ranks (None where none was)."""
@@ -367,8 +400,9 @@ class Trainer:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Dead feature ids, their pre-activations [n, n_dead], and a mask of each row's
         top-k_aux positive ones (None if no dead feature is positive on any rank)."""
-        dead_ids = torch.nonzero(dead).squeeze(1)
-        pre_dead = pre[:, dead_ids]
+        # Each model's dead features contiguous: its AuxK products read column views.
+        dead_ids = self.model.block_order(torch.nonzero(dead).squeeze(1))
+        pre_dead = pre.index_select(1, dead_ids)
         k_aux = min(self.cfg.k_aux, dead_ids.numel())
         values, idx = pre_dead.topk(k_aux, dim=1, sorted=False)
         keep = torch.zeros(pre_dead.shape, dtype=torch.bool, device=pre.device)
@@ -388,15 +422,9 @@ class Trainer:
         return tuple(ctx.sum_(sums).clamp_min(1e-12).unbind())
 
     def _aux_term(
-        self,
-        model_name: str,
-        z: torch.Tensor,
-        dead_ids: torch.Tensor,
-        residual: torch.Tensor,
-        variance: torch.Tensor,
+        self, residual: torch.Tensor, approx: torch.Tensor, variance: torch.Tensor
     ) -> torch.Tensor:
         """Error of modelling one model's residual with dead features, over its variance."""
-        approx = self.model.decode_block(model_name, z, dead_ids)
         return (residual - approx).pow(2).sum() / variance
 
     def _update_state(self, main: Entries, n: int, minima: list[torch.Tensor | None]) -> None:
