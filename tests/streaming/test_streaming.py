@@ -232,9 +232,9 @@ def test_a_resume_with_other_stream_settings_is_refused(tmp_path, texts, tiny_pa
         open_source(texts, tmp_path / "other", tiny_pair, buffer_pairs=100)
 
 
-def test_train_stream_and_analyze_from_the_command_line(tmp_path, texts):
-    from engine.cli import main
-    from engine.results import Database
+def write_cli_configs(tmp_path: Path, texts: Path, train: str) -> None:
+    """stream.toml (the tiny pair saved in tmp_path, on `texts`) and run.toml (a small DFC,
+    with `train` lines added to its [train] table) for the CLI tests."""
     from tests.conftest import save_tiny_pair
 
     dirs = save_tiny_pair(tmp_path)
@@ -245,9 +245,16 @@ def test_train_stream_and_analyze_from_the_command_line(tmp_path, texts):
     )
     (tmp_path / "run.toml").write_text(
         "[crosscoder]\nn_features = 64\na_exclusive = 8\nb_exclusive = 8\n"
-        f"[train]\nsteps = 6\nbatch_size = {BATCH}\nk = 4\nk_initial = 8\nanneal_steps = 3\n"
-        "warmup_steps = 2\nlog_every = 3\n"
+        f"[train]\nbatch_size = {BATCH}\nk = 4\nk_initial = 8\nanneal_steps = 3\n"
+        f"warmup_steps = 2\n{train}"
     )
+
+
+def test_train_stream_and_analyze_from_the_command_line(tmp_path, texts):
+    from engine.cli import main
+    from engine.results import Database
+
+    write_cli_configs(tmp_path, texts, "steps = 6\nlog_every = 3\n")
     run = tmp_path / "run"
     args = ["train", "--stream", str(tmp_path / "stream.toml"), "--config",
             str(tmp_path / "run.toml"), "--out", str(run), "--quiet"]  # fmt: skip
@@ -293,19 +300,8 @@ def test_a_killed_streaming_run_resumes_to_the_weights_of_an_uninterrupted_one(t
 
     from engine.cli import main
     from engine.crosscoder.checkpoint import load_crosscoder
-    from tests.conftest import save_tiny_pair
 
-    dirs = save_tiny_pair(tmp_path)
-    (tmp_path / "stream.toml").write_text(
-        f"[harvest]\nmodel_a = '{dirs['a']}'\nmodel_b = '{dirs['b']}'\n"
-        f"sources = ['{texts}']\ncontext_length = 24\nstore_dtype = 'float32'\n"
-        f"[stream]\nanalysis_pairs = 60\nbuffer_pairs = {BUFFER}\n"
-    )
-    (tmp_path / "run.toml").write_text(
-        "[crosscoder]\nn_features = 64\na_exclusive = 8\nb_exclusive = 8\n"
-        f"[train]\nsteps = 8\nbatch_size = {BATCH}\nk = 4\nk_initial = 8\nanneal_steps = 3\n"
-        "warmup_steps = 2\nlog_every = 2\ncheckpoint_every = 2\n"
-    )
+    write_cli_configs(tmp_path, texts, "steps = 8\nlog_every = 2\ncheckpoint_every = 2\n")
 
     def args(out: str) -> list[str]:
         return ["train", "--stream", str(tmp_path / "stream.toml"), "--config",
